@@ -1,0 +1,250 @@
+//! Checkpoints: Hugging Face-layout weights plus everything needed to resume.
+//!
+//! `RUN_DIR/checkpoints/<step>/` holds `model.safetensors` (Hugging Face
+//! tensor names, `format: pt` metadata so transformers loads it),
+//! `config.json`, the tokenizer files, `optimizer.safetensors` (AdamW moments),
+//! `trainer_state.json` (step, RNG states, data position) and `manifest.json`.
+//! A checkpoint is written under a temporary name and renamed into place, so
+//! a directory named by a step is always complete: a write killed midway
+//! leaves only a `.tmp-*` directory, which readers ignore and the next write
+//! removes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::HostRng;
+use crate::run::Manifest;
+use crate::train::AdamW;
+use crate::{Error, IoContext, Result};
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MODEL_CONFIG_FILE: &str = "config.json";
+
+/// What a trainer needs, beyond weights and optimizer, to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TrainerState {
+    /// Optimizer steps completed (the next step to run has this index).
+    pub step: u64,
+    /// AdamW's own step count (differs from `step` when steps were skipped).
+    pub optimizer_steps: u64,
+    /// Every random stream of the trainer, by purpose.
+    pub rngs: BTreeMap<String, HostRng>,
+    /// Where the trainer is in its data (epoch, offset, permutation: its choice).
+    pub data_position: serde_json::Value,
+    /// Anything else a trainer adds (adaptive KL state, best metric, ...).
+    pub extra: serde_json::Value,
+}
+
+/// The parts of one checkpoint.
+pub struct Checkpoint<'a> {
+    /// Tensors under their Hugging Face names.
+    pub weights: &'a [(String, Tensor)],
+    /// The model's config.json.
+    pub model_config: Option<&'a serde_json::Value>,
+    /// Tokenizer files copied beside the weights (tokenizer.json, ...).
+    pub tokenizer_files: &'a [PathBuf],
+    pub optimizer: Option<&'a AdamW>,
+    pub state: &'a TrainerState,
+    pub manifest: &'a Manifest,
+}
+
+/// Writes `safetensors` with the `format: pt` metadata transformers requires.
+pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data = tensors.iter().map(|(name, t)| (name.as_str(), t));
+    safetensors::serialize_to_file(data, Some(metadata), path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot write safetensors: {e}"),
+    })
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot read safetensors: {}", Error::from(e)),
+    })
+}
+
+/// Writes a file atomically: to a temporary name beside it, synced, then renamed.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp).with_path(&tmp)?;
+        f.write_all(bytes).with_path(&tmp)?;
+        f.sync_all().with_path(&tmp)?;
+    }
+    fs::rename(&tmp, path).with_path(path)
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Msg(format!("{}: cannot serialize: {e}", path.display())))?;
+    atomic_write(path, text.as_bytes())
+}
+
+/// Reads a JSON file into `T`, naming the file on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes `ckpt` as `run_dir/checkpoints/<step>/` and keeps the newest
+/// `keep_last` checkpoints. Returns the checkpoint directory.
+pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Result<PathBuf> {
+    let dir = write_atomically(run_dir, ckpt.state.step, |tmp| {
+        save_safetensors(ckpt.weights, &tmp.join(WEIGHTS_FILE))?;
+        if let Some(cfg) = ckpt.model_config {
+            write_json(&tmp.join(MODEL_CONFIG_FILE), cfg)?;
+        }
+        for file in ckpt.tokenizer_files {
+            let name = file.file_name().ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
+            fs::copy(file, tmp.join(name)).with_path(file)?;
+        }
+        if let Some(opt) = ckpt.optimizer {
+            save_safetensors(&opt.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+        }
+        write_json(&tmp.join(MANIFEST_FILE), ckpt.manifest)?;
+        // Last: its presence marks the directory complete.
+        write_json(&tmp.join(TRAINER_STATE_FILE), ckpt.state)
+    })?;
+    if let Some(k) = keep_last {
+        prune(run_dir, k)?;
+    }
+    Ok(dir)
+}
+
+/// Fills a temporary directory with `fill`, syncs it, and renames it to
+/// `run_dir/checkpoints/<step>`. If `fill` fails the temporary directory is
+/// removed and any earlier checkpoint is untouched.
+pub fn write_atomically(run_dir: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    fs::create_dir_all(&root).with_path(&root)?;
+    remove_stale_temporaries(&root)?;
+    let tmp = root.join(format!(".tmp-{step}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_path(&tmp)?;
+    }
+    fs::create_dir(&tmp).with_path(&tmp)?;
+    if let Err(e) = fill(&tmp).and_then(|()| sync_dir_files(&tmp)) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let dest = root.join(step.to_string());
+    if dest.exists() {
+        // Re-saving a step (a resumed run reaching it again): move the old one
+        // aside first so that some complete copy exists at every instant.
+        let old = root.join(format!(".old-{step}-{}", std::process::id()));
+        fs::rename(&dest, &old).with_path(&dest)?;
+        fs::rename(&tmp, &dest).with_path(&dest)?;
+        fs::remove_dir_all(&old).with_path(&old)?;
+    } else {
+        fs::rename(&tmp, &dest).with_path(&dest)?;
+    }
+    if let Ok(d) = fs::File::open(&root) {
+        let _ = d.sync_all();
+    }
+    Ok(dest)
+}
+
+fn sync_dir_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_path(dir)? {
+        let path = entry.with_path(dir)?.path();
+        fs::File::open(&path).and_then(|f| f.sync_all()).with_path(&path)?;
+    }
+    Ok(())
+}
+
+/// Removes `.tmp-*` / `.old-*` left by writes that were killed midway.
+fn remove_stale_temporaries(root: &Path) -> Result<()> {
+    for entry in fs::read_dir(root).with_path(root)? {
+        let path = entry.with_path(root)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".tmp-") || name.starts_with(".old-") {
+            fs::remove_dir_all(&path).with_path(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.exists() {
+        return Ok(vec![]);
+    }
+    let mut found = vec![];
+    for entry in fs::read_dir(&root).with_path(&root)? {
+        let path = entry.with_path(&root)?.path();
+        let step = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step {
+            if path.join(TRAINER_STATE_FILE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint of a run.
+pub fn latest(run_dir: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(list(run_dir)?.pop())
+}
+
+/// Deletes all but the newest `keep_last` checkpoints.
+pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+    let all = list(run_dir)?;
+    let excess = all.len().saturating_sub(keep_last);
+    for (_, path) in all.into_iter().take(excess) {
+        fs::remove_dir_all(&path).with_path(&path)?;
+    }
+    Ok(())
+}
+
+/// Restores AdamW's moments and step count from a checkpoint directory.
+pub fn load_optimizer(dir: &Path, optimizer: &mut AdamW, state: &TrainerState, device: &Device) -> Result<()> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let tensors = load_safetensors(&path, device)?;
+    optimizer.load_state(tensors, state.optimizer_steps).map_err(|e| Error::Checkpoint {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Copies checkpoint weights into existing variables of the same names and shapes.
+pub fn load_into_vars<'a>(
+    dir: &Path,
+    vars: impl Iterator<Item = (&'a str, &'a candle_core::Var)>,
+    device: &Device,
+) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let mut tensors = load_safetensors(&path, device)?;
+    for (name, var) in vars {
+        let t = tensors.remove(name).ok_or_else(|| Error::Checkpoint {
+            path: path.clone(),
+            message: format!("no tensor `{name}`"),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::Checkpoint {
+                path: path.clone(),
+                message: format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+            });
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}

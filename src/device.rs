@@ -1,0 +1,113 @@
+//! Choosing the device and dtype from `--device` and `--dtype`.
+
+use candle_core::{DType, Device};
+
+use crate::{Error, Result};
+
+/// Resolves `auto|cpu|cuda[:N]|metal[:N]` to a device. `auto` picks CUDA,
+/// then Metal, then the CPU, and the returned text says which and why.
+pub fn resolve_device(spec: &str) -> Result<(Device, String)> {
+    let spec = spec.trim();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n: usize = n.parse().map_err(|_| Error::Device {
+                spec: spec.into(),
+                message: "the device index after ':' must be a number, as in cuda:0".into(),
+            })?;
+            (k, n)
+        }
+        None => (spec, 0),
+    };
+    match kind {
+        "auto" => Ok(auto_device()),
+        "cpu" => Ok((Device::Cpu, "cpu".into())),
+        "cuda" => {
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Device {
+                    spec: spec.into(),
+                    message: "this binary was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)".into(),
+                });
+            }
+            let dev = Device::new_cuda(ordinal).map_err(|e| Error::Device {
+                spec: spec.into(),
+                message: format!("cannot open the GPU: {}", Error::from(e)),
+            })?;
+            Ok((dev, format!("cuda:{ordinal}")))
+        }
+        "metal" => {
+            if !cfg!(feature = "metal") {
+                return Err(Error::Device {
+                    spec: spec.into(),
+                    message: "this binary was built without Metal; rebuild with `cargo build --release --features metal`".into(),
+                });
+            }
+            let dev = Device::new_metal(ordinal).map_err(|e| Error::Device {
+                spec: spec.into(),
+                message: format!("cannot open the GPU: {}", Error::from(e)),
+            })?;
+            Ok((dev, format!("metal:{ordinal}")))
+        }
+        _ => Err(Error::Device {
+            spec: spec.into(),
+            message: "expected auto, cpu, cuda, cuda:N, metal or metal:N".into(),
+        }),
+    }
+}
+
+fn auto_device() -> (Device, String) {
+    if candle_core::utils::cuda_is_available() {
+        if let Ok(dev) = Device::new_cuda(0) {
+            return (dev, "cuda:0 (auto: CUDA found)".into());
+        }
+    }
+    if candle_core::utils::metal_is_available() {
+        if let Ok(dev) = Device::new_metal(0) {
+            return (dev, "metal:0 (auto: Metal found)".into());
+        }
+    }
+    let why = if cfg!(any(feature = "cuda", feature = "metal")) {
+        "no usable GPU"
+    } else {
+        "built without cuda/metal features"
+    };
+    (Device::Cpu, format!("cpu (auto: {why})"))
+}
+
+/// The dtype names accepted by `--dtype` and `run.dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeName {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeName {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeName::F32 => DType::F32,
+            DTypeName::Bf16 => DType::BF16,
+            DTypeName::F16 => DType::F16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_auto_resolve_and_bad_specs_are_named() {
+        assert!(resolve_device("cpu").unwrap().0.is_cpu());
+        let (_, said) = resolve_device("auto").unwrap();
+        assert!(said.contains("auto"), "{said}");
+        let err = resolve_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("`tpu`") && err.contains("cuda:N"), "{err}");
+        let err = resolve_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("must be a number"), "{err}");
+        if !cfg!(feature = "cuda") {
+            let err = resolve_device("cuda").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! candle-rlhf: RLHF on Candle. Reward-model training with the logsigmoid
+//! Bradley-Terry loss and batched PPO with a KL penalty to a frozen
+//! reference, on CPU, CUDA or Metal, with Hugging Face-layout checkpoints.
+//!
+//! The modules follow the pipeline: configuration and devices; the training
+//! core (optimizer, schedules, accumulation, clipping, non-finite guard);
+//! checkpoints and run directories; metrics and plots.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod metrics;
+pub mod plot;
+pub mod rng;
+pub mod run;
+pub mod signal;
+pub mod train;
+
+pub use config::Config;
+pub use error::{Error, IoContext, Result};
+pub use rng::HostRng;

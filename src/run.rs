@@ -1,0 +1,144 @@
+//! Run directories: the manifest, starting fresh, and resuming.
+//!
+//! ```text
+//! RUN_DIR/
+//!   manifest.json        resolved config, crate version, git commit, seed, threads, device, dtype
+//!   config.toml          the resolved config, reusable with --config
+//!   metrics.jsonl        one JSON object per logging step
+//!   plots/*.svg          `candle-rlhf plot RUN_DIR`
+//!   checkpoints/<step>/  see checkpoint.rs
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
+use crate::metrics::MetricsLog;
+use crate::{Error, IoContext, Result};
+
+/// What produced a run: written to the run directory and into every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The subcommand (reward, ppo, sft, ...).
+    pub command: String,
+    pub crate_version: String,
+    /// The commit the binary was built from, when it was built from a git checkout.
+    pub git_commit: Option<String>,
+    pub seed: u64,
+    /// CPU threads Candle uses (RAYON_NUM_THREADS, else all cores).
+    pub threads: usize,
+    /// The device actually used (after `auto` was resolved).
+    pub device: String,
+    pub dtype: String,
+    /// Seconds since the Unix epoch when the run (or this resumption) started.
+    pub started_unix: u64,
+    pub config: Config,
+}
+
+impl Manifest {
+    pub fn new(command: &str, config: &Config, device: &str) -> Self {
+        Self {
+            command: command.into(),
+            crate_version: env!("CARGO_PKG_VERSION").into(),
+            git_commit: option_env!("CANDLE_RLHF_GIT_COMMIT").map(str::to_string),
+            seed: config.run.seed,
+            threads: candle_core::utils::get_num_threads(),
+            device: device.into(),
+            dtype: format!("{:?}", config.run.dtype.dtype()).to_lowercase(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            config: config.clone(),
+        }
+    }
+}
+
+/// Where a resumed run picks up.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    pub checkpoint: PathBuf,
+    pub state: TrainerState,
+}
+
+/// An open run directory with its metrics log.
+pub struct RunDir {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub metrics: MetricsLog,
+    /// Set when the run continues from a checkpoint.
+    pub resume: Option<ResumePoint>,
+}
+
+impl RunDir {
+    /// Starts a new run in `path`. A directory that already holds
+    /// checkpoints is refused, so that no run is overwritten by accident.
+    pub fn create(path: &Path, manifest: Manifest) -> Result<RunDir> {
+        if let Some((step, _)) = checkpoint::latest(path)? {
+            return Err(Error::Msg(format!(
+                "{} already holds a run (checkpoint at step {step}); pass --resume {} to continue it, or choose another --out",
+                path.display(),
+                path.display()
+            )));
+        }
+        std::fs::create_dir_all(path).with_path(path)?;
+        write_run_files(path, &manifest)?;
+        let metrics = MetricsLog::open(path, None)?;
+        Ok(RunDir { path: path.to_path_buf(), manifest, metrics, resume: None })
+    }
+
+    /// Continues the run in `path` from its newest complete checkpoint,
+    /// refusing a config that changed in a key that matters.
+    pub fn resume(path: &Path, manifest: Manifest) -> Result<RunDir> {
+        let (step, dir) = checkpoint::latest(path)?.ok_or_else(|| {
+            Error::Msg(format!("--resume {}: no complete checkpoint in {}", path.display(), path.join(checkpoint::CHECKPOINTS_DIR).display()))
+        })?;
+        let saved: Manifest = checkpoint::read_json(&dir.join(checkpoint::MANIFEST_FILE))?;
+        if saved.command != manifest.command {
+            return Err(Error::Msg(format!(
+                "--resume {}: that run was made by `{}`, not `{}`",
+                path.display(),
+                saved.command,
+                manifest.command
+            )));
+        }
+        if let Some((key, was, now)) = manifest.config.resume_difference(&saved.config) {
+            return Err(Error::ResumeMismatch { run_dir: path.to_path_buf(), key, was, now });
+        }
+        let state: TrainerState = checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE))?;
+        if state.step != step {
+            return Err(Error::Checkpoint { path: dir, message: format!("trainer_state.json says step {}", state.step) });
+        }
+        write_run_files(path, &manifest)?;
+        // Metrics logged after the checkpoint by the interrupted run are dropped:
+        // the resumed run logs those steps again.
+        let metrics = MetricsLog::open(path, Some(step))?;
+        tracing::info!("resuming {} from step {step}", path.display());
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            manifest,
+            metrics,
+            resume: Some(ResumePoint { checkpoint: dir, state }),
+        })
+    }
+
+    /// Checkpoint paths for `checkpoint::save`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.path.join(checkpoint::CHECKPOINTS_DIR)
+    }
+}
+
+fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_string_pretty(manifest).map_err(|e| Error::Msg(e.to_string()))?;
+    checkpoint::atomic_write(&path.join(checkpoint::MANIFEST_FILE), json.as_bytes())?;
+    checkpoint::atomic_write(&path.join("config.toml"), manifest.config.to_toml_string()?.as_bytes())
+}
+
+/// The default run directory: `runs/<command>-<unix seconds>`.
+pub fn default_run_dir(command: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{command}-{secs}"))
+}

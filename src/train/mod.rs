@@ -1,0 +1,265 @@
+//! The training core every trainer (SFT, reward, PPO) shares: gradient
+//! accumulation, global-norm clipping, the non-finite guard, the learning-rate
+//! schedule and AdamW, behind two calls: [`TrainCore::backward`] once per
+//! micro-batch and [`TrainCore::step`] once per optimizer step.
+//!
+//! It does not own the loop: each trainer writes its own, top to bottom.
+
+pub mod optim;
+pub mod schedule;
+
+use candle_core::{DType, Tensor};
+
+pub use optim::{AdamW, AdamWParams};
+pub use schedule::LrSchedule;
+
+use crate::config::TrainConfig;
+use crate::{Error, Result};
+
+/// Gradients aligned with the optimizer's variables (`None`: no gradient).
+#[derive(Debug, Clone)]
+pub struct ParamGrads(pub Vec<Option<Tensor>>);
+
+impl ParamGrads {
+    /// Picks the gradients of the optimizer's variables out of a backward pass.
+    pub fn from_store(store: &candle_core::backprop::GradStore, optimizer: &AdamW) -> Self {
+        ParamGrads(optimizer.vars().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect())
+    }
+
+    /// Adds `other` element-wise (gradient accumulation).
+    pub fn add(&mut self, other: ParamGrads) -> Result<()> {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine = match (mine.take(), theirs) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.0.iter_mut().flatten() {
+            *g = (&*g * factor)?;
+        }
+        Ok(())
+    }
+
+    /// The L2 norm of all gradients together, computed in f32 (one host sync).
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut total: Option<Tensor> = None;
+        for g in self.0.iter().flatten() {
+            let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + sq)?,
+                None => sq,
+            });
+        }
+        match total {
+            Some(t) => Ok((t.to_scalar::<f32>()? as f64).sqrt()),
+            None => Ok(0.0),
+        }
+    }
+
+    /// Scales the gradients so their global norm is at most `max_norm`, as
+    /// torch's clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6),
+    /// capped at 1). Returns the norm before clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        let coef = max_norm / (norm + 1e-6);
+        if norm.is_finite() && coef < 1.0 {
+            self.scale(coef)?;
+        }
+        Ok(norm)
+    }
+
+    /// How many variables have a gradient.
+    pub fn count(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// The weights were updated.
+    Applied { grad_norm: f64, lr: f64 },
+    /// A loss or gradient was NaN or infinite: the weights were left alone.
+    Skipped { what: String },
+}
+
+/// Accumulation, clipping, the non-finite guard, the schedule and AdamW.
+pub struct TrainCore {
+    pub optimizer: AdamW,
+    pub schedule: LrSchedule,
+    /// 0 turns clipping off.
+    max_grad_norm: f64,
+    max_nonfinite_steps: usize,
+    pending: Option<ParamGrads>,
+    micro_batches: usize,
+    nonfinite_loss: Option<String>,
+    nonfinite_in_a_row: usize,
+}
+
+impl TrainCore {
+    pub fn new(optimizer: AdamW, train: &TrainConfig, total_steps: u64) -> Self {
+        Self {
+            optimizer,
+            schedule: LrSchedule::from_config(train, total_steps),
+            max_grad_norm: train.max_grad_norm,
+            max_nonfinite_steps: train.max_nonfinite_steps,
+            pending: None,
+            micro_batches: 0,
+            nonfinite_loss: None,
+            nonfinite_in_a_row: 0,
+        }
+    }
+
+    /// Backpropagates one micro-batch's loss and adds its gradients to the
+    /// pending step; returns the loss value. A non-finite loss is not
+    /// backpropagated and makes the coming step a skipped one.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<f64> {
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        self.micro_batches += 1;
+        if !value.is_finite() {
+            self.nonfinite_loss.get_or_insert_with(|| format!("loss = {value}"));
+            return Ok(value);
+        }
+        let grads = ParamGrads::from_store(&loss.backward()?, &self.optimizer);
+        match &mut self.pending {
+            Some(p) => p.add(grads)?,
+            None => self.pending = Some(grads),
+        }
+        Ok(value)
+    }
+
+    /// One optimizer step at global step `step` (0-based): averages the
+    /// accumulated gradients over micro-batches, checks they are finite,
+    /// clips them, and applies AdamW at the scheduled learning rate.
+    /// Errors with [`Error::NonFinite`] after `max_nonfinite_steps` skipped steps in a row.
+    pub fn step(&mut self, step: u64) -> Result<StepOutcome> {
+        let micro_batches = std::mem::take(&mut self.micro_batches).max(1);
+        let pending = self.pending.take();
+        let mut what = self.nonfinite_loss.take();
+        let mut applied = None;
+        if what.is_none() {
+            let mut grads = pending.unwrap_or_else(|| ParamGrads(vec![None; self.optimizer.len()]));
+            grads.scale(1.0 / micro_batches as f64)?;
+            let norm = if self.max_grad_norm > 0.0 {
+                grads.clip_global_norm(self.max_grad_norm)?
+            } else {
+                grads.global_norm()?
+            };
+            if norm.is_finite() {
+                let lr = self.schedule.lr(step);
+                self.optimizer.step(&grads.0, lr)?;
+                applied = Some(StepOutcome::Applied { grad_norm: norm, lr });
+            } else {
+                what = Some(format!("gradient norm = {norm}"));
+            }
+        }
+        if let Some(outcome) = applied {
+            self.nonfinite_in_a_row = 0;
+            return Ok(outcome);
+        }
+        let what = what.unwrap_or_default();
+        self.nonfinite_in_a_row += 1;
+        tracing::warn!("step {step} skipped: {what} ({} in a row)", self.nonfinite_in_a_row);
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps {
+            return Err(Error::NonFinite { count: self.nonfinite_in_a_row, step, what });
+        }
+        Ok(StepOutcome::Skipped { what })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn grads(values: &[&[f32]]) -> ParamGrads {
+        ParamGrads(values.iter().map(|v| Some(Tensor::new(*v, &Device::Cpu).unwrap())).collect())
+    }
+
+    #[test]
+    fn clipping_scales_to_the_threshold_and_reports_the_norm_before() {
+        // Norm of [3, 4] and [12] is 13.
+        let mut g = grads(&[&[3.0, 4.0], &[12.0]]);
+        let before = g.clip_global_norm(1.0).unwrap();
+        assert!((before - 13.0).abs() < 1e-5);
+        assert!((g.global_norm().unwrap() - 1.0).abs() < 1e-5);
+        let a = g.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
+        assert!((a[0] - 3.0 / 13.0).abs() < 1e-5 && (a[1] - 4.0 / 13.0).abs() < 1e-5);
+        // Below the threshold nothing changes.
+        let mut small = grads(&[&[0.3, 0.4]]);
+        small.clip_global_norm(1.0).unwrap();
+        assert_eq!(small.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn accumulation_sums_and_keeps_missing_gradients() {
+        let mut a = ParamGrads(vec![Some(Tensor::new(&[1.0f32], &Device::Cpu).unwrap()), None]);
+        let b = grads(&[&[2.0], &[5.0]]);
+        a.add(b).unwrap();
+        assert_eq!(a.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![3.0]);
+        assert_eq!(a.0[1].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![5.0]);
+        assert_eq!(a.count(), 2);
+    }
+
+    fn core_on(x: &Var, max_nonfinite_steps: usize) -> TrainCore {
+        let opt = AdamW::new(vec![("x".into(), x.clone())], AdamWParams::default()).unwrap();
+        let cfg = TrainConfig {
+            learning_rate: 0.1,
+            lr_scheduler_type: crate::config::LrSchedulerType::Constant,
+            max_nonfinite_steps,
+            ..Default::default()
+        };
+        TrainCore::new(opt, &cfg, 100)
+    }
+
+    #[test]
+    fn accumulated_micro_batches_equal_one_big_batch() {
+        // Two micro-batches with losses x*1 and x*3 average to the gradient 2:
+        // after clipping at 1.0 the gradient is 1 and the AdamW step is lr.
+        let x = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let mut core = core_on(&x, 3);
+        core.backward(&(x.as_tensor() * 1.0).unwrap().sum_all().unwrap()).unwrap();
+        core.backward(&(x.as_tensor() * 3.0).unwrap().sum_all().unwrap()).unwrap();
+        let out = core.step(0).unwrap();
+        match out {
+            StepOutcome::Applied { grad_norm, lr } => {
+                assert!((grad_norm - 2.0).abs() < 1e-6, "mean of 1 and 3");
+                assert_eq!(lr, 0.1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!((x.as_tensor().to_vec1::<f32>().unwrap()[0] + 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn non_finite_steps_are_skipped_then_stop_the_run() {
+        let x = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let mut core = core_on(&x, 2);
+        // NaN loss: skipped, weight untouched.
+        let nan = (x.as_tensor() * f64::NAN).unwrap().sum_all().unwrap();
+        core.backward(&nan).unwrap();
+        assert!(matches!(core.step(0).unwrap(), StepOutcome::Skipped { .. }));
+        assert_eq!(x.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0]);
+        // A good step resets the count.
+        core.backward(&x.as_tensor().sum_all().unwrap()).unwrap();
+        assert!(matches!(core.step(1).unwrap(), StepOutcome::Applied { .. }));
+        let w = x.as_tensor().to_vec1::<f32>().unwrap()[0];
+        // Finite loss, infinite gradient (sqrt at 0 has an infinite slope).
+        let y = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let mut core = core_on(&y, 2);
+        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap()).unwrap();
+        match core.step(0).unwrap() {
+            StepOutcome::Skipped { what } => assert!(what.contains("gradient norm"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap()).unwrap();
+        let err = core.step(1).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { count: 2, step: 1, .. }), "{err}");
+        assert_eq!(y.as_tensor().to_vec1::<f32>().unwrap(), vec![0.0]);
+        assert!(w.is_finite());
+    }
+}

@@ -1,0 +1,8 @@
+//! The one integration-test binary (each test binary links candle, so one
+//! binary keeps builds short). Modules by subject.
+
+mod checkpoint;
+mod cli;
+mod config;
+mod toy;
+mod training;
