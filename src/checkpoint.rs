@@ -111,7 +111,9 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Resu
             write_json(&tmp.join(MODEL_CONFIG_FILE), cfg)?;
         }
         for file in ckpt.tokenizer_files {
-            let name = file.file_name().ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
+            let name = file
+                .file_name()
+                .ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
             fs::copy(file, tmp.join(name)).with_path(file)?;
         }
         if let Some(opt) = ckpt.optimizer {
@@ -130,7 +132,11 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Resu
 /// Fills a temporary directory with `fill`, syncs it, and renames it to
 /// `run_dir/checkpoints/<step>`. If `fill` fails the temporary directory is
 /// removed and any earlier checkpoint is untouched.
-pub fn write_atomically(run_dir: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn write_atomically(
+    run_dir: &Path,
+    step: u64,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let root = run_dir.join(CHECKPOINTS_DIR);
     fs::create_dir_all(&root).with_path(&root)?;
     remove_stale_temporaries(&root)?;
@@ -163,7 +169,9 @@ pub fn write_atomically(run_dir: &Path, step: u64, fill: impl FnOnce(&Path) -> R
 fn sync_dir_files(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).with_path(dir)? {
         let path = entry.with_path(dir)?.path();
-        fs::File::open(&path).and_then(|f| f.sync_all()).with_path(&path)?;
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_path(&path)?;
     }
     Ok(())
 }
@@ -189,7 +197,10 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = vec![];
     for entry in fs::read_dir(&root).with_path(&root)? {
         let path = entry.with_path(&root)?.path();
-        let step = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u64>().ok());
         if let Some(step) = step {
             if path.join(TRAINER_STATE_FILE).is_file() {
                 found.push((step, path));
@@ -216,13 +227,20 @@ pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
 }
 
 /// Restores AdamW's moments and step count from a checkpoint directory.
-pub fn load_optimizer(dir: &Path, optimizer: &mut AdamW, state: &TrainerState, device: &Device) -> Result<()> {
+pub fn load_optimizer(
+    dir: &Path,
+    optimizer: &mut AdamW,
+    state: &TrainerState,
+    device: &Device,
+) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
     let tensors = load_safetensors(&path, device)?;
-    optimizer.load_state(tensors, state.optimizer_steps).map_err(|e| Error::Checkpoint {
-        path,
-        message: e.to_string(),
-    })
+    optimizer
+        .load_state(tensors, state.optimizer_steps)
+        .map_err(|e| Error::Checkpoint {
+            path,
+            message: e.to_string(),
+        })
 }
 
 /// Copies checkpoint weights into existing variables of the same names and shapes.
@@ -241,7 +259,11 @@ pub fn load_into_vars<'a>(
         if t.dims() != var.dims() {
             return Err(Error::Checkpoint {
                 path: path.clone(),
-                message: format!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
             });
         }
         var.set(&t.to_dtype(var.dtype())?)?;

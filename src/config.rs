@@ -323,7 +323,8 @@ impl Config {
                 })?;
                 // Typed parse of the file alone first: its errors carry line numbers.
                 toml::from_str::<Config>(&text).map_err(|e| file_error(&source, &text, &e))?;
-                text.parse::<toml::Table>().map_err(|e| file_error(&source, &text, &e))?
+                text.parse::<toml::Table>()
+                    .map_err(|e| file_error(&source, &text, &e))?
             }
             None => toml::Table::new(),
         };
@@ -340,60 +341,192 @@ impl Config {
 
     /// Parses a config from TOML text (used for configs saved in run directories).
     pub fn from_toml_str(source_name: &str, text: &str) -> Result<Config> {
-        let config = toml::from_str::<Config>(text).map_err(|e| file_error(source_name, text, &e))?;
+        let config =
+            toml::from_str::<Config>(text).map_err(|e| file_error(source_name, text, &e))?;
         config.validate()?;
         Ok(config)
     }
 
     /// The config as TOML text, as saved in run directories.
     pub fn to_toml_string(&self) -> Result<String> {
-        toml::to_string_pretty(self).map_err(|e| Error::Msg(format!("cannot write config as TOML: {e}")))
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::Msg(format!("cannot write config as TOML: {e}")))
     }
 
     /// Rejects values that parse but make no sense, naming the field.
     pub fn validate(&self) -> Result<()> {
+        crate::device::parse_spec(&self.run.device).map_err(|e| Error::InvalidConfig {
+            field: "run.device".into(),
+            value: self.run.device.clone(),
+            reason: e.to_string(),
+        })?;
         let t = &self.train;
         let p = &self.ppo;
         let g = &self.generate;
-        check("train.learning_rate", t.learning_rate, t.learning_rate.is_finite() && t.learning_rate >= 0.0, "must be a finite number >= 0")?;
-        check("train.per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, "must be at least 1")?;
-        check("train.per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, "must be at least 1")?;
-        check("train.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1, "must be at least 1")?;
-        check("train.num_train_epochs", t.num_train_epochs, t.num_train_epochs.is_finite() && t.num_train_epochs > 0.0, "must be > 0")?;
+        check(
+            "train.learning_rate",
+            t.learning_rate,
+            t.learning_rate.is_finite() && t.learning_rate >= 0.0,
+            "must be a finite number >= 0",
+        )?;
+        check(
+            "train.per_device_train_batch_size",
+            t.per_device_train_batch_size,
+            t.per_device_train_batch_size >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "train.per_device_eval_batch_size",
+            t.per_device_eval_batch_size,
+            t.per_device_eval_batch_size >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "train.gradient_accumulation_steps",
+            t.gradient_accumulation_steps,
+            t.gradient_accumulation_steps >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "train.num_train_epochs",
+            t.num_train_epochs,
+            t.num_train_epochs.is_finite() && t.num_train_epochs > 0.0,
+            "must be > 0",
+        )?;
         if let Some(m) = t.max_steps {
-            check("train.max_steps", m, m >= 1, "must be at least 1 (leave it unset to train by epochs)")?;
+            check(
+                "train.max_steps",
+                m,
+                m >= 1,
+                "must be at least 1 (leave it unset to train by epochs)",
+            )?;
         }
-        check("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0, "must be >= 0 (0 turns clipping off)")?;
-        check("train.warmup_ratio", t.warmup_ratio, (0.0..=1.0).contains(&t.warmup_ratio), "must be in [0, 1]")?;
-        check("train.weight_decay", t.weight_decay, t.weight_decay.is_finite() && t.weight_decay >= 0.0, "must be >= 0")?;
-        check("train.adam_beta1", t.adam_beta1, (0.0..1.0).contains(&t.adam_beta1), "must be in [0, 1)")?;
-        check("train.adam_beta2", t.adam_beta2, (0.0..1.0).contains(&t.adam_beta2), "must be in [0, 1)")?;
-        check("train.adam_epsilon", t.adam_epsilon, t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0, "must be > 0")?;
-        check("train.logging_steps", t.logging_steps, t.logging_steps >= 1, "must be at least 1")?;
-        check("train.save_steps", t.save_steps, t.save_steps >= 1, "must be at least 1")?;
+        check(
+            "train.max_grad_norm",
+            t.max_grad_norm,
+            t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
+            "must be >= 0 (0 turns clipping off)",
+        )?;
+        check(
+            "train.warmup_ratio",
+            t.warmup_ratio,
+            (0.0..=1.0).contains(&t.warmup_ratio),
+            "must be in [0, 1]",
+        )?;
+        check(
+            "train.weight_decay",
+            t.weight_decay,
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "must be >= 0",
+        )?;
+        check(
+            "train.adam_beta1",
+            t.adam_beta1,
+            (0.0..1.0).contains(&t.adam_beta1),
+            "must be in [0, 1)",
+        )?;
+        check(
+            "train.adam_beta2",
+            t.adam_beta2,
+            (0.0..1.0).contains(&t.adam_beta2),
+            "must be in [0, 1)",
+        )?;
+        check(
+            "train.adam_epsilon",
+            t.adam_epsilon,
+            t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0,
+            "must be > 0",
+        )?;
+        check(
+            "train.logging_steps",
+            t.logging_steps,
+            t.logging_steps >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "train.save_steps",
+            t.save_steps,
+            t.save_steps >= 1,
+            "must be at least 1",
+        )?;
         if let Some(k) = t.save_total_limit {
-            check("train.save_total_limit", k, k >= 1, "must be at least 1 (leave it unset to keep every checkpoint)")?;
+            check(
+                "train.save_total_limit",
+                k,
+                k >= 1,
+                "must be at least 1 (leave it unset to keep every checkpoint)",
+            )?;
         }
         if let Some(e) = t.eval_steps {
             check("train.eval_steps", e, e >= 1, "must be at least 1")?;
         }
-        check("train.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 1, "must be at least 1")?;
+        check(
+            "train.max_nonfinite_steps",
+            t.max_nonfinite_steps,
+            t.max_nonfinite_steps >= 1,
+            "must be at least 1",
+        )?;
 
-        check("generate.max_new_tokens", g.max_new_tokens, g.max_new_tokens >= 1, "must be at least 1")?;
-        check("generate.temperature", g.temperature, g.temperature.is_finite() && g.temperature >= 0.0, "must be >= 0 (0 is greedy)")?;
-        check("generate.top_p", g.top_p, g.top_p > 0.0 && g.top_p <= 1.0, "must be in (0, 1]")?;
+        check(
+            "generate.max_new_tokens",
+            g.max_new_tokens,
+            g.max_new_tokens >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "generate.temperature",
+            g.temperature,
+            g.temperature.is_finite() && g.temperature >= 0.0,
+            "must be >= 0 (0 is greedy)",
+        )?;
+        check(
+            "generate.top_p",
+            g.top_p,
+            g.top_p > 0.0 && g.top_p <= 1.0,
+            "must be in (0, 1]",
+        )?;
         if let Some(k) = g.top_k {
-            check("generate.top_k", k, k >= 1, "must be at least 1 (leave it unset for no top-k)")?;
+            check(
+                "generate.top_k",
+                k,
+                k >= 1,
+                "must be at least 1 (leave it unset for no top-k)",
+            )?;
         }
 
-        check("reward.max_length", self.reward.max_length, self.reward.max_length >= 2, "must be at least 2 tokens")?;
+        check(
+            "reward.max_length",
+            self.reward.max_length,
+            self.reward.max_length >= 2,
+            "must be at least 2 tokens",
+        )?;
         if let Some(c) = self.reward.center_rewards_coefficient {
-            check("reward.center_rewards_coefficient", c, c.is_finite() && c >= 0.0, "must be >= 0")?;
+            check(
+                "reward.center_rewards_coefficient",
+                c,
+                c.is_finite() && c >= 0.0,
+                "must be >= 0",
+            )?;
         }
 
-        check("ppo.num_ppo_epochs", p.num_ppo_epochs, p.num_ppo_epochs >= 1, "must be at least 1")?;
-        check("ppo.num_mini_batches", p.num_mini_batches, p.num_mini_batches >= 1, "must be at least 1")?;
-        check("ppo.local_rollout_forward_batch_size", p.local_rollout_forward_batch_size, p.local_rollout_forward_batch_size >= 1, "must be at least 1")?;
+        check(
+            "ppo.num_ppo_epochs",
+            p.num_ppo_epochs,
+            p.num_ppo_epochs >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "ppo.num_mini_batches",
+            p.num_mini_batches,
+            p.num_mini_batches >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "ppo.local_rollout_forward_batch_size",
+            p.local_rollout_forward_batch_size,
+            p.local_rollout_forward_batch_size >= 1,
+            "must be at least 1",
+        )?;
         let batch = p.local_batch_size(t);
         let chunk = p.local_rollout_forward_batch_size;
         check(
@@ -403,18 +536,68 @@ impl Config {
             &format!("must divide the rollout batch of {batch} (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches) so chunks are equal, or be at least {batch}"),
         )?;
         if let Some(n) = p.total_episodes {
-            check("ppo.total_episodes", n, n >= batch as u64, &format!("must be at least one rollout batch ({batch})"))?;
+            check(
+                "ppo.total_episodes",
+                n,
+                n >= batch as u64,
+                &format!("must be at least one rollout batch ({batch})"),
+            )?;
         }
-        check("ppo.response_length", p.response_length, p.response_length >= 1, "must be at least 1")?;
-        check("ppo.temperature", p.temperature, p.temperature.is_finite() && p.temperature > 0.0, "must be > 0: PPO samples its rollouts")?;
-        check("ppo.kl_coef", p.kl_coef, p.kl_coef.is_finite() && p.kl_coef >= 0.0, "must be >= 0")?;
-        check("ppo.cliprange", p.cliprange, p.cliprange.is_finite() && p.cliprange > 0.0, "must be > 0")?;
-        check("ppo.cliprange_value", p.cliprange_value, p.cliprange_value.is_finite() && p.cliprange_value > 0.0, "must be > 0")?;
-        check("ppo.vf_coef", p.vf_coef, p.vf_coef.is_finite() && p.vf_coef >= 0.0, "must be >= 0")?;
-        check("ppo.gamma", p.gamma, (0.0..=1.0).contains(&p.gamma), "must be in [0, 1]")?;
-        check("ppo.lam", p.lam, (0.0..=1.0).contains(&p.lam), "must be in [0, 1]")?;
+        check(
+            "ppo.response_length",
+            p.response_length,
+            p.response_length >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "ppo.temperature",
+            p.temperature,
+            p.temperature.is_finite() && p.temperature > 0.0,
+            "must be > 0: PPO samples its rollouts",
+        )?;
+        check(
+            "ppo.kl_coef",
+            p.kl_coef,
+            p.kl_coef.is_finite() && p.kl_coef >= 0.0,
+            "must be >= 0",
+        )?;
+        check(
+            "ppo.cliprange",
+            p.cliprange,
+            p.cliprange.is_finite() && p.cliprange > 0.0,
+            "must be > 0",
+        )?;
+        check(
+            "ppo.cliprange_value",
+            p.cliprange_value,
+            p.cliprange_value.is_finite() && p.cliprange_value > 0.0,
+            "must be > 0",
+        )?;
+        check(
+            "ppo.vf_coef",
+            p.vf_coef,
+            p.vf_coef.is_finite() && p.vf_coef >= 0.0,
+            "must be >= 0",
+        )?;
+        check(
+            "ppo.gamma",
+            p.gamma,
+            (0.0..=1.0).contains(&p.gamma),
+            "must be in [0, 1]",
+        )?;
+        check(
+            "ppo.lam",
+            p.lam,
+            (0.0..=1.0).contains(&p.lam),
+            "must be in [0, 1]",
+        )?;
         if let Some(pen) = p.missing_eos_penalty {
-            check("ppo.missing_eos_penalty", pen, pen.is_finite(), "must be finite")?;
+            check(
+                "ppo.missing_eos_penalty",
+                pen,
+                pen.is_finite(),
+                "must be finite",
+            )?;
         }
         Ok(())
     }
@@ -447,11 +630,19 @@ fn show(v: Option<&serde_json::Value>) -> String {
     v.map_or_else(|| "unset".to_string(), |v| v.to_string())
 }
 
-fn flatten_into(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+fn flatten_into(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut BTreeMap<String, serde_json::Value>,
+) {
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten_into(&key, v, out);
             }
         }
@@ -481,9 +672,9 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         source_name: format!("--set {assignment}"),
         message,
     };
-    let (key, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| bad("expected key.path=value, as in --set train.learning_rate=1e-5".into()))?;
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+        bad("expected key.path=value, as in --set train.learning_rate=1e-5".into())
+    })?;
     let path: Vec<&str> = key.trim().split('.').map(str::trim).collect();
     if path.iter().any(|p| p.is_empty()) {
         return Err(bad(format!("`{key}` is not a key path")));
@@ -513,15 +704,25 @@ fn backticked(message: &str) -> Vec<&str> {
     message.split('`').skip(1).step_by(2).collect()
 }
 
-/// For unknown fields and variants, the nearest known name.
-fn suggestion(message: &str) -> Option<String> {
-    if !(message.starts_with("unknown field") || message.starts_with("unknown variant")) {
-        return None;
+/// Rewrites serde's "unknown field `x`, expected one of ..." as
+/// "unknown key `x` (did you mean `prefix.y`?)"; the full list of keys is
+/// given only when none is near. Other messages pass through.
+fn explain(message: &str, prefix: &str) -> String {
+    if !message.starts_with("unknown field") {
+        return message.to_string();
     }
     let words = backticked(message);
-    let (wrong, known) = words.split_first()?;
-    let best = known.iter().min_by_key(|k| edit_distance(wrong, k))?;
-    (edit_distance(wrong, best) <= (wrong.len() / 3).max(2)).then(|| best.to_string())
+    let Some((wrong, known)) = words.split_first() else {
+        return message.to_string();
+    };
+    let nearest = known
+        .iter()
+        .min_by_key(|k| edit_distance(wrong, k))
+        .filter(|k| edit_distance(wrong, k) <= (wrong.len() / 3).max(2));
+    match nearest {
+        Some(k) => format!("unknown key `{wrong}` (did you mean `{prefix}{k}`?)"),
+        None => format!("unknown key `{wrong}`; known keys: {}", known.join(", ")),
+    }
 }
 
 fn first_line(message: &str) -> &str {
@@ -541,7 +742,8 @@ fn file_error(source_name: &str, text: &str, err: &toml::de::Error) -> Error {
             .take(line_no - 1)
             .filter_map(|l| {
                 let l = l.trim();
-                (l.starts_with('[') && l.ends_with(']')).then(|| l.trim_matches(|c| c == '[' || c == ']').to_string())
+                (l.starts_with('[') && l.ends_with(']'))
+                    .then(|| l.trim_matches(|c| c == '[' || c == ']').to_string())
             })
             .last();
         let this_line = text.lines().nth(line_no - 1).unwrap_or("").trim();
@@ -549,25 +751,24 @@ fn file_error(source_name: &str, text: &str, err: &toml::de::Error) -> Error {
             located.push_str(&format!("[{section}] "));
         }
     }
-    let hint = suggestion(&message).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
     Error::Config {
         source_name: source_name.into(),
-        message: format!("{located}{message}{hint}"),
+        message: format!("{located}{}", explain(&message, "")),
     }
 }
 
 fn override_error(assignment: &str, err: &toml::de::Error) -> Error {
     let message = first_line(err.message()).to_string();
-    let key = assignment.split_once('=').map_or(assignment, |(k, _)| k.trim());
-    let hint = suggestion(&message)
-        .map(|s| {
-            let parent = key.rsplit_once('.').map(|(p, _)| format!("{p}.")).unwrap_or_default();
-            format!(" (did you mean `{parent}{s}`?)")
-        })
+    let key = assignment
+        .split_once('=')
+        .map_or(assignment, |(k, _)| k.trim());
+    let parent = key
+        .rsplit_once('.')
+        .map(|(p, _)| format!("{p}."))
         .unwrap_or_default();
     Error::Config {
         source_name: format!("--set {assignment}"),
-        message: format!("{message}{hint}"),
+        message: explain(&message, &parent),
     }
 }
 
@@ -578,7 +779,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + (ca != *cb) as usize)
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }

@@ -8,16 +8,7 @@ use crate::{Error, Result};
 /// then Metal, then the CPU, and the returned text says which and why.
 pub fn resolve_device(spec: &str) -> Result<(Device, String)> {
     let spec = spec.trim();
-    let (kind, ordinal) = match spec.split_once(':') {
-        Some((k, n)) => {
-            let n: usize = n.parse().map_err(|_| Error::Device {
-                spec: spec.into(),
-                message: "the device index after ':' must be a number, as in cuda:0".into(),
-            })?;
-            (k, n)
-        }
-        None => (spec, 0),
-    };
+    let (kind, ordinal) = parse_spec(spec)?;
     match kind {
         "auto" => Ok(auto_device()),
         "cpu" => Ok((Device::Cpu, "cpu".into())),
@@ -47,6 +38,25 @@ pub fn resolve_device(spec: &str) -> Result<(Device, String)> {
             })?;
             Ok((dev, format!("metal:{ordinal}")))
         }
+        _ => unreachable!("parse_spec accepts only the kinds above"),
+    }
+}
+
+/// Checks the syntax of a device spec without opening the device.
+pub fn parse_spec(spec: &str) -> Result<(&str, usize)> {
+    let spec = spec.trim();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n: usize = n.parse().map_err(|_| Error::Device {
+                spec: spec.into(),
+                message: "the device index after ':' must be a number, as in cuda:0".into(),
+            })?;
+            (k, n)
+        }
+        None => (spec, 0),
+    };
+    match kind {
+        "auto" | "cpu" | "cuda" | "metal" => Ok((kind, ordinal)),
         _ => Err(Error::Device {
             spec: spec.into(),
             message: "expected auto, cpu, cuda, cuda:N, metal or metal:N".into(),

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 pub enum Error {
     /// A config file or `--set` override that cannot be used as written.
     #[error("{source_name}: {message}")]
-    Config { source_name: String, message: String },
+    Config {
+        source_name: String,
+        message: String,
+    },
 
     /// A config value that parses but is not allowed.
     #[error("invalid config value `{field}` = {value}: {reason}")]
@@ -76,7 +79,11 @@ impl From<candle_core::Error> for Error {
     /// is set; users get one line unless they ask for the trace.
     fn from(err: candle_core::Error) -> Self {
         let want_trace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
-        Error::Candle(if want_trace { err } else { strip_backtrace(err) })
+        Error::Candle(if want_trace {
+            err
+        } else {
+            strip_backtrace(err)
+        })
     }
 }
 
@@ -94,7 +101,10 @@ fn strip_backtrace(err: candle_core::Error) -> candle_core::Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), err: source }
+        Error::Io {
+            path: path.into(),
+            err: source,
+        }
     }
 
     /// The process exit code that `main` uses for this error.

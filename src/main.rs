@@ -10,7 +10,11 @@ use candle_rlhf::config::Config;
 use candle_rlhf::Error;
 
 #[derive(Parser)]
-#[command(name = "candle-rlhf", version, about = "RLHF on Candle: SFT, reward models (Bradley-Terry) and PPO with a KL penalty")]
+#[command(
+    name = "candle-rlhf",
+    version,
+    about = "RLHF on Candle: SFT, reward models (Bradley-Terry) and PPO with a KL penalty"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -39,7 +39,11 @@ impl MetricsLog {
                 .collect();
             crate::checkpoint::atomic_write(&path, kept.as_bytes())?;
         }
-        let file = fs::OpenOptions::new().create(true).append(true).open(&path).with_path(&path)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_path(&path)?;
         Ok(Self { path, file })
     }
 
@@ -53,7 +57,10 @@ impl MetricsLog {
             .map_or(0.0, |d| d.as_secs_f64());
         obj.insert("timestamp".into(), serde_json::json!(now));
         for (k, v) in values {
-            obj.insert((*k).to_string(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
+            obj.insert(
+                (*k).to_string(),
+                serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into),
+            );
         }
         let line = serde_json::Value::Object(obj).to_string();
         writeln!(self.file, "{line}").with_path(&self.path)?;
@@ -66,7 +73,10 @@ impl MetricsLog {
 }
 
 fn step_of(line: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_u64()
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()?
+        .get("step")?
+        .as_u64()
 }
 
 /// Reads metrics.jsonl; keeps numeric fields (null values are skipped).
@@ -78,10 +88,17 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |why: &str| Error::Parse { path: path.to_path_buf(), message: format!("line {}: {why}", i + 1) };
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let bad = |why: &str| Error::Parse {
+            path: path.to_path_buf(),
+            message: format!("line {}: {why}", i + 1),
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
         let obj = value.as_object().ok_or_else(|| bad("not a JSON object"))?;
-        let step = obj.get("step").and_then(|s| s.as_u64()).ok_or_else(|| bad("no integer `step`"))?;
+        let step = obj
+            .get("step")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| bad("no integer `step`"))?;
         let values = obj
             .iter()
             .filter(|(k, _)| *k != "step")
@@ -103,9 +120,10 @@ impl Progress {
             return Self { bar: None };
         }
         let bar = ProgressBar::new(total);
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+        let style =
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(label.to_string());
         Self { bar: Some(bar) }
@@ -136,16 +154,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(dir.path(), None).unwrap();
         for step in 1..=5 {
-            log.log(step, &[("loss", 1.0 / step as f64), ("bad", f64::NAN)]).unwrap();
+            log.log(step, &[("loss", 1.0 / step as f64), ("bad", f64::NAN)])
+                .unwrap();
         }
         let records = read_metrics(log.path()).unwrap();
         assert_eq!(records.len(), 5);
         assert_eq!(records[1].values["loss"], 0.5);
-        assert!(!records[1].values.contains_key("bad"), "NaN is written as null and skipped");
+        assert!(
+            !records[1].values.contains_key("bad"),
+            "NaN is written as null and skipped"
+        );
         // A resume from step 3 drops the lines of steps 4 and 5.
         let mut log = MetricsLog::open(dir.path(), Some(3)).unwrap();
         log.log(4, &[("loss", 9.0)]).unwrap();
-        let steps: Vec<u64> = read_metrics(log.path()).unwrap().iter().map(|r| r.step).collect();
+        let steps: Vec<u64> = read_metrics(log.path())
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
     }
 
@@ -155,6 +181,9 @@ mod tests {
         let path = dir.path().join(METRICS_FILE);
         fs::write(&path, "{\"step\": 1, \"loss\": 2}\nnot json\n").unwrap();
         let err = read_metrics(&path).unwrap_err().to_string();
-        assert!(err.contains("metrics.jsonl") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("metrics.jsonl") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }

@@ -46,9 +46,19 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&out_dir).with_path(&out_dir)?;
     let mut written = vec![];
     for (family, series) in &families {
-        let file: String = family.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let file: String = family
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let path = out_dir.join(format!("{file}.svg"));
-        draw(&path, family, series).map_err(|e| Error::Msg(format!("{}: cannot draw: {e}", path.display())))?;
+        draw(&path, family, series)
+            .map_err(|e| Error::Msg(format!("{}: cannot draw: {e}", path.display())))?;
         written.push(path);
     }
     Ok(written)
@@ -56,7 +66,11 @@ pub fn plot_run(run_dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn padded_range(lo: f64, hi: f64) -> std::ops::Range<f64> {
     if (hi - lo).abs() < 1e-12 {
-        let pad = if lo.abs() > 1e-12 { lo.abs() * 0.1 } else { 1.0 };
+        let pad = if lo.abs() > 1e-12 {
+            lo.abs() * 0.1
+        } else {
+            1.0
+        };
         (lo - pad)..(hi + pad)
     } else {
         let pad = (hi - lo) * 0.05;
@@ -64,7 +78,11 @@ fn padded_range(lo: f64, hi: f64) -> std::ops::Range<f64> {
     }
 }
 
-fn draw(path: &Path, family: &str, series: &BTreeMap<String, Vec<(f64, f64)>>) -> std::result::Result<(), Box<dyn std::error::Error>> {
+fn draw(
+    path: &Path,
+    family: &str,
+    series: &BTreeMap<String, Vec<(f64, f64)>>,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let points = series.values().flatten();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
@@ -81,13 +99,19 @@ fn draw(path: &Path, family: &str, series: &BTreeMap<String, Vec<(f64, f64)>>) -
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(padded_range(x0, x1), padded_range(y0, y1))?;
-    chart.configure_mesh().x_desc("step").light_line_style(WHITE.mix(0.0)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         if pts.len() < 30 {
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }

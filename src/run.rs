@@ -85,14 +85,23 @@ impl RunDir {
         std::fs::create_dir_all(path).with_path(path)?;
         write_run_files(path, &manifest)?;
         let metrics = MetricsLog::open(path, None)?;
-        Ok(RunDir { path: path.to_path_buf(), manifest, metrics, resume: None })
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            manifest,
+            metrics,
+            resume: None,
+        })
     }
 
     /// Continues the run in `path` from its newest complete checkpoint,
     /// refusing a config that changed in a key that matters.
     pub fn resume(path: &Path, manifest: Manifest) -> Result<RunDir> {
         let (step, dir) = checkpoint::latest(path)?.ok_or_else(|| {
-            Error::Msg(format!("--resume {}: no complete checkpoint in {}", path.display(), path.join(checkpoint::CHECKPOINTS_DIR).display()))
+            Error::Msg(format!(
+                "--resume {}: no complete checkpoint in {}",
+                path.display(),
+                path.join(checkpoint::CHECKPOINTS_DIR).display()
+            ))
         })?;
         let saved: Manifest = checkpoint::read_json(&dir.join(checkpoint::MANIFEST_FILE))?;
         if saved.command != manifest.command {
@@ -104,11 +113,19 @@ impl RunDir {
             )));
         }
         if let Some((key, was, now)) = manifest.config.resume_difference(&saved.config) {
-            return Err(Error::ResumeMismatch { run_dir: path.to_path_buf(), key, was, now });
+            return Err(Error::ResumeMismatch {
+                run_dir: path.to_path_buf(),
+                key,
+                was,
+                now,
+            });
         }
         let state: TrainerState = checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE))?;
         if state.step != step {
-            return Err(Error::Checkpoint { path: dir, message: format!("trainer_state.json says step {}", state.step) });
+            return Err(Error::Checkpoint {
+                path: dir,
+                message: format!("trainer_state.json says step {}", state.step),
+            });
         }
         write_run_files(path, &manifest)?;
         // Metrics logged after the checkpoint by the interrupted run are dropped:
@@ -119,7 +136,10 @@ impl RunDir {
             path: path.to_path_buf(),
             manifest,
             metrics,
-            resume: Some(ResumePoint { checkpoint: dir, state }),
+            resume: Some(ResumePoint {
+                checkpoint: dir,
+                state,
+            }),
         })
     }
 
@@ -132,7 +152,10 @@ impl RunDir {
 fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {
     let json = serde_json::to_string_pretty(manifest).map_err(|e| Error::Msg(e.to_string()))?;
     checkpoint::atomic_write(&path.join(checkpoint::MANIFEST_FILE), json.as_bytes())?;
-    checkpoint::atomic_write(&path.join("config.toml"), manifest.config.to_toml_string()?.as_bytes())
+    checkpoint::atomic_write(
+        &path.join("config.toml"),
+        manifest.config.to_toml_string()?.as_bytes(),
+    )
 }
 
 /// The default run directory: `runs/<command>-<unix seconds>`.

@@ -23,7 +23,12 @@ pub struct ParamGrads(pub Vec<Option<Tensor>>);
 impl ParamGrads {
     /// Picks the gradients of the optimizer's variables out of a backward pass.
     pub fn from_store(store: &candle_core::backprop::GradStore, optimizer: &AdamW) -> Self {
-        ParamGrads(optimizer.vars().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect())
+        ParamGrads(
+            optimizer
+                .vars()
+                .map(|(_, v)| store.get(v.as_tensor()).cloned())
+                .collect(),
+        )
     }
 
     /// Adds `other` element-wise (gradient accumulation).
@@ -121,7 +126,8 @@ impl TrainCore {
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         self.micro_batches += 1;
         if !value.is_finite() {
-            self.nonfinite_loss.get_or_insert_with(|| format!("loss = {value}"));
+            self.nonfinite_loss
+                .get_or_insert_with(|| format!("loss = {value}"));
             return Ok(value);
         }
         let grads = ParamGrads::from_store(&loss.backward()?, &self.optimizer);
@@ -152,7 +158,10 @@ impl TrainCore {
             if norm.is_finite() {
                 let lr = self.schedule.lr(step);
                 self.optimizer.step(&grads.0, lr)?;
-                applied = Some(StepOutcome::Applied { grad_norm: norm, lr });
+                applied = Some(StepOutcome::Applied {
+                    grad_norm: norm,
+                    lr,
+                });
             } else {
                 what = Some(format!("gradient norm = {norm}"));
             }
@@ -163,9 +172,16 @@ impl TrainCore {
         }
         let what = what.unwrap_or_default();
         self.nonfinite_in_a_row += 1;
-        tracing::warn!("step {step} skipped: {what} ({} in a row)", self.nonfinite_in_a_row);
+        tracing::warn!(
+            "step {step} skipped: {what} ({} in a row)",
+            self.nonfinite_in_a_row
+        );
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps {
-            return Err(Error::NonFinite { count: self.nonfinite_in_a_row, step, what });
+            return Err(Error::NonFinite {
+                count: self.nonfinite_in_a_row,
+                step,
+                what,
+            });
         }
         Ok(StepOutcome::Skipped { what })
     }
@@ -177,7 +193,12 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn grads(values: &[&[f32]]) -> ParamGrads {
-        ParamGrads(values.iter().map(|v| Some(Tensor::new(*v, &Device::Cpu).unwrap())).collect())
+        ParamGrads(
+            values
+                .iter()
+                .map(|v| Some(Tensor::new(*v, &Device::Cpu).unwrap()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -192,16 +213,28 @@ mod tests {
         // Below the threshold nothing changes.
         let mut small = grads(&[&[0.3, 0.4]]);
         small.clip_global_norm(1.0).unwrap();
-        assert_eq!(small.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3, 0.4]);
+        assert_eq!(
+            small.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4]
+        );
     }
 
     #[test]
     fn accumulation_sums_and_keeps_missing_gradients() {
-        let mut a = ParamGrads(vec![Some(Tensor::new(&[1.0f32], &Device::Cpu).unwrap()), None]);
+        let mut a = ParamGrads(vec![
+            Some(Tensor::new(&[1.0f32], &Device::Cpu).unwrap()),
+            None,
+        ]);
         let b = grads(&[&[2.0], &[5.0]]);
         a.add(b).unwrap();
-        assert_eq!(a.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![3.0]);
-        assert_eq!(a.0[1].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![5.0]);
+        assert_eq!(
+            a.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![3.0]
+        );
+        assert_eq!(
+            a.0[1].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5.0]
+        );
         assert_eq!(a.count(), 2);
     }
 
@@ -222,8 +255,10 @@ mod tests {
         // after clipping at 1.0 the gradient is 1 and the AdamW step is lr.
         let x = Var::new(&[0.0f32], &Device::Cpu).unwrap();
         let mut core = core_on(&x, 3);
-        core.backward(&(x.as_tensor() * 1.0).unwrap().sum_all().unwrap()).unwrap();
-        core.backward(&(x.as_tensor() * 3.0).unwrap().sum_all().unwrap()).unwrap();
+        core.backward(&(x.as_tensor() * 1.0).unwrap().sum_all().unwrap())
+            .unwrap();
+        core.backward(&(x.as_tensor() * 3.0).unwrap().sum_all().unwrap())
+            .unwrap();
         let out = core.step(0).unwrap();
         match out {
             StepOutcome::Applied { grad_norm, lr } => {
@@ -251,14 +286,26 @@ mod tests {
         // Finite loss, infinite gradient (sqrt at 0 has an infinite slope).
         let y = Var::new(&[0.0f32], &Device::Cpu).unwrap();
         let mut core = core_on(&y, 2);
-        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap()).unwrap();
+        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap())
+            .unwrap();
         match core.step(0).unwrap() {
             StepOutcome::Skipped { what } => assert!(what.contains("gradient norm"), "{what}"),
             other => panic!("{other:?}"),
         }
-        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap()).unwrap();
+        core.backward(&y.as_tensor().sqrt().unwrap().sum_all().unwrap())
+            .unwrap();
         let err = core.step(1).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { count: 2, step: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::NonFinite {
+                    count: 2,
+                    step: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(y.as_tensor().to_vec1::<f32>().unwrap(), vec![0.0]);
         assert!(w.is_finite());
     }

@@ -86,7 +86,11 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { params, hp, steps: 0 })
+        Ok(Self {
+            params,
+            hp,
+            steps: 0,
+        })
     }
 
     /// Every variable of a `VarMap`, named as the model built them.
@@ -136,7 +140,12 @@ impl AdamW {
         }
         self.steps += 1;
         let t = self.steps as i32;
-        let AdamWParams { beta1, beta2, eps, weight_decay } = self.hp;
+        let AdamWParams {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.hp;
         let bias_correction1 = 1.0 - beta1.powi(t);
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for (p, grad) in self.params.iter_mut().zip(grads) {
@@ -175,7 +184,10 @@ impl AdamW {
     /// Restores the moments written by [`AdamW::state_tensors`] and the step count.
     pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for p in &mut self.params {
-            for (prefix, slot) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+            for (prefix, slot) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
                 let key = format!("{prefix}.{}", p.name);
                 let t = tensors
                     .remove(&key)
@@ -207,7 +219,10 @@ mod tests {
 
     fn minimize_square(weight_decay: f64) -> Vec<f32> {
         let x = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let hp = AdamWParams { weight_decay, ..Default::default() };
+        let hp = AdamWParams {
+            weight_decay,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(vec![("x".into(), x.clone())], hp).unwrap();
         (0..3)
             .map(|_| {

@@ -28,7 +28,11 @@ impl LrSchedule {
     }
 
     fn factor(&self, step: u64) -> f64 {
-        let (s, warmup, total) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, warmup, total) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if self.kind == LrSchedulerType::Constant {
             return 1.0; // transformers' "constant" has no warmup
         }
@@ -40,7 +44,9 @@ impl LrSchedule {
             LrSchedulerType::Constant | LrSchedulerType::ConstantWithWarmup => 1.0,
             LrSchedulerType::Linear => ((total - s) / (total - warmup).max(1.0)).max(0.0),
             // Half a cosine period from 1 to 0 (num_cycles = 0.5).
-            LrSchedulerType::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            LrSchedulerType::Cosine => {
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
         }
     }
 }
@@ -51,7 +57,12 @@ mod tests {
     use LrSchedulerType::*;
 
     fn sched(kind: LrSchedulerType) -> LrSchedule {
-        LrSchedule { kind, base_lr: 1.0, warmup_steps: 10, total_steps: 110 }
+        LrSchedule {
+            kind,
+            base_lr: 1.0,
+            warmup_steps: 10,
+            total_steps: 110,
+        }
     }
 
     #[test]
@@ -60,7 +71,10 @@ mod tests {
             let s = sched(kind);
             assert_eq!(s.lr(0), 0.0);
             assert!((s.lr(5) - 0.5).abs() < 1e-12);
-            assert!((s.lr(10) - 1.0).abs() < 1e-12, "{kind:?} peaks at the end of warmup");
+            assert!(
+                (s.lr(10) - 1.0).abs() < 1e-12,
+                "{kind:?} peaks at the end of warmup"
+            );
         }
         assert_eq!(sched(Constant).lr(0), 1.0);
     }
@@ -80,7 +94,10 @@ mod tests {
 
     #[test]
     fn warmup_from_ratio_rounds_up_like_transformers() {
-        let mut t = crate::config::TrainConfig { warmup_ratio: 0.1, ..Default::default() };
+        let mut t = crate::config::TrainConfig {
+            warmup_ratio: 0.1,
+            ..Default::default()
+        };
         assert_eq!(LrSchedule::from_config(&t, 25).warmup_steps, 3); // ceil(2.5)
         t.warmup_steps = 7;
         assert_eq!(LrSchedule::from_config(&t, 25).warmup_steps, 7);

@@ -8,7 +8,10 @@ use std::fs;
 use std::path::Path;
 
 fn save_step(run_dir: &Path, step: u64, value: f32, keep: Option<usize>) -> std::path::PathBuf {
-    let weights = vec![("w".to_string(), Tensor::new(&[value, value], &Device::Cpu).unwrap())];
+    let weights = vec![(
+        "w".to_string(),
+        Tensor::new(&[value, value], &Device::Cpu).unwrap(),
+    )];
     let state = TrainerState {
         step,
         rngs: [("data".to_string(), HostRng::new(step))].into(),
@@ -18,14 +21,22 @@ fn save_step(run_dir: &Path, step: u64, value: f32, keep: Option<usize>) -> std:
     let config = serde_json::json!({"model_type": "toy", "hidden_size": 2});
     checkpoint::save(
         run_dir,
-        &Checkpoint { weights: &weights, model_config: Some(&config), tokenizer_files: &[], optimizer: None, state: &state, manifest: &manifest },
+        &Checkpoint {
+            weights: &weights,
+            model_config: Some(&config),
+            tokenizer_files: &[],
+            optimizer: None,
+            state: &state,
+            manifest: &manifest,
+        },
         keep,
     )
     .unwrap()
 }
 
 fn weight_of(dir: &Path) -> Vec<f32> {
-    let t = checkpoint::load_safetensors(&dir.join(checkpoint::WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let t =
+        checkpoint::load_safetensors(&dir.join(checkpoint::WEIGHTS_FILE), &Device::Cpu).unwrap();
     t["w"].to_vec1().unwrap()
 }
 
@@ -35,7 +46,8 @@ fn checkpoint_holds_hf_layout_state_and_manifest() {
     let dir = save_step(run.path(), 7, 1.5, None);
     assert_eq!(dir, run.path().join("checkpoints").join("7"));
     assert_eq!(weight_of(&dir), vec![1.5, 1.5]);
-    let state: TrainerState = checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE)).unwrap();
+    let state: TrainerState =
+        checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE)).unwrap();
     assert_eq!(state.step, 7);
     assert_eq!(state.rngs["data"], HostRng::new(7));
     let manifest: Manifest = checkpoint::read_json(&dir.join(checkpoint::MANIFEST_FILE)).unwrap();
@@ -76,7 +88,11 @@ fn a_write_that_dies_midway_leaves_the_previous_checkpoint_whole() {
     // The next write cleans the leftovers and publishes its own.
     save_step(run.path(), 5, 5.0, None);
     assert!(!killed.exists());
-    let steps: Vec<u64> = checkpoint::list(run.path()).unwrap().iter().map(|c| c.0).collect();
+    let steps: Vec<u64> = checkpoint::list(run.path())
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(steps, vec![1, 5]);
 }
 
@@ -86,7 +102,11 @@ fn keeps_the_last_k_and_resaving_a_step_replaces_it() {
     for step in 1..=5 {
         save_step(run.path(), step * 10, step as f32, Some(2));
     }
-    let steps: Vec<u64> = checkpoint::list(run.path()).unwrap().iter().map(|c| c.0).collect();
+    let steps: Vec<u64> = checkpoint::list(run.path())
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(steps, vec![40, 50], "numeric order, not string order");
     let dir = save_step(run.path(), 50, 9.0, Some(2));
     assert_eq!(weight_of(&dir), vec![9.0, 9.0]);
@@ -100,6 +120,11 @@ fn a_corrupt_weights_file_is_named() {
     let path = dir.join(checkpoint::WEIGHTS_FILE);
     let bytes = fs::read(&path).unwrap();
     fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load_safetensors(&path, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors") && !err.contains('\n'), "{err}");
+    let err = checkpoint::load_safetensors(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && !err.contains('\n'),
+        "{err}"
+    );
 }

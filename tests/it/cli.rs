@@ -19,7 +19,9 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 fn help_lists_every_subcommand() {
     let (code, out, _) = run(bin().arg("--help"));
     assert_eq!(code, 0);
-    for sub in ["generate", "sft", "reward", "ppo", "score", "eval", "plot", "demo", "bench"] {
+    for sub in [
+        "generate", "sft", "reward", "ppo", "score", "eval", "plot", "demo", "bench",
+    ] {
         assert!(out.contains(sub), "{sub} missing from:\n{out}");
     }
 }
@@ -41,7 +43,10 @@ fn config_errors_are_one_line_with_exit_2() {
     let (code, _, err) = run(bin().args(["ppo", "--config"]).arg(&path));
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("ppo.cliprange") && err.contains("must be > 0"), "{err}");
+    assert!(
+        err.contains("ppo.cliprange") && err.contains("must be > 0"),
+        "{err}"
+    );
 
     let (code, _, err) = run(bin().args(["reward", "--set", "train.lerning_rate=1"]));
     assert_eq!(code, 2);
@@ -69,12 +74,22 @@ fn plot_draws_one_svg_per_metric_family() {
     std::fs::write(dir.path().join("metrics.jsonl"), lines).unwrap();
     let (code, out, err) = run(bin().arg("plot").arg(dir.path()));
     assert_eq!(code, 0, "{err}");
-    let mut files: Vec<String> = out.lines().map(|l| l.rsplit('/').next().unwrap().to_string()).collect();
+    let mut files: Vec<String> = out
+        .lines()
+        .map(|l| l.rsplit('/').next().unwrap().to_string())
+        .collect();
     files.sort();
     assert_eq!(files, vec!["loss.svg", "objective.svg"]);
     let svg = std::fs::read_to_string(dir.path().join("plots/objective.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("objective/kl") && svg.contains("objective/entropy"));
-    assert!(svg.contains("<polyline") || svg.contains("<path"), "has a line");
+    assert!(
+        svg.starts_with("<svg")
+            && svg.contains("objective/kl")
+            && svg.contains("objective/entropy")
+    );
+    assert!(
+        svg.contains("<polyline") || svg.contains("<path"),
+        "has a line"
+    );
 
     let (code, _, err) = run(bin().arg("plot").arg(dir.path().join("nothing-here")));
     assert_eq!(code, 1);

@@ -26,10 +26,18 @@ pub struct Faults {
 /// The fixed data set: y = x . [1, -2, 0.5, 3] + 0.7 + noise.
 fn data() -> (Vec<f32>, Vec<f32>) {
     let mut rng = HostRng::new(1234);
-    let x: Vec<f32> = (0..SAMPLES * FEATURES).map(|_| rng.normal() as f32).collect();
+    let x: Vec<f32> = (0..SAMPLES * FEATURES)
+        .map(|_| rng.normal() as f32)
+        .collect();
     let w = TRUE_WEIGHT;
     let y = (0..SAMPLES)
-        .map(|i| (0..FEATURES).map(|j| x[i * FEATURES + j] * w[j]).sum::<f32>() + 0.7 + 0.1 * rng.normal() as f32)
+        .map(|i| {
+            (0..FEATURES)
+                .map(|j| x[i * FEATURES + j] * w[j])
+                .sum::<f32>()
+                + 0.7
+                + 0.1 * rng.normal() as f32
+        })
         .collect();
     (x, y)
 }
@@ -37,25 +45,48 @@ fn data() -> (Vec<f32>, Vec<f32>) {
 /// The weight the model starts from, drawn from the seeded init stream.
 pub fn initial_weight(seed: u64) -> Vec<f32> {
     let mut init = HostRng::stream(seed, "init");
-    (0..FEATURES).map(|_| (0.5 * init.normal()) as f32).collect()
+    (0..FEATURES)
+        .map(|_| (0.5 * init.normal()) as f32)
+        .collect()
 }
 
 /// The weight the data was made with.
 pub const TRUE_WEIGHT: [f32; FEATURES] = [1.0, -2.0, 0.5, 3.0];
 
 /// Trains (or resumes) the toy in `run_dir`; returns the final weights.
-pub fn train(run_dir: &Path, cfg: &Config, resume: bool, faults: &Faults, stop: &StopSignal) -> Result<Vec<(String, Vec<f32>)>> {
+pub fn train(
+    run_dir: &Path,
+    cfg: &Config,
+    resume: bool,
+    faults: &Faults,
+    stop: &StopSignal,
+) -> Result<Vec<(String, Vec<f32>)>> {
     let dev = Device::Cpu;
     let manifest = Manifest::new("toy", cfg, "cpu");
-    let mut run = if resume { RunDir::resume(run_dir, manifest)? } else { RunDir::create(run_dir, manifest)? };
+    let mut run = if resume {
+        RunDir::resume(run_dir, manifest)?
+    } else {
+        RunDir::create(run_dir, manifest)?
+    };
     let total = cfg.train.max_steps.expect("toy configs set max_steps");
     let seed = cfg.run.seed;
 
     // 1. Model: weights drawn from the seeded init stream.
-    let w = Var::from_tensor(&Tensor::from_vec(initial_weight(seed), (FEATURES, 1), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::from_vec(
+        initial_weight(seed),
+        (FEATURES, 1),
+        &dev,
+    )?)?;
     let b = Var::from_tensor(&Tensor::zeros(1, DType::F32, &dev)?)?;
-    let named = vec![("linear.weight".to_string(), w.clone()), ("linear.bias".to_string(), b.clone())];
-    let mut core = TrainCore::new(AdamW::new(named, AdamWParams::from_config(&cfg.train))?, &cfg.train, total);
+    let named = vec![
+        ("linear.weight".to_string(), w.clone()),
+        ("linear.bias".to_string(), b.clone()),
+    ];
+    let mut core = TrainCore::new(
+        AdamW::new(named, AdamWParams::from_config(&cfg.train))?,
+        &cfg.train,
+        total,
+    );
 
     // 2. State: fresh, or restored from the newest checkpoint.
     let mut state = TrainerState {
@@ -77,16 +108,23 @@ pub fn train(run_dir: &Path, cfg: &Config, resume: bool, faults: &Faults, stop: 
         for _ in 0..cfg.train.gradient_accumulation_steps {
             let rng = state.rngs.get_mut("data").expect("data stream");
             let mut offset = state.data_position["offset"].as_u64().unwrap_or(0) as usize;
-            let mut order: Vec<usize> = serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
+            let mut order: Vec<usize> =
+                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
             if offset + batch > order.len() {
                 order = rng.permutation(SAMPLES); // a new epoch, reshuffled
                 offset = 0;
             }
             let idx = &order[offset..offset + batch];
-            let x: Vec<f32> = idx.iter().flat_map(|&i| xs[i * FEATURES..(i + 1) * FEATURES].to_vec()).collect();
+            let x: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| xs[i * FEATURES..(i + 1) * FEATURES].to_vec())
+                .collect();
             let y: Vec<f32> = idx.iter().map(|&i| ys[i]).collect();
             // Random input mask (like dropout): makes the RNG state matter.
-            let mask = rng.uniform_tensor((batch, FEATURES), 0.0, 1.0, DType::F32, &dev)?.ge(0.1)?.to_dtype(DType::F32)?;
+            let mask = rng
+                .uniform_tensor((batch, FEATURES), 0.0, 1.0, DType::F32, &dev)?
+                .ge(0.1)?
+                .to_dtype(DType::F32)?;
             let x = (Tensor::from_vec(x, (batch, FEATURES), &dev)? * mask)?;
             let y = Tensor::from_vec(y, (batch, 1), &dev)?;
             let pred = x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
@@ -102,7 +140,10 @@ pub fn train(run_dir: &Path, cfg: &Config, resume: bool, faults: &Faults, stop: 
         state.optimizer_steps = core.optimizer.steps();
         if let StepOutcome::Applied { grad_norm, lr } = outcome {
             if state.step % cfg.train.logging_steps == 0 {
-                run.metrics.log(state.step, &[("grad_norm", grad_norm), ("learning_rate", lr)])?;
+                run.metrics.log(
+                    state.step,
+                    &[("grad_norm", grad_norm), ("learning_rate", lr)],
+                )?;
             }
         }
         if faults.stop_after_step == Some(step) {
@@ -116,16 +157,29 @@ pub fn train(run_dir: &Path, cfg: &Config, resume: bool, faults: &Faults, stop: 
             ];
             let dir = checkpoint::save(
                 &run.path,
-                &Checkpoint { weights: &weights, model_config: None, tokenizer_files: &[], optimizer: Some(&core.optimizer), state: &state, manifest: &run.manifest },
+                &Checkpoint {
+                    weights: &weights,
+                    model_config: None,
+                    tokenizer_files: &[],
+                    optimizer: Some(&core.optimizer),
+                    state: &state,
+                    manifest: &run.manifest,
+                },
                 cfg.train.save_total_limit,
             )?;
             if stopping {
-                return Err(Error::Interrupted { step: state.step, checkpoint: dir });
+                return Err(Error::Interrupted {
+                    step: state.step,
+                    checkpoint: dir,
+                });
             }
         }
     }
     Ok(vec![
-        ("linear.weight".into(), w.as_tensor().flatten_all()?.to_vec1()?),
+        (
+            "linear.weight".into(),
+            w.as_tensor().flatten_all()?.to_vec1()?,
+        ),
         ("linear.bias".into(), b.as_tensor().to_vec1()?),
     ])
 }
