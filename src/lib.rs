@@ -2,19 +2,24 @@
 //! Bradley-Terry loss and batched PPO with a KL penalty to a frozen
 //! reference, on CPU, CUDA or Metal, with Hugging Face-layout checkpoints.
 //!
-//! The modules follow the pipeline: configuration and devices; the training
-//! core (optimizer, schedules, accumulation, clipping, non-finite guard);
-//! checkpoints and run directories; metrics and plots.
+//! The modules follow the pipeline: configuration and devices; models and
+//! tokenizers; generation; the training core (optimizer, schedules,
+//! accumulation, clipping, non-finite guard); checkpoints and run
+//! directories; metrics and plots; self-made fixtures.
 
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fixtures;
+pub mod generate;
 pub mod metrics;
+pub mod models;
 pub mod plot;
 pub mod rng;
 pub mod run;
 pub mod signal;
+pub mod tokenizer;
 pub mod train;
 
 pub use config::Config;

@@ -53,10 +53,51 @@ struct TrainArgs {
     resume: Option<PathBuf>,
 }
 
+/// Options of `generate`.
+#[derive(Args, Clone, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Model directory in Hugging Face layout (default: the self-made tiny GPT-2,
+    /// written to fixtures/ on first use).
+    #[arg(long)]
+    model: Option<String>,
+    /// A prompt (repeatable; all prompts run as one left-padded batch).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// A file with one prompt per line.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Tokens to generate per prompt.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample among the k most likely tokens only.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Print one JSON object per prompt: prompt, completion, completion_ids.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Sample completions from a causal LM.
-    Generate(Common),
+    Generate(GenerateArgs),
+    /// Write the self-made test fixtures (tokenizer, tiny models) to a directory.
+    Fixtures {
+        /// Output directory.
+        #[arg(long, default_value = "fixtures")]
+        out: PathBuf,
+        /// Seed of the corpus, tokenizer and weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Supervised fine-tuning on prompt/completion data (stage 1).
     Sft(TrainArgs),
     /// Train a reward model on preference pairs (stage 2).
@@ -111,7 +152,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Generate(c) => not_ready("generate", &c),
+        Command::Generate(args) => generate(args),
+        Command::Fixtures { out, seed } => {
+            for dir in candle_rlhf::fixtures::make_all(&out, seed)? {
+                println!("{}", dir.display());
+            }
+            Ok(())
+        }
         Command::Sft(t) => not_ready("sft", &t.common),
         Command::Reward(t) => not_ready("reward", &t.common),
         Command::Ppo(t) => not_ready("ppo", &t.common),
@@ -120,6 +167,97 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(c) => not_ready("demo", &c),
         Command::Bench(c) => not_ready("bench", &c),
     }
+}
+
+/// Where `generate` finds its default model, made on first use.
+const DEFAULT_FIXTURES: &str = "fixtures";
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use candle_rlhf::generate::{generate, Sampling};
+    use candle_rlhf::models::gpt2::Gpt2;
+    use candle_rlhf::tokenizer::Tokenizer;
+
+    let mut common = args.common.clone();
+    let quoted = |s: &str| toml::Value::String(s.to_string()).to_string();
+    if let Some(m) = &args.model {
+        common.set.push(format!("model.name_or_path={}", quoted(m)));
+    }
+    for (key, value) in [
+        ("max_new_tokens", args.max_new_tokens.map(|v| v.to_string())),
+        ("temperature", args.temperature.map(|v| format!("{v:?}"))),
+        ("top_k", args.top_k.map(|v| v.to_string())),
+        ("top_p", args.top_p.map(|v| format!("{v:?}"))),
+    ] {
+        if let Some(v) = value {
+            common.set.push(format!("generate.{key}={v}"));
+        }
+    }
+    let cfg = resolve_config(&common)?;
+    let (device, said) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
+    tracing::info!("device: {said}");
+
+    let model_dir = if cfg.model.name_or_path.is_empty() {
+        let dir = PathBuf::from(DEFAULT_FIXTURES).join(candle_rlhf::fixtures::TINY_GPT2);
+        if !dir.join("model.safetensors").is_file() {
+            tracing::info!("making the tiny fixture model in {}", dir.display());
+            candle_rlhf::fixtures::write_tiny_gpt2(&dir, 0)?;
+        }
+        dir
+    } else {
+        PathBuf::from(&cfg.model.name_or_path)
+    };
+    if !model_dir.is_dir() {
+        anyhow::bail!(
+            "{}: not a directory (loading hub ids is not ready yet in this version; pass a local model directory)",
+            model_dir.display()
+        );
+    }
+    let model_type: serde_json::Value =
+        candle_rlhf::checkpoint::read_json(&model_dir.join("config.json"))?;
+    let model_type = model_type["model_type"]
+        .as_str()
+        .unwrap_or("(none)")
+        .to_string();
+    if model_type != "gpt2" {
+        anyhow::bail!(
+            "{}: model_type `{model_type}` is not supported yet (supported: gpt2)",
+            model_dir.join("config.json").display()
+        );
+    }
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let (model, _vars) = Gpt2::from_dir(&model_dir, cfg.run.dtype.dtype(), &device)?;
+
+    let mut prompts = args.prompt.clone();
+    if let Some(file) = &args.prompts {
+        let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    if prompts.is_empty() {
+        anyhow::bail!("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE");
+    }
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<candle_rlhf::Result<Vec<_>>>()?;
+    let sampling = Sampling::from_config(&cfg.generate, Some(tokenizer.eos_id));
+    let mut rng = candle_rlhf::HostRng::stream(cfg.run.seed, "sample");
+    let outputs = generate(&model, &ids, tokenizer.pad_id, &sampling, &mut rng, &device)?;
+    for (prompt, out) in prompts.iter().zip(outputs) {
+        let completion = tokenizer.decode(&out)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"prompt": prompt, "completion": completion, "completion_ids": out})
+            );
+        } else {
+            println!("{prompt}{completion}");
+        }
+    }
+    Ok(())
 }
 
 /// Validates the config (so it can be prepared ahead), then says the command

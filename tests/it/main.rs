@@ -4,5 +4,6 @@
 mod checkpoint;
 mod cli;
 mod config;
+mod models;
 mod toy;
 mod training;

@@ -1,0 +1,207 @@
+//! Where a model's weights come from when it is built with `load(vb, cfg)`:
+//! a checkpoint (every requested tensor must exist with the right shape) or a
+//! seeded random draw (fixtures, new heads). Either way each tensor becomes a
+//! trainable `Var`, collected in a `VarMap` named as Hugging Face names it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::{Error, HostRng, Result};
+
+/// Serves tensors read from safetensors files, each as a new `Var` in `varmap`.
+struct CheckpointBackend {
+    tensors: HashMap<String, Tensor>,
+    varmap: VarMap,
+    source: PathBuf,
+}
+
+fn lock(varmap: &VarMap) -> std::sync::MutexGuard<'_, HashMap<String, Var>> {
+    varmap.data().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CheckpointBackend {
+    fn fetch(
+        &self,
+        shape: Option<&Shape>,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(var) = lock(&self.varmap).get(name) {
+            return Ok(var.as_tensor().clone()); // tied weights are requested twice
+        }
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no tensor `{name}`", self.source.display()))
+        })?;
+        if let Some(shape) = shape {
+            if t.shape() != shape {
+                candle_core::bail!(
+                    "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
+                    self.source.display(),
+                    t.dims(),
+                    shape.dims()
+                );
+            }
+        }
+        let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
+        let out = var.as_tensor().clone();
+        lock(&self.varmap).insert(name.to_string(), var);
+        Ok(out)
+    }
+}
+
+impl SimpleBackend for CheckpointBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.fetch(Some(&s), name, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(None, name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Draws every requested tensor from a seeded RNG: N(0, 0.02^2) for weights
+/// (GPT-2's init), 1 + N(0, 0.1^2) for norm scales and N(0, 0.02^2) for
+/// biases, so that a loader ignoring norms or biases gives other outputs.
+struct RandomBackend {
+    rng: Mutex<HostRng>,
+    varmap: VarMap,
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(var) = lock(&self.varmap).get(name) {
+            return Ok(var.as_tensor().clone());
+        }
+        let is_norm = name
+            .split('.')
+            .any(|p| p.starts_with("ln") || p.contains("norm") || p.contains("LayerNorm"));
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let t = if is_norm && name.ends_with("weight") {
+            (rng.normal_tensor(s, 0.1, DType::F32, dev)
+                .map_err(candle_core::Error::wrap)?
+                + 1.0)?
+        } else {
+            rng.normal_tensor(s, 0.02, DType::F32, dev)
+                .map_err(candle_core::Error::wrap)?
+        };
+        let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
+        let out = var.as_tensor().clone();
+        lock(&self.varmap).insert(name.to_string(), var);
+        Ok(out)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Reads the safetensors weights of a model directory (`model.safetensors`
+/// or the shards of `model.safetensors.index.json`), renaming with `rename`.
+pub fn read_safetensors_dir(
+    dir: &Path,
+    device: &Device,
+    rename: impl Fn(&str) -> String,
+) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        let idx: serde_json::Value = crate::checkpoint::read_json(&index)?;
+        let mut shards: Vec<String> = idx["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::Parse {
+                path: index.clone(),
+                message: "no `weight_map` object".into(),
+            })?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    } else if dir.join("pytorch_model.bin").is_file() {
+        return Err(Error::Msg(format!(
+            "{}: only pickle weights (pytorch_model.bin); candle-rlhf loads safetensors only (pickle can run code). Convert with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+            dir.display()
+        )));
+    } else {
+        return Err(Error::Msg(format!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )));
+    };
+    let mut out = HashMap::new();
+    for file in files {
+        for (name, t) in crate::checkpoint::load_safetensors(&file, device)? {
+            out.insert(rename(&name), t);
+        }
+    }
+    Ok(out)
+}
+
+/// A VarBuilder over checkpoint tensors; each requested tensor becomes a Var in the returned map.
+pub fn checkpoint_builder(
+    tensors: HashMap<String, Tensor>,
+    source: &Path,
+    dtype: DType,
+    device: &Device,
+) -> (VarBuilder<'static>, VarMap) {
+    let varmap = VarMap::new();
+    let backend = CheckpointBackend {
+        tensors,
+        varmap: varmap.clone(),
+        source: source.to_path_buf(),
+    };
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        varmap,
+    )
+}
+
+/// A VarBuilder that draws each requested tensor from `HostRng::new(seed)`.
+pub fn random_builder(seed: u64, dtype: DType, device: &Device) -> (VarBuilder<'static>, VarMap) {
+    let varmap = VarMap::new();
+    let backend = RandomBackend {
+        rng: Mutex::new(HostRng::stream(seed, "init")),
+        varmap: varmap.clone(),
+    };
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        varmap,
+    )
+}
+
+/// The Vars of a map as (name, tensor), sorted by name, for saving.
+pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = lock(varmap)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -1,0 +1,76 @@
+//! Loading a tokenizer and the project's pad/EOS policy.
+//!
+//! Policy: EOS is the tokenizer config's `eos_token` (else config.json's
+//! `eos_token_id`). The pad id is the tokenizer's `pad_token` when it has
+//! one, else EOS (GPT-2 and Pythia ship none). Padding is always described
+//! by an attention mask, never inferred from token ids, so a pad that equals
+//! EOS is harmless.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub eos_id: u32,
+    pub pad_id: u32,
+}
+
+fn token_name(v: &serde_json::Value) -> Option<&str> {
+    v.as_str()
+        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.json`, `tokenizer_config.json` and `config.json` of a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::Msg(format!(
+                "{}: missing (candle-rlhf needs the fast tokenizer file)",
+                path.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let tok_cfg: serde_json::Value = match dir.join("tokenizer_config.json") {
+            p if p.is_file() => crate::checkpoint::read_json(&p)?,
+            _ => serde_json::Value::Null,
+        };
+        let model_cfg: serde_json::Value = match dir.join("config.json") {
+            p if p.is_file() => crate::checkpoint::read_json(&p)?,
+            _ => serde_json::Value::Null,
+        };
+        let id_of = |field: &str| token_name(&tok_cfg[field]).and_then(|t| inner.token_to_id(t));
+        let eos_id = id_of("eos_token")
+            .or_else(|| model_cfg["eos_token_id"].as_u64().map(|v| v as u32))
+            .ok_or_else(|| {
+                Error::Msg(format!(
+                    "{}: no eos_token in tokenizer_config.json and no eos_token_id in config.json",
+                    dir.display()
+                ))
+            })?;
+        let pad_id = id_of("pad_token").unwrap_or(eos_id);
+        Ok(Self {
+            inner,
+            eos_id,
+            pad_id,
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Msg(format!("cannot tokenize {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Msg(format!("cannot decode: {e}")))
+    }
+}
