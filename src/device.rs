@@ -12,34 +12,42 @@ pub fn resolve_device(spec: &str) -> Result<(Device, String)> {
     match kind {
         "auto" => Ok(auto_device()),
         "cpu" => Ok((Device::Cpu, "cpu".into())),
-        "cuda" => {
-            if !cfg!(feature = "cuda") {
-                return Err(Error::Device {
-                    spec: spec.into(),
-                    message: "this binary was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)".into(),
-                });
-            }
-            let dev = Device::new_cuda(ordinal).map_err(|e| Error::Device {
-                spec: spec.into(),
-                message: format!("cannot open the GPU: {}", Error::from(e)),
-            })?;
-            Ok((dev, format!("cuda:{ordinal}")))
-        }
-        "metal" => {
-            if !cfg!(feature = "metal") {
-                return Err(Error::Device {
-                    spec: spec.into(),
-                    message: "this binary was built without Metal; rebuild with `cargo build --release --features metal`".into(),
-                });
-            }
-            let dev = Device::new_metal(ordinal).map_err(|e| Error::Device {
-                spec: spec.into(),
-                message: format!("cannot open the GPU: {}", Error::from(e)),
-            })?;
-            Ok((dev, format!("metal:{ordinal}")))
-        }
+        "cuda" => open_gpu(
+            spec,
+            "cuda",
+            cfg!(feature = "cuda"),
+            ordinal,
+            Device::new_cuda,
+        ),
+        "metal" => open_gpu(
+            spec,
+            "metal",
+            cfg!(feature = "metal"),
+            ordinal,
+            Device::new_metal,
+        ),
         _ => unreachable!("parse_spec accepts only the kinds above"),
     }
+}
+
+fn open_gpu(
+    spec: &str,
+    kind: &str,
+    built_with_it: bool,
+    ordinal: usize,
+    open: fn(usize) -> candle_core::Result<Device>,
+) -> Result<(Device, String)> {
+    if !built_with_it {
+        return Err(Error::Device {
+            spec: spec.into(),
+            message: format!("this binary was built without {kind}; rebuild with `cargo build --release --features {kind}` (see README)"),
+        });
+    }
+    let dev = open(ordinal).map_err(|e| Error::Device {
+        spec: spec.into(),
+        message: format!("cannot open the GPU: {}", Error::from(e)),
+    })?;
+    Ok((dev, format!("{kind}:{ordinal}")))
 }
 
 /// Checks the syntax of a device spec without opening the device.

@@ -255,6 +255,41 @@ mod tests {
     }
 
     #[test]
+    fn bf16_weights_get_f32_moments() {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(
+            &Tensor::new(&[1.0f32, -1.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWParams::default()).unwrap();
+        let g = Tensor::new(&[0.5f32, -0.5], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        opt.step(&[Some(g)], 0.1).unwrap();
+        for (name, t) in opt.state_tensors() {
+            assert_eq!(t.dtype(), DType::F32, "{name}");
+        }
+        let v = opt.state_tensors()[1].1.to_vec1::<f32>().unwrap();
+        assert!((v[0] - 0.00025).abs() < 1e-9, "(1 - 0.999) * 0.5^2: {v:?}");
+        assert_eq!(w.dtype(), DType::BF16);
+        // Adam's first step moves each weight by about lr against its gradient's sign.
+        let after = w
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (after[0] - 0.9).abs() < 0.01 && (after[1] + 0.9).abs() < 0.01,
+            "{after:?}"
+        );
+    }
+
+    #[test]
     fn biases_and_norms_are_not_decayed() {
         assert!(decays_by_default("model.layers.0.self_attn.q_proj.weight"));
         assert!(decays_by_default("transformer.h.0.attn.c_attn.weight"));
