@@ -532,7 +532,7 @@ impl Config {
         check(
             "ppo.local_rollout_forward_batch_size",
             chunk,
-            chunk >= batch || batch % chunk == 0,
+            chunk >= batch || batch.is_multiple_of(chunk),
             &format!("must divide the rollout batch of {batch} (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches) so chunks are equal, or be at least {batch}"),
         )?;
         if let Some(n) = p.total_episodes {

@@ -196,7 +196,7 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Builds the model from `vb` at the checkpoint root (names `transformer.*`, `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
-        if cfg.n_embd % cfg.n_head != 0 {
+        if !cfg.n_embd.is_multiple_of(cfg.n_head) {
             return Err(Error::Msg(format!(
                 "config.json: n_embd {} is not divisible by n_head {}",
                 cfg.n_embd, cfg.n_head

@@ -139,7 +139,7 @@ pub fn train(
         state.step += 1;
         state.optimizer_steps = core.optimizer.steps();
         if let StepOutcome::Applied { grad_norm, lr } = outcome {
-            if state.step % cfg.train.logging_steps == 0 {
+            if state.step.is_multiple_of(cfg.train.logging_steps) {
                 run.metrics.log(
                     state.step,
                     &[("grad_norm", grad_norm), ("learning_rate", lr)],
@@ -150,7 +150,7 @@ pub fn train(
             stop.request();
         }
         let stopping = stop.requested();
-        if state.step % cfg.train.save_steps == 0 || stopping || state.step == total {
+        if state.step.is_multiple_of(cfg.train.save_steps) || stopping || state.step == total {
             let weights = vec![
                 ("linear.weight".to_string(), w.as_tensor().clone()),
                 ("linear.bias".to_string(), b.as_tensor().clone()),
