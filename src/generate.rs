@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::gpt2::Gpt2;
-use crate::models::{attention_bias, position_ids};
+use crate::models::{attention_bias, left_pad, position_ids};
 use crate::{Error, HostRng, Result};
 
 /// How tokens are drawn.
@@ -109,14 +109,7 @@ pub fn generate(
     }
     let dtype = model.dtype();
     // 1. Left-pad the prompts into one batch.
-    let mut mask: Vec<Vec<u8>> = prompts
-        .iter()
-        .map(|p| [vec![0u8; width - p.len()], vec![1u8; p.len()]].concat())
-        .collect();
-    let ids: Vec<u32> = prompts
-        .iter()
-        .flat_map(|p| [vec![pad_id; width - p.len()], p.clone()].concat())
-        .collect();
+    let (ids, mut mask) = left_pad(prompts, pad_id);
     let positions: Vec<u32> = position_ids(&mask).concat();
     let mut cache = model.new_cache();
     let mut input = Tensor::from_vec(ids, (b, width), device)?;

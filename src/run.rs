@@ -142,11 +142,6 @@ impl RunDir {
             }),
         })
     }
-
-    /// Checkpoint paths for `checkpoint::save`.
-    pub fn checkpoints(&self) -> PathBuf {
-        self.path.join(checkpoint::CHECKPOINTS_DIR)
-    }
 }
 
 fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {

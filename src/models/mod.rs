@@ -42,6 +42,21 @@ pub fn attention_bias(
     Ok(Tensor::from_vec(data, (b, 1, queries, keys), device)?.to_dtype(dtype)?)
 }
 
+/// Left-pads `rows` with `pad_id` to the longest row: flat ids (B x T, row
+/// major) and the attention mask (1 real, 0 pad).
+pub fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let ids = rows
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(pad_id, width - r.len()).chain(r.iter().copied()))
+        .collect();
+    let mask = rows
+        .iter()
+        .map(|r| [vec![0u8; width - r.len()], vec![1u8; r.len()]].concat())
+        .collect();
+    (ids, mask)
+}
+
 /// Position ids from a left- or right-padded mask: cumsum(mask) - mask, so
 /// pad positions get 0 (TRL's rule; -1 would index outside GPT-2's wpe).
 pub fn position_ids(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
@@ -66,6 +81,13 @@ pub fn position_ids(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn left_pad_pads_on_the_left_with_a_mask() {
+        let (ids, mask) = left_pad(&[vec![7, 8, 9], vec![5]], 0);
+        assert_eq!(ids, vec![7, 8, 9, 0, 0, 5]);
+        assert_eq!(mask, vec![vec![1, 1, 1], vec![0, 0, 1]]);
+    }
 
     #[test]
     fn positions_skip_left_padding() {

@@ -123,10 +123,6 @@ impl AdamW {
         self.steps
     }
 
-    pub fn params(&self) -> AdamWParams {
-        self.hp
-    }
-
     /// One AdamW update with learning rate `lr`. `grads[i]` belongs to the
     /// i-th variable of [`AdamW::vars`]; a `None` leaves that variable and its
     /// moments untouched (as torch does for parameters without a gradient).

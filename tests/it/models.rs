@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor, D};
 use candle_rlhf::generate::{generate, Sampling};
 use candle_rlhf::models::gpt2::Gpt2;
-use candle_rlhf::models::{attention_bias, position_ids};
+use candle_rlhf::models::{attention_bias, left_pad, position_ids};
 use candle_rlhf::tokenizer::Tokenizer;
 use candle_rlhf::{fixtures, HostRng};
 
@@ -27,14 +27,7 @@ fn load() -> (Gpt2, candle_nn::VarMap) {
 /// Full-sequence logits (B, T, V) of left-padded rows.
 fn full_logits(model: &Gpt2, rows: &[Vec<u32>]) -> (Tensor, Vec<Vec<u8>>) {
     let width = rows.iter().map(Vec::len).max().unwrap();
-    let mask: Vec<Vec<u8>> = rows
-        .iter()
-        .map(|r| [vec![0u8; width - r.len()], vec![1u8; r.len()]].concat())
-        .collect();
-    let ids: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| [vec![1u32; width - r.len()], r.clone()].concat())
-        .collect();
+    let (ids, mask) = left_pad(rows, 1);
     let pos: Vec<u32> = position_ids(&mask).concat();
     let dev = Device::Cpu;
     let ids = Tensor::from_vec(ids, (rows.len(), width), &dev).unwrap();
@@ -114,14 +107,7 @@ fn kv_cached_decoding_equals_one_full_forward() {
     let steps = 4;
     let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r[..r.len() - steps].to_vec()).collect();
     let width = prompts.iter().map(Vec::len).max().unwrap();
-    let mut mask: Vec<Vec<u8>> = prompts
-        .iter()
-        .map(|r| [vec![0u8; width - r.len()], vec![1u8; r.len()]].concat())
-        .collect();
-    let ids: Vec<u32> = prompts
-        .iter()
-        .flat_map(|r| [vec![1u32; width - r.len()], r.clone()].concat())
-        .collect();
+    let (ids, mut mask) = left_pad(&prompts, 1);
     let mut cache = model.new_cache();
     let bias = attention_bias(&mask, width, DType::F32, &dev).unwrap();
     let pos = Tensor::from_vec(position_ids(&mask).concat(), (2, width), &dev).unwrap();
