@@ -3,28 +3,41 @@
 //! first-run demo never download.
 //!
 //! - a synthetic corpus of short movie-review sentences;
-//! - a byte-level BPE tokenizer trained on it (EOS `<|endoftext|>`, pad `<pad>`);
-//! - a tiny random GPT-2 in Hugging Face layout (2 layers, hidden 64), with
-//!   randomized norm weights and biases so a loader that ignores them fails.
+//! - byte-level BPE tokenizers trained on it (EOS `<|endoftext|>`, with a
+//!   distinct pad `<pad>`, with no pad at all, or with pad = EOS) and a
+//!   WordPiece tokenizer with [CLS]/[SEP]/[PAD] for the encoders;
+//! - a tiny random model of every supported architecture in Hugging Face
+//!   layout (2 layers, hidden 64), with randomized norm weights and biases so
+//!   that a loader ignoring them fails; both config.json shapes represented;
+//! - the same models laid out as a Hugging Face hub cache
+//!   (`hub/models--candle-rlhf--NAME/{blobs,snapshots/REV,refs/main}`).
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
     TokenizerBuilder,
 };
 
 use crate::checkpoint::{atomic_write, save_safetensors};
-use crate::models::gpt2::{Gpt2, Gpt2Config};
+use crate::models::{ArchConfig, Backbone};
 use crate::{Error, HostRng, IoContext, Result};
 
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 pub const PAD_TOKEN: &str = "<pad>";
 /// Where `candle-rlhf fixtures` writes the tiny GPT-2 inside its output directory.
 pub const TINY_GPT2: &str = "models/tiny-gpt2";
+/// The hub organisation of the fixture models in the fixture hub cache.
+pub const HUB_ORG: &str = "candle-rlhf";
 
 const SUBJECTS: &[&str] = &[
     "the movie",
@@ -104,25 +117,43 @@ pub fn synthetic_corpus(seed: u64, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// How a fixture tokenizer pads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PadStyle {
+    /// A `<pad>` token distinct from EOS.
+    Distinct,
+    /// No pad token at all (GPT-2, Pythia).
+    None,
+    /// The pad token is EOS (Qwen2.5 base).
+    Eos,
+}
+
+fn tokenizer_error(path: &Path) -> impl Fn(tokenizers::Error) -> Error + '_ {
+    move |e| Error::Msg(format!("{}: tokenizer training failed: {e}", path.display()))
+}
+
+/// Writes the corpus next to `path` for the trainers, which read files.
+fn with_corpus_file<T>(corpus: &[String], path: &Path, f: impl FnOnce(String) -> Result<T>) -> Result<T> {
+    let tmp = path.with_extension("corpus.txt");
+    std::fs::write(&tmp, corpus.join("\n")).with_path(&tmp)?;
+    let out = f(tmp.to_string_lossy().into_owned());
+    std::fs::remove_file(&tmp).with_path(&tmp)?;
+    out
+}
+
 /// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on `corpus`
-/// and writes it to `path` (tokenizer.json).
-pub fn train_bpe_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<()> {
-    let tmp_corpus = path.with_extension("corpus.txt");
-    std::fs::write(&tmp_corpus, corpus.join("\n")).with_path(&tmp_corpus)?;
-    let fail = |e: tokenizers::Error| {
-        Error::Msg(format!(
-            "{}: tokenizer training failed: {e}",
-            path.display()
-        ))
-    };
+/// and writes it to `path` (tokenizer.json); `<pad>` exists unless `pad` is None.
+pub fn train_bpe_tokenizer(corpus: &[String], vocab_size: usize, pad: PadStyle, path: &Path) -> Result<()> {
+    let fail = tokenizer_error(path);
+    let mut special = vec![AddedToken::from(EOS_TOKEN, true)];
+    if pad == PadStyle::Distinct {
+        special.push(AddedToken::from(PAD_TOKEN, true));
+    }
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
         .min_frequency(0)
-        .special_tokens(vec![
-            AddedToken::from(EOS_TOKEN, true),
-            AddedToken::from(PAD_TOKEN, true),
-        ])
+        .special_tokens(special)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut tokenizer = TokenizerBuilder::<
@@ -139,77 +170,346 @@ pub fn train_bpe_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) ->
     .with_post_processor(Some(ByteLevel::new(false, true, true).into()))
     .with_decoder(Some(ByteLevel::new(false, true, true).into()))
     .build()
-    .map_err(fail)?;
-    let corpus_file = tmp_corpus.to_string_lossy().into_owned();
-    tokenizer
-        .train_from_files(&mut trainer, vec![corpus_file])
-        .map_err(fail)?;
-    tokenizer.save(path, true).map_err(fail)?;
-    std::fs::remove_file(&tmp_corpus).with_path(&tmp_corpus)?;
-    Ok(())
-}
-
-/// Writes a tiny random GPT-2 with its tokenizer into `dir` (Hugging Face layout).
-pub fn write_tiny_gpt2(dir: &Path, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).with_path(dir)?;
-    let tok_path = dir.join("tokenizer.json");
-    train_bpe_tokenizer(&synthetic_corpus(seed, 2000), 512, &tok_path)?;
-    let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error::Parse {
-        path: tok_path.clone(),
-        message: e.to_string(),
+    .map_err(&fail)?;
+    with_corpus_file(corpus, path, |file| {
+        tokenizer.train_from_files(&mut trainer, vec![file]).map_err(&fail)?;
+        Ok(())
     })?;
-    let eos = tok
-        .token_to_id(EOS_TOKEN)
-        .ok_or_else(|| Error::Msg("fixture tokenizer lost its EOS".into()))?;
-    let cfg = Gpt2Config {
-        vocab_size: tok.get_vocab_size(true),
-        n_positions: 128,
-        n_embd: 64,
-        n_layer: 2,
-        n_head: 4,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        bos_token_id: Some(eos),
-        eos_token_id: Some(eos),
-        tie_word_embeddings: true,
+    tokenizer.save(path, true).map_err(fail)
+}
+
+/// Trains a lower-casing WordPiece tokenizer (BERT's pipeline: [CLS] text [SEP],
+/// specials [PAD]=0 [UNK] [CLS] [SEP] [MASK]) and writes it to `path`.
+pub fn train_wordpiece_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<()> {
+    let fail = tokenizer_error(path);
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    let mut trainer = WordPieceTrainer::builder()
+        .show_progress(false)
+        .vocab_size(vocab_size)
+        .min_frequency(0)
+        .special_tokens(specials.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .build();
+    let mut tokenizer = TokenizerBuilder::<
+        WordPiece,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(WordPiece::default())
+    .with_normalizer(Some(BertNormalizer::new(true, true, None, true).into()))
+    .with_pre_tokenizer(Some(BertPreTokenizer.into()))
+    .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default().into()))
+    .build()
+    .map_err(&fail)?;
+    with_corpus_file(corpus, path, |file| {
+        tokenizer.train_from_files(&mut trainer, vec![file]).map_err(&fail)?;
+        Ok(())
+    })?;
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| Error::Msg(format!("{}: trained WordPiece lost {t}", path.display())))
     };
-    let (vb, varmap) = crate::models::weights::random_builder(seed, DType::F32, &Device::Cpu);
-    Gpt2::load(vb, &cfg)?;
-    save_safetensors(
-        &crate::models::weights::named_tensors(&varmap),
-        &dir.join("model.safetensors"),
-    )?;
-    let mut config = serde_json::to_value(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    let extra = serde_json::json!({
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "activation_function": "gelu_new",
-        "n_ctx": cfg.n_positions,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "torch_dtype": "float32",
-    });
-    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let template = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
+        .map_err(|e| Error::Msg(format!("template: {e}")))?
+        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .build()
+        .map_err(|e| Error::Msg(format!("template: {e}")))?;
+    tokenizer.with_post_processor(Some(PostProcessorWrapper::from(template)));
+    tokenizer.save(path, true).map_err(fail)
+}
+
+/// One fixture model: its directory name, tokenizer and config.json.
+struct Spec {
+    name: &'static str,
+    tokenizer: TokenizerKind,
+    config: Value,
+    /// Save without the backbone prefix, as the hub's base checkpoints are.
+    strip_prefix: bool,
+}
+
+#[derive(Clone, Copy)]
+enum TokenizerKind {
+    Bpe(PadStyle),
+    WordPiece,
+}
+
+/// The fixture models: every architecture, both config.json shapes.
+fn specs(vocab: usize, wp_vocab: usize, eos: u32) -> Vec<Spec> {
+    let llama_common = |model_type: &str| {
+        json!({
+            "model_type": model_type, "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "bos_token_id": eos, "eos_token_id": eos, "attention_dropout": 0.0,
+        })
+    };
+    let extend = |mut base: Value, extra: Value| {
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        base
+    };
+    vec![
+        // The hub's gpt2 layout: no `transformer.` prefix, transformers 4.x config.
+        Spec {
+            name: "tiny-gpt2",
+            tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
+            strip_prefix: true,
+            config: json!({
+                "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
+                "n_positions": 128, "n_ctx": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": null,
+                "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": true, "torch_dtype": "float32",
+            }),
+        },
+        // Llama 3 style: 4.x shape, llama3 rope scaling, GQA, untied head.
+        Spec {
+            name: "tiny-llama",
+            tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
+            strip_prefix: false,
+            config: extend(llama_common("llama"), json!({
+                "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": false,
+                "rope_theta": 500000.0, "attention_bias": false, "mlp_bias": false,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                "torch_dtype": "float32",
+            })),
+        },
+        // Mistral: an explicit head_dim unlike hidden_size / heads.
+        Spec {
+            name: "tiny-mistral",
+            tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
+            strip_prefix: false,
+            config: extend(llama_common("mistral"), json!({
+                "architectures": ["MistralForCausalLM"], "head_dim": 32, "tie_word_embeddings": false,
+                "rope_theta": 1000000.0, "sliding_window": 4096, "torch_dtype": "float32",
+            })),
+        },
+        // Qwen2.5 style: transformers 5 shape, q/k/v biases, tied, pad = EOS.
+        Spec {
+            name: "tiny-qwen2",
+            tokenizer: TokenizerKind::Bpe(PadStyle::Eos),
+            strip_prefix: false,
+            config: extend(llama_common("qwen2"), json!({
+                "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": true,
+                "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+                "use_sliding_window": false, "sliding_window": null, "max_window_layers": 2,
+                "dtype": "float32",
+            })),
+        },
+        // Pythia: no pad token, rotary on a quarter of each head, parallel residual.
+        Spec {
+            name: "tiny-pythia",
+            tokenizer: TokenizerKind::Bpe(PadStyle::None),
+            strip_prefix: false,
+            config: json!({
+                "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": vocab,
+                "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 128, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+                "use_parallel_residual": true, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+                "tie_word_embeddings": false, "attention_dropout": 0.0, "hidden_dropout": 0.0,
+                "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
+            }),
+        },
+        Spec {
+            name: "tiny-bert",
+            tokenizer: TokenizerKind::WordPiece,
+            strip_prefix: true,
+            config: json!({
+                "model_type": "bert", "architectures": ["BertModel"], "vocab_size": wp_vocab,
+                "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02,
+                "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
+                "classifier_dropout": null, "torch_dtype": "float32",
+            }),
+        },
+        Spec {
+            name: "tiny-distilbert",
+            tokenizer: TokenizerKind::WordPiece,
+            strip_prefix: false,
+            config: json!({
+                "model_type": "distilbert", "architectures": ["DistilBertModel"], "vocab_size": wp_vocab,
+                "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128, "activation": "gelu",
+                "max_position_embeddings": 128, "dropout": 0.0, "attention_dropout": 0.0,
+                "initializer_range": 0.02, "pad_token_id": 0, "sinusoidal_pos_embds": false,
+                "dtype": "float32",
+            }),
+        },
+    ]
+}
+
+/// The names of the fixture models, each under `models/` and in the hub cache.
+pub const MODEL_NAMES: &[&str] = &[
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-pythia",
+    "tiny-bert",
+    "tiny-distilbert",
+];
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Msg(e.to_string()))?;
+    atomic_write(path, text.as_bytes())
+}
+
+/// The tokenizer files of each kind, trained once under `dir/tokenizers/`.
+struct Tokenizers {
+    dir: PathBuf,
+}
+
+impl Tokenizers {
+    fn train(dir: &Path, seed: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_path(dir)?;
+        let corpus = synthetic_corpus(seed, 2000);
+        train_bpe_tokenizer(&corpus, 512, PadStyle::Distinct, &dir.join("bpe.json"))?;
+        train_bpe_tokenizer(&corpus, 512, PadStyle::None, &dir.join("bpe-nopad.json"))?;
+        train_wordpiece_tokenizer(&corpus, 400, &dir.join("wordpiece.json"))?;
+        Ok(Self { dir: dir.to_path_buf() })
     }
-    let tokenizer_config = serde_json::json!({
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
-        "model_max_length": cfg.n_positions,
-        "add_prefix_space": false,
-    });
-    for (name, value) in [
-        ("config.json", config),
-        ("tokenizer_config.json", tokenizer_config),
-    ] {
-        let text = serde_json::to_string_pretty(&value).map_err(|e| Error::Msg(e.to_string()))?;
-        atomic_write(&dir.join(name), text.as_bytes())?;
+
+    fn file(&self, kind: TokenizerKind) -> PathBuf {
+        self.dir.join(match kind {
+            TokenizerKind::Bpe(PadStyle::None) => "bpe-nopad.json",
+            TokenizerKind::Bpe(_) => "bpe.json",
+            TokenizerKind::WordPiece => "wordpiece.json",
+        })
     }
+
+    fn vocab_and_eos(&self, kind: TokenizerKind) -> Result<(usize, u32)> {
+        let path = self.file(kind);
+        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let eos = tok.token_to_id(EOS_TOKEN).or(tok.token_to_id("[SEP]")).unwrap_or(0);
+        Ok((tok.get_vocab_size(true), eos))
+    }
+
+    /// tokenizer_config.json for `kind`.
+    fn config(kind: TokenizerKind) -> Value {
+        match kind {
+            TokenizerKind::Bpe(pad) => {
+                let mut c = json!({
+                    "tokenizer_class": "GPT2Tokenizer", "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN,
+                    "unk_token": EOS_TOKEN, "model_max_length": 128, "add_prefix_space": false,
+                });
+                match pad {
+                    PadStyle::Distinct => c["pad_token"] = json!(PAD_TOKEN),
+                    PadStyle::Eos => c["pad_token"] = json!(EOS_TOKEN),
+                    PadStyle::None => {}
+                }
+                c
+            }
+            TokenizerKind::WordPiece => json!({
+                "tokenizer_class": "BertTokenizer", "do_lower_case": true, "cls_token": "[CLS]",
+                "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]",
+                "model_max_length": 128,
+            }),
+        }
+    }
+}
+
+/// Writes one fixture model (weights, config, tokenizer) into `dir`.
+fn write_model(dir: &Path, spec: &Spec, tokenizers: &Tokenizers, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_path(dir)?;
+    let config_path = dir.join("config.json");
+    let cfg = ArchConfig::from_value(&spec.config, &config_path)?;
+    let (vb, varmap) = crate::models::weights::random_builder(seed, spec.name, DType::F32, &Device::Cpu);
+    Backbone::load(vb, &cfg)?;
+    let prefix = format!("{}.", cfg.prefix());
+    let tensors: Vec<_> = crate::models::weights::named_tensors(&varmap)
+        .into_iter()
+        .map(|(name, t)| match name.strip_prefix(&prefix) {
+            Some(bare) if spec.strip_prefix => (bare.to_string(), t),
+            _ => (name, t),
+        })
+        .collect();
+    save_safetensors(&tensors, &dir.join("model.safetensors"))?;
+    write_json(&config_path, &spec.config)?;
+    write_json(&dir.join("tokenizer_config.json"), &Tokenizers::config(spec.tokenizer))?;
+    let tok = tokenizers.file(spec.tokenizer);
+    std::fs::copy(&tok, dir.join("tokenizer.json")).with_path(&tok)?;
     Ok(())
 }
 
-/// Makes every fixture under `out`; returns the model directories written.
+/// Writes the tiny GPT-2 with its tokenizer into `dir` (Hugging Face layout).
+pub fn write_tiny_gpt2(dir: &Path, seed: u64) -> Result<()> {
+    let tokenizers = Tokenizers::train(&dir.join(".tokenizers"), seed)?;
+    let (vocab, eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::Distinct))?;
+    let spec = specs(vocab, 0, eos).remove(0);
+    write_model(dir, &spec, &tokenizers, seed)?;
+    std::fs::remove_dir_all(&tokenizers.dir).with_path(&tokenizers.dir)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lays a model directory out as the Python library caches a hub repo:
+/// `cache/models--ORG--NAME/blobs/SHA256`, `snapshots/COMMIT/FILE` (a link to
+/// its blob) and `refs/main` holding COMMIT. Returns the commit.
+pub fn write_hub_cache_entry(cache: &Path, repo_id: &str, model_dir: &Path) -> Result<String> {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(model_dir)
+        .with_path(model_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut contents = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).with_path(f)?;
+        contents.push((f.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_hex(&bytes), bytes));
+    }
+    // A made-up but deterministic 40-hex commit id.
+    let listing: String = contents.iter().map(|(n, h, _)| format!("{n}:{h}\n")).collect();
+    let commit = sha256_hex(listing.as_bytes())[..40].to_string();
+    let snapshot = repo.join("snapshots").join(&commit);
+    for dir in [repo.join("blobs"), snapshot.clone(), repo.join("refs")] {
+        std::fs::create_dir_all(&dir).with_path(&dir)?;
+    }
+    for (name, hash, bytes) in contents {
+        let blob = repo.join("blobs").join(&hash);
+        atomic_write(&blob, &bytes)?;
+        let link = snapshot.join(&name);
+        let _ = std::fs::remove_file(&link);
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(PathBuf::from("../../blobs").join(&hash), &link).with_path(&link)?;
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, &link).with_path(&link)?;
+    }
+    // Written without a trailing newline, as huggingface_hub writes it.
+    atomic_write(&repo.join("refs").join("main"), commit.as_bytes())?;
+    Ok(commit)
+}
+
+/// Makes every fixture under `out`: tokenizers, `models/NAME` for each of
+/// [`MODEL_NAMES`] and the hub cache `hub/`. Returns the model directories.
 pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
-    let gpt2 = out.join(TINY_GPT2);
-    write_tiny_gpt2(&gpt2, seed)?;
-    Ok(vec![gpt2])
+    let tokenizers = Tokenizers::train(&out.join("tokenizers"), seed)?;
+    let (vocab, eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::Distinct))?;
+    let (wp_vocab, _) = tokenizers.vocab_and_eos(TokenizerKind::WordPiece)?;
+    let (nopad_vocab, nopad_eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::None))?;
+    let mut dirs = Vec::new();
+    for mut spec in specs(vocab, wp_vocab, eos) {
+        if matches!(spec.tokenizer, TokenizerKind::Bpe(PadStyle::None)) {
+            spec.config["vocab_size"] = json!(nopad_vocab);
+            spec.config["bos_token_id"] = json!(nopad_eos);
+            spec.config["eos_token_id"] = json!(nopad_eos);
+        }
+        let dir = out.join("models").join(spec.name);
+        write_model(&dir, &spec, &tokenizers, seed)?;
+        write_hub_cache_entry(&out.join("hub"), &format!("{HUB_ORG}/{}", spec.name), &dir)?;
+        dirs.push(dir);
+    }
+    Ok(dirs)
 }

@@ -4,8 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::models::gpt2::Gpt2;
-use crate::models::{attention_bias, left_pad, position_ids};
+use crate::models::{attention_bias, left_pad, position_ids, CausalLm};
 use crate::{Error, HostRng, Result};
 
 /// How tokens are drawn.
@@ -87,8 +86,10 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut HostRng) -> u32 {
 }
 
 /// Completes each prompt; returns the generated ids without the stop token.
+/// Build `model` from [`crate::models::frozen_builder`] so that no step
+/// records an autograd graph.
 pub fn generate(
-    model: &Gpt2,
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     s: &Sampling,
@@ -100,7 +101,7 @@ pub fn generate(
     if b == 0 || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Msg("every prompt needs at least one token".into()));
     }
-    let limit = model.config.n_positions;
+    let limit = model.max_positions();
     if width + s.max_new_tokens > limit {
         return Err(Error::Msg(format!(
             "the longest prompt ({width} tokens) plus max_new_tokens ({}) exceeds the model's {limit} positions",
@@ -128,7 +129,7 @@ pub fn generate(
             .squeeze(1)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?; // host sync
-                                // 3. Sample each row on the host with the seeded RNG.
+        // 3. Sample each row on the host with the seeded RNG.
         let mut next = vec![pad_id; b];
         for (row, l) in logits.iter().enumerate() {
             if done[row] {

@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod fixtures;
 pub mod generate;
+pub mod hub;
 pub mod metrics;
 pub mod models;
 pub mod plot;

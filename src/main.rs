@@ -58,8 +58,8 @@ struct TrainArgs {
 struct GenerateArgs {
     #[command(flatten)]
     common: Common,
-    /// Model directory in Hugging Face layout (default: the self-made tiny GPT-2,
-    /// written to fixtures/ on first use).
+    /// Model directory in Hugging Face layout or hub id org/name[@revision]
+    /// (default: the self-made tiny GPT-2, written to fixtures/ on first use).
     #[arg(long)]
     model: Option<String>,
     /// A prompt (repeatable; all prompts run as one left-padded batch).
@@ -174,7 +174,8 @@ const DEFAULT_FIXTURES: &str = "fixtures";
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use candle_rlhf::generate::{generate, Sampling};
-    use candle_rlhf::models::gpt2::Gpt2;
+    use candle_rlhf::hub::{resolve_model, HubSettings};
+    use candle_rlhf::models::{frozen_builder, load_dir, CausalLm};
     use candle_rlhf::tokenizer::Tokenizer;
 
     let mut common = args.common.clone();
@@ -204,28 +205,15 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         dir
     } else {
-        PathBuf::from(&cfg.model.name_or_path)
+        resolve_model(&cfg.model.name_or_path, &HubSettings::from_env())?
     };
-    if !model_dir.is_dir() {
-        anyhow::bail!(
-            "{}: not a directory (loading hub ids is not ready yet in this version; pass a local model directory)",
-            model_dir.display()
-        );
-    }
-    let model_type: serde_json::Value =
-        candle_rlhf::checkpoint::read_json(&model_dir.join("config.json"))?;
-    let model_type = model_type["model_type"]
-        .as_str()
-        .unwrap_or("(none)")
-        .to_string();
-    if model_type != "gpt2" {
-        anyhow::bail!(
-            "{}: model_type `{model_type}` is not supported yet (supported: gpt2)",
-            model_dir.join("config.json").display()
-        );
-    }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
-    let (model, _vars) = Gpt2::from_dir(&model_dir, cfg.run.dtype.dtype(), &device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let (arch, vb, vars) = load_dir(&model_dir, dtype, &device)?;
+    CausalLm::load(vb, &arch)?; // reads every weight into `vars`, checking its shape
+    // Sample from detached weights: no step records an autograd graph.
+    let model = CausalLm::load(frozen_builder(&vars, dtype, &device), &arch)?;
+    tracing::info!("{} model from {}", arch.model_type(), model_dir.display());
 
     let mut prompts = args.prompt.clone();
     if let Some(file) = &args.prompts {

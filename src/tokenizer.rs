@@ -1,10 +1,12 @@
 //! Loading a tokenizer and the project's pad/EOS policy.
 //!
 //! Policy: EOS is the tokenizer config's `eos_token` (else config.json's
-//! `eos_token_id`). The pad id is the tokenizer's `pad_token` when it has
-//! one, else EOS (GPT-2 and Pythia ship none). Padding is always described
-//! by an attention mask, never inferred from token ids, so a pad that equals
-//! EOS is harmless.
+//! `eos_token_id`, the first one when it lists several; else, for BERT-style
+//! encoders, `sep_token`). The pad id is the tokenizer's `pad_token` when it
+//! has one, else EOS (GPT-2 and Pythia ship none). Padding is always
+//! described by an attention mask, never inferred from token ids, so a pad
+//! that equals EOS is harmless. Text is encoded with the tokenizer's special
+//! tokens ([CLS] ... [SEP] for BERT, BOS for Llama), as transformers does.
 
 use std::path::Path;
 
@@ -44,11 +46,13 @@ impl Tokenizer {
             _ => serde_json::Value::Null,
         };
         let id_of = |field: &str| token_name(&tok_cfg[field]).and_then(|t| inner.token_to_id(t));
+        let cfg_eos = &model_cfg["eos_token_id"];
         let eos_id = id_of("eos_token")
-            .or_else(|| model_cfg["eos_token_id"].as_u64().map(|v| v as u32))
+            .or_else(|| cfg_eos.as_u64().or(cfg_eos[0].as_u64()).map(|v| v as u32))
+            .or_else(|| id_of("sep_token"))
             .ok_or_else(|| {
                 Error::Msg(format!(
-                    "{}: no eos_token in tokenizer_config.json and no eos_token_id in config.json",
+                    "{}: no eos_token (or sep_token) in tokenizer_config.json and no eos_token_id in config.json",
                     dir.display()
                 ))
             })?;
@@ -63,7 +67,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, true)
             .map_err(|e| Error::Msg(format!("cannot tokenize {text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

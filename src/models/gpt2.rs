@@ -5,12 +5,11 @@
 //! Checkpoints with and without the `transformer.` prefix load; the model
 //! always names its tensors with it, as GPT2LMHeadModel saves them.
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, VarBuilder, VarMap};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::layers::{attention, extend_cache, split_heads, LayerNorm};
 use super::KvCache;
 use crate::{Error, Result};
 
@@ -40,31 +39,6 @@ pub struct Gpt2Config {
     pub eos_token_id: Option<u32>,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
-}
-
-/// LayerNorm through `layer_norm_slow`: candle's fused layer norm has no backward.
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps: eps as f32,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
-    }
 }
 
 /// GPT-2's Conv1D: y = x W + b with W stored [in, out].
@@ -112,29 +86,11 @@ impl Attention {
         bias: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, e) = x.dims3()?;
-        let hd = e / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // (B, T, 3E)
-        let heads = |i: usize| -> Result<Tensor> {
-            // (B, T, E) -> (B, H, T, hd)
-            Ok(qkv
-                .narrow(2, i * e, e)?
-                .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?; // (B, H, past + T, hd)
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.detach(), v.detach()));
-        }
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?; // (B, H, T, L)
-        let scores = scores.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?; // differentiable softmax
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, e))?; // (B, T, E)
+        let e = x.dim(2)?;
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3E): q, then k, then v
+        let heads = |i: usize| split_heads(&qkv.narrow(2, i * e, e)?, self.n_head);
+        let (k, v) = extend_cache(cache, heads(1)?, heads(2)?)?;
+        let y = attention(&heads(0)?, &k, &v, bias)?;
         self.c_proj.forward(&y)
     }
 }
@@ -224,31 +180,13 @@ impl Gpt2 {
         })
     }
 
-    /// Loads config.json and the safetensors weights of `dir` as trainable Vars.
-    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, VarMap)> {
-        let cfg_path = dir.join("config.json");
-        let cfg: Gpt2Config = crate::checkpoint::read_json(&cfg_path)?;
-        // The hub's gpt2 has no prefix; GPT2LMHeadModel checkpoints have `transformer.`.
-        let tensors = super::weights::read_safetensors_dir(dir, device, |name| {
-            if name.starts_with("transformer.") || name.starts_with("lm_head.") {
-                name.to_string()
-            } else {
-                format!("transformer.{name}")
-            }
-        })?;
-        let (vb, varmap) = super::weights::checkpoint_builder(tensors, dir, dtype, device);
-        let model = Self::load(vb, &cfg)?;
-        Ok((model, varmap))
-    }
-
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.lm_head.dtype()
     }
 
-    /// A cache with one empty slot per layer.
-    pub fn new_cache(&self) -> KvCache {
-        vec![None; self.blocks.len()]
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Final hidden states (B, T, E) of `ids` (B, T) at `positions` (B, T),
@@ -271,10 +209,6 @@ impl Gpt2 {
 
     /// Logits (B, T, V) of hidden states (B, T, E).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let (b, t, e) = hidden.dims3()?;
-        Ok(hidden
-            .reshape((b * t, e))?
-            .matmul(&self.lm_head.t()?)?
-            .reshape((b, t, ()))?)
+        super::project(hidden, &self.lm_head)
     }
 }

@@ -2,15 +2,235 @@
 //! (no fused softmax / layer-norm / rope, which drop gradients in Candle),
 //! and tensor names equal Hugging Face's so checkpoints are interchangeable.
 
+pub mod bert;
+pub mod distilbert;
 pub mod gpt2;
+pub mod gpt_neox;
+pub mod hf_config;
+pub mod layers;
+pub mod llama;
 pub mod weights;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
 
-use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+pub use hf_config::{ArchConfig, SUPPORTED_MODEL_TYPES};
+
+use crate::{Error, Result};
 
 /// Keys and values of every layer, detached: a cache never holds an autograd graph.
 pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
+
+/// A causal language model: GPT-2, the Llama family or GPT-NeoX.
+pub enum CausalLm {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+    GptNeoX(gpt_neox::GptNeoX),
+}
+
+impl CausalLm {
+    /// Builds the model of `cfg` from `vb` at the checkpoint root.
+    pub fn load(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+        Ok(match cfg {
+            ArchConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::load(vb, c)?),
+            ArchConfig::Llama(c) => Self::Llama(llama::Llama::load(vb, c)?),
+            ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load(vb, c)?),
+            other => {
+                return Err(Error::Msg(format!(
+                    "model_type `{}` is an encoder, not a causal LM (causal LMs: gpt2, llama, mistral, qwen2, gpt_neox)",
+                    other.model_type()
+                )))
+            }
+        })
+    }
+
+    /// Final hidden states (B, T, E) of `ids` (B, T) at position ids
+    /// `positions` (B, T), with `bias` from [`attention_bias`]. With a cache,
+    /// the new keys and values are appended to it (detached) and the queries
+    /// attend over everything cached.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Gpt2(m) => m.forward(ids, positions, bias, cache),
+            Self::Llama(m) => m.forward(ids, positions, bias, cache),
+            Self::GptNeoX(m) => m.forward(ids, positions, bias, cache),
+        }
+    }
+
+    /// Logits (B, T, V) of hidden states (B, T, E).
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gpt2(m) => m.lm_logits(hidden),
+            Self::Llama(m) => m.lm_logits(hidden),
+            Self::GptNeoX(m) => m.lm_logits(hidden),
+        }
+    }
+
+    /// A cache with one empty slot per layer.
+    pub fn new_cache(&self) -> KvCache {
+        let layers = match self {
+            Self::Gpt2(m) => m.num_layers(),
+            Self::Llama(m) => m.num_layers(),
+            Self::GptNeoX(m) => m.num_layers(),
+        };
+        vec![None; layers]
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Gpt2(m) => m.dtype(),
+            Self::Llama(m) => m.dtype(),
+            Self::GptNeoX(m) => m.dtype(),
+        }
+    }
+
+    /// The longest sequence the model takes.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Gpt2(m) => m.config.n_positions,
+            Self::Llama(m) => m.config.max_position_embeddings,
+            Self::GptNeoX(m) => m.config.max_position_embeddings,
+        }
+    }
+}
+
+/// An encoder: BERT or DistilBERT.
+pub enum Encoder {
+    Bert(bert::Bert),
+    DistilBert(distilbert::DistilBert),
+}
+
+impl Encoder {
+    /// Last hidden states (B, T, E) with a key-padding `bias` from [`encoder_attention_bias`].
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Bert(m) => m.forward(ids, positions, bias),
+            Self::DistilBert(m) => m.forward(ids, positions, bias),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Bert(m) => m.dtype(),
+            Self::DistilBert(m) => m.dtype(),
+        }
+    }
+}
+
+/// Any supported model, as the trunk under a head: hidden states at every position.
+pub enum Backbone {
+    Causal(CausalLm),
+    Encoder(Encoder),
+}
+
+impl Backbone {
+    /// Builds the model of `cfg` from `vb` at the checkpoint root.
+    pub fn load(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+        Ok(match cfg {
+            ArchConfig::Bert(c) => Self::Encoder(Encoder::Bert(bert::Bert::load(vb, c)?)),
+            ArchConfig::DistilBert(c) => {
+                Self::Encoder(Encoder::DistilBert(distilbert::DistilBert::load(vb, c)?))
+            }
+            causal => Self::Causal(CausalLm::load(vb, causal)?),
+        })
+    }
+
+    /// Last hidden states (B, T, E) of `ids` (B, T) under `mask` (B rows of
+    /// T, 1 real / 0 pad; left or right padding), positions cumsum(mask) - mask.
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if mask.len() != b || mask.iter().any(|r| r.len() != t) {
+            return Err(Error::Msg(format!(
+                "attention mask is not {b} x {t} like the input ids"
+            )));
+        }
+        let device = ids.device();
+        let positions = Tensor::from_vec(position_ids(mask).concat(), (b, t), device)?;
+        match self {
+            Self::Causal(m) => {
+                let bias = attention_bias(mask, t, m.dtype(), device)?;
+                m.forward(ids, &positions, &bias, None)
+            }
+            Self::Encoder(m) => {
+                let bias = encoder_attention_bias(mask, m.dtype(), device)?;
+                m.forward(ids, &positions, &bias)
+            }
+        }
+    }
+
+    /// The causal LM, if this is one.
+    pub fn causal(&self) -> Option<&CausalLm> {
+        match self {
+            Self::Causal(m) => Some(m),
+            Self::Encoder(_) => None,
+        }
+    }
+}
+
+/// Reads a model directory's config.json and safetensors weights (tensor
+/// names made canonical, see [`ArchConfig::canonical_name`]) into a
+/// VarBuilder whose tensors become trainable Vars of the returned map,
+/// converted to `dtype` whatever dtype the files store.
+pub fn load_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ArchConfig, VarBuilder<'static>, VarMap)> {
+    let cfg = ArchConfig::load(&dir.join("config.json"))?;
+    let tensors = weights::read_safetensors_dir(dir, device, |n| cfg.canonical_name(n))?;
+    let (vb, varmap) = weights::checkpoint_builder(tensors, dir, dtype, device);
+    Ok((cfg, vb, varmap))
+}
+
+/// A VarBuilder over detached copies of `varmap`'s Vars (same storage, no
+/// gradient tracking): a model built from it (rollouts, a frozen reference)
+/// records no autograd graph yet sees every optimizer update.
+pub fn frozen_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let tensors: HashMap<String, Tensor> = weights::named_tensors(varmap)
+        .into_iter()
+        .map(|(name, t)| (name, t.detach()))
+        .collect();
+    VarBuilder::from_tensors(tensors, dtype, device)
+}
+
+/// hidden (B, T, E) times weight^T (V, E): logits (B, T, V).
+pub(crate) fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, t, e) = hidden.dims3()?;
+    Ok(hidden
+        .reshape((b * t, e))?
+        .matmul(&weight.t()?)?
+        .reshape((b, t, ()))?)
+}
+
+/// The additive attention mask of an encoder: 0 for real keys, a large
+/// finite negative for pad keys (a row of -inf would give NaN). Shape (B, 1, 1, T).
+pub fn encoder_attention_bias(mask: &[Vec<u8>], dtype: DType, device: &Device) -> Result<Tensor> {
+    let (b, t) = (mask.len(), mask.first().map_or(0, Vec::len));
+    let blocked = blocked_value(dtype);
+    let data: Vec<f32> = mask
+        .iter()
+        .flat_map(|row| row.iter().map(|&m| if m == 1 { 0.0 } else { blocked }))
+        .collect();
+    Ok(Tensor::from_vec(data, (b, 1, 1, t), device)?.to_dtype(dtype)?)
+}
+
+/// A finite "minus infinity" that survives the dtype.
+fn blocked_value(dtype: DType) -> f32 {
+    if dtype == DType::F16 {
+        -6.0e4
+    } else {
+        -1.0e9
+    }
+}
 
 /// The additive attention mask for `queries` new positions over `mask.len()`
 /// keys per row: 0 where key j is a real token at or before the query, a
@@ -25,7 +245,7 @@ pub fn attention_bias(
 ) -> Result<Tensor> {
     let b = mask.len();
     let keys = mask.first().map_or(0, Vec::len);
-    let blocked = if dtype == DType::F16 { -6.0e4 } else { -1.0e9 };
+    let blocked = blocked_value(dtype);
     let mut data = Vec::with_capacity(b * queries * keys);
     for row in mask {
         for i in 0..queries {

@@ -183,11 +183,17 @@ pub fn checkpoint_builder(
     )
 }
 
-/// A VarBuilder that draws each requested tensor from `HostRng::new(seed)`.
-pub fn random_builder(seed: u64, dtype: DType, device: &Device) -> (VarBuilder<'static>, VarMap) {
+/// A VarBuilder that draws each requested tensor from the RNG stream
+/// (`seed`, `purpose`), so that two models drawn for different purposes differ.
+pub fn random_builder(
+    seed: u64,
+    purpose: &str,
+    dtype: DType,
+    device: &Device,
+) -> (VarBuilder<'static>, VarMap) {
     let varmap = VarMap::new();
     let backend = RandomBackend {
-        rng: Mutex::new(HostRng::stream(seed, "init")),
+        rng: Mutex::new(HostRng::stream(seed, &format!("init/{purpose}"))),
         varmap: varmap.clone(),
     };
     (

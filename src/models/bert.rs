@@ -1,0 +1,149 @@
+//! BERT (Devlin et al., 2019) as transformers' `modeling_bert.py` computes
+//! BertModel without its pooler: word + position + token-type embeddings,
+//! post-norm encoder layers. Token types are all 0 (single segment); the
+//! reward head (pooler + classifier) sits on top, in the reward trainer.
+//!
+//! Positions come from the attention mask (cumsum(mask) - mask), which for
+//! the usual right padding equals transformers' arange.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::layers::{attention, split_heads, Activation, LayerNorm, Linear};
+use crate::{Error, Result};
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_positions() -> usize {
+    512
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+/// The fields of a BERT config.json the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+}
+
+/// A post-norm encoder layer, BERT's and DistilBERT's alike (they differ in
+/// tensor names only): a = LN(x + attn(x)); out = LN(a + ffn(a)).
+pub(crate) struct EncoderLayer {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub attention_output: Linear,
+    pub attention_norm: LayerNorm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub output_norm: LayerNorm,
+}
+
+impl EncoderLayer {
+    pub fn forward(&self, x: &Tensor, bias: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
+        let q = split_heads(&self.query.forward(x)?, heads)?;
+        let k = split_heads(&self.key.forward(x)?, heads)?;
+        let v = split_heads(&self.value.forward(x)?, heads)?;
+        let a = self.attention_output.forward(&attention(&q, &k, &v, bias)?)?;
+        let a = self.attention_norm.forward(&(a + x)?)?;
+        let f = self.output.forward(&act.forward(&self.intermediate.forward(&a)?)?)?;
+        self.output_norm.forward(&(f + a)?)
+    }
+}
+
+/// BertModel (no pooler).
+pub struct Bert {
+    pub config: BertConfig,
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_row: Tensor,
+    embeddings_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    act: Activation,
+}
+
+impl Bert {
+    /// Builds the model from `vb` at the checkpoint root (`bert.*`).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let (e, h, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size);
+        if h == 0 || !e.is_multiple_of(h) {
+            return Err(Error::Msg(format!(
+                "config.json: hidden_size {e} is not divisible by num_attention_heads {h}"
+            )));
+        }
+        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
+            Error::Msg(format!("config.json: hidden_act `{}` is not supported", cfg.hidden_act))
+        })?;
+        let eps = cfg.layer_norm_eps;
+        let m = vb.pp("bert");
+        let emb = m.pp("embeddings");
+        let token_types = emb.get((cfg.type_vocab_size, e), "token_type_embeddings.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|n| {
+                let l = m.pp(format!("encoder.layer.{n}"));
+                Ok(EncoderLayer {
+                    query: Linear::load(l.pp("attention.self.query"), e, e, true)?,
+                    key: Linear::load(l.pp("attention.self.key"), e, e, true)?,
+                    value: Linear::load(l.pp("attention.self.value"), e, e, true)?,
+                    attention_output: Linear::load(l.pp("attention.output.dense"), e, e, true)?,
+                    attention_norm: LayerNorm::load(l.pp("attention.output.LayerNorm"), e, eps)?,
+                    intermediate: Linear::load(l.pp("intermediate.dense"), e, i, true)?,
+                    output: Linear::load(l.pp("output.dense"), i, e, true)?,
+                    output_norm: LayerNorm::load(l.pp("output.LayerNorm"), e, eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: cfg.clone(),
+            word_embeddings: Embedding::new(emb.get((cfg.vocab_size, e), "word_embeddings.weight")?, e),
+            position_embeddings: Embedding::new(
+                emb.get((cfg.max_position_embeddings, e), "position_embeddings.weight")?,
+                e,
+            ),
+            token_type_row: token_types.narrow(0, 0, 1)?,
+            embeddings_norm: LayerNorm::load(emb.pp("LayerNorm"), e, eps)?,
+            layers,
+            act,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.token_type_row.dtype()
+    }
+
+    /// Last hidden states (B, T, E) of `ids` (B, T) at `positions`, with a
+    /// key-padding `bias` from [`super::encoder_attention_bias`].
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let heads = self.config.num_attention_heads;
+        let x = (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?
+            .broadcast_add(&self.token_type_row)?;
+        let mut x = self.embeddings_norm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, bias, heads, self.act)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,103 @@
+//! DistilBERT (Sanh et al., 2019) as transformers' `modeling_distilbert.py`
+//! computes DistilBertModel: word + position embeddings (no token types),
+//! post-norm layers with LayerNorm eps 1e-12. The seeds' reward model is a
+//! DistilBERT read at its [CLS] token.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::bert::EncoderLayer;
+use super::layers::{Activation, LayerNorm, Linear};
+use crate::{Error, Result};
+
+/// transformers hard-codes this epsilon for every DistilBERT LayerNorm.
+const EPS: f64 = 1e-12;
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_positions() -> usize {
+    512
+}
+
+/// The fields of a DistilBERT config.json the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DistilBertConfig {
+    pub vocab_size: usize,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub hidden_dim: usize,
+    #[serde(default = "default_act")]
+    pub activation: String,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+}
+
+/// DistilBertModel.
+pub struct DistilBert {
+    pub config: DistilBertConfig,
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    act: Activation,
+}
+
+impl DistilBert {
+    /// Builds the model from `vb` at the checkpoint root (`distilbert.*`).
+    pub fn load(vb: VarBuilder, cfg: &DistilBertConfig) -> Result<Self> {
+        let (e, h, i) = (cfg.dim, cfg.n_heads, cfg.hidden_dim);
+        if h == 0 || !e.is_multiple_of(h) {
+            return Err(Error::Msg(format!(
+                "config.json: dim {e} is not divisible by n_heads {h}"
+            )));
+        }
+        let act = Activation::parse(&cfg.activation).ok_or_else(|| {
+            Error::Msg(format!("config.json: activation `{}` is not supported", cfg.activation))
+        })?;
+        let m = vb.pp("distilbert");
+        let emb = m.pp("embeddings");
+        let layers = (0..cfg.n_layers)
+            .map(|n| {
+                let l = m.pp(format!("transformer.layer.{n}"));
+                Ok(EncoderLayer {
+                    query: Linear::load(l.pp("attention.q_lin"), e, e, true)?,
+                    key: Linear::load(l.pp("attention.k_lin"), e, e, true)?,
+                    value: Linear::load(l.pp("attention.v_lin"), e, e, true)?,
+                    attention_output: Linear::load(l.pp("attention.out_lin"), e, e, true)?,
+                    attention_norm: LayerNorm::load(l.pp("sa_layer_norm"), e, EPS)?,
+                    intermediate: Linear::load(l.pp("ffn.lin1"), e, i, true)?,
+                    output: Linear::load(l.pp("ffn.lin2"), i, e, true)?,
+                    output_norm: LayerNorm::load(l.pp("output_layer_norm"), e, EPS)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let word = emb.get((cfg.vocab_size, e), "word_embeddings.weight")?;
+        let pos = emb.get((cfg.max_position_embeddings, e), "position_embeddings.weight")?;
+        Ok(Self {
+            config: cfg.clone(),
+            word_embeddings: Embedding::new(word, e),
+            position_embeddings: Embedding::new(pos, e),
+            embeddings_norm: LayerNorm::load(emb.pp("LayerNorm"), e, EPS)?,
+            layers,
+            act,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.word_embeddings.embeddings().dtype()
+    }
+
+    /// Last hidden states (B, T, E); see [`super::bert::Bert::forward`].
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let heads = self.config.n_heads;
+        let x = (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?;
+        let mut x = self.embeddings_norm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, bias, heads, self.act)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,188 @@
+//! GPT-NeoX / Pythia as transformers' `modeling_gpt_neox.py` computes it:
+//! one fused `query_key_value` projection interleaved per head
+//! ([q_h, k_h, v_h] for each head h), rotary positions on the first
+//! `partial_rotary_factor` (rotary_pct) of each head, and with
+//! `use_parallel_residual` the attention and MLP read the same input:
+//! x + attn(ln1(x)) + mlp(ln2(x)).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::hf_config::RopeConfig;
+use super::layers::{attention, extend_cache, Activation, LayerNorm, Linear, Rotary};
+use super::KvCache;
+use crate::{Error, Result};
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The fields of a GPT-NeoX config.json the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptNeoXConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub use_parallel_residual: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_true")]
+    pub attention_bias: bool,
+    #[serde(skip)]
+    pub rope: RopeConfig,
+}
+
+struct Layer {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    query_key_value: Linear,
+    dense: Linear,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+/// GPTNeoXForCausalLM.
+pub struct GptNeoX {
+    pub config: GptNeoXConfig,
+    embed_in: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    embed_out: Tensor,
+    rotary: Rotary,
+    act: Activation,
+}
+
+impl GptNeoX {
+    /// Builds the model from `vb` at the checkpoint root (`gpt_neox.*`, `embed_out.weight`).
+    pub fn load(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
+        let (e, h) = (cfg.hidden_size, cfg.num_attention_heads);
+        if h == 0 || !e.is_multiple_of(h) {
+            return Err(Error::Msg(format!(
+                "config.json: hidden_size {e} is not divisible by num_attention_heads {h}"
+            )));
+        }
+        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
+            Error::Msg(format!(
+                "config.json: hidden_act `{}` is not supported",
+                cfg.hidden_act
+            ))
+        })?;
+        let (i, eps, bias) = (cfg.intermediate_size, cfg.layer_norm_eps, cfg.attention_bias);
+        let m = vb.pp("gpt_neox");
+        let embed = m.get((cfg.vocab_size, e), "embed_in.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|n| {
+                let l = m.pp(format!("layers.{n}"));
+                Ok(Layer {
+                    input_layernorm: LayerNorm::load(l.pp("input_layernorm"), e, eps)?,
+                    post_attention_layernorm: LayerNorm::load(
+                        l.pp("post_attention_layernorm"),
+                        e,
+                        eps,
+                    )?,
+                    query_key_value: Linear::load(l.pp("attention.query_key_value"), e, 3 * e, bias)?,
+                    dense: Linear::load(l.pp("attention.dense"), e, e, bias)?,
+                    dense_h_to_4h: Linear::load(l.pp("mlp.dense_h_to_4h"), e, i, true)?,
+                    dense_4h_to_h: Linear::load(l.pp("mlp.dense_4h_to_h"), i, e, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::load(m.pp("final_layer_norm"), e, eps)?;
+        let embed_out = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, e), "embed_out.weight")?
+        };
+        let rotary_dim = ((e / h) as f64 * cfg.rope.partial_rotary_factor) as usize;
+        Ok(Self {
+            config: cfg.clone(),
+            embed_in: Embedding::new(embed, e),
+            layers,
+            final_layer_norm,
+            embed_out,
+            rotary: Rotary::new(rotary_dim, cfg.rope.theta, &cfg.rope.scaling)?,
+            act,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_out.dtype()
+    }
+
+    fn attend(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos_sin: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let hd = e / heads;
+        // (B, T, H, 3 * hd) -> (B, H, T, 3 * hd): q, k, v sit side by side per head.
+        let qkv = layer
+            .query_key_value
+            .forward(x)?
+            .reshape((b, t, heads, 3 * hd))?
+            .transpose(1, 2)?;
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.contiguous()?) };
+        let (cos, sin) = cos_sin;
+        let q = self.rotary.apply(&part(0)?, cos, sin)?;
+        let k = self.rotary.apply(&part(1)?, cos, sin)?;
+        let (k, v) = extend_cache(cache, k, part(2)?)?;
+        layer.dense.forward(&attention(&q, &k, &v, bias)?)
+    }
+
+    /// Final hidden states (B, T, E); see [`super::CausalLm::forward`].
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed_in.forward(ids)?;
+        let (cos, sin) = self.rotary.cos_sin(positions, x.dtype())?;
+        for (n, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c[n]);
+            let attn = self.attend(layer, &layer.input_layernorm.forward(&x)?, (&cos, &sin), bias, slot)?;
+            let mlp = |h: &Tensor| -> Result<Tensor> {
+                let h = self.act.forward(&layer.dense_h_to_4h.forward(h)?)?;
+                layer.dense_4h_to_h.forward(&h)
+            };
+            x = if self.config.use_parallel_residual {
+                let m = mlp(&layer.post_attention_layernorm.forward(&x)?)?;
+                ((x + attn)? + m)?
+            } else {
+                let x = (x + attn)?;
+                let m = mlp(&layer.post_attention_layernorm.forward(&x)?)?;
+                (x + m)?
+            };
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        super::project(hidden, &self.embed_out)
+    }
+}

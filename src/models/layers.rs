@@ -1,0 +1,359 @@
+//! Building blocks shared by the architectures, each with a backward pass
+//! (candle's fused layer_norm / rms_norm / softmax / rope record none).
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::{Error, Result};
+
+/// LayerNorm through `layer_norm_slow`.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm_slow(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// RMSNorm as transformers' LlamaRMSNorm: normalized in f32, cast back, then scaled.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// y = x W^T + b with W stored [out, in] (torch's nn.Linear), on (B, T, in).
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((d_out, d_in), "weight")?,
+            bias: if bias {
+                Some(vb.get(d_out, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let y = x.reshape((b * t, d_in))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok(y.reshape((b, t, ()))?)
+    }
+}
+
+/// The activations of the supported configs, by their transformers names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// "gelu": the exact, erf-based GELU.
+    Gelu,
+    /// "gelu_new", "gelu_pytorch_tanh", "gelu_fast": the tanh approximation.
+    GeluTanh,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    /// Parses a `hidden_act` / `activation` value of config.json.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "silu" | "swish" => Self::Silu,
+            "relu" => Self::Relu,
+            _ => return None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+            Self::Silu => x.silu()?,
+            Self::Relu => x.relu()?,
+        })
+    }
+}
+
+/// Scaled dot-product attention with an additive bias, as matmul + softmax so
+/// that it has a backward. q (B, H, T, d), k and v (B, Hkv, L, d) with H a
+/// multiple of Hkv (grouped-query attention repeats each key/value head),
+/// bias broadcastable to (B, H, T, L). Returns (B, T, H * d).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let (k, v) = if kv_heads == h {
+        (k.clone(), v.clone())
+    } else {
+        (repeat_kv(k, h / kv_heads)?, repeat_kv(v, h / kv_heads)?)
+    };
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// (B, Hkv, L, d) -> (B, Hkv * n, L, d), each head repeated n times in place
+/// (transformers' repeat_kv).
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, kv, l, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n, l, d))?
+        .reshape((b, kv * n, l, d))?)
+}
+
+/// Splits (B, T, H * d) into heads (B, H, T, d).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, ()))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// Appends new keys and values to a layer's cache slot (detached, so the cache
+/// holds no graph) and returns the full keys and values to attend over.
+pub fn extend_cache(
+    slot: Option<&mut Option<(Tensor, Tensor)>>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let Some(slot) = slot else {
+        return Ok((k, v));
+    };
+    let (k, v) = match slot.as_ref() {
+        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+        None => (k, v),
+    };
+    *slot = Some((k.detach(), v.detach()));
+    Ok((k, v))
+}
+
+/// How rotary frequencies are scaled (config.json's rope_scaling / rope_parameters).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Rotary position embedding (Su et al., 2021) in transformers' "rotate half"
+/// layout, applied to the first `rotary_dim` features of each head (GPT-NeoX
+/// rotates a fraction, Llama all). cos/sin are computed per (row, position)
+/// from the position ids, so left-padded rows rotate by their own positions.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    rotary_dim: usize,
+}
+
+impl Rotary {
+    pub fn new(rotary_dim: usize, theta: f64, scaling: &RopeScaling) -> Result<Self> {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(Error::Msg(format!(
+                "config.json: the rotary dimension {rotary_dim} must be even and positive"
+            )));
+        }
+        // transformers computes inv_freq in f32: 1 / theta^(2i / dim).
+        let base: Vec<f64> = (0..rotary_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64))
+            .collect();
+        let inv_freq = match *scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_ctx,
+            } => {
+                let low_wavelen = old_ctx / low_freq_factor;
+                let high_wavelen = old_ctx / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f // high frequencies kept
+                        } else if wavelen > low_wavelen {
+                            f / factor // low frequencies scaled
+                        } else {
+                            // in between: interpolate smoothly
+                            let smooth = (old_ctx / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Ok(Self {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            rotary_dim,
+        })
+    }
+
+    /// cos and sin (B, 1, T, rotary_dim) for position ids (B, T), in `dtype`.
+    pub fn cos_sin(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let dev = positions.device();
+        let half = self.inv_freq.len();
+        let inv = Tensor::from_slice(&self.inv_freq, (1, 1, half), dev)?;
+        let freqs = positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .broadcast_mul(&inv)?; // (B, T, half), f32 as in transformers
+        let emb = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Rotates the first rotary_dim features of x (B, H, T, d).
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(3)?;
+        let r = self.rotary_dim;
+        let (rot, pass) = (x.narrow(3, 0, r)?, x.narrow(3, r, d - r)?);
+        let half = r / 2;
+        let rotated_half = Tensor::cat(
+            &[&rot.narrow(3, half, half)?.neg()?, &rot.narrow(3, 0, half)?],
+            3,
+        )?;
+        let out = (rot.broadcast_mul(cos)? + rotated_half.broadcast_mul(sin)?)?;
+        if r == d {
+            Ok(out)
+        } else {
+            Ok(Tensor::cat(&[&out, &pass], 3)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rotary_at_position_zero_is_identity_and_preserves_norm() {
+        let dev = Device::Cpu;
+        let rot = Rotary::new(4, 10_000.0, &RopeScaling::Default).unwrap();
+        let x = Tensor::new(&[1f32, 2., 3., 4., 5., 6.], &dev)
+            .unwrap()
+            .reshape((1, 1, 1, 6))
+            .unwrap();
+        let pos0 = Tensor::new(&[[0u32]], &dev).unwrap();
+        let (c, s) = rot.cos_sin(&pos0, DType::F32).unwrap();
+        let y = rot.apply(&x, &c, &s).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1., 2., 3., 4., 5., 6.]
+        );
+        // At position 1 the first pair (x0, x2) turns by 1 radian, the second
+        // (x1, x3) by 1/100 radian; the unrotated tail (x4, x5) is untouched.
+        let pos1 = Tensor::new(&[[1u32]], &dev).unwrap();
+        let (c, s) = rot.cos_sin(&pos1, DType::F32).unwrap();
+        let y = rot
+            .apply(&x, &c, &s)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (c1, s1) = (1f32.cos(), 1f32.sin());
+        let (c2, s2) = (0.01f32.cos(), 0.01f32.sin());
+        let want = [
+            1. * c1 - 3. * s1,
+            2. * c2 - 4. * s2,
+            3. * c1 + 1. * s1,
+            4. * c2 + 2. * s2,
+            5.,
+            6.,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        // Frequencies of dim 8, theta 10000: 1, 0.1, 0.01, 0.001 (wavelengths
+        // 6.3, 63, 628, 6283). Context 64, low factor 1, high factor 4:
+        // wavelength < 16 kept, > 64 divided by 8, in between smoothed.
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        };
+        let r = Rotary::new(8, 10_000.0, &scaling).unwrap();
+        let wavelen = 2.0 * std::f64::consts::PI / 0.1;
+        let smooth = (64.0 / wavelen - 1.0) / 3.0;
+        let mid = (1.0 - smooth) * 0.1 / 8.0 + smooth * 0.1;
+        let want = [1.0, mid, 0.01 / 8.0, 0.001 / 8.0];
+        for (a, b) in r.inv_freq.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-7 * b.max(1e-3), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_formula() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let n = RmsNorm { weight: w, eps: 0.0 };
+        let x = Tensor::new(&[[[3f32, 4.0]]], &dev).unwrap();
+        let y = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let rms = (12.5f32).sqrt();
+        assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn grouped_query_attention_repeats_each_kv_head() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((1, 2, 2, 2)).unwrap();
+        let r = repeat_kv(&x, 2).unwrap();
+        assert_eq!(r.dims(), &[1, 4, 2, 2]);
+        let v = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, vec![0., 1., 2., 3., 0., 1., 2., 3., 4., 5., 6., 7., 4., 5., 6., 7.]);
+    }
+}

@@ -1,0 +1,268 @@
+//! The Llama family as transformers' `modeling_llama.py` computes it:
+//! Llama 2/3, Mistral, SmolLM/TinyLlama and Qwen2/Qwen2.5. Pre-norm blocks
+//! with RMSNorm, rotary positions (default, linear or llama3 scaling),
+//! grouped-query attention, SwiGLU MLP, tied or untied LM head. Qwen2 adds
+//! biases to q/k/v; Llama's `attention_bias` adds them to q/k/v/o.
+//!
+//! Mistral's sliding window is not applied: for sequences shorter than the
+//! window (4096 in Mistral 7B) it changes nothing.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::hf_config::RopeConfig;
+use super::layers::{attention, extend_cache, split_heads, Activation, Linear, RmsNorm, Rotary};
+use super::KvCache;
+use crate::{Error, Result};
+
+/// Which member of the family; decides the attention biases.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum LlamaFlavor {
+    #[default]
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl LlamaFlavor {
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+/// The fields of a Llama/Mistral/Qwen2 config.json the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention; absent means one key/value head per query head.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Explicit per-head size; absent means hidden_size / num_attention_heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama: biases on q, k, v and o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Llama: biases in the MLP.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(skip)]
+    pub flavor: LlamaFlavor,
+    #[serde(skip)]
+    pub rope: RopeConfig,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn validate(&self) -> Result<()> {
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h == 0 || kv == 0 || !h.is_multiple_of(kv) {
+            return Err(Error::Msg(format!(
+                "config.json: num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"
+            )));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
+            return Err(Error::Msg(format!(
+                "config.json: hidden_size {} is not divisible by num_attention_heads {h} (and no head_dim)",
+                self.hidden_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        let (e, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.kv_heads());
+        let qkv_bias = cfg.attention_bias || cfg.flavor == LlamaFlavor::Qwen2;
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), e, heads * hd, qkv_bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), e, kv_heads * hd, qkv_bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), e, kv_heads * hd, qkv_bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), heads * hd, e, cfg.attention_bias)?,
+            heads,
+            kv_heads,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Rotary, &Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (rotary, cos, sin) = rope;
+        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;
+        let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?;
+        let (q, k) = (rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?);
+        let (k, v) = extend_cache(cache, k, v)?;
+        self.o_proj.forward(&attention(&q, &k, &v, bias)?)
+    }
+}
+
+/// SwiGLU: down(act(gate(x)) * up(x)).
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, act: Activation) -> Result<Self> {
+        let (e, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), e, i, b)?,
+            up_proj: Linear::load(vb.pp("up_proj"), e, i, b)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, e, b)?,
+            act,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM).
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rotary: Rotary,
+}
+
+impl Llama {
+    /// Builds the model from `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
+            Error::Msg(format!(
+                "config.json: hidden_act `{}` is not supported",
+                cfg.hidden_act
+            ))
+        })?;
+        let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let m = vb.pp("model");
+        let embed = m.get((cfg.vocab_size, e), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(Layer {
+                    input_layernorm: RmsNorm::load(l.pp("input_layernorm"), e, eps)?,
+                    self_attn: Attention::load(l.pp("self_attn"), cfg)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        l.pp("post_attention_layernorm"),
+                        e,
+                        eps,
+                    )?,
+                    mlp: Mlp::load(l.pp("mlp"), cfg, act)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), e, eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, e), "lm_head.weight")?
+        };
+        let rotary_dim = (cfg.head_dim() as f64 * cfg.rope.partial_rotary_factor) as usize;
+        Ok(Self {
+            config: cfg.clone(),
+            embed_tokens: Embedding::new(embed, e),
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(rotary_dim, cfg.rope.theta, &cfg.rope.scaling)?,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.lm_head.dtype()
+    }
+
+    /// Final hidden states (B, T, E); see [`super::CausalLm::forward`].
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed_tokens.forward(ids)?;
+        let (cos, sin) = self.rotary.cos_sin(positions, x.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c[i]);
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, (&self.rotary, &cos, &sin), bias, slot)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        super::project(hidden, &self.lm_head)
+    }
+}
