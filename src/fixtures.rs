@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -129,11 +129,20 @@ pub enum PadStyle {
 }
 
 fn tokenizer_error(path: &Path) -> impl Fn(tokenizers::Error) -> Error + '_ {
-    move |e| Error::Msg(format!("{}: tokenizer training failed: {e}", path.display()))
+    move |e| {
+        Error::Msg(format!(
+            "{}: tokenizer training failed: {e}",
+            path.display()
+        ))
+    }
 }
 
 /// Writes the corpus next to `path` for the trainers, which read files.
-fn with_corpus_file<T>(corpus: &[String], path: &Path, f: impl FnOnce(String) -> Result<T>) -> Result<T> {
+fn with_corpus_file<T>(
+    corpus: &[String],
+    path: &Path,
+    f: impl FnOnce(String) -> Result<T>,
+) -> Result<T> {
     let tmp = path.with_extension("corpus.txt");
     std::fs::write(&tmp, corpus.join("\n")).with_path(&tmp)?;
     let out = f(tmp.to_string_lossy().into_owned());
@@ -143,7 +152,12 @@ fn with_corpus_file<T>(corpus: &[String], path: &Path, f: impl FnOnce(String) ->
 
 /// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on `corpus`
 /// and writes it to `path` (tokenizer.json); `<pad>` exists unless `pad` is None.
-pub fn train_bpe_tokenizer(corpus: &[String], vocab_size: usize, pad: PadStyle, path: &Path) -> Result<()> {
+pub fn train_bpe_tokenizer(
+    corpus: &[String],
+    vocab_size: usize,
+    pad: PadStyle,
+    path: &Path,
+) -> Result<()> {
     let fail = tokenizer_error(path);
     let mut special = vec![AddedToken::from(EOS_TOKEN, true)];
     if pad == PadStyle::Distinct {
@@ -172,23 +186,59 @@ pub fn train_bpe_tokenizer(corpus: &[String], vocab_size: usize, pad: PadStyle, 
     .build()
     .map_err(&fail)?;
     with_corpus_file(corpus, path, |file| {
-        tokenizer.train_from_files(&mut trainer, vec![file]).map_err(&fail)?;
+        tokenizer
+            .train_from_files(&mut trainer, vec![file])
+            .map_err(&fail)?;
         Ok(())
     })?;
     tokenizer.save(path, true).map_err(fail)
 }
 
-/// Trains a lower-casing WordPiece tokenizer (BERT's pipeline: [CLS] text [SEP],
-/// specials [PAD]=0 [UNK] [CLS] [SEP] [MASK]) and writes it to `path`.
-pub fn train_wordpiece_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<()> {
+/// Builds a lower-casing WordPiece tokenizer from `corpus` (BERT's pipeline:
+/// [CLS] text [SEP]; specials [PAD]=0 [UNK] [CLS] [SEP] [MASK]) and writes it
+/// to `path`. Its vocabulary is every character, alone and as a `##`
+/// continuation, then the corpus's words by frequency: deterministic, unlike
+/// the crate's WordPiece trainer, whose ties follow hash order.
+pub fn build_wordpiece_tokenizer(corpus: &[String], vocab_size: usize, path: &Path) -> Result<()> {
     let fail = tokenizer_error(path);
     let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
-    let mut trainer = WordPieceTrainer::builder()
-        .show_progress(false)
-        .vocab_size(vocab_size)
-        .min_frequency(0)
-        .special_tokens(specials.iter().map(|t| AddedToken::from(*t, true)).collect())
-        .build();
+    let normalizer = BertNormalizer::new(true, true, None, true);
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut chars: std::collections::BTreeSet<char> = Default::default();
+    for line in corpus {
+        // BertPreTokenizer: split on whitespace and punctuation.
+        for word in line
+            .to_lowercase()
+            .split(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+            .filter(|w| !w.is_empty())
+        {
+            *counts.entry(word.to_string()).or_default() += 1;
+        }
+        chars.extend(line.to_lowercase().chars().filter(|c| !c.is_whitespace()));
+    }
+    let mut words: Vec<(String, usize)> = counts.into_iter().collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut tokens: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
+    tokens.extend(chars.iter().map(|c| c.to_string()));
+    tokens.extend(chars.iter().map(|c| format!("##{c}")));
+    for (w, _) in words {
+        if tokens.len() >= vocab_size {
+            break;
+        }
+        if !tokens.contains(&w) {
+            tokens.push(w);
+        }
+    }
+    // vocab.txt, one token per line, id = line number (BERT's format).
+    let vocab_file = path.with_extension("vocab.txt");
+    std::fs::write(&vocab_file, tokens.join("\n")).with_path(&vocab_file)?;
+    let model = WordPiece::from_file(&vocab_file.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(&fail);
+    std::fs::remove_file(&vocab_file).with_path(&vocab_file)?;
+    let model = model?;
     let mut tokenizer = TokenizerBuilder::<
         WordPiece,
         NormalizerWrapper,
@@ -196,27 +246,25 @@ pub fn train_wordpiece_tokenizer(corpus: &[String], vocab_size: usize, path: &Pa
         PostProcessorWrapper,
         DecoderWrapper,
     >::new()
-    .with_model(WordPiece::default())
-    .with_normalizer(Some(BertNormalizer::new(true, true, None, true).into()))
+    .with_model(model)
+    .with_normalizer(Some(normalizer.into()))
     .with_pre_tokenizer(Some(BertPreTokenizer.into()))
-    .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default().into()))
+    .with_decoder(Some(
+        tokenizers::decoders::wordpiece::WordPiece::default().into(),
+    ))
     .build()
     .map_err(&fail)?;
-    with_corpus_file(corpus, path, |file| {
-        tokenizer.train_from_files(&mut trainer, vec![file]).map_err(&fail)?;
-        Ok(())
-    })?;
-    let id = |t: &str| {
-        tokenizer
-            .token_to_id(t)
-            .ok_or_else(|| Error::Msg(format!("{}: trained WordPiece lost {t}", path.display())))
-    };
-    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    tokenizer.add_special_tokens(
+        &specials
+            .iter()
+            .map(|t| AddedToken::from(*t, true))
+            .collect::<Vec<_>>(),
+    );
     let template = TemplateProcessing::builder()
         .try_single("[CLS] $A [SEP]")
         .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
         .map_err(|e| Error::Msg(format!("template: {e}")))?
-        .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+        .special_tokens(vec![("[CLS]", 2), ("[SEP]", 3)])
         .build()
         .map_err(|e| Error::Msg(format!("template: {e}")))?;
     tokenizer.with_post_processor(Some(PostProcessorWrapper::from(template)));
@@ -273,35 +321,44 @@ fn specs(vocab: usize, wp_vocab: usize, eos: u32) -> Vec<Spec> {
             name: "tiny-llama",
             tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
             strip_prefix: false,
-            config: extend(llama_common("llama"), json!({
-                "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": false,
-                "rope_theta": 500000.0, "attention_bias": false, "mlp_bias": false,
-                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                "torch_dtype": "float32",
-            })),
+            config: extend(
+                llama_common("llama"),
+                json!({
+                    "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": false,
+                    "rope_theta": 500000.0, "attention_bias": false, "mlp_bias": false,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                    "torch_dtype": "float32",
+                }),
+            ),
         },
         // Mistral: an explicit head_dim unlike hidden_size / heads.
         Spec {
             name: "tiny-mistral",
             tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
             strip_prefix: false,
-            config: extend(llama_common("mistral"), json!({
-                "architectures": ["MistralForCausalLM"], "head_dim": 32, "tie_word_embeddings": false,
-                "rope_theta": 1000000.0, "sliding_window": 4096, "torch_dtype": "float32",
-            })),
+            config: extend(
+                llama_common("mistral"),
+                json!({
+                    "architectures": ["MistralForCausalLM"], "head_dim": 32, "tie_word_embeddings": false,
+                    "rope_theta": 1000000.0, "sliding_window": 4096, "torch_dtype": "float32",
+                }),
+            ),
         },
         // Qwen2.5 style: transformers 5 shape, q/k/v biases, tied, pad = EOS.
         Spec {
             name: "tiny-qwen2",
             tokenizer: TokenizerKind::Bpe(PadStyle::Eos),
             strip_prefix: false,
-            config: extend(llama_common("qwen2"), json!({
-                "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": true,
-                "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
-                "use_sliding_window": false, "sliding_window": null, "max_window_layers": 2,
-                "dtype": "float32",
-            })),
+            config: extend(
+                llama_common("qwen2"),
+                json!({
+                    "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": true,
+                    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+                    "use_sliding_window": false, "sliding_window": null, "max_window_layers": 2,
+                    "dtype": "float32",
+                }),
+            ),
         },
         // Pythia: no pad token, rotary on a quarter of each head, parallel residual.
         Spec {
@@ -372,8 +429,10 @@ impl Tokenizers {
         let corpus = synthetic_corpus(seed, 2000);
         train_bpe_tokenizer(&corpus, 512, PadStyle::Distinct, &dir.join("bpe.json"))?;
         train_bpe_tokenizer(&corpus, 512, PadStyle::None, &dir.join("bpe-nopad.json"))?;
-        train_wordpiece_tokenizer(&corpus, 400, &dir.join("wordpiece.json"))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        build_wordpiece_tokenizer(&corpus, 400, &dir.join("wordpiece.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn file(&self, kind: TokenizerKind) -> PathBuf {
@@ -390,7 +449,10 @@ impl Tokenizers {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let eos = tok.token_to_id(EOS_TOKEN).or(tok.token_to_id("[SEP]")).unwrap_or(0);
+        let eos = tok
+            .token_to_id(EOS_TOKEN)
+            .or(tok.token_to_id("[SEP]"))
+            .unwrap_or(0);
         Ok((tok.get_vocab_size(true), eos))
     }
 
@@ -423,7 +485,8 @@ fn write_model(dir: &Path, spec: &Spec, tokenizers: &Tokenizers, seed: u64) -> R
     std::fs::create_dir_all(dir).with_path(dir)?;
     let config_path = dir.join("config.json");
     let cfg = ArchConfig::from_value(&spec.config, &config_path)?;
-    let (vb, varmap) = crate::models::weights::random_builder(seed, spec.name, DType::F32, &Device::Cpu);
+    let (vb, varmap) =
+        crate::models::weights::random_builder(seed, spec.name, DType::F32, &Device::Cpu);
     Backbone::load(vb, &cfg)?;
     let prefix = format!("{}.", cfg.prefix());
     let tensors: Vec<_> = crate::models::weights::named_tensors(&varmap)
@@ -435,7 +498,10 @@ fn write_model(dir: &Path, spec: &Spec, tokenizers: &Tokenizers, seed: u64) -> R
         .collect();
     save_safetensors(&tensors, &dir.join("model.safetensors"))?;
     write_json(&config_path, &spec.config)?;
-    write_json(&dir.join("tokenizer_config.json"), &Tokenizers::config(spec.tokenizer))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &Tokenizers::config(spec.tokenizer),
+    )?;
     let tok = tokenizers.file(spec.tokenizer);
     std::fs::copy(&tok, dir.join("tokenizer.json")).with_path(&tok)?;
     Ok(())
@@ -451,7 +517,10 @@ pub fn write_tiny_gpt2(dir: &Path, seed: u64) -> Result<()> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Lays a model directory out as the Python library caches a hub repo:
@@ -468,10 +537,20 @@ pub fn write_hub_cache_entry(cache: &Path, repo_id: &str, model_dir: &Path) -> R
     let mut contents = Vec::new();
     for f in &files {
         let bytes = std::fs::read(f).with_path(f)?;
-        contents.push((f.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_hex(&bytes), bytes));
+        contents.push((
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            sha256_hex(&bytes),
+            bytes,
+        ));
     }
     // A made-up but deterministic 40-hex commit id.
-    let listing: String = contents.iter().map(|(n, h, _)| format!("{n}:{h}\n")).collect();
+    let listing: String = contents
+        .iter()
+        .map(|(n, h, _)| format!("{n}:{h}\n"))
+        .collect();
     let commit = sha256_hex(listing.as_bytes())[..40].to_string();
     let snapshot = repo.join("snapshots").join(&commit);
     for dir in [repo.join("blobs"), snapshot.clone(), repo.join("refs")] {
@@ -483,7 +562,8 @@ pub fn write_hub_cache_entry(cache: &Path, repo_id: &str, model_dir: &Path) -> R
         let link = snapshot.join(&name);
         let _ = std::fs::remove_file(&link);
         #[cfg(unix)]
-        std::os::unix::fs::symlink(PathBuf::from("../../blobs").join(&hash), &link).with_path(&link)?;
+        std::os::unix::fs::symlink(PathBuf::from("../../blobs").join(&hash), &link)
+            .with_path(&link)?;
         #[cfg(not(unix))]
         std::fs::copy(&blob, &link).with_path(&link)?;
     }

@@ -129,7 +129,7 @@ pub fn generate(
             .squeeze(1)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?; // host sync
-        // 3. Sample each row on the host with the seeded RNG.
+                                // 3. Sample each row on the host with the seeded RNG.
         let mut next = vec![pad_id; b];
         for (row, l) in logits.iter().enumerate() {
             if done[row] {

@@ -86,7 +86,8 @@ impl HubId {
         let valid = |p: &&str| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         (parts.len() <= 2 && parts.iter().all(valid)).then(|| Self {
             repo: repo.to_string(),
@@ -296,7 +297,11 @@ mod tests {
         assert_eq!(s.cache, PathBuf::from("/home/u/.cache/huggingface/hub"));
         assert_eq!(s.endpoint, "https://huggingface.co");
         assert!(!s.offline && s.token.is_none());
-        let s = settings(&[("HF_HOME", "/h"), ("HF_HUB_OFFLINE", "1"), ("HF_TOKEN", " hf_x\n")]);
+        let s = settings(&[
+            ("HF_HOME", "/h"),
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_TOKEN", " hf_x\n"),
+        ]);
         assert_eq!(s.cache, PathBuf::from("/h/hub"));
         assert!(s.offline);
         assert_eq!(s.token.as_deref(), Some("hf_x"));
@@ -316,10 +321,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "hf_file\n").unwrap();
         let home = dir.path().to_string_lossy().into_owned();
-        assert_eq!(settings(&[("HF_HOME", &home)]).token.as_deref(), Some("hf_file"));
+        assert_eq!(
+            settings(&[("HF_HOME", &home)]).token.as_deref(),
+            Some("hf_file")
+        );
         let other = dir.path().join("elsewhere");
         std::fs::write(&other, "hf_other").unwrap();
-        let s = settings(&[("HF_HOME", &home), ("HF_TOKEN_PATH", &other.to_string_lossy())]);
+        let s = settings(&[
+            ("HF_HOME", &home),
+            ("HF_TOKEN_PATH", &other.to_string_lossy()),
+        ]);
         assert_eq!(s.token.as_deref(), Some("hf_other"));
     }
 }

@@ -211,7 +211,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype = cfg.run.dtype.dtype();
     let (arch, vb, vars) = load_dir(&model_dir, dtype, &device)?;
     CausalLm::load(vb, &arch)?; // reads every weight into `vars`, checking its shape
-    // Sample from detached weights: no step records an autograd graph.
+                                // Sample from detached weights: no step records an autograd graph.
     let model = CausalLm::load(frozen_builder(&vars, dtype, &device), &arch)?;
     tracing::info!("{} model from {}", arch.model_type(), model_dir.display());
 

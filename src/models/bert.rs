@@ -63,13 +63,23 @@ pub(crate) struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub fn forward(&self, x: &Tensor, bias: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        act: Activation,
+    ) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(x)?, heads)?;
         let k = split_heads(&self.key.forward(x)?, heads)?;
         let v = split_heads(&self.value.forward(x)?, heads)?;
-        let a = self.attention_output.forward(&attention(&q, &k, &v, bias)?)?;
+        let a = self
+            .attention_output
+            .forward(&attention(&q, &k, &v, bias)?)?;
         let a = self.attention_norm.forward(&(a + x)?)?;
-        let f = self.output.forward(&act.forward(&self.intermediate.forward(&a)?)?)?;
+        let f = self
+            .output
+            .forward(&act.forward(&self.intermediate.forward(&a)?)?)?;
         self.output_norm.forward(&(f + a)?)
     }
 }
@@ -88,14 +98,21 @@ pub struct Bert {
 impl Bert {
     /// Builds the model from `vb` at the checkpoint root (`bert.*`).
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
-        let (e, h, i) = (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size);
+        let (e, h, i) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.intermediate_size,
+        );
         if h == 0 || !e.is_multiple_of(h) {
             return Err(Error::Msg(format!(
                 "config.json: hidden_size {e} is not divisible by num_attention_heads {h}"
             )));
         }
         let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            Error::Msg(format!("config.json: hidden_act `{}` is not supported", cfg.hidden_act))
+            Error::Msg(format!(
+                "config.json: hidden_act `{}` is not supported",
+                cfg.hidden_act
+            ))
         })?;
         let eps = cfg.layer_norm_eps;
         let m = vb.pp("bert");
@@ -118,9 +135,15 @@ impl Bert {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: cfg.clone(),
-            word_embeddings: Embedding::new(emb.get((cfg.vocab_size, e), "word_embeddings.weight")?, e),
+            word_embeddings: Embedding::new(
+                emb.get((cfg.vocab_size, e), "word_embeddings.weight")?,
+                e,
+            ),
             position_embeddings: Embedding::new(
-                emb.get((cfg.max_position_embeddings, e), "position_embeddings.weight")?,
+                emb.get(
+                    (cfg.max_position_embeddings, e),
+                    "position_embeddings.weight",
+                )?,
                 e,
             ),
             token_type_row: token_types.narrow(0, 0, 1)?,
@@ -138,8 +161,9 @@ impl Bert {
     /// key-padding `bias` from [`super::encoder_attention_bias`].
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let heads = self.config.num_attention_heads;
-        let x = (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?
-            .broadcast_add(&self.token_type_row)?;
+        let x = (self.word_embeddings.forward(ids)?
+            + self.position_embeddings.forward(positions)?)?
+        .broadcast_add(&self.token_type_row)?;
         let mut x = self.embeddings_norm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x, bias, heads, self.act)?;

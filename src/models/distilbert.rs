@@ -55,7 +55,10 @@ impl DistilBert {
             )));
         }
         let act = Activation::parse(&cfg.activation).ok_or_else(|| {
-            Error::Msg(format!("config.json: activation `{}` is not supported", cfg.activation))
+            Error::Msg(format!(
+                "config.json: activation `{}` is not supported",
+                cfg.activation
+            ))
         })?;
         let m = vb.pp("distilbert");
         let emb = m.pp("embeddings");
@@ -75,7 +78,10 @@ impl DistilBert {
             })
             .collect::<Result<Vec<_>>>()?;
         let word = emb.get((cfg.vocab_size, e), "word_embeddings.weight")?;
-        let pos = emb.get((cfg.max_position_embeddings, e), "position_embeddings.weight")?;
+        let pos = emb.get(
+            (cfg.max_position_embeddings, e),
+            "position_embeddings.weight",
+        )?;
         Ok(Self {
             config: cfg.clone(),
             word_embeddings: Embedding::new(word, e),
@@ -93,7 +99,8 @@ impl DistilBert {
     /// Last hidden states (B, T, E); see [`super::bert::Bert::forward`].
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let heads = self.config.n_heads;
-        let x = (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?;
+        let x =
+            (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?;
         let mut x = self.embeddings_norm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x, bias, heads, self.act)?;

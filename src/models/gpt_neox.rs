@@ -82,7 +82,11 @@ impl GptNeoX {
                 cfg.hidden_act
             ))
         })?;
-        let (i, eps, bias) = (cfg.intermediate_size, cfg.layer_norm_eps, cfg.attention_bias);
+        let (i, eps, bias) = (
+            cfg.intermediate_size,
+            cfg.layer_norm_eps,
+            cfg.attention_bias,
+        );
         let m = vb.pp("gpt_neox");
         let embed = m.get((cfg.vocab_size, e), "embed_in.weight")?;
         let layers = (0..cfg.num_hidden_layers)
@@ -95,7 +99,12 @@ impl GptNeoX {
                         e,
                         eps,
                     )?,
-                    query_key_value: Linear::load(l.pp("attention.query_key_value"), e, 3 * e, bias)?,
+                    query_key_value: Linear::load(
+                        l.pp("attention.query_key_value"),
+                        e,
+                        3 * e,
+                        bias,
+                    )?,
                     dense: Linear::load(l.pp("attention.dense"), e, e, bias)?,
                     dense_h_to_4h: Linear::load(l.pp("mlp.dense_h_to_4h"), e, i, true)?,
                     dense_4h_to_h: Linear::load(l.pp("mlp.dense_4h_to_h"), i, e, true)?,
@@ -165,7 +174,13 @@ impl GptNeoX {
         let (cos, sin) = self.rotary.cos_sin(positions, x.dtype())?;
         for (n, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c[n]);
-            let attn = self.attend(layer, &layer.input_layernorm.forward(&x)?, (&cos, &sin), bias, slot)?;
+            let attn = self.attend(
+                layer,
+                &layer.input_layernorm.forward(&x)?,
+                (&cos, &sin),
+                bias,
+                slot,
+            )?;
             let mlp = |h: &Tensor| -> Result<Tensor> {
                 let h = self.act.forward(&layer.dense_h_to_4h.forward(h)?)?;
                 layer.dense_4h_to_h.forward(&h)

@@ -71,8 +71,14 @@ impl ArchConfig {
             }
             "gpt_neox" => {
                 let mut cfg: GptNeoXConfig = parse(raw, path)?;
-                cfg.rope =
-                    RopeConfig::parse(raw, "rotary_emb_base", 10_000.0, Some("rotary_pct"), 0.25, path)?;
+                cfg.rope = RopeConfig::parse(
+                    raw,
+                    "rotary_emb_base",
+                    10_000.0,
+                    Some("rotary_pct"),
+                    0.25,
+                    path,
+                )?;
                 Self::GptNeoX(cfg)
             }
             "bert" => {
@@ -183,9 +189,9 @@ impl ArchConfig {
 
 /// Deserializes an architecture's config, naming config.json in errors.
 fn parse<T: DeserializeOwned>(raw: &Value, path: &Path) -> Result<T> {
-    serde_json::from_value(raw.clone()).map_err(|e| Error::Parse {
+    serde_path_to_error::deserialize(raw.clone()).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: format!("`{}`: {}", e.path(), e.inner()),
     })
 }
 
@@ -248,7 +254,10 @@ impl RopeConfig {
             &params["partial_rotary_factor"],
             &format!("{where_}.partial_rotary_factor"),
         )?
-        .or(number(&raw["partial_rotary_factor"], "partial_rotary_factor")?)
+        .or(number(
+            &raw["partial_rotary_factor"],
+            "partial_rotary_factor",
+        )?)
         .or(legacy_partial)
         .unwrap_or(default_partial);
         let kind = params["rope_type"]
@@ -276,7 +285,8 @@ impl RopeConfig {
                 )))
             }
         };
-        if !(theta > 0.0) || !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+        let valid = theta > 0.0 && partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0;
+        if !valid {
             return Err(bad(format!(
                 "invalid rotary settings: theta {theta}, partial_rotary_factor {partial_rotary_factor}"
             )));
@@ -295,8 +305,15 @@ mod tests {
     use serde_json::json;
 
     fn rope(raw: Value) -> RopeConfig {
-        RopeConfig::parse(&raw, "rope_theta", 10_000.0, None, 1.0, Path::new("config.json"))
-            .unwrap()
+        RopeConfig::parse(
+            &raw,
+            "rope_theta",
+            10_000.0,
+            None,
+            1.0,
+            Path::new("config.json"),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -318,12 +335,26 @@ mod tests {
     #[test]
     fn neox_legacy_names_are_read() {
         let raw = json!({"rotary_emb_base": 1000.0, "rotary_pct": 0.5});
-        let r = RopeConfig::parse(&raw, "rotary_emb_base", 10_000.0, Some("rotary_pct"), 0.25, Path::new("c"))
-            .unwrap();
+        let r = RopeConfig::parse(
+            &raw,
+            "rotary_emb_base",
+            10_000.0,
+            Some("rotary_pct"),
+            0.25,
+            Path::new("c"),
+        )
+        .unwrap();
         assert_eq!((r.theta, r.partial_rotary_factor), (1000.0, 0.5));
         let raw = json!({"rope_parameters": {"rope_theta": 1000.0, "partial_rotary_factor": 0.5, "rope_type": "default"}});
-        let r5 = RopeConfig::parse(&raw, "rotary_emb_base", 10_000.0, Some("rotary_pct"), 0.25, Path::new("c"))
-            .unwrap();
+        let r5 = RopeConfig::parse(
+            &raw,
+            "rotary_emb_base",
+            10_000.0,
+            Some("rotary_pct"),
+            0.25,
+            Path::new("c"),
+        )
+        .unwrap();
         assert_eq!(r, r5);
     }
 
@@ -339,28 +370,48 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("m/config.json") && err.contains("yarn") && err.contains("llama3"), "{err}");
+        assert!(
+            err.contains("m/config.json") && err.contains("yarn") && err.contains("llama3"),
+            "{err}"
+        );
         let err = ArchConfig::from_value(&json!({"model_type": "t5"}), Path::new("m/config.json"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`t5`") && err.contains("gpt_neox, bert"), "{err}");
+        assert!(
+            err.contains("`t5`") && err.contains("gpt_neox, bert"),
+            "{err}"
+        );
     }
 
     #[test]
     fn prefixes_are_added_where_missing() {
         let gpt2 = ArchConfig::Gpt2(
-            serde_json::from_value(json!({"vocab_size": 1, "n_positions": 1, "n_embd": 1, "n_layer": 1, "n_head": 1}))
-                .unwrap(),
+            serde_json::from_value(
+                json!({"vocab_size": 1, "n_positions": 1, "n_embd": 1, "n_layer": 1, "n_head": 1}),
+            )
+            .unwrap(),
         );
-        assert_eq!(gpt2.canonical_name("h.0.ln_1.weight"), "transformer.h.0.ln_1.weight");
-        assert_eq!(gpt2.canonical_name("transformer.wte.weight"), "transformer.wte.weight");
+        assert_eq!(
+            gpt2.canonical_name("h.0.ln_1.weight"),
+            "transformer.h.0.ln_1.weight"
+        );
+        assert_eq!(
+            gpt2.canonical_name("transformer.wte.weight"),
+            "transformer.wte.weight"
+        );
         assert_eq!(gpt2.canonical_name("lm_head.weight"), "lm_head.weight");
-        let bert = ArchConfig::Bert(serde_json::from_value(json!({"vocab_size": 1, "hidden_size": 1,
-            "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 1})).unwrap());
+        let bert = ArchConfig::Bert(
+            serde_json::from_value(json!({"vocab_size": 1, "hidden_size": 1,
+            "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 1}))
+            .unwrap(),
+        );
         assert_eq!(
             bert.canonical_name("embeddings.LayerNorm.gamma"),
             "bert.embeddings.LayerNorm.weight"
         );
-        assert_eq!(bert.canonical_name("cls.predictions.bias"), "cls.predictions.bias");
+        assert_eq!(
+            bert.canonical_name("cls.predictions.bias"),
+            "cls.predictions.bias"
+        );
     }
 }

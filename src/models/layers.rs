@@ -146,7 +146,9 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 /// Splits (B, T, H * d) into heads (B, H, T, d).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, ()))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, t, heads, ()))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// Appends new keys and values to a layer's cache slot (detached, so the cache
@@ -172,7 +174,9 @@ pub fn extend_cache(
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -340,9 +344,18 @@ mod tests {
     fn rms_norm_matches_the_formula() {
         let dev = Device::Cpu;
         let w = Tensor::new(&[1f32, 2.0], &dev).unwrap();
-        let n = RmsNorm { weight: w, eps: 0.0 };
+        let n = RmsNorm {
+            weight: w,
+            eps: 0.0,
+        };
         let x = Tensor::new(&[[[3f32, 4.0]]], &dev).unwrap();
-        let y = n.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = n
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let rms = (12.5f32).sqrt();
         assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
     }
@@ -350,10 +363,16 @@ mod tests {
     #[test]
     fn grouped_query_attention_repeats_each_kv_head() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((1, 2, 2, 2)).unwrap();
+        let x = Tensor::arange(0f32, 8.0, &dev)
+            .unwrap()
+            .reshape((1, 2, 2, 2))
+            .unwrap();
         let r = repeat_kv(&x, 2).unwrap();
         assert_eq!(r.dims(), &[1, 4, 2, 2]);
         let v = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(v, vec![0., 1., 2., 3., 0., 1., 2., 3., 4., 5., 6., 7., 4., 5., 6., 7.]);
+        assert_eq!(
+            v,
+            vec![0., 1., 2., 3., 0., 1., 2., 3., 4., 5., 6., 7., 4., 5., 6., 7.]
+        );
     }
 }

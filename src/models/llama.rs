@@ -256,7 +256,9 @@ impl Llama {
                 .self_attn
                 .forward(&h, (&self.rotary, &cos, &sin), bias, slot)?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
         self.norm.forward(&x)

@@ -4,6 +4,8 @@
 mod checkpoint;
 mod cli;
 mod config;
+mod hub;
 mod models;
+mod reference;
 mod toy;
 mod training;
