@@ -1,5 +1,5 @@
 # Thin wrappers over the cargo commands in README.md.
-.PHONY: run test fixtures fmt clippy cuda ci-times
+.PHONY: run test fixtures golden fmt clippy cuda ci-times
 
 # The main job: sample from the self-made tiny model (made on first use).
 run:
@@ -8,9 +8,15 @@ run:
 test:
 	cargo test
 
-# Regenerate the self-made fixtures (tokenizer and tiny model) in fixtures/.
+# Regenerate the self-made fixtures (tokenizers, tiny models, hub cache) in fixtures/.
 fixtures:
 	cargo run --release -- fixtures --out fixtures
+
+# Golden outputs of the fixtures from transformers (needs Python; CI does not).
+golden: fixtures
+	python3 -m venv .venv-golden
+	.venv-golden/bin/pip install -q torch transformers safetensors
+	.venv-golden/bin/python scripts/make_golden.py fixtures/models tests/golden
 
 fmt:
 	cargo fmt --all

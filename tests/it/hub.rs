@@ -359,3 +359,53 @@ fn bad_models_give_one_clear_error_line_and_a_nonzero_exit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sharded_checkpoints_load_locally_and_through_the_cache() {
+    let src = model_dir("tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let tensors = candle_rlhf::checkpoint::load_safetensors(
+        &src.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (first, second): (Vec<_>, Vec<_>) = tensors
+        .into_iter()
+        .partition(|(k, _)| k.contains("layers.0.") || k.contains("embed"));
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
+        candle_rlhf::checkpoint::save_safetensors(part, &dir.path().join(file)).unwrap();
+        for (k, _) in part.iter() {
+            weight_map.insert(k.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    candle_rlhf::fixtures::write_hub_cache_entry(cache.path(), "someone/sharded", dir.path())
+        .unwrap();
+    let from_cache = resolve_model("someone/sharded", &offline(cache.path())).unwrap();
+    let (local, _, _) = load("tiny-llama", DType::F32);
+    let rows = vec![vec![4u32, 5, 6]];
+    for d in [dir.path().to_path_buf(), from_cache] {
+        let (cfg, vb, _) =
+            candle_rlhf::models::load_dir(&d, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let m = candle_rlhf::models::Backbone::load(vb, &cfg).unwrap();
+        assert_eq!(
+            max_abs_diff(&outputs(&m, &rows).0, &outputs(&local, &rows).0),
+            0.0,
+            "{}",
+            d.display()
+        );
+    }
+}

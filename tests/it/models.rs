@@ -344,13 +344,17 @@ fn half_precision_checkpoints_load_into_f32_and_back() {
                 .unwrap();
             assert_eq!(max_abs_diff(v.as_tensor(), &want), 0.0, "{name}: {k}");
         }
-        // f32 file -> bf16 model: runs, close to the f32 model.
-        let (half, _, _) = load(name, DType::BF16);
+        // f32 file -> bf16 / f16 model: runs, close to the f32 model.
         let rows = vec![vec![5u32, 17, 42, 9], vec![8u32, 9]];
-        let (h, _) = outputs(&half, &rows);
         let (f, _) = outputs(&model, &rows);
-        let diff = max_abs_diff(&h, &f);
-        assert!(diff.is_finite() && diff < 0.1, "{name}: bf16 vs f32 {diff}");
+        for dtype in [DType::BF16, DType::F16] {
+            let (half, _, _) = load(name, dtype);
+            let diff = max_abs_diff(&outputs(&half, &rows).0, &f);
+            assert!(
+                diff.is_finite() && diff < 0.1,
+                "{name}: {dtype:?} vs f32 {diff}"
+            );
+        }
     }
 }
 
