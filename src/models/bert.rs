@@ -10,8 +10,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{attention, split_heads, Activation, LayerNorm, Linear};
-use crate::{Error, Result};
+use super::layers::{attention, check_heads, split_heads, Activation, LayerNorm, Linear};
+use crate::Result;
 
 fn default_act() -> String {
     "gelu".into()
@@ -103,17 +103,8 @@ impl Bert {
             cfg.num_attention_heads,
             cfg.intermediate_size,
         );
-        if h == 0 || !e.is_multiple_of(h) {
-            return Err(Error::Msg(format!(
-                "config.json: hidden_size {e} is not divisible by num_attention_heads {h}"
-            )));
-        }
-        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            Error::Msg(format!(
-                "config.json: hidden_act `{}` is not supported",
-                cfg.hidden_act
-            ))
-        })?;
+        check_heads((e, "hidden_size"), (h, "num_attention_heads"))?;
+        let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
         let eps = cfg.layer_norm_eps;
         let m = vb.pp("bert");
         let emb = m.pp("embeddings");

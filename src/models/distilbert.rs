@@ -8,8 +8,8 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::bert::EncoderLayer;
-use super::layers::{Activation, LayerNorm, Linear};
-use crate::{Error, Result};
+use super::layers::{check_heads, Activation, LayerNorm, Linear};
+use crate::Result;
 
 /// transformers hard-codes this epsilon for every DistilBERT LayerNorm.
 const EPS: f64 = 1e-12;
@@ -49,17 +49,8 @@ impl DistilBert {
     /// Builds the model from `vb` at the checkpoint root (`distilbert.*`).
     pub fn load(vb: VarBuilder, cfg: &DistilBertConfig) -> Result<Self> {
         let (e, h, i) = (cfg.dim, cfg.n_heads, cfg.hidden_dim);
-        if h == 0 || !e.is_multiple_of(h) {
-            return Err(Error::Msg(format!(
-                "config.json: dim {e} is not divisible by n_heads {h}"
-            )));
-        }
-        let act = Activation::parse(&cfg.activation).ok_or_else(|| {
-            Error::Msg(format!(
-                "config.json: activation `{}` is not supported",
-                cfg.activation
-            ))
-        })?;
+        check_heads((e, "dim"), (h, "n_heads"))?;
+        let act = Activation::from_config(&cfg.activation, "activation")?;
         let m = vb.pp("distilbert");
         let emb = m.pp("embeddings");
         let layers = (0..cfg.n_layers)

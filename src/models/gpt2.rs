@@ -9,9 +9,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{attention, extend_cache, split_heads, LayerNorm};
+use super::layers::{attention, check_heads, extend_cache, split_heads, LayerNorm};
 use super::KvCache;
-use crate::{Error, Result};
+use crate::Result;
 
 fn default_eps() -> f64 {
     1e-5
@@ -152,12 +152,7 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Builds the model from `vb` at the checkpoint root (names `transformer.*`, `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
-        if !cfg.n_embd.is_multiple_of(cfg.n_head) {
-            return Err(Error::Msg(format!(
-                "config.json: n_embd {} is not divisible by n_head {}",
-                cfg.n_embd, cfg.n_head
-            )));
-        }
+        check_heads((cfg.n_embd, "n_embd"), (cfg.n_head, "n_head"))?;
         let tv = vb.pp("transformer");
         let wte = tv.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?;
         let wpe = tv.get((cfg.n_positions, cfg.n_embd), "wpe.weight")?;

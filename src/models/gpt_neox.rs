@@ -10,9 +10,9 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::hf_config::RopeConfig;
-use super::layers::{attention, extend_cache, Activation, LayerNorm, Linear, Rotary};
+use super::layers::{attention, check_heads, extend_cache, Activation, LayerNorm, Linear, Rotary};
 use super::KvCache;
-use crate::{Error, Result};
+use crate::Result;
 
 fn default_act() -> String {
     "gelu".into()
@@ -71,17 +71,8 @@ impl GptNeoX {
     /// Builds the model from `vb` at the checkpoint root (`gpt_neox.*`, `embed_out.weight`).
     pub fn load(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
         let (e, h) = (cfg.hidden_size, cfg.num_attention_heads);
-        if h == 0 || !e.is_multiple_of(h) {
-            return Err(Error::Msg(format!(
-                "config.json: hidden_size {e} is not divisible by num_attention_heads {h}"
-            )));
-        }
-        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            Error::Msg(format!(
-                "config.json: hidden_act `{}` is not supported",
-                cfg.hidden_act
-            ))
-        })?;
+        check_heads((e, "hidden_size"), (h, "num_attention_heads"))?;
+        let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
         let (i, eps, bias) = (
             cfg.intermediate_size,
             cfg.layer_norm_eps,

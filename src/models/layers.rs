@@ -107,6 +107,15 @@ impl Activation {
         })
     }
 
+    /// Parses config.json's `field`, refusing names it does not know.
+    pub fn from_config(name: &str, field: &str) -> Result<Self> {
+        Self::parse(name).ok_or_else(|| {
+            Error::Msg(format!(
+                "config.json: {field} `{name}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish, relu)"
+            ))
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
@@ -115,6 +124,17 @@ impl Activation {
             Self::Relu => x.relu()?,
         })
     }
+}
+
+/// Refuses a width that the heads do not divide, naming config.json's fields.
+pub fn check_heads(width: (usize, &str), heads: (usize, &str)) -> Result<()> {
+    if heads.0 == 0 || !width.0.is_multiple_of(heads.0) {
+        return Err(Error::Msg(format!(
+            "config.json: {} {} is not divisible by {} {}",
+            width.1, width.0, heads.1, heads.0
+        )));
+    }
+    Ok(())
 }
 
 /// Scaled dot-product attention with an additive bias, as matmul + softmax so

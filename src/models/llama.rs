@@ -190,12 +190,7 @@ impl Llama {
     /// Builds the model from `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
         cfg.validate()?;
-        let act = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            Error::Msg(format!(
-                "config.json: hidden_act `{}` is not supported",
-                cfg.hidden_act
-            ))
-        })?;
+        let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
         let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let m = vb.pp("model");
         let embed = m.get((cfg.vocab_size, e), "embed_tokens.weight")?;
