@@ -14,6 +14,7 @@ pub mod error;
 pub mod fixtures;
 pub mod generate;
 pub mod hub;
+pub mod losses;
 pub mod metrics;
 pub mod models;
 pub mod plot;

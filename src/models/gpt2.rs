@@ -146,12 +146,22 @@ pub struct Gpt2 {
     wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor,
+    /// None for a trunk under another head (a reward model).
+    lm_head: Option<Tensor>,
 }
 
 impl Gpt2 {
     /// Builds the model from `vb` at the checkpoint root (names `transformer.*`, `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The model without its LM head.
+    pub fn load_trunk(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    fn build(vb: VarBuilder, cfg: &Gpt2Config, with_head: bool) -> Result<Self> {
         check_heads((cfg.n_embd, "n_embd"), (cfg.n_head, "n_head"))?;
         let tv = vb.pp("transformer");
         let wte = tv.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?;
@@ -160,10 +170,10 @@ impl Gpt2 {
             .map(|i| Block::load(tv.pp(format!("h.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(tv.pp("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            wte.clone()
-        } else {
-            vb.get((cfg.vocab_size, cfg.n_embd), "lm_head.weight")?
+        let lm_head = match (with_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(wte.clone()),
+            (true, false) => Some(vb.get((cfg.vocab_size, cfg.n_embd), "lm_head.weight")?),
         };
         Ok(Self {
             config: cfg.clone(),
@@ -177,7 +187,7 @@ impl Gpt2 {
 
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
-        self.lm_head.dtype()
+        self.wte.embeddings().dtype()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -204,6 +214,6 @@ impl Gpt2 {
 
     /// Logits (B, T, V) of hidden states (B, T, E).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        super::project(hidden, &self.lm_head)
+        super::project(hidden, super::head(&self.lm_head)?)
     }
 }

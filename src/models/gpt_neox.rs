@@ -62,7 +62,8 @@ pub struct GptNeoX {
     embed_in: Embedding,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
-    embed_out: Tensor,
+    /// None for a trunk under another head (a reward model).
+    embed_out: Option<Tensor>,
     rotary: Rotary,
     act: Activation,
 }
@@ -70,6 +71,15 @@ pub struct GptNeoX {
 impl GptNeoX {
     /// Builds the model from `vb` at the checkpoint root (`gpt_neox.*`, `embed_out.weight`).
     pub fn load(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The model without its LM head.
+    pub fn load_trunk(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    fn build(vb: VarBuilder, cfg: &GptNeoXConfig, with_head: bool) -> Result<Self> {
         let (e, h) = (cfg.hidden_size, cfg.num_attention_heads);
         check_heads((e, "hidden_size"), (h, "num_attention_heads"))?;
         let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
@@ -103,10 +113,10 @@ impl GptNeoX {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(m.pp("final_layer_norm"), e, eps)?;
-        let embed_out = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            vb.get((cfg.vocab_size, e), "embed_out.weight")?
+        let embed_out = match (with_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed.clone()),
+            (true, false) => Some(vb.get((cfg.vocab_size, e), "embed_out.weight")?),
         };
         let rotary_dim = ((e / h) as f64 * cfg.rope.partial_rotary_factor) as usize;
         Ok(Self {
@@ -125,7 +135,7 @@ impl GptNeoX {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed_out.dtype()
+        self.embed_in.embeddings().dtype()
     }
 
     fn attend(
@@ -189,6 +199,6 @@ impl GptNeoX {
     }
 
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        super::project(hidden, &self.embed_out)
+        super::project(hidden, super::head(&self.embed_out)?)
     }
 }

@@ -73,6 +73,10 @@ impl Linear {
         })
     }
 
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let y = x.reshape((b * t, d_in))?.matmul(&self.weight.t()?)?;

@@ -182,13 +182,23 @@ pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    /// None for a trunk under another head (a reward model).
+    lm_head: Option<Tensor>,
     rotary: Rotary,
 }
 
 impl Llama {
     /// Builds the model from `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
     pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The model without its LM head.
+    pub fn load_trunk(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    fn build(vb: VarBuilder, cfg: &LlamaConfig, with_head: bool) -> Result<Self> {
         cfg.validate()?;
         let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
         let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
@@ -210,10 +220,10 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), e, eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            vb.get((cfg.vocab_size, e), "lm_head.weight")?
+        let lm_head = match (with_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed.clone()),
+            (true, false) => Some(vb.get((cfg.vocab_size, e), "lm_head.weight")?),
         };
         let rotary_dim = (cfg.head_dim() as f64 * cfg.rope.partial_rotary_factor) as usize;
         Ok(Self {
@@ -231,7 +241,7 @@ impl Llama {
     }
 
     pub fn dtype(&self) -> DType {
-        self.lm_head.dtype()
+        self.embed_tokens.embeddings().dtype()
     }
 
     /// Final hidden states (B, T, E); see [`super::CausalLm::forward`].
@@ -260,6 +270,6 @@ impl Llama {
     }
 
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        super::project(hidden, &self.lm_head)
+        super::project(hidden, super::head(&self.lm_head)?)
     }
 }

@@ -9,6 +9,7 @@ pub mod gpt_neox;
 pub mod hf_config;
 pub mod layers;
 pub mod llama;
+pub mod reward;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -44,6 +45,16 @@ impl CausalLm {
                     other.model_type()
                 )))
             }
+        })
+    }
+
+    /// The model without its LM head, as the trunk of a reward or value model.
+    pub fn load_trunk(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+        Ok(match cfg {
+            ArchConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::load_trunk(vb, c)?),
+            ArchConfig::Llama(c) => Self::Llama(llama::Llama::load_trunk(vb, c)?),
+            ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load_trunk(vb, c)?),
+            other => Self::load(vb, other)?,
         })
     }
 
@@ -135,12 +146,22 @@ pub enum Backbone {
 impl Backbone {
     /// Builds the model of `cfg` from `vb` at the checkpoint root.
     pub fn load(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The same without a causal LM's head: the trunk of a reward or value model.
+    pub fn load_trunk(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    fn build(vb: VarBuilder, cfg: &ArchConfig, lm_head: bool) -> Result<Self> {
         Ok(match cfg {
             ArchConfig::Bert(c) => Self::Encoder(Encoder::Bert(bert::Bert::load(vb, c)?)),
             ArchConfig::DistilBert(c) => {
                 Self::Encoder(Encoder::DistilBert(distilbert::DistilBert::load(vb, c)?))
             }
-            causal => Self::Causal(CausalLm::load(vb, causal)?),
+            causal if lm_head => Self::Causal(CausalLm::load(vb, causal)?),
+            causal => Self::Causal(CausalLm::load_trunk(vb, causal)?),
         })
     }
 
@@ -200,6 +221,13 @@ pub fn frozen_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuil
         .map(|(name, t)| (name, t.detach()))
         .collect();
     VarBuilder::from_tensors(tensors, dtype, device)
+}
+
+/// The LM head of a model loaded with one.
+fn head(lm_head: &Option<Tensor>) -> Result<&Tensor> {
+    lm_head
+        .as_ref()
+        .ok_or_else(|| Error::Msg("this model was loaded without its LM head".into()))
 }
 
 /// hidden (B, T, E) times weight^T (V, E): logits (B, T, V).
