@@ -190,17 +190,35 @@ impl Default for GenerateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
-    /// Pairs whose chosen or rejected sequence is longer than this many tokens are dropped.
+    /// Preference pairs: a .jsonl, .jsonl.gz or .json file with columns
+    /// chosen, rejected and optionally prompt and margin.
+    pub dataset: String,
+    /// A separate evaluation file; without it, `eval_ratio` of the data is held out.
+    pub eval_dataset: Option<String>,
+    /// Fraction of the pairs held out for evaluation (seeded split) when there is no eval_dataset.
+    pub eval_ratio: f64,
+    /// Pairs whose chosen or rejected sequence is longer than this many tokens
+    /// are dropped (TRL's behaviour), or truncated when `truncate` is set.
     pub max_length: usize,
+    /// Truncate over-long sequences to max_length instead of dropping the pair.
+    pub truncate: bool,
     /// Adds coef * mean((r_chosen + r_rejected)^2) to the loss, keeping rewards centred.
     pub center_rewards_coefficient: Option<f64>,
+    /// After training, store the mean score of the chosen training responses
+    /// in config.json and subtract it from every reported score.
+    pub normalize: bool,
 }
 
 impl Default for RewardConfig {
     fn default() -> Self {
         Self {
+            dataset: String::new(),
+            eval_dataset: None,
+            eval_ratio: 0.1,
             max_length: 1024,
+            truncate: false,
             center_rewards_coefficient: None,
+            normalize: false,
         }
     }
 }
@@ -499,6 +517,12 @@ impl Config {
             self.reward.max_length,
             self.reward.max_length >= 2,
             "must be at least 2 tokens",
+        )?;
+        check(
+            "reward.eval_ratio",
+            self.reward.eval_ratio,
+            (0.0..1.0).contains(&self.reward.eval_ratio),
+            "must be in [0, 1)",
         )?;
         if let Some(c) = self.reward.center_rewards_coefficient {
             check(

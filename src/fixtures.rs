@@ -150,6 +150,37 @@ fn with_corpus_file<T>(
     out
 }
 
+/// Where `make_all` writes the synthetic preference pairs.
+pub const PREFERENCES: &str = "data/preferences.jsonl";
+
+/// `n` preference pairs with a hidden rule: the same prompt completed with a
+/// positive word (chosen) and a negative one (rejected), as JSONL rows with
+/// prompt, chosen and rejected.
+pub fn synthetic_preferences(seed: u64, n: usize) -> Vec<Value> {
+    let mut rng = HostRng::stream(seed, "preferences");
+    let mut pick = |words: &[&'static str]| words[rng.below(words.len())];
+    (0..n)
+        .map(|_| {
+            let prompt = format!("{} {} {}", pick(OPENERS), pick(SUBJECTS), pick(VERBS));
+            let adverb = pick(ADVERBS);
+            json!({
+                "prompt": prompt,
+                "chosen": format!(" {adverb} {}.", pick(POSITIVE)),
+                "rejected": format!(" {adverb} {}.", pick(NEGATIVE)),
+            })
+        })
+        .collect()
+}
+
+/// Writes rows as JSONL.
+pub fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_path(parent)?;
+    }
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    atomic_write(path, text.as_bytes())
+}
+
 /// Trains a byte-level BPE tokenizer of about `vocab_size` tokens on `corpus`
 /// and writes it to `path` (tokenizer.json); `<pad>` exists unless `pad` is None.
 pub fn train_bpe_tokenizer(
@@ -591,5 +622,6 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
         write_hub_cache_entry(&out.join("hub"), &format!("{HUB_ORG}/{}", spec.name), &dir)?;
         dirs.push(dir);
     }
+    write_jsonl(&out.join(PREFERENCES), &synthetic_preferences(seed, 600))?;
     Ok(dirs)
 }

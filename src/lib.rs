@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod fixtures;
@@ -23,6 +24,7 @@ pub mod run;
 pub mod signal;
 pub mod tokenizer;
 pub mod train;
+pub mod trainers;
 
 pub use config::Config;
 pub use error::{Error, IoContext, Result};

@@ -86,19 +86,31 @@ mod tests {
         let r = Tensor::new(&[1.0f64, 0.0], &dev).unwrap();
         // differences 1 and 0: mean(log(1 + e^-1), ln 2)
         let want = ((-1f64).exp().ln_1p() + 2f64.ln()) / 2.0;
-        let l = bradley_terry(&c, &r, None, None).unwrap().to_scalar::<f64>().unwrap();
+        let l = bradley_terry(&c, &r, None, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((l - want).abs() < 1e-12);
         // a margin of 1 on the first pair: its difference becomes 0.
         let m = Tensor::new(&[1.0f64, 0.0], &dev).unwrap();
-        let l = bradley_terry(&c, &r, Some(&m), None).unwrap().to_scalar::<f64>().unwrap();
+        let l = bradley_terry(&c, &r, Some(&m), None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((l - 2f64.ln()).abs() < 1e-12);
         // centering: + 0.01 * mean((2+1)^2, 0^2) = 0.045
-        let l = bradley_terry(&c, &r, None, Some(0.01)).unwrap().to_scalar::<f64>().unwrap();
+        let l = bradley_terry(&c, &r, None, Some(0.01))
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((l - (want + 0.045)).abs() < 1e-12);
         // huge differences stay finite
         let big = Tensor::new(&[5000.0f64, -5000.0], &dev).unwrap();
         let zero = Tensor::new(&[0.0f64, 0.0], &dev).unwrap();
-        let l = bradley_terry(&big, &zero, None, None).unwrap().to_scalar::<f64>().unwrap();
+        let l = bradley_terry(&big, &zero, None, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!((l - 2500.0).abs() < 1e-9, "{l}");
     }
 }

@@ -85,6 +85,27 @@ struct GenerateArgs {
     json: bool,
 }
 
+/// Options of `score`.
+#[derive(Args, Clone, Debug)]
+struct ScoreArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Reward model: a directory or hub id (a saved candle-rlhf reward model
+    /// or any transformers ForSequenceClassification with num_labels 1).
+    #[arg(long)]
+    model: String,
+    /// Preference pairs to score (.jsonl, .jsonl.gz, .json): prints accuracy,
+    /// mean margin and a calibration table, writes per-pair scores.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// A text to score (repeatable).
+    #[arg(long)]
+    text: Vec<String>,
+    /// Where per-pair scores go (default: FILE.scores.jsonl beside --data).
+    #[arg(long, value_name = "FILE")]
+    scores_out: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Sample completions from a causal LM.
@@ -104,8 +125,8 @@ enum Command {
     Reward(TrainArgs),
     /// PPO against a reward model with a KL penalty to a reference (stage 3).
     Ppo(TrainArgs),
-    /// Score prompt/response pairs with a reward model.
-    Score(Common),
+    /// Score texts or preference pairs with a reward model.
+    Score(ScoreArgs),
     /// Evaluate a policy or reward model on held-out data.
     Eval(Common),
     /// Draw every metric of RUN_DIR/metrics.jsonl to SVG files in RUN_DIR/plots/.
@@ -160,9 +181,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sft(t) => not_ready("sft", &t.common),
-        Command::Reward(t) => not_ready("reward", &t.common),
+        Command::Reward(t) => reward(t),
         Command::Ppo(t) => not_ready("ppo", &t.common),
-        Command::Score(c) => not_ready("score", &c),
+        Command::Score(a) => score(a),
         Command::Eval(c) => not_ready("eval", &c),
         Command::Demo(c) => not_ready("demo", &c),
         Command::Bench(c) => not_ready("bench", &c),
@@ -244,6 +265,74 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             println!("{prompt}{completion}");
         }
+    }
+    Ok(())
+}
+
+/// Makes the self-made fixtures when a config points into a missing `fixtures/`.
+fn ensure_fixtures(paths: &[&str]) -> anyhow::Result<()> {
+    let missing = paths
+        .iter()
+        .any(|p| p.starts_with("fixtures/") && !std::path::Path::new(p).exists());
+    if missing {
+        tracing::info!("making the self-made fixtures in fixtures/");
+        candle_rlhf::fixtures::make_all(std::path::Path::new(DEFAULT_FIXTURES), 0)?;
+    }
+    Ok(())
+}
+
+/// The run directory: --resume's, else run.out, else runs/<command>-<time>.
+fn run_dir(command: &str, t: &TrainArgs, cfg: &Config) -> PathBuf {
+    t.resume
+        .clone()
+        .or_else(|| cfg.run.out.clone())
+        .unwrap_or_else(|| candle_rlhf::run::default_run_dir(command))
+}
+
+fn reward(t: TrainArgs) -> anyhow::Result<()> {
+    let cfg = resolve_config(&t.common)?;
+    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.reward.dataset])?;
+    let stop = candle_rlhf::signal::install()?;
+    let dir = run_dir("reward", &t, &cfg);
+    let out = candle_rlhf::trainers::reward::train(&cfg, &dir, t.resume.is_some(), &stop)?;
+    println!(
+        "reward model: {}\nsteps: {}, eval accuracy {:.4}, eval loss {:.4}, {:.3} s/step\ndata: {}\nrun: {}",
+        out.checkpoint.display(),
+        out.steps,
+        out.eval_accuracy,
+        out.eval_loss,
+        out.seconds_per_step,
+        out.data,
+        out.run_dir.display()
+    );
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    use candle_rlhf::models::reward::RewardScorer;
+    let cfg = resolve_config(&a.common)?;
+    let (device, _) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
+    let scorer = RewardScorer::load(&a.model, &device)?;
+    if a.data.is_none() && a.text.is_empty() {
+        anyhow::bail!("nothing to score: pass --text TEXT (repeatable) or --data FILE");
+    }
+    let texts: Vec<&str> = a.text.iter().map(String::as_str).collect();
+    for (text, s) in texts.iter().zip(scorer.score(&texts)?) {
+        println!("{s:.6}\t{text}");
+    }
+    if let Some(data) = &a.data {
+        let out = a
+            .scores_out
+            .clone()
+            .unwrap_or_else(|| data.with_extension("scores.jsonl"));
+        let report = candle_rlhf::trainers::reward::score_file(
+            &scorer,
+            data,
+            &out,
+            cfg.train.per_device_eval_batch_size,
+        )?;
+        print!("{report}");
+        println!("per-pair scores: {}", out.display());
     }
     Ok(())
 }

@@ -305,6 +305,25 @@ pub fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
     (ids, mask)
 }
 
+/// Right-pads `rows` with `pad_id` to the longest row: flat ids (B x T, row
+/// major) and the attention mask (1 real, 0 pad).
+pub fn right_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let ids = rows
+        .iter()
+        .flat_map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, width - r.len()))
+        })
+        .collect();
+    let mask = rows
+        .iter()
+        .map(|r| [vec![1u8; r.len()], vec![0u8; width - r.len()]].concat())
+        .collect();
+    (ids, mask)
+}
+
 /// Position ids from a left- or right-padded mask: cumsum(mask) - mask, so
 /// pad positions get 0 (TRL's rule; -1 would index outside GPT-2's wpe).
 pub fn position_ids(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {

@@ -58,7 +58,9 @@ impl HeadInit<'_> {
         if self.vb.contains_tensor(name) {
             return Ok(self.vb.get(shape, name)?);
         }
-        let t = self.rng.normal_tensor(shape, self.std, self.vb.dtype(), self.vb.device())?;
+        let t = self
+            .rng
+            .normal_tensor(shape, self.std, self.vb.dtype(), self.vb.device())?;
         self.insert(name, t)
     }
 
@@ -129,7 +131,12 @@ impl RewardModel {
 
     /// Loads a model directory (a base model, or a saved reward model) with
     /// its Vars; reads the normalization offset from config.json.
-    pub fn from_dir(dir: &Path, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarMap)> {
+    pub fn from_dir(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(Self, VarMap)> {
         let (cfg, vb, varmap) = load_dir(dir, dtype, device)?;
         let mut model = Self::load(vb, &varmap, &cfg, seed)?;
         let raw: Value = crate::checkpoint::read_json(&dir.join("config.json"))?;
@@ -159,7 +166,11 @@ impl RewardModel {
         let pooled = hidden.reshape((b * t, e))?.index_select(&index, 0)?; // (B, E)
         let reward = match &self.head {
             Head::Score(w) => pooled.matmul(&w.t()?)?,
-            Head::Pooled { dense, tanh, classifier } => {
+            Head::Pooled {
+                dense,
+                tanh,
+                classifier,
+            } => {
                 let h = dense.forward(&pooled.unsqueeze(1)?)?;
                 let h = if *tanh { h.tanh()? } else { h.relu()? };
                 classifier.forward(&h)?.squeeze(1)?
@@ -196,5 +207,60 @@ impl RewardModel {
             obj.insert(OFFSET_KEY.into(), json!(self.offset));
         }
         cfg
+    }
+}
+
+/// A saved reward model with its tokenizer, for scoring text from Rust:
+///
+/// ```no_run
+/// # fn main() -> candle_rlhf::Result<()> {
+/// let scorer = candle_rlhf::models::reward::RewardScorer::load("runs/reward-1/checkpoints/60", &candle_core::Device::Cpu)?;
+/// let scores = scorer.score(&["the movie was great.", "the movie was dull."])?;
+/// # Ok(()) }
+/// ```
+pub struct RewardScorer {
+    pub model: RewardModel,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    device: Device,
+}
+
+impl RewardScorer {
+    /// Loads a reward model from a directory or hub id (f32).
+    pub fn load(model: &str, device: &Device) -> Result<Self> {
+        let dir = crate::hub::resolve_model(model, &crate::hub::HubSettings::from_env())?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_dir(&dir)?;
+        let (cfg, vb, varmap) = load_dir(&dir, DType::F32, device)?;
+        // Build on detached weights: scoring records no graph.
+        RewardModel::load(vb, &varmap, &cfg, 0)?;
+        let mut model = RewardModel::load(
+            super::frozen_builder(&varmap, DType::F32, device),
+            &varmap,
+            &cfg,
+            0,
+        )?;
+        let raw: Value = crate::checkpoint::read_json(&dir.join("config.json"))?;
+        model.offset = raw[OFFSET_KEY].as_f64().unwrap_or(0.0);
+        Ok(Self {
+            model,
+            tokenizer,
+            device: device.clone(),
+        })
+    }
+
+    /// The score of each text (EOS appended when missing), minus the offset.
+    pub fn score(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let seqs = texts
+            .iter()
+            .map(|t| crate::data::encode_with_eos(&self.tokenizer, "", t))
+            .collect::<Result<Vec<_>>>()?;
+        self.score_ids(&seqs)
+    }
+
+    /// Scores of token-id sequences, in one right-padded batch.
+    pub fn score_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(1);
+        let (ids, mask) = super::right_pad(seqs, self.tokenizer.pad_id);
+        let ids = Tensor::from_vec(ids, (seqs.len(), width), &self.device)?;
+        self.model.scores(&ids, &mask)
     }
 }

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use candle_rlhf::generate::{generate, Sampling};
 use candle_rlhf::models::{
-    attention_bias, frozen_builder, left_pad, load_dir, position_ids, ArchConfig, Backbone,
-    CausalLm,
+    attention_bias, frozen_builder, left_pad, load_dir, position_ids, right_pad, ArchConfig,
+    Backbone, CausalLm,
 };
 use candle_rlhf::tokenizer::Tokenizer;
 use candle_rlhf::{fixtures, HostRng};
@@ -65,23 +65,6 @@ pub fn outputs(model: &Backbone, rows: &[Vec<u32>]) -> (Tensor, Vec<Vec<u8>>) {
         Backbone::Encoder(_) => hidden,
     };
     (out.to_dtype(DType::F32).unwrap(), mask)
-}
-
-pub fn right_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
-    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let ids = rows
-        .iter()
-        .flat_map(|r| {
-            r.iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, width - r.len()))
-        })
-        .collect();
-    let mask = rows
-        .iter()
-        .map(|r| [vec![1u8; r.len()], vec![0u8; width - r.len()]].concat())
-        .collect();
-    (ids, mask)
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -13,7 +13,9 @@ use candle_rlhf::models::Backbone;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::models::{load, max_abs_diff, model_dir, outputs, right_pad, ENCODERS};
+use candle_rlhf::models::right_pad;
+
+use crate::models::{load, max_abs_diff, model_dir, outputs, ENCODERS};
 
 const TOLERANCE: f32 = 1e-4;
 
