@@ -316,9 +316,11 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     if a.data.is_none() && a.text.is_empty() {
         anyhow::bail!("nothing to score: pass --text TEXT (repeatable) or --data FILE");
     }
-    let texts: Vec<&str> = a.text.iter().map(String::as_str).collect();
-    for (text, s) in texts.iter().zip(scorer.score(&texts)?) {
-        println!("{s:.6}\t{text}");
+    if !a.text.is_empty() {
+        let texts: Vec<&str> = a.text.iter().map(String::as_str).collect();
+        for (text, s) in texts.iter().zip(scorer.score(&texts)?) {
+            println!("{s:.6}\t{text}");
+        }
     }
     if let Some(data) = &a.data {
         let out = a

@@ -425,7 +425,7 @@ impl std::fmt::Display for ScoreReport {
         )?;
         writeln!(
             f,
-            "calibration (P = sigmoid(score_a - score_b) for a random order of each pair):"
+            "calibration (P = sigmoid(score_a - score_b), each pair counted in both orders):"
         )?;
         writeln!(f, "  bin          pairs  predicted  observed")?;
         for (lo, hi, n, p, o) in &self.calibration {

@@ -7,5 +7,6 @@ mod config;
 mod hub;
 mod models;
 mod reference;
+mod reward;
 mod toy;
 mod training;

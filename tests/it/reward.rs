@@ -1,0 +1,428 @@
+//! Reward models: heads, pooling, gradients, training to high accuracy on
+//! the synthetic pairs, reloading, resuming, and bad preference data.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_rlhf::data::{read_preferences, tokenize_pairs};
+use candle_rlhf::losses::bradley_terry;
+use candle_rlhf::models::reward::{RewardModel, RewardScorer};
+use candle_rlhf::models::{left_pad, right_pad};
+use candle_rlhf::signal::StopSignal;
+use candle_rlhf::tokenizer::Tokenizer;
+use candle_rlhf::trainers::reward::{score_file, train};
+use candle_rlhf::{fixtures, Config, Error};
+
+use crate::models::{fixtures_root, model_dir, CAUSAL, ENCODERS};
+
+fn reward_model(name: &str) -> (RewardModel, candle_nn::VarMap) {
+    RewardModel::from_dir(&model_dir(name), DType::F32, &Device::Cpu, 0).unwrap()
+}
+
+fn rewards(m: &RewardModel, rows: &[Vec<u32>], left: bool) -> Vec<f32> {
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    let (ids, mask) = if left {
+        left_pad(rows, 1)
+    } else {
+        right_pad(rows, 1)
+    };
+    let ids = Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu).unwrap();
+    m.rewards(&ids, &mask).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn new_heads_are_drawn_with_std_one_over_sqrt_hidden_plus_one() {
+    let (_, vars) = reward_model("tiny-llama");
+    let data = vars.data().lock().unwrap();
+    let w: Vec<f32> = data["score.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(w.len(), 64);
+    let std = (w.iter().map(|v| v * v).sum::<f32>() / 64.0).sqrt();
+    let want = 1.0 / 65f32.sqrt();
+    assert!((std / want - 1.0).abs() < 0.3, "std {std} vs {want}");
+    assert!(
+        !data.contains_key("lm_head.weight"),
+        "a reward model carries no LM head"
+    );
+    drop(data);
+    let (_, vars) = reward_model("tiny-bert");
+    let data = vars.data().lock().unwrap();
+    let b: Vec<f32> = data["classifier.bias"].as_tensor().to_vec1().unwrap();
+    assert_eq!(b, vec![0.0]);
+    assert!(data.contains_key("bert.pooler.dense.weight"));
+}
+
+#[test]
+fn pooling_follows_the_mask_for_left_and_right_padding() {
+    let rows = vec![vec![5u32, 17, 42, 9, 100, 7], vec![33u32, 2, 64]];
+    for name in CAUSAL.iter().chain(ENCODERS) {
+        let (m, _) = reward_model(name);
+        let alone: Vec<f32> = rows
+            .iter()
+            .map(|r| rewards(&m, std::slice::from_ref(r), false)[0])
+            .collect();
+        for left in [false, true] {
+            let batch = rewards(&m, &rows, left);
+            for (a, b) in alone.iter().zip(&batch) {
+                assert!((a - b).abs() < 1e-4, "{name} (left={left}): {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_reward_model_weight_gets_a_gradient() {
+    let rows = vec![
+        vec![5u32, 17, 42, 9],
+        vec![33u32, 2, 64, 11, 12],
+        vec![7u32, 8],
+        vec![9u32, 10, 11],
+    ];
+    for name in CAUSAL.iter().chain(ENCODERS) {
+        let (m, vars) = reward_model(name);
+        let width = 5;
+        let (ids, mask) = right_pad(&rows, 1);
+        let ids = Tensor::from_vec(ids, (4, width), &Device::Cpu).unwrap();
+        let r = m.rewards(&ids, &mask).unwrap();
+        let loss = bradley_terry(
+            &r.narrow(0, 0, 2).unwrap(),
+            &r.narrow(0, 2, 2).unwrap(),
+            None,
+            Some(0.01),
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        for (tensor, var) in vars.data().lock().unwrap().iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
+            let norm = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{name}: {tensor}: {norm}");
+        }
+    }
+}
+
+fn config(run: &Path, extra: &[&str]) -> Config {
+    let mut sets = vec![
+        format!(
+            "model.name_or_path={:?}",
+            model_dir("tiny-gpt2").to_string_lossy()
+        ),
+        format!(
+            "reward.dataset={:?}",
+            fixtures_root()
+                .join(fixtures::PREFERENCES)
+                .to_string_lossy()
+        ),
+        format!("run.out={:?}", run.to_string_lossy()),
+        "run.device=\"cpu\"".into(),
+        "train.learning_rate=3e-3".into(),
+        "train.per_device_train_batch_size=16".into(),
+        "train.max_steps=40".into(),
+        "train.save_steps=20".into(),
+        "train.logging_steps=5".into(),
+        "reward.eval_ratio=0.2".into(),
+        "reward.max_length=64".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(None, &sets).unwrap()
+}
+
+#[test]
+fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = train(
+        &config(&run, &["reward.normalize=true"]),
+        &run,
+        false,
+        &StopSignal::new(),
+    )
+    .unwrap();
+    eprintln!(
+        "tiny-gpt2 reward model: eval accuracy {} after {} steps, {:.4} s/step",
+        out.eval_accuracy, out.steps, out.seconds_per_step
+    );
+    assert!(
+        out.eval_accuracy >= 0.9,
+        "eval accuracy {}",
+        out.eval_accuracy
+    );
+    // TRL's metric names, train and eval.
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for key in [
+        "\"loss\"",
+        "\"accuracy\"",
+        "\"margin\"",
+        "\"mean_reward\"",
+        "\"min_reward\"",
+        "\"max_reward\"",
+        "\"num_tokens\"",
+        "\"learning_rate\"",
+        "\"grad_norm\"",
+        "\"tokens_per_second\"",
+        "\"eval_loss\"",
+        "\"eval_accuracy\"",
+    ] {
+        assert!(text.contains(key), "metrics.jsonl lacks {key}");
+    }
+    // The checkpoint is laid out as GPT2ForSequenceClassification.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.checkpoint.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["architectures"][0], "GPT2ForSequenceClassification");
+    let names = candle_rlhf::checkpoint::load_safetensors(
+        &out.checkpoint.join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(names.contains_key("score.weight") && names.contains_key("transformer.wte.weight"));
+    assert!(!names.keys().any(|k| k.starts_with("lm_head")));
+    // Reloaded, it scores every pair as the trainer's evaluation did, and
+    // normalization centres the chosen responses at 0.
+    let scorer = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
+    assert!(scorer.model.offset != 0.0);
+    let data = fixtures_root().join(fixtures::PREFERENCES);
+    let report = score_file(&scorer, &data, &tmp.path().join("scores.jsonl"), 64).unwrap();
+    assert!(report.accuracy >= 0.9, "{report}");
+    let again = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
+    let texts = [
+        "i think the movie was really great.",
+        "i think the movie was really dull.",
+    ];
+    assert_eq!(scorer.score(&texts).unwrap(), again.score(&texts).unwrap());
+    let rows = read_preferences(&data).unwrap();
+    let tok = Tokenizer::from_dir(&out.checkpoint).unwrap();
+    let (pairs, _) = tokenize_pairs(&rows, &tok, 64, false).unwrap();
+    let chosen: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.clone()).collect();
+    let mean = scorer.score_ids(&chosen).unwrap().iter().sum::<f32>() / chosen.len() as f32;
+    assert!(
+        mean.abs() < 0.5,
+        "mean chosen score after normalization: {mean}"
+    );
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let cfg = config(&run, &["train.max_steps=8", "train.save_steps=4"]);
+    let stop = StopSignal::new();
+    stop.request(); // as Ctrl-C: the run checkpoints after its first step and stops
+    match train(&cfg, &run, false, &stop) {
+        Err(Error::Interrupted { step, .. }) => assert_eq!(step, 1),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let resumed = train(&cfg, &run, true, &StopSignal::new()).unwrap();
+    let straight_dir = tmp.path().join("straight");
+    let straight = train(
+        &config(&straight_dir, &["train.max_steps=8", "train.save_steps=4"]),
+        &straight_dir,
+        false,
+        &StopSignal::new(),
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 8);
+    let w = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(
+        w(&resumed.checkpoint),
+        w(&straight.checkpoint),
+        "resumed run differs from an uninterrupted one"
+    );
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn bad_preference_data_gives_clear_errors_or_counted_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let err = |name: &str, bytes: &[u8]| {
+        read_preferences(&write(d, name, bytes))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(
+        "a.jsonl",
+        b"{\"chosen\": \"x\", \"rejected\": \"y\"}\n{\"chosen\": \"x\",\n",
+    );
+    assert!(
+        e.contains("a.jsonl") && e.contains("line 2") && e.contains("malformed JSON"),
+        "{e}"
+    );
+    let e = err("b.jsonl", b"{\"chosen\": \"x\", \"answer\": \"y\"}\n");
+    assert!(
+        e.contains("missing column `rejected`") && e.contains("columns found: answer, chosen"),
+        "{e}"
+    );
+    let e = err(
+        "c.jsonl",
+        b"{\"chosen\": \"x\", \"rejected\": \"y\"}\n{\"chosen\": \"\xff\", \"rejected\": \"y\"}\n",
+    );
+    assert!(e.contains("line 2") && e.contains("UTF-8"), "{e}");
+    let e = err("d.jsonl", b"{\"chosen\": 3, \"rejected\": \"y\"}\n");
+    assert!(e.contains("`chosen` must be a string"), "{e}");
+    let e = err(
+        "e.jsonl",
+        b"{\"chosen\": [{\"role\": \"user\", \"content\": \"hi\"}], \"rejected\": \"y\"}\n",
+    );
+    assert!(
+        e.contains("conversational") && e.contains("chat template"),
+        "{e}"
+    );
+    let e = err(
+        "f.json",
+        b"[{\"chosen\": \"x\", \"rejected\": \"y\"},\n {\"chosen\": }]",
+    );
+    assert!(e.contains("f.json") && e.contains("line 2"), "{e}");
+    let e = err("g.csv", b"chosen,rejected\n");
+    assert!(e.contains("unknown preference file format"), "{e}");
+    let e = err(
+        "h.jsonl",
+        b"{\"chosen\": \"x\", \"rejected\": \"y\", \"margin\": \"big\"}\n",
+    );
+    assert!(e.contains("`margin` must be a finite number"), "{e}");
+
+    // Counted skips, and an error when nothing is left.
+    let tok = Tokenizer::from_dir(&model_dir("tiny-gpt2")).unwrap();
+    let rows = read_preferences(&write(
+        d,
+        "skips.jsonl",
+        b"{\"chosen\": \"good\", \"rejected\": \"good\"}\n{\"chosen\": \" \", \"rejected\": \"bad\"}\n{\"prompt\": \"the movie was\", \"chosen\": \" great.\", \"rejected\": \" dull.\"}\n",
+    ))
+    .unwrap();
+    let (pairs, report) = tokenize_pairs(&rows, &tok, 64, false).unwrap();
+    assert_eq!(
+        (pairs.len(), report.skipped_identical, report.skipped_empty),
+        (1, 1, 1)
+    );
+    assert_eq!(*pairs[0].chosen.last().unwrap(), tok.eos_id, "EOS appended");
+    // max_length smaller than the prompt: dropped (drop mode) or, when truncating, still dropped.
+    for truncate in [false, true] {
+        let e = tokenize_pairs(&rows[2..], &tok, 2, truncate)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no preference pair left") && e.contains("1 dropped"),
+            "{e}"
+        );
+    }
+    // Truncation keeps a pair whose prompt fits.
+    let (pairs, report) = tokenize_pairs(&rows[2..], &tok, 5, true).unwrap();
+    assert_eq!((report.truncated, pairs[0].chosen.len()), (1, 5));
+}
+
+#[test]
+fn gzip_jsonl_reads_like_jsonl() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = fixtures_root().join(fixtures::PREFERENCES);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&std::fs::read(&plain).unwrap()).unwrap();
+    let path = write(dir.path(), "p.jsonl.gz", &gz.finish().unwrap());
+    let a = read_preferences(&plain).unwrap();
+    let b = read_preferences(&path).unwrap();
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a[5].chosen, b[5].chosen);
+}
+
+#[test]
+fn reward_and_score_cli_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let bin = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+        c.env_remove("RUST_BACKTRACE");
+        c
+    };
+    let out = bin()
+        .args([
+            "reward",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/reward-tiny.toml"),
+            "--device",
+            "cpu",
+        ])
+        .arg("--set")
+        .arg(format!(
+            "model.name_or_path={:?}",
+            model_dir("tiny-pythia").to_string_lossy()
+        ))
+        .arg("--set")
+        .arg(format!(
+            "reward.dataset={:?}",
+            fixtures_root()
+                .join(fixtures::PREFERENCES)
+                .to_string_lossy()
+        ))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("eval accuracy"), "{stdout}");
+    assert!(run.join("plots").is_dir());
+    let ckpt = candle_rlhf::checkpoint::latest(&run).unwrap().unwrap().1;
+    let out = bin()
+        .args(["score", "--model"])
+        .arg(&ckpt)
+        .args(["--text", "the movie was great.", "--data"])
+        .arg(fixtures_root().join(fixtures::PREFERENCES))
+        .arg("--scores-out")
+        .arg(tmp.path().join("s.jsonl"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("accuracy") && stdout.contains("calibration"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("s.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        600
+    );
+    // A missing column: one error line, exit 1.
+    let bad = write(tmp.path(), "bad.jsonl", b"{\"chosen\": \"x\"}\n");
+    let out = bin()
+        .args(["score", "--model"])
+        .arg(&ckpt)
+        .arg("--data")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("missing column `rejected`")),
+        "{stderr}"
+    );
+}
