@@ -196,7 +196,7 @@ const DEFAULT_FIXTURES: &str = "fixtures";
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use candle_rlhf::generate::{generate, Sampling};
     use candle_rlhf::hub::{resolve_model, HubSettings};
-    use candle_rlhf::models::{frozen_builder, load_dir, CausalLm};
+    use candle_rlhf::models::{load_dir_frozen, CausalLm};
     use candle_rlhf::tokenizer::Tokenizer;
 
     let mut common = args.common.clone();
@@ -230,10 +230,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let dtype = cfg.run.dtype.dtype();
-    let (arch, vb, vars) = load_dir(&model_dir, dtype, &device)?;
-    CausalLm::load(vb, &arch)?; // reads every weight into `vars`, checking its shape
-                                // Sample from detached weights: no step records an autograd graph.
-    let model = CausalLm::load(frozen_builder(&vars, dtype, &device), &arch)?;
+    // Sample from plain (untracked) weights: no step records an autograd graph.
+    let (arch, vb, _) = load_dir_frozen(&model_dir, dtype, &device)?;
+    let model = CausalLm::load(vb, &arch, true)?;
     tracing::info!("{} model from {}", arch.model_type(), model_dir.display());
 
     let mut prompts = args.prompt.clone();

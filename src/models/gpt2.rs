@@ -152,16 +152,8 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     /// Builds the model from `vb` at the checkpoint root (names `transformer.*`, `lm_head.weight`).
-    pub fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
-        Self::build(vb, cfg, true)
-    }
-
-    /// The model without its LM head.
-    pub fn load_trunk(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
-        Self::build(vb, cfg, false)
-    }
-
-    fn build(vb: VarBuilder, cfg: &Gpt2Config, with_head: bool) -> Result<Self> {
+    /// `with_head: false` leaves out the LM head (the trunk of a reward or value model).
+    pub fn load(vb: VarBuilder, cfg: &Gpt2Config, with_head: bool) -> Result<Self> {
         check_heads((cfg.n_embd, "n_embd"), (cfg.n_head, "n_head"))?;
         let tv = vb.pp("transformer");
         let wte = tv.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?;

@@ -70,16 +70,8 @@ pub struct GptNeoX {
 
 impl GptNeoX {
     /// Builds the model from `vb` at the checkpoint root (`gpt_neox.*`, `embed_out.weight`).
-    pub fn load(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
-        Self::build(vb, cfg, true)
-    }
-
-    /// The model without its LM head.
-    pub fn load_trunk(vb: VarBuilder, cfg: &GptNeoXConfig) -> Result<Self> {
-        Self::build(vb, cfg, false)
-    }
-
-    fn build(vb: VarBuilder, cfg: &GptNeoXConfig, with_head: bool) -> Result<Self> {
+    /// `with_head: false` leaves out the LM head (the trunk of a reward or value model).
+    pub fn load(vb: VarBuilder, cfg: &GptNeoXConfig, with_head: bool) -> Result<Self> {
         let (e, h) = (cfg.hidden_size, cfg.num_attention_heads);
         check_heads((e, "hidden_size"), (h, "num_attention_heads"))?;
         let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;

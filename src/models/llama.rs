@@ -189,16 +189,8 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model from `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
-    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        Self::build(vb, cfg, true)
-    }
-
-    /// The model without its LM head.
-    pub fn load_trunk(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        Self::build(vb, cfg, false)
-    }
-
-    fn build(vb: VarBuilder, cfg: &LlamaConfig, with_head: bool) -> Result<Self> {
+    /// `with_head: false` leaves out the LM head (the trunk of a reward or value model).
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig, with_head: bool) -> Result<Self> {
         cfg.validate()?;
         let act = Activation::from_config(&cfg.hidden_act, "hidden_act")?;
         let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);

@@ -33,28 +33,19 @@ pub enum CausalLm {
 }
 
 impl CausalLm {
-    /// Builds the model of `cfg` from `vb` at the checkpoint root.
-    pub fn load(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
+    /// Builds the model of `cfg` from `vb` at the checkpoint root; without
+    /// `with_head`, the trunk alone (under a reward or value head).
+    pub fn load(vb: VarBuilder, cfg: &ArchConfig, with_head: bool) -> Result<Self> {
         Ok(match cfg {
-            ArchConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::load(vb, c)?),
-            ArchConfig::Llama(c) => Self::Llama(llama::Llama::load(vb, c)?),
-            ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load(vb, c)?),
+            ArchConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::load(vb, c, with_head)?),
+            ArchConfig::Llama(c) => Self::Llama(llama::Llama::load(vb, c, with_head)?),
+            ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load(vb, c, with_head)?),
             other => {
                 return Err(Error::Msg(format!(
                     "model_type `{}` is an encoder, not a causal LM (causal LMs: gpt2, llama, mistral, qwen2, gpt_neox)",
                     other.model_type()
                 )))
             }
-        })
-    }
-
-    /// The model without its LM head, as the trunk of a reward or value model.
-    pub fn load_trunk(vb: VarBuilder, cfg: &ArchConfig) -> Result<Self> {
-        Ok(match cfg {
-            ArchConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::load_trunk(vb, c)?),
-            ArchConfig::Llama(c) => Self::Llama(llama::Llama::load_trunk(vb, c)?),
-            ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load_trunk(vb, c)?),
-            other => Self::load(vb, other)?,
         })
     }
 
@@ -160,8 +151,7 @@ impl Backbone {
             ArchConfig::DistilBert(c) => {
                 Self::Encoder(Encoder::DistilBert(distilbert::DistilBert::load(vb, c)?))
             }
-            causal if lm_head => Self::Causal(CausalLm::load(vb, causal)?),
-            causal => Self::Causal(CausalLm::load_trunk(vb, causal)?),
+            causal => Self::Causal(CausalLm::load(vb, causal, lm_head)?),
         })
     }
 
@@ -206,9 +196,28 @@ pub fn load_dir(
     dtype: DType,
     device: &Device,
 ) -> Result<(ArchConfig, VarBuilder<'static>, VarMap)> {
+    read_dir(dir, dtype, device, true)
+}
+
+/// The same for inference: plain tensors, no Vars, no autograd graph
+/// (sampling, scoring); the returned map holds only what a caller adds.
+pub fn load_dir_frozen(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ArchConfig, VarBuilder<'static>, VarMap)> {
+    read_dir(dir, dtype, device, false)
+}
+
+fn read_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    trainable: bool,
+) -> Result<(ArchConfig, VarBuilder<'static>, VarMap)> {
     let cfg = ArchConfig::load(&dir.join("config.json"))?;
     let tensors = weights::read_safetensors_dir(dir, device, |n| cfg.canonical_name(n))?;
-    let (vb, varmap) = weights::checkpoint_builder(tensors, dir, dtype, device);
+    let (vb, varmap) = weights::checkpoint_builder(tensors, dir, dtype, device, trainable);
     Ok((cfg, vb, varmap))
 }
 

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
@@ -73,14 +73,7 @@ impl HeadInit<'_> {
     }
 
     fn insert(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
-        let var = Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
-        self.varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), var);
-        Ok(out)
+        Ok(super::weights::add_var(self.varmap, name, &t)?)
     }
 
     fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
@@ -179,10 +172,15 @@ impl RewardModel {
         Ok(reward.reshape(b)?.to_dtype(DType::F32)?)
     }
 
-    /// Scores as reported: the rewards minus the normalization offset.
-    pub fn scores(&self, ids: &Tensor, mask: &[Vec<u8>]) -> Result<Vec<f32>> {
-        let r: Vec<f32> = self.rewards(ids, mask)?.to_vec1()?;
-        Ok(r.into_iter().map(|v| v - self.offset as f32).collect())
+    /// Raw rewards (B,) of token-id sequences, run as one right-padded batch.
+    pub fn rewards_of(&self, seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F32, device)?);
+        }
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let (ids, mask) = super::right_pad(seqs, pad_id);
+        let ids = Tensor::from_vec(ids, (seqs.len(), width), device)?;
+        self.rewards(&ids, &mask)
     }
 
     /// config.json of the saved reward model: the backbone's config as read
@@ -258,9 +256,13 @@ impl RewardScorer {
 
     /// Scores of token-id sequences, in one right-padded batch.
     pub fn score_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(1);
-        let (ids, mask) = super::right_pad(seqs, self.tokenizer.pad_id);
-        let ids = Tensor::from_vec(ids, (seqs.len(), width), &self.device)?;
-        self.model.scores(&ids, &mask)
+        let r: Vec<f32> = self
+            .model
+            .rewards_of(seqs, self.tokenizer.pad_id, &self.device)?
+            .to_vec1()?;
+        // As reported: minus the normalization offset.
+        Ok(r.into_iter()
+            .map(|v| v - self.model.offset as f32)
+            .collect())
     }
 }

@@ -13,15 +13,25 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::{Error, HostRng, Result};
 
-/// Serves tensors read from safetensors files, each as a new `Var` in `varmap`.
+/// Serves tensors read from safetensors files: each as a new `Var` in
+/// `varmap` when trainable, else as a plain tensor (no copy, no tracking).
 struct CheckpointBackend {
     tensors: HashMap<String, Tensor>,
     varmap: VarMap,
     source: PathBuf,
+    trainable: bool,
 }
 
 fn lock(varmap: &VarMap) -> std::sync::MutexGuard<'_, HashMap<String, Var>> {
     varmap.data().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes `t` a trainable Var named `name` in `varmap`; returns its tensor.
+pub fn add_var(varmap: &VarMap, name: &str, t: &Tensor) -> candle_core::Result<Tensor> {
+    let var = Var::from_tensor(t)?;
+    let out = var.as_tensor().clone();
+    lock(varmap).insert(name.to_string(), var);
+    Ok(out)
 }
 
 impl CheckpointBackend {
@@ -48,10 +58,12 @@ impl CheckpointBackend {
                 );
             }
         }
-        let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
-        let out = var.as_tensor().clone();
-        lock(&self.varmap).insert(name.to_string(), var);
-        Ok(out)
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        if self.trainable {
+            add_var(&self.varmap, name, &t)
+        } else {
+            Ok(t)
+        }
     }
 }
 
@@ -106,10 +118,7 @@ impl SimpleBackend for RandomBackend {
             rng.normal_tensor(s, 0.02, DType::F32, dev)
                 .map_err(candle_core::Error::wrap)?
         };
-        let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
-        let out = var.as_tensor().clone();
-        lock(&self.varmap).insert(name.to_string(), var);
-        Ok(out)
+        add_var(&self.varmap, name, &t.to_dtype(dtype)?)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
         candle_core::bail!("random weights need a shape for `{name}`")
@@ -164,18 +173,21 @@ pub fn read_safetensors_dir(
     Ok(out)
 }
 
-/// A VarBuilder over checkpoint tensors; each requested tensor becomes a Var in the returned map.
+/// A VarBuilder over checkpoint tensors; when `trainable`, each requested
+/// tensor becomes a Var in the returned map (else the map stays empty).
 pub fn checkpoint_builder(
     tensors: HashMap<String, Tensor>,
     source: &Path,
     dtype: DType,
     device: &Device,
+    trainable: bool,
 ) -> (VarBuilder<'static>, VarMap) {
     let varmap = VarMap::new();
     let backend = CheckpointBackend {
         tensors,
         varmap: varmap.clone(),
         source: source.to_path_buf(),
+        trainable,
     };
     (
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),

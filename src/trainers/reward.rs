@@ -90,28 +90,6 @@ impl PairStats {
     }
 }
 
-/// Pads the chosen then the rejected sequences of `pairs` (right padding) into
-/// one batch: ids (2B, T), mask, and the count of real tokens.
-pub fn pair_batch(
-    pairs: &[&TokenizedPair],
-    pad_id: u32,
-    device: &Device,
-) -> Result<(Tensor, Vec<Vec<u8>>, usize)> {
-    let seqs: Vec<Vec<u32>> = pairs
-        .iter()
-        .map(|p| p.chosen.clone())
-        .chain(pairs.iter().map(|p| p.rejected.clone()))
-        .collect();
-    let width = seqs.iter().map(Vec::len).max().unwrap_or(1);
-    let (ids, mask) = crate::models::right_pad(&seqs, pad_id);
-    let tokens = seqs.iter().map(Vec::len).sum();
-    Ok((
-        Tensor::from_vec(ids, (seqs.len(), width), device)?,
-        mask,
-        tokens,
-    ))
-}
-
 /// Rewards of the chosen and the rejected sequences of `pairs`, and the loss.
 fn pair_loss(
     model: &RewardModel,
@@ -121,8 +99,14 @@ fn pair_loss(
     device: &Device,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>, usize)> {
     let b = pairs.len();
-    let (ids, mask, tokens) = pair_batch(pairs, pad_id, device)?;
-    let rewards = model.rewards(&ids, &mask)?; // (2B,): chosen, then rejected
+    // Chosen and rejected in one padded batch: (2B,), chosen first.
+    let seqs: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|p| p.chosen.clone())
+        .chain(pairs.iter().map(|p| p.rejected.clone()))
+        .collect();
+    let tokens = seqs.iter().map(Vec::len).sum();
+    let rewards = model.rewards_of(&seqs, pad_id, device)?;
     let (chosen, rejected) = (rewards.narrow(0, 0, b)?, rewards.narrow(0, b, b)?);
     let margins: Vec<f32> = pairs.iter().map(|p| p.margin).collect();
     let margin = if margins.iter().any(|&m| m != 0.0) {
@@ -140,20 +124,6 @@ fn pair_loss(
 }
 
 /// Loss and statistics over `pairs` without training (the eval split).
-pub fn evaluate(
-    model: &RewardModel,
-    pairs: &[TokenizedPair],
-    cfg: &Config,
-    pad_id: u32,
-    device: &Device,
-) -> Result<(f64, f64)> {
-    let stats = eval_stats(model, pairs, cfg, pad_id, device)?;
-    Ok((
-        stats.loss_sum / stats.batches.max(1) as f64,
-        stats.accuracy(),
-    ))
-}
-
 fn eval_stats(
     model: &RewardModel,
     pairs: &[TokenizedPair],
@@ -358,10 +328,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             model.offset = 0.0;
             let mut sum = 0.0;
             for chunk in train_pairs.chunks(t.per_device_eval_batch_size) {
-                let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-                let (ids, mask, _) = pair_batch(&refs, tok.pad_id, &device)?;
-                let r: Vec<f32> = model.rewards(&ids, &mask)?.to_vec1()?;
-                sum += r[..chunk.len()].iter().map(|&v| v as f64).sum::<f64>();
+                let seqs: Vec<Vec<u32>> = chunk.iter().map(|p| p.chosen.clone()).collect();
+                let r: Vec<f32> = model.rewards_of(&seqs, tok.pad_id, &device)?.to_vec1()?;
+                sum += r.iter().map(|&v| v as f64).sum::<f64>();
             }
             model.offset = sum / train_pairs.len() as f64;
             tracing::info!("reward offset (mean chosen score): {:.4}", model.offset);

@@ -67,6 +67,30 @@ pub fn outputs(model: &Backbone, rows: &[Vec<u32>]) -> (Tensor, Vec<Vec<u8>>) {
     (out.to_dtype(DType::F32).unwrap(), mask)
 }
 
+/// Fails unless every Var of `varmap` has a finite, non-zero gradient.
+pub fn assert_every_var_has_a_gradient(
+    name: &str,
+    varmap: &VarMap,
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (tensor, var) in varmap.data().lock().unwrap().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: {tensor}: gradient norm {norm}"
+        );
+    }
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -247,24 +271,11 @@ fn every_weight_gets_a_nonzero_gradient() {
             }
         };
         let grads = loss.backward().unwrap();
-        let vars = varmap.data().lock().unwrap();
-        assert!(vars.len() >= 14, "{name}: only {} tensors", vars.len());
-        for (tensor, var) in vars.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
-            let norm = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{name}: {tensor}: gradient norm {norm}"
-            );
-        }
+        assert!(
+            varmap.data().lock().unwrap().len() >= 14,
+            "{name}: too few tensors"
+        );
+        assert_every_var_has_a_gradient(name, &varmap, &grads);
     }
 }
 

@@ -13,7 +13,7 @@ use candle_rlhf::tokenizer::Tokenizer;
 use candle_rlhf::trainers::reward::{score_file, train};
 use candle_rlhf::{fixtures, Config, Error};
 
-use crate::models::{fixtures_root, model_dir, CAUSAL, ENCODERS};
+use crate::models::{assert_every_var_has_a_gradient, fixtures_root, model_dir, CAUSAL, ENCODERS};
 
 fn reward_model(name: &str) -> (RewardModel, candle_nn::VarMap) {
     RewardModel::from_dir(&model_dir(name), DType::F32, &Device::Cpu, 0).unwrap()
@@ -96,19 +96,7 @@ fn every_reward_model_weight_gets_a_gradient() {
         )
         .unwrap();
         let grads = loss.backward().unwrap();
-        for (tensor, var) in vars.data().lock().unwrap().iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {tensor}"));
-            let norm = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{name}: {tensor}: {norm}");
-        }
+        assert_every_var_has_a_gradient(name, &vars, &grads);
     }
 }
 
