@@ -16,7 +16,7 @@ fixtures:
 golden: fixtures
 	python3 -m venv .venv-golden
 	.venv-golden/bin/pip install -q torch transformers safetensors
-	.venv-golden/bin/python scripts/make_golden.py fixtures/models tests/golden
+	.venv-golden/bin/python scripts/make_golden.py fixtures tests
 
 fmt:
 	cargo fmt --all

@@ -10,7 +10,9 @@
 //!   layout (2 layers, hidden 64), with randomized norm weights and biases so
 //!   that a loader ignoring them fails; both config.json shapes represented;
 //! - the same models laid out as a Hugging Face hub cache
-//!   (`hub/models--candle-rlhf--NAME/{blobs,snapshots/REV,refs/main}`).
+//!   (`hub/models--candle-rlhf--NAME/{blobs,snapshots/REV,refs/main}`);
+//! - `reward/NAME`: each model with a new seeded reward head, saved as
+//!   `candle-rlhf reward` saves a reward model (for golden scores).
 
 use std::path::{Path, PathBuf};
 
@@ -603,8 +605,31 @@ pub fn write_hub_cache_entry(cache: &Path, repo_id: &str, model_dir: &Path) -> R
     Ok(commit)
 }
 
+/// Saves `model_dir`'s backbone with a new reward head drawn from `seed` in
+/// `out`, laid out as the reward trainer lays out its checkpoints.
+pub fn write_reward_model(model_dir: &Path, out: &Path, seed: u64) -> Result<()> {
+    let (model, varmap) =
+        crate::models::reward::RewardModel::from_dir(model_dir, DType::F32, &Device::Cpu, seed)?;
+    let tok = crate::tokenizer::Tokenizer::from_dir(model_dir)?;
+    let base: Value = crate::checkpoint::read_json(&model_dir.join("config.json"))?;
+    std::fs::create_dir_all(out).with_path(out)?;
+    save_safetensors(
+        &crate::models::weights::named_tensors(&varmap),
+        &out.join("model.safetensors"),
+    )?;
+    write_json(
+        &out.join("config.json"),
+        &model.checkpoint_config(&base, tok.pad_id),
+    )?;
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir.join(name), out.join(name)).with_path(&model_dir.join(name))?;
+    }
+    Ok(())
+}
+
 /// Makes every fixture under `out`: tokenizers, `models/NAME` for each of
-/// [`MODEL_NAMES`] and the hub cache `hub/`. Returns the model directories.
+/// [`MODEL_NAMES`], the hub cache `hub/` and reward models `reward/NAME`.
+/// Returns the model directories.
 pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
     let tokenizers = Tokenizers::train(&out.join("tokenizers"), seed)?;
     let (vocab, eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::Distinct))?;
@@ -620,6 +645,7 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
         let dir = out.join("models").join(spec.name);
         write_model(&dir, &spec, &tokenizers, seed)?;
         write_hub_cache_entry(&out.join("hub"), &format!("{HUB_ORG}/{}", spec.name), &dir)?;
+        write_reward_model(&dir, &out.join("reward").join(spec.name), seed)?;
         dirs.push(dir);
     }
     write_jsonl(&out.join(PREFERENCES), &synthetic_preferences(seed, 600))?;

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_rlhf::models::reward::RewardModel;
 use candle_rlhf::models::Backbone;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -247,4 +248,75 @@ fn encoders_match_candle_transformers_on_a_right_padded_batch() {
         eprintln!("{name}: max |ours - candle-transformers| (hidden, real positions) = {diff:.2e}");
         assert!(diff <= TOLERANCE, "{name}: {diff}");
     }
+}
+
+#[derive(Deserialize)]
+struct RewardGolden {
+    model: String,
+    architecture: String,
+    made_by: String,
+    model_sha256: String,
+    cases: BTreeMap<String, RewardCase>,
+}
+
+#[derive(Deserialize)]
+struct RewardCase {
+    input_ids: Vec<Vec<u32>>,
+    attention_mask: Vec<Vec<u8>>,
+    rewards: Vec<f32>,
+}
+
+fn sha256_of(path: &Path) -> String {
+    Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The fixture reward models (every architecture, each with a seeded head,
+/// saved as `candle-rlhf reward` saves) score as transformers'
+/// AutoModelForSequenceClassification scores them: right- and left-padded
+/// batches and single rows (tests/golden_reward, scripts/make_golden.py).
+#[test]
+fn saved_reward_models_score_as_transformers_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_reward");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let golden: RewardGolden =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let model_dir = crate::models::fixtures_root()
+            .join("reward")
+            .join(&golden.model);
+        assert_eq!(
+            sha256_of(&model_dir.join("model.safetensors")),
+            golden.model_sha256,
+            "fixture reward/{} changed since {} was made: regenerate with scripts/make_golden.py",
+            golden.model,
+            path.display()
+        );
+        let (model, _) =
+            RewardModel::from_dir(&model_dir, DType::F32, &Device::Cpu, 12345).unwrap();
+        let mut worst = 0f32;
+        for (name, case) in &golden.cases {
+            let (b, t) = (case.input_ids.len(), case.input_ids[0].len());
+            let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &Device::Cpu).unwrap();
+            let ours: Vec<f32> = model
+                .rewards(&ids, &case.attention_mask)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(ours.len(), case.rewards.len(), "{}/{name}", golden.model);
+            for (a, e) in ours.iter().zip(&case.rewards) {
+                worst = worst.max((a - e).abs());
+            }
+        }
+        eprintln!(
+            "{} ({}): max |ours - transformers| = {worst:.2e} ({})",
+            golden.model, golden.architecture, golden.made_by
+        );
+        assert!(worst <= TOLERANCE, "{}: {worst}", golden.model);
+        seen += 1;
+    }
+    assert_eq!(seen, 7, "one golden reward file per fixture architecture");
 }
