@@ -190,11 +190,18 @@ impl Default for GenerateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
-    /// Preference pairs: a .jsonl, .jsonl.gz or .json file with columns
-    /// chosen, rejected and optionally prompt and margin.
+    /// Preference pairs with columns chosen, rejected and optionally prompt
+    /// and margin: a .jsonl, .jsonl.gz, .json or .parquet file, or a dataset
+    /// (hub id `org/name[@revision]` or local directory) read at split
+    /// `dataset_train_split`.
     pub dataset: String,
-    /// A separate evaluation file; without it, `eval_ratio` of the data is held out.
+    /// The split of a dataset repo to train on (TRL's name).
+    pub dataset_train_split: String,
+    /// A separate evaluation set (file, or dataset read at split
+    /// `dataset_test_split`); without it, `eval_ratio` of the data is held out.
     pub eval_dataset: Option<String>,
+    /// The split of `eval_dataset` when it is a dataset repo (TRL's name).
+    pub dataset_test_split: String,
     /// Fraction of the pairs held out for evaluation (seeded split) when there is no eval_dataset.
     pub eval_ratio: f64,
     /// Pairs whose chosen or rejected sequence is longer than this many tokens
@@ -213,7 +220,9 @@ impl Default for RewardConfig {
     fn default() -> Self {
         Self {
             dataset: String::new(),
+            dataset_train_split: "train".into(),
             eval_dataset: None,
+            dataset_test_split: "test".into(),
             eval_ratio: 0.1,
             max_length: 1024,
             truncate: false,

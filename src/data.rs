@@ -1,5 +1,6 @@
-//! Preference data: reading pairs from JSONL, gzip-compressed JSONL or a JSON
-//! array, tokenizing them as prompt + response (+ EOS), filtering, splitting.
+//! Preference data: reading pairs from JSONL, gzip-compressed JSONL, a JSON
+//! array, Parquet or a dataset repo's split, tokenizing them as prompt +
+//! response (+ EOS), filtering, splitting.
 //! Bad rows are one clear error naming the file and line; pairs that cannot
 //! train (empty, identical, too long) are counted skips.
 
@@ -24,10 +25,52 @@ pub struct PreferenceRow {
     pub source: String,
 }
 
-/// Reads a preference file; the format follows the extension (.jsonl,
-/// .jsonl.gz / .json.gz, .json).
+/// One row of a data file as a JSON object, with where it came from
+/// (`file: line N`, `item N` or `row N`) for messages.
+pub type Record = (Value, String);
+
+/// Reads the records of a data file or a dataset split: `spec` is a file
+/// (.jsonl, .jsonl.gz, .json, .json.gz, .parquet), else a directory laid out
+/// as a dataset repo or a hub dataset id, read at `split`.
+pub fn load_records(spec: &str, split: &str, hub: &crate::hub::HubSettings) -> Result<Vec<Record>> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return read_records(path);
+    }
+    let mut records = Vec::new();
+    for file in crate::hub::resolve_dataset(spec, split, hub)? {
+        records.extend(read_records(&file)?);
+    }
+    Ok(records)
+}
+
+/// Reads preference pairs from a file or a dataset split (see [`load_records`]).
+pub fn load_preferences(
+    spec: &str,
+    split: &str,
+    hub: &crate::hub::HubSettings,
+) -> Result<Vec<PreferenceRow>> {
+    load_records(spec, split, hub)?
+        .iter()
+        .map(|(value, source)| parse_row(value, source.clone()))
+        .collect()
+}
+
+/// Reads a preference file (see [`read_records`]).
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceRow>> {
+    read_records(path)?
+        .iter()
+        .map(|(value, source)| parse_row(value, source.clone()))
+        .collect()
+}
+
+/// Reads the records of a data file; the format follows the extension
+/// (.jsonl, .jsonl.gz / .json.gz, .json, .parquet).
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let name = path.to_string_lossy();
+    if name.ends_with(".parquet") {
+        return read_parquet(path);
+    }
     let mut bytes = std::fs::read(path).with_path(path)?;
     if name.ends_with(".gz") {
         let mut out = Vec::new();
@@ -46,9 +89,32 @@ pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceRow>> {
         read_jsonl(path, &bytes)
     } else {
         Err(Error::Msg(format!(
-            "{name}: unknown preference file format (use .jsonl, .jsonl.gz or .json)"
+            "{name}: unknown data file format (use .jsonl, .jsonl.gz, .json or .parquet)"
         )))
     }
+}
+
+/// Parquet rows as JSON objects (lists become arrays, structs objects).
+fn read_parquet(path: &Path) -> Result<Vec<Record>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |e: parquet::errors::ParquetError| Error::Parse {
+        path: path.to_path_buf(),
+        message: format!("not a readable Parquet file: {e}"),
+    };
+    let file = std::fs::File::open(path).with_path(path)?;
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let mut records = Vec::new();
+    for (i, row) in reader.get_row_iter(None).map_err(bad)?.enumerate() {
+        let row = row.map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            message: format!("row {}: {e}", i + 1),
+        })?;
+        records.push((
+            row.to_json_value(),
+            format!("{}: row {}", path.display(), i + 1),
+        ));
+    }
+    Ok(records)
 }
 
 fn parse_error(path: &Path, line: usize, message: String) -> Error {
@@ -58,7 +124,7 @@ fn parse_error(path: &Path, line: usize, message: String) -> Error {
     }
 }
 
-fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<PreferenceRow>> {
+fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Record>> {
     let mut rows = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
@@ -69,15 +135,12 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<PreferenceRow>> {
         }
         let value: Value = serde_json::from_str(text)
             .map_err(|e| parse_error(path, line, format!("malformed JSON: {e}")))?;
-        rows.push(parse_row(
-            &value,
-            format!("{}: line {line}", path.display()),
-        )?);
+        rows.push((value, format!("{}: line {line}", path.display())));
     }
     Ok(rows)
 }
 
-fn read_json_array(path: &Path, bytes: &[u8]) -> Result<Vec<PreferenceRow>> {
+fn read_json_array(path: &Path, bytes: &[u8]) -> Result<Vec<Record>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = 1 + bytes[..e.valid_up_to()]
             .iter()
@@ -91,11 +154,11 @@ fn read_json_array(path: &Path, bytes: &[u8]) -> Result<Vec<PreferenceRow>> {
         path: path.to_path_buf(),
         message: "a .json preference file must hold an array of objects".into(),
     })?;
-    items
+    Ok(items
         .iter()
         .enumerate()
-        .map(|(i, v)| parse_row(v, format!("{}: item {}", path.display(), i + 1)))
-        .collect()
+        .map(|(i, v)| (v.clone(), format!("{}: item {}", path.display(), i + 1)))
+        .collect())
 }
 
 fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {

@@ -11,6 +11,8 @@
 //!   that a loader ignoring them fails; both config.json shapes represented;
 //! - the same models laid out as a Hugging Face hub cache
 //!   (`hub/models--candle-rlhf--NAME/{blobs,snapshots/REV,refs/main}`);
+//! - a preference dataset repo `candle-rlhf/tiny-preferences` in that cache
+//!   (Parquet splits `train` and `test`);
 //! - `reward/NAME`: each model with a new seeded reward head, saved as
 //!   `candle-rlhf reward` saves a reward model (for golden scores).
 
@@ -560,49 +562,132 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// `cache/models--ORG--NAME/blobs/SHA256`, `snapshots/COMMIT/FILE` (a link to
 /// its blob) and `refs/main` holding COMMIT. Returns the commit.
 pub fn write_hub_cache_entry(cache: &Path, repo_id: &str, model_dir: &Path) -> Result<String> {
-    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(model_dir)
-        .with_path(model_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut contents = Vec::new();
-    for f in &files {
-        let bytes = std::fs::read(f).with_path(f)?;
-        contents.push((
-            f.file_name()
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(model_dir).with_path(model_dir)? {
+        let path = entry.with_path(model_dir)?.path();
+        if path.is_file() {
+            let name = path
+                .file_name()
                 .unwrap_or_default()
                 .to_string_lossy()
-                .into_owned(),
-            sha256_hex(&bytes),
-            bytes,
-        ));
+                .into_owned();
+            files.push((name, std::fs::read(&path).with_path(&path)?));
+        }
     }
+    write_hub_cache_repo(cache, "models", repo_id, files)
+}
+
+/// Writes a repo into a hub cache: `kind` is `models` or `datasets`, files
+/// are (path in the repo, bytes). Returns the (made-up, deterministic) commit.
+pub fn write_hub_cache_repo(
+    cache: &Path,
+    kind: &str,
+    repo_id: &str,
+    mut files: Vec<(String, Vec<u8>)>,
+) -> Result<String> {
+    let repo = cache.join(format!("{kind}--{}", repo_id.replace('/', "--")));
+    files.sort();
+    let hashes: Vec<String> = files.iter().map(|(_, bytes)| sha256_hex(bytes)).collect();
     // A made-up but deterministic 40-hex commit id.
-    let listing: String = contents
+    let listing: String = files
         .iter()
-        .map(|(n, h, _)| format!("{n}:{h}\n"))
+        .zip(&hashes)
+        .map(|((n, _), h)| format!("{n}:{h}\n"))
         .collect();
     let commit = sha256_hex(listing.as_bytes())[..40].to_string();
     let snapshot = repo.join("snapshots").join(&commit);
     for dir in [repo.join("blobs"), snapshot.clone(), repo.join("refs")] {
         std::fs::create_dir_all(&dir).with_path(&dir)?;
     }
-    for (name, hash, bytes) in contents {
-        let blob = repo.join("blobs").join(&hash);
-        atomic_write(&blob, &bytes)?;
-        let link = snapshot.join(&name);
+    for ((name, bytes), hash) in files.iter().zip(&hashes) {
+        let blob = repo.join("blobs").join(hash);
+        atomic_write(&blob, bytes)?;
+        let link = snapshot.join(name);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).with_path(parent)?;
+        }
         let _ = std::fs::remove_file(&link);
+        // From snapshots/COMMIT/a/b/FILE up to the repo: one `..` per level.
+        let depth = name.matches('/').count() + 2;
+        let target = PathBuf::from("../".repeat(depth)).join("blobs").join(hash);
         #[cfg(unix)]
-        std::os::unix::fs::symlink(PathBuf::from("../../blobs").join(&hash), &link)
-            .with_path(&link)?;
+        std::os::unix::fs::symlink(&target, &link).with_path(&link)?;
         #[cfg(not(unix))]
         std::fs::copy(&blob, &link).with_path(&link)?;
     }
     // Written without a trailing newline, as huggingface_hub writes it.
     atomic_write(&repo.join("refs").join("main"), commit.as_bytes())?;
     Ok(commit)
+}
+
+/// Writes rows as a snappy-compressed Parquet file of required string
+/// columns (as `datasets` writes a text dataset).
+pub fn write_parquet(path: &Path, columns: &[&str], rows: &[Value]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_path(parent)?;
+    }
+    atomic_write(path, &parquet_bytes(columns, rows)?)
+}
+
+/// The bytes of [`write_parquet`]'s file.
+pub fn parquet_bytes(columns: &[&str], rows: &[Value]) -> Result<Vec<u8>> {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let fields: String = columns
+        .iter()
+        .map(|c| format!("REQUIRED BYTE_ARRAY {c} (UTF8); "))
+        .collect();
+    let err = |e: parquet::errors::ParquetError| Error::Msg(format!("writing Parquet: {e}"));
+    let schema =
+        parquet::schema::parser::parse_message_type(&format!("message schema {{ {fields}}}"))
+            .map_err(err)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut bytes = Vec::new();
+    let mut writer =
+        SerializedFileWriter::new(&mut bytes, Arc::new(schema), Arc::new(props)).map_err(err)?;
+    let mut group = writer.next_row_group().map_err(err)?;
+    for column in columns {
+        let values: Vec<ByteArray> = rows
+            .iter()
+            .map(|r| ByteArray::from(r[column].as_str().unwrap_or_default()))
+            .collect();
+        let mut col = group
+            .next_column()
+            .map_err(err)?
+            .ok_or_else(|| Error::Msg(format!("Parquet schema lost column {column}")))?;
+        col.typed::<ByteArrayType>()
+            .write_batch(&values, None, None)
+            .map_err(err)?;
+        col.close().map_err(err)?;
+    }
+    group.close().map_err(err)?;
+    writer.close().map_err(err)?;
+    Ok(bytes)
+}
+
+/// The fixture preference dataset repo in the fixture hub cache (splits
+/// `train` and `test` as Parquet, laid out as `datasets` uploads them).
+pub const PREFERENCE_DATASET: &str = "candle-rlhf/tiny-preferences";
+
+fn write_preference_dataset(cache: &Path, rows: &[Value]) -> Result<()> {
+    let (test, train) = rows.split_at(rows.len() / 6);
+    let mut files = vec![(
+        "README.md".to_string(),
+        b"Synthetic preference pairs: the positive review is chosen.\n".to_vec(),
+    )];
+    for (split, part) in [("train", train), ("test", test)] {
+        files.push((
+            format!("data/{split}-00000-of-00001.parquet"),
+            parquet_bytes(&["prompt", "chosen", "rejected"], part)?,
+        ));
+    }
+    write_hub_cache_repo(cache, "datasets", PREFERENCE_DATASET, files)?;
+    Ok(())
 }
 
 /// Saves `model_dir`'s backbone with a new reward head drawn from `seed` in
@@ -622,7 +707,7 @@ pub fn write_reward_model(model_dir: &Path, out: &Path, seed: u64) -> Result<()>
         &model.checkpoint_config(&base, tok.pad_id),
     )?;
     for name in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(model_dir.join(name), out.join(name)).with_path(&model_dir.join(name))?;
+        std::fs::copy(model_dir.join(name), out.join(name)).with_path(model_dir.join(name))?;
     }
     Ok(())
 }
@@ -648,6 +733,8 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
         write_reward_model(&dir, &out.join("reward").join(spec.name), seed)?;
         dirs.push(dir);
     }
-    write_jsonl(&out.join(PREFERENCES), &synthetic_preferences(seed, 600))?;
+    let preferences = synthetic_preferences(seed, 600);
+    write_jsonl(&out.join(PREFERENCES), &preferences)?;
+    write_preference_dataset(&out.join("hub"), &preferences)?;
     Ok(dirs)
 }

@@ -1,7 +1,8 @@
 //! Where a model argument's files are: a local directory in Hugging Face
 //! layout, or a hub id `org/name[@revision]` resolved through the Hugging
 //! Face cache (the same layout as the Python library, so a cache filled by
-//! Python works), then the network.
+//! Python works), then the network. Dataset repos resolve the same way, to
+//! the data files of one split.
 //!
 //! hf-hub 0.4 reads none of HF_HUB_OFFLINE, HF_HUB_CACHE or HF_TOKEN, and
 //! treats a commit hash as a revision to fetch: this module reads the
@@ -131,15 +132,16 @@ const OPTIONAL: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Resolves each file of a hub model in the cache, then over the network.
+/// Resolves each file of a hub repo in the cache, then over the network.
 struct Resolver<'a> {
     id: &'a HubId,
+    kind: RepoType,
     settings: &'a HubSettings,
     api: Option<hf_hub::api::sync::ApiRepo>,
 }
 
 impl<'a> Resolver<'a> {
-    fn new(id: &'a HubId, settings: &'a HubSettings) -> Result<Self> {
+    fn new(id: &'a HubId, kind: RepoType, settings: &'a HubSettings) -> Result<Self> {
         let api = if settings.offline {
             None
         } else {
@@ -151,22 +153,38 @@ impl<'a> Resolver<'a> {
                 .map_err(|e| Error::Msg(format!("hub client: {e}")))?;
             Some(api.repo(Repo::with_revision(
                 id.repo.clone(),
-                RepoType::Model,
+                kind,
                 id.revision.clone(),
             )))
         };
-        Ok(Self { id, settings, api })
+        Ok(Self {
+            id,
+            kind,
+            settings,
+            api,
+        })
+    }
+
+    /// "model" or "dataset", for messages.
+    fn noun(&self) -> &'static str {
+        match self.kind {
+            RepoType::Dataset => "dataset",
+            RepoType::Space => "space",
+            _ => "model",
+        }
     }
 
     fn repo_dir(&self) -> PathBuf {
-        self.settings
-            .cache
-            .join(format!("models--{}", self.id.repo.replace('/', "--")))
+        self.settings.cache.join(format!(
+            "{}s--{}",
+            self.noun(),
+            self.id.repo.replace('/', "--")
+        ))
     }
 
-    /// The cached copy of `file`: snapshots/COMMIT/file, COMMIT being the
-    /// revision itself or what refs/REVISION holds (whitespace trimmed).
-    fn cached(&self, file: &str) -> Option<PathBuf> {
+    /// The cached snapshot: snapshots/COMMIT, COMMIT being the revision
+    /// itself or what refs/REVISION holds (whitespace trimmed).
+    fn snapshot(&self) -> Option<PathBuf> {
         let repo = self.repo_dir();
         let commit = if self.id.is_commit() {
             self.id.revision.clone()
@@ -176,7 +194,12 @@ impl<'a> Resolver<'a> {
                 .trim()
                 .to_string()
         };
-        let path = repo.join("snapshots").join(commit).join(file);
+        Some(repo.join("snapshots").join(commit))
+    }
+
+    /// The cached copy of `file`.
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        let path = self.snapshot()?.join(file);
         path.is_file().then_some(path)
     }
 
@@ -195,7 +218,11 @@ impl<'a> Resolver<'a> {
             {
                 Ok(None)
             }
-            Err(e) => Err(Error::Msg(format!("hub model {}: {file}: {e}", self.id))),
+            Err(e) => Err(Error::Msg(format!(
+                "hub {} {}: {file}: {e}",
+                self.noun(),
+                self.id
+            ))),
         }
     }
 
@@ -209,14 +236,17 @@ impl<'a> Resolver<'a> {
             format!("does not exist on {}", self.settings.endpoint)
         };
         Error::Msg(format!(
-            "hub model {} (repo {}, revision {}): {file} {why}",
-            self.id, self.id.repo, self.id.revision
+            "hub {} {} (repo {}, revision {}): {file} {why}",
+            self.noun(),
+            self.id,
+            self.id.repo,
+            self.id.revision
         ))
     }
 }
 
 fn resolve_hub(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
-    let r = Resolver::new(id, settings)?;
+    let r = Resolver::new(id, RepoType::Model, settings)?;
     let mut resolved = Vec::new();
     for file in REQUIRED {
         resolved.push(r.fetch(file)?.ok_or_else(|| r.missing(file))?);
@@ -263,6 +293,97 @@ fn resolve_hub(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
+/// The extensions of data files a split may consist of.
+pub const DATA_EXTENSIONS: &[&str] = &[".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz"];
+
+/// The files of `split` among a dataset repo's files (paths relative to the
+/// repo root), sorted: data files whose path has the split name as a whole
+/// part between `/`, `-`, `.` or a space, as the datasets library's default
+/// patterns find them (`data/train-00000-of-00001.parquet`, `train.jsonl`,
+/// `test/0000.parquet`, `data/train_prefs-*.parquet` for split `train_prefs`).
+pub fn split_files<'a>(files: impl IntoIterator<Item = &'a str>, split: &str) -> Vec<String> {
+    let mut found: Vec<String> = files
+        .into_iter()
+        .filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(ext)))
+        .filter(|f| f.split(['/', '-', '.', ' ']).any(|part| part == split))
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    found
+}
+
+/// Every file under `dir`, as paths relative to it with `/` separators.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(parts.join("/"));
+            }
+        }
+    }
+    out
+}
+
+/// The data files of one split of a dataset: in a local directory (laid out
+/// as a dataset repo), else of a hub dataset repo `org/name[@revision]`,
+/// from the cache when it holds the split, else listed and downloaded.
+pub fn resolve_dataset(arg: &str, split: &str, settings: &HubSettings) -> Result<Vec<PathBuf>> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        let files = split_files(files_under(path).iter().map(String::as_str), split);
+        if files.is_empty() {
+            return Err(Error::Msg(format!(
+                "{arg}: no data file of split `{split}` (looked for {} files with `{split}` in their path)",
+                DATA_EXTENSIONS.join(" ")
+            )));
+        }
+        return Ok(files.iter().map(|f| path.join(f)).collect());
+    }
+    let Some(id) = HubId::parse(arg) else {
+        return Err(Error::Msg(format!(
+            "{arg}: no such data file or directory (and not a hub dataset id `org/name[@revision]`)"
+        )));
+    };
+    let r = Resolver::new(&id, RepoType::Dataset, settings)?;
+    if let Some(snapshot) = r.snapshot() {
+        let files = split_files(files_under(&snapshot).iter().map(String::as_str), split);
+        if !files.is_empty() {
+            return Ok(files.iter().map(|f| snapshot.join(f)).collect());
+        }
+    }
+    let Some(api) = &r.api else {
+        return Err(r.missing(&format!("split `{split}`")));
+    };
+    let info = api
+        .info()
+        .map_err(|e| Error::Msg(format!("hub dataset {id}: listing its files: {e}")))?;
+    let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let files = split_files(names.iter().copied(), split);
+    if files.is_empty() {
+        return Err(Error::Msg(format!(
+            "hub dataset {id}: no data file of split `{split}` among its {} files ({})",
+            names.len(),
+            names.join(", ")
+        )));
+    }
+    files
+        .iter()
+        .map(|f| r.fetch(f)?.ok_or_else(|| r.missing(f)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +395,38 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         HubSettings::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn split_files_follow_the_datasets_naming() {
+        let repo = [
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet",
+            "data/train_prefs-00000-of-00001.parquet",
+            "validation.jsonl",
+            "test/0000.parquet",
+            "contest.json",
+            "train.csv",
+        ];
+        assert_eq!(
+            split_files(repo, "train"),
+            [
+                "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet"
+            ]
+        );
+        assert_eq!(
+            split_files(repo, "test"),
+            ["data/test-00000-of-00001.parquet", "test/0000.parquet"]
+        );
+        assert_eq!(
+            split_files(repo, "train_prefs"),
+            ["data/train_prefs-00000-of-00001.parquet"]
+        );
+        assert_eq!(split_files(repo, "validation"), ["validation.jsonl"]);
+        assert!(split_files(repo, "eval").is_empty());
     }
 
     #[test]

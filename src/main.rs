@@ -94,14 +94,19 @@ struct ScoreArgs {
     /// or any transformers ForSequenceClassification with num_labels 1).
     #[arg(long)]
     model: String,
-    /// Preference pairs to score (.jsonl, .jsonl.gz, .json): prints accuracy,
-    /// mean margin and a calibration table, writes per-pair scores.
+    /// Preference pairs to score (.jsonl, .jsonl.gz, .json, .parquet, or a
+    /// dataset directory or hub id read at --split): prints accuracy, mean
+    /// margin and a calibration table, writes per-pair scores.
     #[arg(long, value_name = "FILE")]
-    data: Option<PathBuf>,
+    data: Option<String>,
+    /// The split of a dataset given to --data.
+    #[arg(long, default_value = "test")]
+    split: String,
     /// A text to score (repeatable).
     #[arg(long)]
     text: Vec<String>,
-    /// Where per-pair scores go (default: FILE.scores.jsonl beside --data).
+    /// Where per-pair scores go (default: FILE.scores.jsonl beside a --data
+    /// file, scores.jsonl for a dataset).
     #[arg(long, value_name = "FILE")]
     scores_out: Option<PathBuf>,
 }
@@ -322,13 +327,21 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(data) = &a.data {
-        let out = a
-            .scores_out
-            .clone()
-            .unwrap_or_else(|| data.with_extension("scores.jsonl"));
-        let report = candle_rlhf::trainers::reward::score_file(
+        let out = a.scores_out.clone().unwrap_or_else(|| {
+            let path = PathBuf::from(data);
+            if path.is_file() {
+                path.with_extension("scores.jsonl")
+            } else {
+                PathBuf::from("scores.jsonl")
+            }
+        });
+        let report = candle_rlhf::trainers::reward::score_pairs(
             &scorer,
-            data,
+            &candle_rlhf::data::load_preferences(
+                data,
+                &a.split,
+                &candle_rlhf::hub::HubSettings::from_env(),
+            )?,
             &out,
             cfg.train.per_device_eval_batch_size,
         )?;

@@ -166,10 +166,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let seed = cfg.run.seed;
 
     // 1. Model and tokenizer: any backbone, the head loaded or new.
-    let model_dir = crate::hub::resolve_model(
-        &cfg.model.name_or_path,
-        &crate::hub::HubSettings::from_env(),
-    )?;
+    let hub = crate::hub::HubSettings::from_env();
+    let model_dir = crate::hub::resolve_model(&cfg.model.name_or_path, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = checkpoint::read_json(&model_dir.join("config.json"))?;
     let (mut model, varmap): (RewardModel, VarMap) =
@@ -183,13 +181,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             reason: "a preference file is required".into(),
         });
     }
-    let rows = data::read_preferences(Path::new(&cfg.reward.dataset))?;
+    let rows = data::load_preferences(&cfg.reward.dataset, &cfg.reward.dataset_train_split, &hub)?;
     let (pairs, report) =
         data::tokenize_pairs(&rows, &tok, cfg.reward.max_length, cfg.reward.truncate)?;
     tracing::info!("{}: {report}", cfg.reward.dataset);
     let (train_pairs, eval_pairs) = match &cfg.reward.eval_dataset {
         Some(path) => {
-            let rows = data::read_preferences(Path::new(path))?;
+            let rows = data::load_preferences(path, &cfg.reward.dataset_test_split, &hub)?;
             let (eval, eval_report) =
                 data::tokenize_pairs(&rows, &tok, cfg.reward.max_length, cfg.reward.truncate)?;
             tracing::info!("{path}: {eval_report}");
@@ -433,15 +431,14 @@ pub fn calibration(margins: &[f64], bins: usize) -> Vec<(f64, f64, usize, f64, f
         .collect()
 }
 
-/// Scores every pair of a preference file, writes one JSON line per pair
-/// (source, chosen_score, rejected_score) to `out`, and reports.
-pub fn score_file(
+/// Scores every pair, writes one JSON line per pair (source, chosen_score,
+/// rejected_score) to `out`, and reports.
+pub fn score_pairs(
     scorer: &crate::models::reward::RewardScorer,
-    data: &Path,
+    rows: &[data::PreferenceRow],
     out: &Path,
     batch: usize,
 ) -> Result<ScoreReport> {
-    let rows = data::read_preferences(data)?;
     let mut lines = String::new();
     let mut margins = Vec::new();
     for chunk in rows.chunks(batch.max(1)) {

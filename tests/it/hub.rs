@@ -9,7 +9,7 @@ use candle_rlhf::hub::{resolve_model, HubSettings};
 
 use crate::models::{fixtures_root, load, max_abs_diff, model_dir, outputs, CAUSAL};
 
-fn offline(cache: &Path) -> HubSettings {
+pub fn offline(cache: &Path) -> HubSettings {
     HubSettings {
         cache: cache.to_path_buf(),
         endpoint: "http://127.0.0.1:9".into(), // never reached
@@ -19,7 +19,7 @@ fn offline(cache: &Path) -> HubSettings {
     }
 }
 
-fn hub_cache() -> PathBuf {
+pub fn hub_cache() -> PathBuf {
     fixtures_root().join("hub")
 }
 

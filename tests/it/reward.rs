@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_rlhf::data::{read_preferences, tokenize_pairs};
+use candle_rlhf::data::{load_preferences, read_preferences, tokenize_pairs, PreferenceRow};
 use candle_rlhf::losses::bradley_terry;
 use candle_rlhf::models::reward::{RewardModel, RewardScorer};
 use candle_rlhf::models::{left_pad, right_pad};
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::tokenizer::Tokenizer;
-use candle_rlhf::trainers::reward::{score_file, train};
+use candle_rlhf::trainers::reward::{score_pairs, train};
 use candle_rlhf::{fixtures, Config, Error};
 
 use crate::models::{assert_every_var_has_a_gradient, fixtures_root, model_dir, CAUSAL, ENCODERS};
@@ -181,7 +181,13 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     let scorer = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
     assert!(scorer.model.offset != 0.0);
     let data = fixtures_root().join(fixtures::PREFERENCES);
-    let report = score_file(&scorer, &data, &tmp.path().join("scores.jsonl"), 64).unwrap();
+    let report = score_pairs(
+        &scorer,
+        &read_preferences(&data).unwrap(),
+        &tmp.path().join("scores.jsonl"),
+        64,
+    )
+    .unwrap();
     assert!(report.accuracy >= 0.9, "{report}");
     let again = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
     let texts = [
@@ -278,7 +284,23 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
     );
     assert!(e.contains("f.json") && e.contains("line 2"), "{e}");
     let e = err("g.csv", b"chosen,rejected\n");
-    assert!(e.contains("unknown preference file format"), "{e}");
+    assert!(e.contains("unknown data file format"), "{e}");
+    let e = err("i.parquet", b"PAR1 not really parquet PAR1");
+    assert!(
+        e.contains("i.parquet") && e.contains("not a readable Parquet file"),
+        "{e}"
+    );
+    let rows = [serde_json::json!({"question": "q", "answer": "a"})];
+    fixtures::write_parquet(&d.join("j.parquet"), &["question", "answer"], &rows).unwrap();
+    let e = read_preferences(&d.join("j.parquet"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("j.parquet: row 1")
+            && e.contains("missing column `chosen`")
+            && e.contains("columns found: answer, question"),
+        "{e}"
+    );
     let e = err(
         "h.jsonl",
         b"{\"chosen\": \"x\", \"rejected\": \"y\", \"margin\": \"big\"}\n",
@@ -326,6 +348,74 @@ fn gzip_jsonl_reads_like_jsonl() {
     let b = read_preferences(&path).unwrap();
     assert_eq!(a.len(), b.len());
     assert_eq!(a[5].chosen, b[5].chosen);
+}
+
+/// The fields that matter of rows read from anywhere.
+fn texts(rows: &[PreferenceRow]) -> Vec<(String, String, String, f64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r.prompt.clone(),
+                r.chosen.clone(),
+                r.rejected.clone(),
+                r.margin,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn parquet_files_and_hub_dataset_splits_read_like_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = read_preferences(&fixtures_root().join(fixtures::PREFERENCES)).unwrap();
+    let rows = fixtures::synthetic_preferences(0, 600);
+    let path = dir.path().join("p.parquet");
+    fixtures::write_parquet(&path, &["prompt", "chosen", "rejected"], &rows).unwrap();
+    let parquet = read_preferences(&path).unwrap();
+    assert_eq!(texts(&parquet), texts(&all));
+    assert!(
+        parquet[3].source.ends_with("p.parquet: row 4"),
+        "{}",
+        parquet[3].source
+    );
+
+    // The fixture dataset repo in the hub cache: first sixth `test`, the rest `train`.
+    let hub = crate::hub::offline(&crate::hub::hub_cache());
+    let train = load_preferences(fixtures::PREFERENCE_DATASET, "train", &hub).unwrap();
+    let test = load_preferences(fixtures::PREFERENCE_DATASET, "test", &hub).unwrap();
+    assert_eq!((train.len(), test.len()), (500, 100));
+    assert_eq!(texts(&test), texts(&all[..100]));
+    assert_eq!(texts(&train), texts(&all[100..]));
+    assert!(train[0]
+        .source
+        .contains("data/train-00000-of-00001.parquet: row 1"));
+    let e = load_preferences(fixtures::PREFERENCE_DATASET, "validation", &hub)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hub dataset candle-rlhf/tiny-preferences@main")
+            && e.contains("split `validation`")
+            && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+    // A dataset directory laid out as the repo reads the same.
+    let snapshot =
+        crate::hub::hub_cache().join("datasets--candle-rlhf--tiny-preferences/snapshots");
+    let commit = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let local = load_preferences(&commit.to_string_lossy(), "test", &hub).unwrap();
+    assert_eq!(texts(&local), texts(&test));
+    let e = load_preferences("no/such-dataset", "train", &hub)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no/such-dataset") && e.contains("split `train`"),
+        "{e}"
+    );
 }
 
 #[test]
