@@ -5,9 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_rlhf::data::{load_preferences, read_preferences, tokenize_pairs, PreferenceRow};
-use candle_rlhf::losses::bradley_terry;
 use candle_rlhf::models::reward::{RewardModel, RewardScorer};
 use candle_rlhf::models::{left_pad, right_pad};
+use candle_rlhf::rl::bradley_terry;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::tokenizer::Tokenizer;
 use candle_rlhf::trainers::reward::{score_pairs, train};

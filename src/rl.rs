@@ -1,0 +1,536 @@
+//! The RL math: every loss and estimator of reward-model training and PPO as
+//! a small pure function on candle tensors, each unit-tested against values
+//! worked by hand (the GAE case is the one of ../shared/seeds' notebook).
+//!
+//! Conventions: per-token tensors are (B, T) over the response tokens only;
+//! `mask` is 1.0 on real response tokens (up to and including the stop
+//! token) and 0.0 on the padding after them, in the tensor's float dtype.
+//! Names follow TRL's PPOTrainer and "The N+ Implementation Details of RLHF
+//! with PPO" (Huang et al., 2024).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::config::KlEstimator;
+use crate::{Error, Result};
+
+/// -log(sigmoid(x)) = (|x| - x) / 2 + log(1 + exp(-|x|)): finite for any x,
+/// and its autograd gradient is exact everywhere (-1/2 at 0). The tempting
+/// `-(min(x, 0) - log(1 + exp(-|x|)))` gets -1 at 0 under Candle's autograd
+/// (ties in `minimum` split the gradient, d|x|/dx at 0 is +1).
+pub fn neg_logsigmoid(x: &Tensor) -> Result<Tensor> {
+    let abs = x.abs()?;
+    let linear = ((&abs - x)? * 0.5)?;
+    let soft = (abs.neg()?.exp()? + 1.0)?.log()?;
+    Ok((linear + soft)?)
+}
+
+/// The Bradley-Terry reward-model loss of TRL's RewardTrainer:
+/// mean(-logsigmoid(r_chosen - r_rejected - margin)), plus
+/// `center_coef * mean((r_chosen + r_rejected)^2)` when given (keeps rewards
+/// centred at 0; Eisenstein et al., 2023). Rewards and margins are (B,).
+pub fn bradley_terry(
+    chosen: &Tensor,
+    rejected: &Tensor,
+    margin: Option<&Tensor>,
+    center_coef: Option<f64>,
+) -> Result<Tensor> {
+    let mut diff = (chosen - rejected)?;
+    if let Some(m) = margin {
+        diff = (diff - m)?;
+    }
+    let mut loss = neg_logsigmoid(&diff)?.mean_all()?;
+    if let Some(coef) = center_coef {
+        let center = (chosen + rejected)?.sqr()?.mean_all()?;
+        loss = (loss + (center * coef)?)?;
+    }
+    Ok(loss)
+}
+
+/// sum(x * mask) / sum(mask), a scalar.
+pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok((x * mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)?)
+}
+
+/// The variance of x over the real positions, with Bessel's correction when
+/// `unbiased` (as TRL's masked_var). Errors when the mask has too few ones.
+pub fn masked_var(x: &Tensor, mask: &Tensor, unbiased: bool) -> Result<Tensor> {
+    let mean = masked_mean(x, mask)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = masked_mean(&centered.sqr()?, mask)?;
+    if !unbiased {
+        return Ok(var);
+    }
+    let n = mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if n < 2.0 {
+        return Err(Error::Msg(format!(
+            "masked_var: {n} real positions; the unbiased variance needs at least 2"
+        )));
+    }
+    Ok((var * (n / (n - 1.0)))?)
+}
+
+/// (x - mean) / sqrt(var + 1e-8) with mean and unbiased variance over the
+/// real positions; the mean is added back when `shift_mean` is false (TRL's
+/// masked_whiten, used so for rewards). Padding positions are transformed
+/// too: mask them afterwards.
+pub fn masked_whiten(x: &Tensor, mask: &Tensor, shift_mean: bool) -> Result<Tensor> {
+    let mean = masked_mean(x, mask)?;
+    let var = masked_var(x, mask, true)?;
+    let whitened = x
+        .broadcast_sub(&mean)?
+        .broadcast_div(&(var + 1e-8)?.sqrt()?)?;
+    Ok(if shift_mean {
+        whitened
+    } else {
+        whitened.broadcast_add(&mean)?
+    })
+}
+
+/// Per-token KL estimates of KL(policy || reference) from the log-probs of
+/// the sampled tokens (Schulman, "Approximating KL divergence"), with
+/// r = ref_logprobs - logprobs: k1 = -r (unbiased, can be negative),
+/// k2 = r^2 / 2, k3 = exp(r) - 1 - r (unbiased and non-negative).
+pub fn kl_per_token(
+    logprobs: &Tensor,
+    ref_logprobs: &Tensor,
+    estimator: KlEstimator,
+) -> Result<Tensor> {
+    let logr = (ref_logprobs - logprobs)?;
+    Ok(match estimator {
+        KlEstimator::K1 => logr.neg()?,
+        KlEstimator::K2 => (logr.sqr()? * 0.5)?,
+        KlEstimator::K3 => ((logr.exp()? - 1.0)? - logr)?,
+    })
+}
+
+/// A one-hot (B, T) of each row's last real token (mask is a prefix mask).
+pub fn last_token_one_hot(mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let next = Tensor::cat(
+        &[
+            mask.narrow(1, 1, t - 1)?,
+            Tensor::zeros((b, 1), mask.dtype(), mask.device())?,
+        ],
+        1,
+    )?;
+    Ok((mask * (1.0 - next)?)?)
+}
+
+/// The per-token rewards of the rollout: the KL penalty
+/// `non_score_reward = -kl_coef * kl` on every real token, plus the
+/// sequence's score on its last real token (the stop token when the
+/// response has one, else its last generated token). TRL adds the score one
+/// position later when the response stopped early (its issue 3750); here
+/// it always lands on a real token. Returns (rewards, non_score_reward).
+pub fn per_token_rewards(
+    kl: &Tensor,
+    mask: &Tensor,
+    scores: &Tensor,
+    kl_coef: f64,
+) -> Result<(Tensor, Tensor)> {
+    let non_score = ((kl * mask)? * -kl_coef)?;
+    let score = last_token_one_hot(mask)?.broadcast_mul(&scores.unsqueeze(1)?)?;
+    Ok(((&non_score + score)?, non_score))
+}
+
+/// Generalized advantage estimation (Schulman et al., 2016) over the
+/// response tokens: delta_t = r_t + gamma * V_{t+1} - V_t and
+/// A_t = delta_t + gamma * lam * A_{t+1}, with rewards and values zero past
+/// the last real token (the episode ends there). Returns (advantages,
+/// returns = advantages + values), both zero on padding.
+pub fn gae(
+    rewards: &Tensor,
+    values: &Tensor,
+    mask: &Tensor,
+    gamma: f64,
+    lam: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t) = rewards.dims2()?;
+    let rewards = (rewards * mask)?;
+    let values = (values * mask)?;
+    let mut last = Tensor::zeros(b, rewards.dtype(), rewards.device())?;
+    let mut next_value = last.clone();
+    let mut reversed = Vec::with_capacity(t);
+    for i in (0..t).rev() {
+        let v = values.narrow(1, i, 1)?.squeeze(1)?;
+        let delta = ((rewards.narrow(1, i, 1)?.squeeze(1)? + (&next_value * gamma)?)? - &v)?;
+        last = (delta + (last * (gamma * lam))?)?;
+        reversed.push(last.clone());
+        next_value = v;
+    }
+    reversed.reverse();
+    let advantages = (Tensor::stack(&reversed, 1)? * mask)?;
+    let returns = (&advantages + values)?;
+    Ok((advantages, returns))
+}
+
+/// `a` where `pick_a`, else `b`; the gradient flows only to the picked side
+/// (candle's `maximum` splits it 50/50 on ties, which would halve the
+/// unclipped PPO gradient whenever the ratio is inside the clip range).
+fn select(pick_a: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(pick_a.where_cond(a, b)?)
+}
+
+/// The clipped surrogate objective of PPO and its diagnostics.
+pub struct PolicyLoss {
+    /// masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))).
+    pub loss: Tensor,
+    /// Fraction of real tokens where the clipped term was chosen.
+    pub clipfrac: Tensor,
+    /// 0.5 * mean((logp - old_logp)^2) over real tokens.
+    pub approxkl: Tensor,
+    /// The probability ratio exp(logp - old_logp), (B, T).
+    pub ratio: Tensor,
+}
+
+/// The clipped policy loss (TRL's pg_loss) over real tokens.
+pub fn policy_loss(
+    logprobs: &Tensor,
+    old_logprobs: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cliprange: f64,
+) -> Result<PolicyLoss> {
+    let diff = (logprobs - old_logprobs)?;
+    let ratio = diff.exp()?;
+    let unclipped = (advantages.neg()? * &ratio)?;
+    let clipped = (advantages.neg()? * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)?)?;
+    let use_clipped = clipped.gt(&unclipped)?;
+    let loss = masked_mean(&select(&use_clipped, &clipped, &unclipped)?, mask)?;
+    Ok(PolicyLoss {
+        loss,
+        clipfrac: masked_mean(&use_clipped.to_dtype(mask.dtype())?, mask)?.detach(),
+        approxkl: (masked_mean(&diff.sqr()?, mask)? * 0.5)?.detach(),
+        ratio: ratio.detach(),
+    })
+}
+
+/// The clipped value loss and its clip fraction.
+pub struct ValueLoss {
+    /// 0.5 * masked_mean(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)).
+    pub loss: Tensor,
+    pub clipfrac: Tensor,
+}
+
+/// The clipped value loss (TRL's vf_loss, without vf_coef) over real tokens.
+pub fn value_loss(
+    values: &Tensor,
+    old_values: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    cliprange_value: f64,
+) -> Result<ValueLoss> {
+    let low = (old_values - cliprange_value)?;
+    let high = (old_values + cliprange_value)?;
+    let clipped_values = values.maximum(&low)?.minimum(&high)?;
+    let unclipped = (values - returns)?.sqr()?;
+    let clipped = (clipped_values - returns)?.sqr()?;
+    let use_clipped = clipped.gt(&unclipped)?;
+    let loss = (masked_mean(&select(&use_clipped, &clipped, &unclipped)?, mask)? * 0.5)?;
+    Ok(ValueLoss {
+        loss,
+        clipfrac: masked_mean(&use_clipped.to_dtype(mask.dtype())?, mask)?.detach(),
+    })
+}
+
+/// The entropy of the softmax of each row of logits (.., V) -> (..):
+/// logsumexp(l) - sum(softmax(l) * l).
+pub fn entropy_from_logits(logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let p = candle_nn::ops::softmax(&shifted, D::Minus1)?;
+    Ok((lse - (p * shifted)?.sum_keepdim(D::Minus1)?)?.squeeze(D::Minus1)?)
+}
+
+/// The log-probability of each chosen token: log_softmax(logits)[token],
+/// logits (B, T, V), tokens (B, T) u32 -> (B, T).
+pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(logp
+        .gather(&tokens.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?)
+}
+
+/// The adaptive KL coefficient of Ziegler et al. (2019), as TRL's old
+/// AdaptiveKLController: after each batch, kl_coef *= 1 + clip(KL/target - 1,
+/// -0.2, 0.2) * n_steps / horizon, KL being the mean summed KL per sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveKl {
+    pub value: f64,
+    pub target: f64,
+    pub horizon: f64,
+}
+
+impl AdaptiveKl {
+    pub fn update(&mut self, current_kl: f64, n_steps: usize) {
+        let error = (current_kl / self.target - 1.0).clamp(-0.2, 0.2);
+        self.value *= 1.0 + error * n_steps as f64 / self.horizon;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn neg_logsigmoid_and_its_gradient_are_exact_everywhere() {
+        let xs = [-3000.0f64, -20.0, -1.0, 0.0, 1.0, 20.0, 3000.0];
+        let x = Var::new(&xs[..], &Device::Cpu).unwrap();
+        let y = neg_logsigmoid(x.as_tensor()).unwrap();
+        // By hand: -log(sigmoid(x)) = log(1 + e^-x); at 0, ln 2; for x -> -inf, -x.
+        let want = [
+            3000.0,
+            20.0 + (-20f64).exp().ln_1p(),
+            1.0 + (-1f64).exp().ln_1p(),
+            2f64.ln(),
+            (-1f64).exp().ln_1p(),
+            (-20f64).exp().ln_1p(),
+            0.0,
+        ];
+        for (a, b) in values(&y).iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        // d/dx = -(1 - sigmoid(x)) = -sigmoid(-x): -1 at -3000, -1/2 at 0, 0 at 3000.
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = values(grads.get(x.as_tensor()).unwrap());
+        for (x, g) in xs.iter().zip(g) {
+            let want = -1.0 / (1.0 + x.exp());
+            assert!((g - want).abs() < 1e-12, "x={x}: {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn bradley_terry_by_hand() {
+        let dev = Device::Cpu;
+        let c = Tensor::new(&[2.0f64, 0.0], &dev).unwrap();
+        let r = Tensor::new(&[1.0f64, 0.0], &dev).unwrap();
+        // differences 1 and 0: mean(log(1 + e^-1), ln 2)
+        let want = ((-1f64).exp().ln_1p() + 2f64.ln()) / 2.0;
+        let l = bradley_terry(&c, &r, None, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((l - want).abs() < 1e-12);
+        // a margin of 1 on the first pair: its difference becomes 0.
+        let m = Tensor::new(&[1.0f64, 0.0], &dev).unwrap();
+        let l = bradley_terry(&c, &r, Some(&m), None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((l - 2f64.ln()).abs() < 1e-12);
+        // centering: + 0.01 * mean((2+1)^2, 0^2) = 0.045
+        let l = bradley_terry(&c, &r, None, Some(0.01))
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((l - (want + 0.045)).abs() < 1e-12);
+        // huge differences stay finite
+        let big = Tensor::new(&[5000.0f64, -5000.0], &dev).unwrap();
+        let zero = Tensor::new(&[0.0f64, 0.0], &dev).unwrap();
+        let l = bradley_terry(&big, &zero, None, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((l - 2500.0).abs() < 1e-9, "{l}");
+    }
+
+    fn t2(rows: &[&[f64]]) -> Tensor {
+        let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
+    }
+
+    fn close(got: &[f64], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < tol, "{got:?} vs {want:?}");
+        }
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn masked_statistics_by_hand() {
+        let x = t2(&[&[1.0, 2.0, 3.0, 100.0]]);
+        let m = t2(&[&[1.0, 1.0, 1.0, 0.0]]);
+        assert_eq!(scalar(&masked_mean(&x, &m).unwrap()), 2.0);
+        // deviations -1, 0, 1: biased 2/3, unbiased 2/2 = 1
+        assert!((scalar(&masked_var(&x, &m, false).unwrap()) - 2.0 / 3.0).abs() < 1e-12);
+        assert!((scalar(&masked_var(&x, &m, true).unwrap()) - 1.0).abs() < 1e-12);
+        let w = masked_whiten(&x, &m, true).unwrap();
+        let s = 1.0 / (1.0 + 1e-8f64).sqrt();
+        close(&values(&w)[..3], &[-s, 0.0, s], 1e-12);
+        let w = masked_whiten(&x, &m, false).unwrap();
+        close(&values(&w)[..3], &[2.0 - s, 2.0, 2.0 + s], 1e-12);
+        let one = t2(&[&[1.0, 0.0, 0.0, 0.0]]);
+        let e = masked_var(&x, &one, true).unwrap_err().to_string();
+        assert!(e.contains("at least 2"), "{e}");
+    }
+
+    #[test]
+    fn kl_estimators_by_hand() {
+        // The seeds' reward calculator: actor -1.2 vs reference -1.0 etc.
+        let logp = t2(&[&[-1.2, -0.8, -1.0]]);
+        let ref_logp = t2(&[&[-1.0, -1.0, -1.0]]);
+        let k1 = values(&kl_per_token(&logp, &ref_logp, KlEstimator::K1).unwrap());
+        close(&k1, &[-0.2, 0.2, 0.0], 1e-12);
+        let k2 = values(&kl_per_token(&logp, &ref_logp, KlEstimator::K2).unwrap());
+        close(&k2, &[0.02, 0.02, 0.0], 1e-12);
+        // r = ref - logp = 0.2, -0.2, 0: e^r - 1 - r
+        let k3 = values(&kl_per_token(&logp, &ref_logp, KlEstimator::K3).unwrap());
+        close(
+            &k3,
+            &[0.2f64.exp() - 1.2, (-0.2f64).exp() - 0.8, 0.0],
+            1e-12,
+        );
+        assert!(k3.iter().all(|&v| v >= 0.0));
+    }
+
+    #[test]
+    fn rewards_put_the_score_on_the_last_real_token() {
+        // Row 0 is the seeds' example (8 tokens, kl_coef 0.02, score 0.5);
+        // row 1 stopped early: its stop token is at index 2.
+        let actor = [-1.2, -0.8, -1.5, -0.9, -1.1, -1.0, -0.7, -1.3];
+        let reference = [-1.0, -1.0, -1.2, -1.0, -1.0, -1.1, -1.0, -1.0];
+        let logp = t2(&[&actor, &actor]);
+        let ref_logp = t2(&[&reference, &reference]);
+        let mask = t2(&[&[1.0; 8], &[1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]);
+        let kl = kl_per_token(&logp, &ref_logp, KlEstimator::K1).unwrap();
+        let scores = Tensor::new(&[0.5f64, 0.5], &Device::Cpu).unwrap();
+        let (rewards, non_score) = per_token_rewards(&kl, &mask, &scores, 0.02).unwrap();
+        let r: Vec<Vec<f64>> = rewards.to_vec2().unwrap();
+        let penalty = [0.004, -0.004, 0.006, -0.002, 0.002, -0.002, -0.006, 0.006];
+        let mut want0 = penalty.to_vec();
+        want0[7] += 0.5;
+        close(&r[0], &want0, 1e-12);
+        close(
+            &r[1],
+            &[0.004, -0.004, 0.506, 0.0, 0.0, 0.0, 0.0, 0.0],
+            1e-12,
+        );
+        let total: f64 = want0.iter().sum();
+        assert!((total - (0.5 + 0.004)).abs() < 1e-12, "{total}");
+        close(&non_score.to_vec2::<f64>().unwrap()[0], &penalty, 1e-12);
+    }
+
+    #[test]
+    fn gae_matches_the_seed_notebook_and_stops_at_the_mask() {
+        // ../shared/seeds GAE notebook: rewards 1..4, values 10..13, gamma
+        // 0.9, lambda 0.95, terminal value 0 -> advantages as printed there.
+        let rewards = t2(&[&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.0]]);
+        let values = t2(&[&[10.0, 11.0, 12.0, 13.0], &[10.0, 11.0, 12.0, 13.0]]);
+        let mask = t2(&[&[1.0, 1.0, 1.0, 1.0], &[1.0, 1.0, 0.0, 0.0]]);
+        let (adv, ret) = gae(&rewards, &values, &mask, 0.9, 0.95).unwrap();
+        let adv: Vec<Vec<f64>> = adv.to_vec2().unwrap();
+        close(&adv[0], &[-1.212469875, -2.470725, -4.995, -9.0], 1e-9);
+        // Row 1 ends after 2 tokens: A_1 = 2 - 11 = -9,
+        // A_0 = (1 + 0.9 * 11 - 10) + 0.855 * -9 = -6.795; padding 0.
+        close(&adv[1], &[-6.795, -9.0, 0.0, 0.0], 1e-9);
+        let ret: Vec<Vec<f64>> = ret.to_vec2().unwrap();
+        close(&ret[0], &[8.787530125, 8.529275, 7.005, 4.0], 1e-9);
+        close(&ret[1], &[3.205, 2.0, 0.0, 0.0], 1e-9);
+    }
+
+    #[test]
+    fn clipped_policy_loss_values_and_gradients_by_hand() {
+        // ratios 1.5 (A = 1) and 0.5 (A = -1) are both clipped at 0.2:
+        // max(-1.5, -1.2) = -1.2 and max(0.5, 0.8) = 0.8, mean -0.2, no gradient.
+        let old = t2(&[&[0.0, 0.0]]);
+        let adv = t2(&[&[1.0, -1.0]]);
+        let mask = t2(&[&[1.0, 1.0]]);
+        let new = Var::from_tensor(&t2(&[&[1.5f64.ln(), 0.5f64.ln()]])).unwrap();
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, 0.2).unwrap();
+        assert!((scalar(&pl.loss) + 0.2).abs() < 1e-12);
+        assert_eq!(scalar(&pl.clipfrac), 1.0);
+        let d = 1.5f64.ln().powi(2) + 0.5f64.ln().powi(2);
+        assert!((scalar(&pl.approxkl) - 0.25 * d).abs() < 1e-12);
+        let g = pl.loss.backward().unwrap();
+        close(&values(g.get(new.as_tensor()).unwrap()), &[0.0, 0.0], 1e-12);
+        // Inside the range (ratio 1.1, A = 2; ratio 1, A = -1): unclipped, and
+        // the whole gradient -A * ratio / n flows (no 50/50 tie split).
+        let new = Var::from_tensor(&t2(&[&[1.1f64.ln(), 0.0]])).unwrap();
+        let adv = t2(&[&[2.0, -1.0]]);
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, 0.2).unwrap();
+        assert!((scalar(&pl.loss) - (-2.2 + 1.0) / 2.0).abs() < 1e-12);
+        assert_eq!(scalar(&pl.clipfrac), 0.0);
+        let g = pl.loss.backward().unwrap();
+        close(
+            &values(g.get(new.as_tensor()).unwrap()),
+            &[-1.1, 0.5],
+            1e-12,
+        );
+        // Padding is ignored: a huge ratio on a masked token changes nothing.
+        let new = t2(&[&[1.1f64.ln(), 9.0]]);
+        let half = t2(&[&[1.0, 0.0]]);
+        let pl = policy_loss(&new, &old, &adv, &half, 0.2).unwrap();
+        assert!((scalar(&pl.loss) + 2.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn clipped_value_loss_values_and_gradients_by_hand() {
+        // V 1.5 / 0.5 from V_old 1.0 with c = 0.2 -> clipped 1.2 / 0.8;
+        // returns 2 / 0: (1.5-2)^2 = 0.25 < (1.2-2)^2 = 0.64, same on the
+        // other side: 0.5 * mean(0.64, 0.64) = 0.32, all clipped.
+        let old = t2(&[&[1.0, 1.0]]);
+        let ret = t2(&[&[2.0, 0.0]]);
+        let mask = t2(&[&[1.0, 1.0]]);
+        let v = Var::from_tensor(&t2(&[&[1.5, 0.5]])).unwrap();
+        let vl = value_loss(v.as_tensor(), &old, &ret, &mask, 0.2).unwrap();
+        assert!((scalar(&vl.loss) - 0.32).abs() < 1e-12);
+        assert_eq!(scalar(&vl.clipfrac), 1.0);
+        let g = vl.loss.backward().unwrap();
+        close(&values(g.get(v.as_tensor()).unwrap()), &[0.0, 0.0], 1e-12);
+        // Inside the range: 0.5 * mean((1.1-2)^2, (1-0)^2), gradient (V - R) / n.
+        let v = Var::from_tensor(&t2(&[&[1.1, 1.0]])).unwrap();
+        let vl = value_loss(v.as_tensor(), &old, &ret, &mask, 0.2).unwrap();
+        assert!((scalar(&vl.loss) - 0.5 * (0.81 + 1.0) / 2.0).abs() < 1e-12);
+        assert_eq!(scalar(&vl.clipfrac), 0.0);
+        let g = vl.loss.backward().unwrap();
+        close(&values(g.get(v.as_tensor()).unwrap()), &[-0.45, 0.5], 1e-12);
+    }
+
+    #[test]
+    fn entropy_and_token_logprobs_by_hand() {
+        let logits = Tensor::new(
+            &[[[0.0f64, 0.0, 0.0, 0.0], [1000.0, 0.0, 0.0, 0.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let h = values(&entropy_from_logits(&logits).unwrap());
+        close(&h, &[4f64.ln(), 0.0], 1e-12);
+        let tokens = Tensor::new(&[[2u32, 0]], &Device::Cpu).unwrap();
+        let lp = values(&token_logprobs(&logits, &tokens).unwrap());
+        close(&lp, &[-(4f64.ln()), 0.0], 1e-12);
+    }
+
+    #[test]
+    fn adaptive_kl_moves_toward_the_target_at_most_20_percent_per_horizon() {
+        let mut kl = AdaptiveKl {
+            value: 0.2,
+            target: 6.0,
+            horizon: 10000.0,
+        };
+        kl.update(12.0, 256); // error clipped to +0.2: x (1 + 0.2 * 256 / 10000)
+        assert!((kl.value - 0.2 * 1.00512).abs() < 1e-15);
+        let before = kl.value;
+        kl.update(3.0, 100); // error -0.5 clipped to -0.2
+        assert!((kl.value - before * (1.0 - 0.2 * 0.01)).abs() < 1e-15);
+        kl.update(6.0, 100); // on target: unchanged
+        assert!((kl.value - before * 0.998).abs() < 1e-15);
+    }
+}
