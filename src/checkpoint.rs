@@ -51,6 +51,9 @@ pub struct Checkpoint<'a> {
     pub model_config: Option<&'a serde_json::Value>,
     /// Tokenizer files copied beside the weights (tokenizer.json, ...).
     pub tokenizer_files: &'a [PathBuf],
+    /// More safetensors files beside the model (a value head, a critic):
+    /// (file name, tensors).
+    pub extra_weights: &'a [(&'a str, Vec<(String, Tensor)>)],
     pub optimizer: Option<&'a AdamW>,
     pub state: &'a TrainerState,
     pub manifest: &'a Manifest,
@@ -115,6 +118,9 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Resu
                 .file_name()
                 .ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
             fs::copy(file, tmp.join(name)).with_path(file)?;
+        }
+        for (file, tensors) in ckpt.extra_weights {
+            save_safetensors(tensors, &tmp.join(file))?;
         }
         if let Some(opt) = ckpt.optimizer {
             save_safetensors(&opt.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
@@ -249,7 +255,16 @@ pub fn load_into_vars<'a>(
     vars: impl Iterator<Item = (&'a str, &'a candle_core::Var)>,
     device: &Device,
 ) -> Result<()> {
-    let path = dir.join(WEIGHTS_FILE);
+    load_file_into_vars(&dir.join(WEIGHTS_FILE), vars, device)
+}
+
+/// Copies the tensors of one safetensors file into existing variables.
+pub fn load_file_into_vars<'a>(
+    path: &Path,
+    vars: impl Iterator<Item = (&'a str, &'a candle_core::Var)>,
+    device: &Device,
+) -> Result<()> {
+    let path = path.to_path_buf();
     let mut tensors = load_safetensors(&path, device)?;
     for (name, var) in vars {
         let t = tensors.remove(name).ok_or_else(|| Error::Checkpoint {

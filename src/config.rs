@@ -241,6 +241,15 @@ pub enum KlEstimator {
     K3,
 }
 
+/// Where PPO's value estimates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueModel {
+    Auto,
+    Reward,
+    Head,
+}
+
 /// Where a sampled response is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -251,6 +260,41 @@ pub enum StopToken {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoConfig {
+    /// Prompts (column `prompt`): a .jsonl, .jsonl.gz, .json or .parquet
+    /// file, or a dataset (hub id or directory) read at `dataset_train_split`.
+    pub dataset: String,
+    pub dataset_train_split: String,
+    /// Held-out prompts for evaluation every `train.eval_steps` updates and
+    /// at the end (file, or dataset at `dataset_test_split`).
+    pub eval_dataset: Option<String>,
+    pub dataset_test_split: String,
+    /// Prompts longer than this many tokens are dropped, or cut to their last
+    /// tokens when `truncate_prompts` (counted either way).
+    pub max_prompt_length: usize,
+    pub truncate_prompts: bool,
+    /// The reward model: a directory or hub id (a candle-rlhf reward model or
+    /// any transformers ForSequenceClassification with one label). Library
+    /// users may pass any `trainers::ppo::Reward` instead.
+    pub reward_model: Option<String>,
+    /// The reference model (default: a frozen copy of the initial policy).
+    pub ref_model: Option<String>,
+    /// Dtype of the frozen reference (default: the run's dtype).
+    pub ref_dtype: Option<DTypeName>,
+    /// `auto`: a critic initialized from the reward model when it shares the
+    /// policy's tokenizer and is a decoder (the N+ default), else a value head
+    /// on the policy; `reward`: that critic or an error; `head`: the value head.
+    pub value_model: ValueModel,
+    /// Entropy bonus: loss -= entropy_coef * mean token entropy.
+    pub entropy_coef: f64,
+    pub top_k: Option<usize>,
+    pub top_p: f64,
+    /// Adaptive KL control (Ziegler et al.): kl_coef starts at `kl_coef`
+    /// (alias `init_kl_coef`) and moves toward `target` over `horizon` episodes.
+    pub adap_kl_ctrl: bool,
+    pub target: f64,
+    pub horizon: f64,
+    /// How many times over the run a few completions go to samples.jsonl (TRL's name).
+    pub num_sample_generations: usize,
     /// Optimization epochs over each batch of rollouts.
     pub num_ppo_epochs: usize,
     /// Mini-batches per PPO epoch; each is one optimizer step.
@@ -270,6 +314,7 @@ pub struct PpoConfig {
     /// Subtracted from the score of a response that never produced the stop token.
     pub missing_eos_penalty: Option<f64>,
     /// Weight of the per-token KL penalty in the reward.
+    #[serde(alias = "init_kl_coef")]
     pub kl_coef: f64,
     /// k1 (logp - ref_logp), k2 or k3.
     pub kl_estimator: KlEstimator,
@@ -291,6 +336,23 @@ impl Default for PpoConfig {
     fn default() -> Self {
         // TRL PPOConfig defaults, except stop_token (TRL: none).
         Self {
+            dataset: String::new(),
+            dataset_train_split: "train".into(),
+            eval_dataset: None,
+            dataset_test_split: "test".into(),
+            max_prompt_length: 64,
+            truncate_prompts: false,
+            reward_model: None,
+            ref_model: None,
+            ref_dtype: None,
+            value_model: ValueModel::Auto,
+            entropy_coef: 0.0,
+            top_k: None,
+            top_p: 1.0,
+            adap_kl_ctrl: false,
+            target: 6.0,      // TRL's old PPOConfig
+            horizon: 10000.0, // TRL's old PPOConfig
+            num_sample_generations: 10,
             num_ppo_epochs: 4,
             num_mini_batches: 1,
             total_episodes: None,
@@ -623,6 +685,36 @@ impl Config {
             p.lam,
             (0.0..=1.0).contains(&p.lam),
             "must be in [0, 1]",
+        )?;
+        check(
+            "ppo.max_prompt_length",
+            p.max_prompt_length,
+            p.max_prompt_length >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "ppo.top_p",
+            p.top_p,
+            p.top_p > 0.0 && p.top_p <= 1.0,
+            "must be in (0, 1]",
+        )?;
+        check(
+            "ppo.entropy_coef",
+            p.entropy_coef,
+            p.entropy_coef.is_finite() && p.entropy_coef >= 0.0,
+            "must be >= 0",
+        )?;
+        check(
+            "ppo.target",
+            p.target,
+            p.target.is_finite() && p.target > 0.0,
+            "must be > 0",
+        )?;
+        check(
+            "ppo.horizon",
+            p.horizon,
+            p.horizon.is_finite() && p.horizon > 0.0,
+            "must be > 0",
         )?;
         if let Some(pen) = p.missing_eos_penalty {
             check(

@@ -15,8 +15,10 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_k: Option<usize>,
     pub top_p: f64,
-    /// Generation of a row stops after this token (not included in the output).
+    /// Generation of a row stops after this token.
     pub stop_token_id: Option<u32>,
+    /// Whether the stop token ends the output (PPO scores it) or is dropped.
+    pub keep_stop_token: bool,
 }
 
 impl Sampling {
@@ -27,6 +29,7 @@ impl Sampling {
             top_k: g.top_k,
             top_p: g.top_p,
             stop_token_id,
+            keep_stop_token: false,
         }
     }
 }
@@ -138,6 +141,9 @@ pub fn generate(
             let tok = sample_token(l, s, rng);
             if Some(tok) == s.stop_token_id {
                 done[row] = true;
+                if s.keep_stop_token {
+                    out[row].push(tok);
+                }
             } else {
                 out[row].push(tok);
             }
@@ -168,6 +174,7 @@ mod tests {
             top_k,
             top_p,
             stop_token_id: None,
+            keep_stop_token: false,
         }
     }
 

@@ -172,6 +172,25 @@ impl RewardModel {
         Ok(reward.reshape(b)?.to_dtype(DType::F32)?)
     }
 
+    /// Whether the head is a decoder's `score` (usable at every position).
+    pub fn is_decoder(&self) -> bool {
+        matches!(self.head, Head::Score(_))
+    }
+
+    /// The `score` head at every position: (B, T) in f32. A critic
+    /// initialized from a decoder reward model reads its values so.
+    pub fn values(&self, ids: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
+        let Head::Score(w) = &self.head else {
+            return Err(crate::Error::Msg(
+                "an encoder reward model cannot serve as a per-token critic".into(),
+            ));
+        };
+        let hidden = self.backbone.forward(ids, mask)?;
+        Ok(super::project(&hidden, w)?
+            .squeeze(2)?
+            .to_dtype(DType::F32)?)
+    }
+
     /// Raw rewards (B,) of token-id sequences, run as one right-padded batch.
     pub fn rewards_of(&self, seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Tensor> {
         if seqs.is_empty() {

@@ -141,7 +141,7 @@ fn eval_stats(
 }
 
 /// The tokenizer files of a model directory that a checkpoint carries.
-fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
     [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -242,6 +242,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                 weights: &weights,
                 model_config: Some(&config),
                 tokenizer_files: &tokenizer_files(&model_dir),
+                extra_weights: &[],
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,

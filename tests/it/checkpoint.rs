@@ -25,6 +25,7 @@ fn save_step(run_dir: &Path, step: u64, value: f32, keep: Option<usize>) -> std:
             weights: &weights,
             model_config: Some(&config),
             tokenizer_files: &[],
+            extra_weights: &[],
             optimizer: None,
             state: &state,
             manifest: &manifest,

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod hub;
 mod models;
+mod ppo;
 mod reference;
 mod reward;
 mod toy;

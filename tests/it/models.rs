@@ -369,6 +369,7 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
                 top_k: None,
                 top_p: 1.0,
                 stop_token_id: stop,
+                keep_stop_token: false,
             };
             generate(
                 &model,

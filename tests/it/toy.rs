@@ -161,6 +161,7 @@ pub fn train(
                     weights: &weights,
                     model_config: None,
                     tokenizer_files: &[],
+                    extra_weights: &[],
                     optimizer: Some(&core.optimizer),
                     state: &state,
                     manifest: &run.manifest,

@@ -1,0 +1,1269 @@
+//! PPO, stage 3 of RLHF, read top to bottom as in CleanRL: for each batch of
+//! prompts, (1) roll out responses with the KV cache and no autograd graph,
+//! (2) score them, (3) compute log-probs under policy and reference, values,
+//! per-token KL rewards, GAE advantages, (4) run PPO epochs of clipped policy
+//! and value losses over shuffled mini-batches. Semantics and names follow
+//! TRL's PPOTrainer and "The N+ Implementation Details of RLHF with PPO"
+//! (Huang et al., 2024); the formulas live in [`crate::rl`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde_json::{json, Value};
+
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::config::{Config, PpoConfig, StopToken, ValueModel};
+use crate::generate::{generate, Sampling};
+use crate::hub::{resolve_model, HubSettings};
+use crate::metrics::Progress;
+use crate::models::reward::{RewardModel, RewardScorer};
+use crate::models::{
+    attention_bias, frozen_builder, load_dir, load_dir_frozen, position_ids, project, ArchConfig,
+    CausalLm,
+};
+use crate::rl;
+use crate::run::{Manifest, RunDir};
+use crate::signal::StopSignal;
+use crate::tokenizer::Tokenizer;
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::{StepOutcome, TrainCore};
+use crate::{Error, HostRng, IoContext, Result};
+
+// ---------------------------------------------------------------- rewards
+
+/// One sampled completion, as a reward function sees it.
+pub struct Completion<'a> {
+    pub prompt: &'a str,
+    /// The response text (special tokens skipped, the stop token not shown).
+    pub response: &'a str,
+    /// The prompt's token ids under the policy's tokenizer, unpadded.
+    pub query_ids: &'a [u32],
+    /// The response's ids, ending with the stop token when it was produced.
+    pub response_ids: &'a [u32],
+}
+
+/// A reward: one score per completion, batched. Closures
+/// `Fn(&[Completion]) -> Result<Vec<f32>>` are rewards, so a verifier or a
+/// rule plugs in directly; [`RewardModelReward`] is the reward model.
+pub trait Reward {
+    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>>;
+}
+
+impl<F: Fn(&[Completion]) -> Result<Vec<f32>>> Reward for F {
+    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
+        self(batch)
+    }
+}
+
+/// The sum of several rewards (reward models, rules).
+pub struct SumOfRewards(pub Vec<Box<dyn Reward>>);
+
+impl Reward for SumOfRewards {
+    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
+        let mut total = vec![0f32; batch.len()];
+        for r in &self.0 {
+            for (t, s) in total.iter_mut().zip(r.score(batch)?) {
+                *t += s;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// A reward model as a reward. With the policy's tokenizer, token ids pass
+/// straight through (prompt + response, EOS appended when missing, as in
+/// reward training); otherwise the text is re-tokenized with its own.
+pub struct RewardModelReward {
+    pub scorer: RewardScorer,
+    pub same_tokenizer: bool,
+    /// The resolved directory (a critic may start from it).
+    pub dir: PathBuf,
+}
+
+impl RewardModelReward {
+    pub fn load(model: &str, policy_dir: &Path, device: &Device) -> Result<Self> {
+        let dir = resolve_model(model, &HubSettings::from_env())?;
+        let scorer = RewardScorer::load(&dir.to_string_lossy(), device)?;
+        Ok(Self {
+            scorer,
+            same_tokenizer: same_tokenizer(&dir, policy_dir),
+            dir,
+        })
+    }
+}
+
+/// Whether two model directories ship byte-identical tokenizer.json files.
+pub fn same_tokenizer(a: &Path, b: &Path) -> bool {
+    match (
+        std::fs::read(a.join("tokenizer.json")),
+        std::fs::read(b.join("tokenizer.json")),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+impl Reward for RewardModelReward {
+    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
+        if self.same_tokenizer {
+            let eos = self.scorer.tokenizer.eos_id;
+            let seqs: Vec<Vec<u32>> = batch
+                .iter()
+                .map(|c| {
+                    let mut s = [c.query_ids, c.response_ids].concat();
+                    if s.last() != Some(&eos) {
+                        s.push(eos);
+                    }
+                    s
+                })
+                .collect();
+            self.scorer.score_ids(&seqs)
+        } else {
+            let texts: Vec<String> = batch
+                .iter()
+                .map(|c| format!("{}{}", c.prompt, c.response))
+                .collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            self.scorer.score(&refs)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- prompts
+
+/// What reading prompts kept and skipped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptReport {
+    pub rows: usize,
+    pub kept: usize,
+    pub dropped_too_long: usize,
+    pub truncated: usize,
+    pub skipped_empty: usize,
+}
+
+impl std::fmt::Display for PromptReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} prompts: {} kept, {} dropped as longer than max_prompt_length, {} truncated, {} empty skipped",
+            self.rows, self.kept, self.dropped_too_long, self.truncated, self.skipped_empty
+        )
+    }
+}
+
+/// Reads the `prompt` column of a file or dataset split and tokenizes it;
+/// too-long prompts are dropped or cut to their last `max_len` tokens.
+pub fn load_prompts(
+    spec: &str,
+    split: &str,
+    tok: &Tokenizer,
+    max_len: usize,
+    truncate: bool,
+    hub: &HubSettings,
+) -> Result<(Vec<Vec<u32>>, PromptReport)> {
+    let records = crate::data::load_records(spec, split, hub)?;
+    let mut report = PromptReport {
+        rows: records.len(),
+        ..Default::default()
+    };
+    let mut prompts = Vec::new();
+    for (value, source) in &records {
+        let text = match value.get("prompt") {
+            Some(Value::String(s)) => s,
+            Some(Value::Array(_)) => {
+                return Err(Error::Msg(format!(
+                    "{source}: column `prompt` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
+                )))
+            }
+            Some(other) => {
+                return Err(Error::Msg(format!(
+                    "{source}: column `prompt` must be a string, found {other}"
+                )))
+            }
+            None => {
+                let found: Vec<&str> = value
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                return Err(Error::Msg(format!(
+                    "{source}: missing column `prompt` (columns found: {})",
+                    found.join(", ")
+                )));
+            }
+        };
+        let mut ids = tok.encode(text)?;
+        if text.trim().is_empty() || ids.is_empty() {
+            report.skipped_empty += 1;
+            continue;
+        }
+        if ids.len() > max_len {
+            if !truncate {
+                report.dropped_too_long += 1;
+                continue;
+            }
+            ids.drain(..ids.len() - max_len);
+            report.truncated += 1;
+        }
+        prompts.push(ids);
+    }
+    report.kept = prompts.len();
+    if prompts.is_empty() {
+        return Err(Error::Msg(format!(
+            "{spec}: no prompt left after filtering ({report}; max_prompt_length {max_len})"
+        )));
+    }
+    Ok((prompts, report))
+}
+
+// ---------------------------------------------------------------- model inputs
+
+/// Queries and responses as one batch: each row is the left-padded query
+/// (width q) followed by its response, right-padded to r tokens.
+struct Batch {
+    ids: Tensor,
+    mask: Vec<Vec<u8>>,
+    positions: Tensor,
+    bias: Tensor,
+    /// (B, r) u32: the response tokens (pad after the end).
+    responses: Tensor,
+    /// (B, r) f32: 1 on real response tokens.
+    response_mask: Tensor,
+    q: usize,
+    r: usize,
+}
+
+impl Batch {
+    fn new(
+        queries: &[&[u32]],
+        responses: &[&[u32]],
+        r: usize,
+        pad: u32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = queries.len();
+        let q = queries.iter().map(|x| x.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * (q + r));
+        let mut mask = Vec::with_capacity(b);
+        let mut resp = Vec::with_capacity(b * r);
+        let mut resp_mask = Vec::with_capacity(b * r);
+        for (query, response) in queries.iter().zip(responses) {
+            let (lp, rp) = (q - query.len(), r - response.len());
+            ids.extend(std::iter::repeat_n(pad, lp));
+            ids.extend_from_slice(query);
+            ids.extend_from_slice(response);
+            ids.extend(std::iter::repeat_n(pad, rp));
+            let mut m = vec![0u8; lp];
+            m.extend(std::iter::repeat_n(1u8, query.len() + response.len()));
+            m.extend(std::iter::repeat_n(0u8, rp));
+            mask.push(m);
+            resp.extend_from_slice(response);
+            resp.extend(std::iter::repeat_n(pad, rp));
+            resp_mask.extend(std::iter::repeat_n(1f32, response.len()));
+            resp_mask.extend(std::iter::repeat_n(0f32, rp));
+        }
+        let positions: Vec<u32> = position_ids(&mask).concat();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (b, q + r), device)?,
+            positions: Tensor::from_vec(positions, (b, q + r), device)?,
+            bias: attention_bias(&mask, q + r, dtype, device)?,
+            mask,
+            responses: Tensor::from_vec(resp, (b, r), device)?,
+            response_mask: Tensor::from_vec(resp_mask, (b, r), device)?,
+            q,
+            r,
+        })
+    }
+}
+
+/// Per response token: log-probs of the sampled tokens and entropies, with
+/// logits divided by (temperature + 1e-7) as TRL does, and the hidden
+/// states that predicted them (B, r, E). Position ids come from the mask.
+fn policy_outputs(lm: &CausalLm, b: &Batch, temperature: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let hidden = lm.forward(&b.ids, &b.positions, &b.bias, None)?;
+    let h = hidden.narrow(1, b.q - 1, b.r)?;
+    let logits = (lm.lm_logits(&h)?.to_dtype(DType::F32)? / (temperature + 1e-7))?;
+    let logprobs = rl::token_logprobs(&logits, &b.responses)?;
+    let entropy = rl::entropy_from_logits(&logits)?;
+    Ok((logprobs, entropy, h))
+}
+
+/// Where values come from.
+enum Critic {
+    /// `v_head` (hidden -> 1, zero-initialized) on the policy's last hidden
+    /// states, detached.
+    Head { weight: Var, bias: Var },
+    /// A separate model initialized from the reward model (its `score` head
+    /// read at every position), trained alongside the policy.
+    Model {
+        model: Box<RewardModel>,
+        frozen: Box<RewardModel>,
+        varmap: VarMap,
+    },
+}
+
+impl Critic {
+    /// Values (B, r) in f32 of the states predicting each response token;
+    /// `h` the policy's hidden states there; `grad` records the graph.
+    fn values(&self, b: &Batch, h: &Tensor, grad: bool) -> Result<Tensor> {
+        match self {
+            Critic::Head { weight, bias } => {
+                // The head reads detached hidden states: value-loss gradients
+                // train the head only and never move the policy (a shared
+                // trunk lets a large value loss wreck the policy early on).
+                let h = h.detach();
+                let h = &h;
+                let (w, c) = if grad {
+                    (weight.as_tensor().clone(), bias.as_tensor().clone())
+                } else {
+                    (weight.as_detached_tensor(), bias.as_detached_tensor())
+                };
+                let v = project(h, &w.to_dtype(h.dtype())?)?.squeeze(2)?;
+                Ok(v.to_dtype(DType::F32)?.broadcast_add(&c)?)
+            }
+            Critic::Model { model, frozen, .. } => {
+                let m = if grad { model } else { frozen };
+                Ok(m.values(&b.ids, &b.mask)?.narrow(1, b.q - 1, b.r)?)
+            }
+        }
+    }
+
+    /// (name, Var) pairs for the optimizer, prefixed apart from the policy's.
+    fn vars(&self) -> Vec<(String, Var)> {
+        match self {
+            Critic::Head { weight, bias } => vec![
+                ("v_head.weight".into(), weight.clone()),
+                ("v_head.bias".into(), bias.clone()),
+            ],
+            Critic::Model { varmap, .. } => {
+                let data = varmap.data().lock().expect("varmap lock");
+                data.iter()
+                    .map(|(n, v)| (format!("critic.{n}"), v.clone()))
+                    .collect()
+            }
+        }
+    }
+
+    /// The file a checkpoint stores it in, with its tensors.
+    fn checkpoint_file(&self) -> (&'static str, Vec<(String, Tensor)>) {
+        match self {
+            Critic::Head { weight, bias } => (
+                "value_head.safetensors",
+                vec![
+                    ("v_head.weight".into(), weight.as_tensor().clone()),
+                    ("v_head.bias".into(), bias.as_tensor().clone()),
+                ],
+            ),
+            Critic::Model { varmap, .. } => (
+                "critic.safetensors",
+                crate::models::weights::named_tensors(varmap),
+            ),
+        }
+    }
+
+    fn restore(&self, dir: &Path, device: &Device) -> Result<()> {
+        let (file, _) = self.checkpoint_file();
+        let path = dir.join(file);
+        match self {
+            Critic::Head { weight, bias } => checkpoint::load_file_into_vars(
+                &path,
+                [("v_head.weight", weight), ("v_head.bias", bias)].into_iter(),
+                device,
+            ),
+            Critic::Model { varmap, .. } => {
+                let data = varmap.data().lock().expect("varmap lock");
+                checkpoint::load_file_into_vars(
+                    &path,
+                    data.iter().map(|(n, v)| (n.as_str(), v)),
+                    device,
+                )
+            }
+        }
+    }
+}
+
+/// Builds the critic the config asks for.
+fn build_critic(
+    p: &PpoConfig,
+    reward_dir: Option<&Path>,
+    policy_dir: &Path,
+    hidden: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Critic> {
+    let head = || -> Result<Critic> {
+        Ok(Critic::Head {
+            weight: Var::zeros((1, hidden), DType::F32, device)?,
+            bias: Var::zeros(1, DType::F32, device)?,
+        })
+    };
+    if p.value_model == ValueModel::Head {
+        return head();
+    }
+    let why_not = match reward_dir {
+        None => Some("no reward model directory (a programmatic reward)".to_string()),
+        Some(dir) if !same_tokenizer(dir, policy_dir) => Some(format!(
+            "the reward model {} has another tokenizer than the policy",
+            dir.display()
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = why_not {
+        if p.value_model == ValueModel::Reward {
+            return Err(Error::InvalidConfig {
+                field: "ppo.value_model".into(),
+                value: "reward".into(),
+                reason: format!("a critic cannot start from the reward model: {why}; use value_model = \"head\" (or \"auto\" to fall back)"),
+            });
+        }
+        tracing::info!("value head on the policy: {why}");
+        return head();
+    }
+    let dir = reward_dir.expect("checked above");
+    let (model, varmap) = RewardModel::from_dir(dir, dtype, device, 0)?;
+    if !model.is_decoder() {
+        if p.value_model == ValueModel::Reward {
+            return Err(Error::InvalidConfig {
+                field: "ppo.value_model".into(),
+                value: "reward".into(),
+                reason: "an encoder reward model gives no per-token values".into(),
+            });
+        }
+        return head();
+    }
+    let cfg = model.config.clone();
+    let frozen = RewardModel::load(frozen_builder(&varmap, dtype, device), &varmap, &cfg, 0)?;
+    tracing::info!("critic initialized from the reward model {}", dir.display());
+    Ok(Critic::Model {
+        model: Box::new(model),
+        frozen: Box::new(frozen),
+        varmap,
+    })
+}
+
+// ---------------------------------------------------------------- rollouts
+
+/// One batch of rollouts with everything PPO needs, per response token (B x r).
+struct Rollouts {
+    queries: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    logprobs: Tensor,
+    values: Tensor,
+    advantages: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+}
+
+/// What the rollout phase measured.
+#[derive(Default)]
+struct RolloutStats {
+    figures: Vec<(String, f64)>,
+    scores: Vec<f32>,
+    texts: Vec<(String, String)>,
+    kl_per_sequence: f64,
+    rollout_s: f64,
+    score_s: f64,
+    tokens: usize,
+}
+
+/// The frozen models a rollout reads.
+struct Models<'a> {
+    sampler: &'a CausalLm,
+    reference: &'a CausalLm,
+    critic: &'a Critic,
+    tok: &'a Tokenizer,
+    reward: &'a dyn Reward,
+    device: &'a Device,
+}
+
+/// Samples one response per query in chunks, cut after the stop token.
+fn sample(
+    m: &Models,
+    queries: &[Vec<u32>],
+    sampling: &Sampling,
+    chunk: usize,
+    rng: &mut HostRng,
+) -> Result<Vec<Vec<u32>>> {
+    let mut responses = Vec::with_capacity(queries.len());
+    for part in queries.chunks(chunk.max(1)) {
+        responses.extend(generate(
+            m.sampler,
+            part,
+            m.tok.pad_id,
+            sampling,
+            rng,
+            m.device,
+        )?);
+    }
+    // A response that is empty (cannot happen with max_new_tokens >= 1) would
+    // have no token to score; keep one pad-free token at least.
+    Ok(responses)
+}
+
+/// Decoded (prompt, response) text.
+type PromptAndResponse = (String, String);
+
+/// Scores completions with the reward; subtracts missing_eos_penalty from
+/// those without the stop token.
+fn score(
+    m: &Models,
+    queries: &[Vec<u32>],
+    responses: &[Vec<u32>],
+    stop: Option<u32>,
+    missing_eos_penalty: Option<f64>,
+) -> Result<(Vec<f32>, Vec<PromptAndResponse>)> {
+    let mut texts = Vec::with_capacity(queries.len());
+    for (q, r) in queries.iter().zip(responses) {
+        let shown: &[u32] = match (stop, r.last()) {
+            (Some(s), Some(&l)) if s == l => &r[..r.len() - 1],
+            _ => r,
+        };
+        texts.push((m.tok.decode(q)?, m.tok.decode(shown)?));
+    }
+    let batch: Vec<Completion> = queries
+        .iter()
+        .zip(responses)
+        .zip(&texts)
+        .map(|((q, r), (pt, rt))| Completion {
+            prompt: pt,
+            response: rt,
+            query_ids: q,
+            response_ids: r,
+        })
+        .collect();
+    let mut scores = m.reward.score(&batch)?;
+    if scores.len() != batch.len() {
+        return Err(Error::Msg(format!(
+            "the reward returned {} scores for {} completions",
+            scores.len(),
+            batch.len()
+        )));
+    }
+    if let Some(pen) = missing_eos_penalty {
+        for (s, r) in scores.iter_mut().zip(responses) {
+            if stop.is_none_or(|st| r.last() != Some(&st)) {
+                *s -= pen as f32;
+            }
+        }
+    }
+    Ok((scores, texts))
+}
+
+/// Log-probs under policy and reference, and values, for all rows in chunks:
+/// (logprobs, ref_logprobs, values, mask), each (B, r).
+fn forward_rollouts(
+    m: &Models,
+    queries: &[Vec<u32>],
+    responses: &[Vec<u32>],
+    r: usize,
+    temperature: f64,
+    chunk: usize,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (mut lp, mut rlp, mut vals, mut masks) = (vec![], vec![], vec![], vec![]);
+    for (qs, rs) in queries.chunks(chunk).zip(responses.chunks(chunk)) {
+        let qs: Vec<&[u32]> = qs.iter().map(Vec::as_slice).collect();
+        let rs: Vec<&[u32]> = rs.iter().map(Vec::as_slice).collect();
+        let b = Batch::new(&qs, &rs, r, m.tok.pad_id, m.sampler.dtype(), m.device)?;
+        let (logprobs, _, h) = policy_outputs(m.sampler, &b, temperature)?;
+        let b_ref = Batch::new(&qs, &rs, r, m.tok.pad_id, m.reference.dtype(), m.device)?;
+        let (ref_logprobs, _, _) = policy_outputs(m.reference, &b_ref, temperature)?;
+        vals.push(m.critic.values(&b, &h, false)?);
+        lp.push(logprobs);
+        rlp.push(ref_logprobs);
+        masks.push(b.response_mask);
+    }
+    Ok((
+        Tensor::cat(&lp, 0)?,
+        Tensor::cat(&rlp, 0)?,
+        Tensor::cat(&vals, 0)?,
+        Tensor::cat(&masks, 0)?,
+    ))
+}
+
+fn mean_f(x: &Tensor) -> Result<f64> {
+    Ok(x.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}
+
+/// Steps 1-3: sample, score, and turn the scores into advantages.
+#[allow(clippy::too_many_arguments)]
+fn roll_out(
+    m: &Models,
+    p: &PpoConfig,
+    queries: Vec<Vec<u32>>,
+    sampling: &Sampling,
+    kl_coef: f64,
+    rng: &mut HostRng,
+) -> Result<(Rollouts, RolloutStats)> {
+    let started = Instant::now();
+    let chunk = p.local_rollout_forward_batch_size;
+    // 1. Sample responses with the KV cache, no autograd graph.
+    let responses = sample(m, &queries, sampling, chunk, rng)?;
+    // 2. Log-probs of the sampled tokens under policy and reference, values.
+    let r = p.response_length;
+    let (logprobs, ref_logprobs, values, mask) =
+        forward_rollouts(m, &queries, &responses, r, p.temperature, chunk)?;
+    let rollout_s = started.elapsed().as_secs_f64();
+    // 3. Scores from the reward (with the missing-EOS penalty).
+    let started = Instant::now();
+    let stop = sampling.stop_token_id;
+    let (scores, texts) = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
+    let score_s = started.elapsed().as_secs_f64();
+    let scores_t = Tensor::new(scores.as_slice(), m.device)?;
+    // 4. Per-token rewards: -kl_coef * KL on every token, the score on the last real one.
+    let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, p.kl_estimator)? * &mask)?;
+    let (mut rewards, non_score) = rl::per_token_rewards(&kl, &mask, &scores_t, kl_coef)?;
+    // 5. Optional reward whitening (shift_mean = false, as TRL).
+    if p.whiten_rewards {
+        rewards = (rl::masked_whiten(&rewards, &mask, false)? * &mask)?;
+    }
+    // 6. GAE over response tokens; returns = advantages + values; then the
+    //    advantages are whitened over real tokens.
+    let values = (values * &mask)?;
+    let (advantages, returns) = rl::gae(&rewards, &values, &mask, p.gamma, p.lam)?;
+    let advantages = (rl::masked_whiten(&advantages, &mask, true)? * &mask)?;
+
+    let per_seq = |t: &Tensor| -> Result<f64> { mean_f(&t.sum(1)?) };
+    let kl_seq = per_seq(&kl)?;
+    let non_score_seq = per_seq(&non_score)?;
+    let mean_score = scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len() as f64;
+    let lengths: Vec<usize> = responses.iter().map(Vec::len).collect();
+    let eos = stop.map_or(0, |s| {
+        responses.iter().filter(|r| r.last() == Some(&s)).count()
+    });
+    // Explained variance of the values over real tokens: 1 - Var(R - V) / Var(R).
+    let ev = {
+        let var_r = rl::masked_var(&returns, &mask, false)?.to_scalar::<f32>()? as f64;
+        let resid = (&returns - &values)?;
+        let var_e = rl::masked_var(&resid, &mask, false)?.to_scalar::<f32>()? as f64;
+        if var_r > 0.0 {
+            1.0 - var_e / var_r
+        } else {
+            f64::NAN
+        }
+    };
+    let tokens: usize = lengths.iter().sum();
+    let figures = vec![
+        ("objective/kl".into(), kl_seq),
+        (
+            "objective/entropy".into(),
+            per_seq(&(logprobs.neg()? * &mask)?)?,
+        ),
+        ("objective/non_score_reward".into(), non_score_seq),
+        ("objective/rlhf_reward".into(), mean_score + non_score_seq),
+        ("objective/scores".into(), mean_score),
+        ("objective/kl_coef".into(), kl_coef),
+        ("val/num_eos_tokens".into(), eos as f64),
+        ("val/explained_variance".into(), ev),
+        (
+            "mean_response_length".into(),
+            tokens as f64 / lengths.len() as f64,
+        ),
+    ];
+    Ok((
+        Rollouts {
+            queries,
+            responses,
+            logprobs,
+            values,
+            advantages,
+            returns,
+            mask,
+        },
+        RolloutStats {
+            figures,
+            scores,
+            texts,
+            kl_per_sequence: kl_seq,
+            rollout_s,
+            score_s,
+            tokens,
+        },
+    ))
+}
+
+// ---------------------------------------------------------------- evaluation
+
+/// What `eval` and the periodic evaluation report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    pub prompts: usize,
+    pub mean_score: f64,
+    /// Mean over prompts of the summed per-token k1 KL to the reference.
+    pub kl: f64,
+    pub mean_length: f64,
+    pub eos_rate: f64,
+    /// {prompt, response, score} per prompt.
+    pub completions: Vec<Value>,
+}
+
+impl EvalReport {
+    pub fn figures(&self) -> Vec<(String, f64)> {
+        vec![
+            ("eval/scores".into(), self.mean_score),
+            ("eval/kl".into(), self.kl),
+            ("eval/mean_response_length".into(), self.mean_length),
+            ("eval/eos_rate".into(), self.eos_rate),
+        ]
+    }
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} prompts: mean reward {:.4}, KL to reference {:.4}, mean length {:.1}, EOS rate {:.3}",
+            self.prompts, self.mean_score, self.kl, self.mean_length, self.eos_rate
+        )
+    }
+}
+
+/// Samples one completion per prompt (seeded, the same draws every call) and
+/// reports reward, KL to the reference, length and EOS rate.
+fn evaluate(
+    m: &Models,
+    p: &PpoConfig,
+    prompts: &[Vec<u32>],
+    sampling: &Sampling,
+    seed: u64,
+) -> Result<EvalReport> {
+    let mut rng = HostRng::stream(seed, "eval");
+    let chunk = p.local_rollout_forward_batch_size;
+    let responses = sample(m, prompts, sampling, chunk, &mut rng)?;
+    let (logprobs, ref_logprobs, _, mask) = forward_rollouts(
+        m,
+        prompts,
+        &responses,
+        p.response_length,
+        p.temperature,
+        chunk,
+    )?;
+    let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, crate::config::KlEstimator::K1)? * mask)?;
+    let kl = mean_f(&kl.sum(1)?)?;
+    let stop = sampling.stop_token_id;
+    let (scores, texts) = score(m, prompts, &responses, stop, None)?;
+    let n = prompts.len() as f64;
+    let eos = stop.map_or(0, |s| {
+        responses.iter().filter(|r| r.last() == Some(&s)).count()
+    });
+    Ok(EvalReport {
+        prompts: prompts.len(),
+        mean_score: scores.iter().map(|&s| s as f64).sum::<f64>() / n,
+        kl,
+        mean_length: responses.iter().map(Vec::len).sum::<usize>() as f64 / n,
+        eos_rate: eos as f64 / n,
+        completions: texts
+            .into_iter()
+            .zip(&scores)
+            .map(|((prompt, response), s)| json!({"prompt": prompt, "response": response, "score": s}))
+            .collect(),
+    })
+}
+
+// ---------------------------------------------------------------- training
+
+/// What a PPO run did.
+#[derive(Debug, Clone)]
+pub struct PpoRun {
+    pub run_dir: PathBuf,
+    pub checkpoint: PathBuf,
+    pub updates: u64,
+    pub prompts: PromptReport,
+    /// Evaluation before the first update and after the last (with eval prompts).
+    pub eval_before: Option<EvalReport>,
+    pub eval_after: Option<EvalReport>,
+    pub seconds_per_update: f64,
+    /// Seconds spent in rollouts, scoring and updates over this process's updates.
+    pub rollout_s: f64,
+    pub score_s: f64,
+    pub update_s: f64,
+}
+
+/// The stop token id the config asks for.
+fn stop_token_id(p: &PpoConfig, tok: &Tokenizer) -> Option<u32> {
+    p.stop_token_id
+        .or(p.stop_token.map(|StopToken::Eos| tok.eos_id))
+}
+
+/// Trains with the reward model of `ppo.reward_model` (see [`train_with_reward`]).
+pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> Result<PpoRun> {
+    let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
+    let Some(rm) = &cfg.ppo.reward_model else {
+        return Err(Error::InvalidConfig {
+            field: "ppo.reward_model".into(),
+            value: String::new(),
+            reason:
+                "a reward model directory or hub id is required (library users may pass any Reward)"
+                    .into(),
+        });
+    };
+    let policy_dir = resolve_model(&cfg.model.name_or_path, &HubSettings::from_env())?;
+    let reward = RewardModelReward::load(rm, &policy_dir, &device)?;
+    let dir = reward.dir.clone();
+    train_with_reward(cfg, run_dir, resume, stop, &reward, Some(&dir))
+}
+
+/// Trains (or resumes) a policy with PPO against `reward`; `reward_dir`, the
+/// reward model's directory when there is one, may initialize the critic.
+pub fn train_with_reward(
+    cfg: &Config,
+    run_dir: &Path,
+    resume: bool,
+    stop: &StopSignal,
+    reward: &dyn Reward,
+    reward_dir: Option<&Path>,
+) -> Result<PpoRun> {
+    let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let manifest = Manifest::new("ppo", cfg, &device_name);
+    let mut run = if resume {
+        RunDir::resume(run_dir, manifest)?
+    } else {
+        RunDir::create(run_dir, manifest)?
+    };
+    let (p, t, seed) = (&cfg.ppo, &cfg.train, cfg.run.seed);
+    let hub = HubSettings::from_env();
+
+    // 1. Policy (trainable), its detached twin for sampling, the frozen reference.
+    let policy_dir = resolve_model(&cfg.model.name_or_path, &hub)?;
+    let tok = Tokenizer::from_dir(&policy_dir)?;
+    let base_config: Value = checkpoint::read_json(&policy_dir.join("config.json"))?;
+    let (arch, vb, policy_vars) = load_dir(&policy_dir, dtype, &device)?;
+    let policy = causal(CausalLm::load(vb, &arch, true), &arch)?;
+    let sampler = CausalLm::load(frozen_builder(&policy_vars, dtype, &device), &arch, true)?;
+    let ref_dir = match &p.ref_model {
+        Some(r) => resolve_model(r, &hub)?,
+        None => policy_dir.clone(),
+    };
+    let ref_dtype = p.ref_dtype.map_or(dtype, |d| d.dtype());
+    let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
+    let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
+    let critic = build_critic(
+        p,
+        reward_dir,
+        &policy_dir,
+        arch.hidden_size(),
+        dtype,
+        &device,
+    )?;
+
+    // 2. Prompts.
+    if p.dataset.is_empty() {
+        return Err(Error::InvalidConfig {
+            field: "ppo.dataset".into(),
+            value: String::new(),
+            reason: "a prompt file or dataset is required".into(),
+        });
+    }
+    let (prompts, report) = load_prompts(
+        &p.dataset,
+        &p.dataset_train_split,
+        &tok,
+        p.max_prompt_length,
+        p.truncate_prompts,
+        &hub,
+    )?;
+    tracing::info!("{}: {report}", p.dataset);
+    let eval_prompts = match &p.eval_dataset {
+        Some(spec) => {
+            let (e, r) = load_prompts(
+                spec,
+                &p.dataset_test_split,
+                &tok,
+                p.max_prompt_length,
+                p.truncate_prompts,
+                &hub,
+            )?;
+            tracing::info!("{spec}: {r}");
+            e
+        }
+        None => Vec::new(),
+    };
+    let limit = policy.max_positions();
+    if p.max_prompt_length + p.response_length > limit {
+        return Err(Error::InvalidConfig {
+            field: "ppo.response_length".into(),
+            value: p.response_length.to_string(),
+            reason: format!(
+                "max_prompt_length ({}) + response_length exceeds the model's {limit} positions",
+                p.max_prompt_length
+            ),
+        });
+    }
+
+    // 3. Batch sizes (TRL's names) and the schedule over optimizer steps.
+    let batch = p.local_batch_size(t);
+    let mini_batch = p.local_mini_batch_size(t);
+    let episodes = p.total_episodes.unwrap_or(prompts.len() as u64).max(1);
+    let total_updates = episodes.div_ceil(batch as u64);
+    let total_steps = total_updates * (p.num_ppo_epochs * p.num_mini_batches) as u64;
+    let mut vars: Vec<(String, Var)> = policy_vars
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.extend(critic.vars());
+    let mut core = TrainCore::new(
+        AdamW::new(vars, AdamWParams::from_config(t))?,
+        t,
+        total_steps,
+    );
+    let stop_id = stop_token_id(p, &tok);
+    let sampling = Sampling {
+        max_new_tokens: p.response_length,
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        stop_token_id: stop_id,
+        keep_stop_token: true,
+    };
+
+    // 4. State: fresh, or the newest checkpoint's.
+    let mut state = TrainerState {
+        rngs: ["data", "sample", "ppo"]
+            .iter()
+            .map(|s| (s.to_string(), HostRng::stream(seed, s)))
+            .collect(),
+        data_position: json!({"offset": usize::MAX, "order": []}),
+        extra: json!({"kl_coef": p.kl_coef, "episode": 0}),
+        ..Default::default()
+    };
+    if let Some(point) = &run.resume {
+        checkpoint::load_into_vars(
+            &point.checkpoint,
+            policy_vars
+                .data()
+                .lock()
+                .expect("varmap lock")
+                .iter()
+                .map(|(n, v)| (n.as_str(), v)),
+            &device,
+        )?;
+        critic.restore(&point.checkpoint, &device)?;
+        checkpoint::load_optimizer(
+            &point.checkpoint,
+            &mut core.optimizer,
+            &point.state,
+            &device,
+        )?;
+        state = point.state.clone();
+    }
+    let tokenizer_files = crate::trainers::reward::tokenizer_files(&policy_dir);
+    let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
+        let weights = crate::models::weights::named_tensors(&policy_vars);
+        let extra = [critic.checkpoint_file()];
+        checkpoint::save(
+            &run.path,
+            &Checkpoint {
+                weights: &weights,
+                model_config: Some(&base_config),
+                tokenizer_files: &tokenizer_files,
+                extra_weights: &extra,
+                optimizer: Some(&core.optimizer),
+                state,
+                manifest: &run.manifest,
+            },
+            t.save_total_limit,
+        )
+    };
+    let models = Models {
+        sampler: &sampler,
+        reference: &reference,
+        critic: &critic,
+        tok: &tok,
+        reward,
+        device: &device,
+    };
+    let eval_now = |m: &Models| -> Result<Option<EvalReport>> {
+        if eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        evaluate(m, p, &eval_prompts, &sampling, seed).map(Some)
+    };
+    let log_eval = |run: &mut RunDir, step: u64, e: &EvalReport| -> Result<()> {
+        let f = e.figures();
+        let refs: Vec<(&str, f64)> = f.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        run.metrics.log(step, &refs)?;
+        let path = run.path.join(format!("eval-{step}.jsonl"));
+        let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
+        checkpoint::atomic_write(&path, text.as_bytes())
+    };
+    let mut eval_before = None;
+    if state.step == 0 {
+        eval_before = eval_now(&models)?;
+        if let Some(e) = &eval_before {
+            log_eval(&mut run, 0, e)?;
+        }
+    }
+
+    // 5. The loop: one update per batch of prompts.
+    let progress = Progress::new(total_updates, "ppo");
+    let sample_every = (total_updates / p.num_sample_generations.max(1) as u64).max(1);
+    let (mut rollout_s, mut score_s, mut update_s) = (0.0, 0.0, 0.0);
+    let started = Instant::now();
+    let first_update = state.step;
+    let mut last_checkpoint = None;
+    let mut eval_after = None;
+    while state.step < total_updates {
+        let update_started = Instant::now();
+        // Prompts: a seeded shuffle, reshuffled each pass; position checkpointed.
+        let queries = {
+            let rng = state.rngs.get_mut("data").expect("data stream");
+            let mut offset = state.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
+            let mut order: Vec<usize> =
+                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
+            let mut picked = Vec::with_capacity(batch);
+            while picked.len() < batch {
+                if offset >= order.len() {
+                    order = rng.permutation(prompts.len());
+                    offset = 0;
+                }
+                picked.push(prompts[order[offset]].clone());
+                offset += 1;
+            }
+            state.data_position = json!({"offset": offset, "order": order});
+            picked
+        };
+        let kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(p.kl_coef);
+        let (ro, stats) = {
+            let rng = state.rngs.get_mut("sample").expect("sample stream");
+            roll_out(&models, p, queries, &sampling, kl_coef, rng)?
+        };
+        rollout_s += stats.rollout_s;
+        score_s += stats.score_s;
+
+        // PPO epochs over shuffled mini-batches, accumulating micro-batches.
+        let update_phase = Instant::now();
+        let mut acc = UpdateStats::default();
+        let mut lr = 0.0;
+        for _ in 0..p.num_ppo_epochs {
+            let order = state
+                .rngs
+                .get_mut("ppo")
+                .expect("ppo stream")
+                .permutation(batch);
+            for mb in order.chunks(mini_batch) {
+                for micro in mb.chunks(t.per_device_train_batch_size) {
+                    let loss = micro_batch_loss(&models, &policy, p, &ro, micro, &mut acc)?;
+                    core.backward(&loss)?;
+                }
+                if let StepOutcome::Applied { lr: l, .. } = core.step(state.optimizer_steps)? {
+                    lr = l;
+                }
+                state.optimizer_steps += 1;
+            }
+        }
+        let this_update_s = update_phase.elapsed().as_secs_f64();
+        update_s += this_update_s;
+        state.step += 1;
+        let episode = state.extra["episode"].as_u64().unwrap_or(0) + batch as u64;
+        state.extra["episode"] = json!(episode);
+        // Adaptive KL control updates the coefficient from this batch's KL.
+        if p.adap_kl_ctrl {
+            let mut ctl = rl::AdaptiveKl {
+                value: kl_coef,
+                target: p.target,
+                horizon: p.horizon,
+            };
+            ctl.update(stats.kl_per_sequence, batch);
+            state.extra["kl_coef"] = json!(ctl.value);
+        }
+
+        // Metrics (means over every micro-batch of the update), samples, eval.
+        let elapsed = update_started.elapsed().as_secs_f64();
+        if state.step.is_multiple_of(t.logging_steps) || state.step == total_updates {
+            let mut figures = stats.figures.clone();
+            figures.extend(acc.figures());
+            figures.extend([
+                ("lr".into(), lr),
+                ("episode".into(), episode as f64),
+                ("time/rollout".into(), stats.rollout_s),
+                ("time/score".into(), stats.score_s),
+                ("time/update".into(), this_update_s),
+                ("tokens_per_second".into(), stats.tokens as f64 / elapsed),
+            ]);
+            let refs: Vec<(&str, f64)> = figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            run.metrics.log(state.step, &refs)?;
+        }
+        if state.step.is_multiple_of(sample_every) || state.step == total_updates {
+            write_samples(&run.path, state.step, &stats)?;
+        }
+        let mean_score = stats.scores.iter().map(|&s| s as f64).sum::<f64>() / batch as f64;
+        progress.update(
+            state.step,
+            &[
+                ("episode", episode as f64),
+                ("score", mean_score),
+                ("kl", stats.kl_per_sequence),
+            ],
+        );
+        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
+            || state.step == total_updates;
+        if eval_due {
+            if let Some(e) = eval_now(&models)? {
+                log_eval(&mut run, state.step, &e)?;
+                eval_after = Some(e);
+            }
+        }
+        let stopping = stop.requested();
+        if state.step.is_multiple_of(t.save_steps) || stopping || state.step == total_updates {
+            let dir = save(&run, &core, &state)?;
+            last_checkpoint = Some(dir.clone());
+            if stopping && state.step < total_updates {
+                return Err(Error::Interrupted {
+                    step: state.step,
+                    checkpoint: dir,
+                });
+            }
+        }
+    }
+    progress.finish();
+    let updates_run = (state.step - first_update).max(1);
+    let checkpoint = match last_checkpoint {
+        Some(c) => c,
+        None => checkpoint::latest(&run.path)?
+            .map(|(_, p)| p)
+            .ok_or_else(|| Error::Msg("no checkpoint written".into()))?,
+    };
+    if let Err(e) = crate::plot::plot_run(&run.path) {
+        tracing::warn!("plots not drawn: {e}");
+    }
+    Ok(PpoRun {
+        run_dir: run.path.clone(),
+        checkpoint,
+        updates: state.step,
+        prompts: report,
+        eval_before,
+        eval_after,
+        seconds_per_update: started.elapsed().as_secs_f64() / updates_run as f64,
+        rollout_s,
+        score_s,
+        update_s,
+    })
+}
+
+/// A policy must be a causal LM.
+fn causal(lm: Result<CausalLm>, arch: &ArchConfig) -> Result<CausalLm> {
+    lm.map_err(|e| {
+        Error::Msg(format!(
+            "PPO needs a causal LM policy; {} cannot be one: {e}",
+            arch.model_type()
+        ))
+    })
+}
+
+/// Sums of the per-micro-batch diagnostics of one update.
+#[derive(Default)]
+struct UpdateStats {
+    n: usize,
+    approxkl: f64,
+    clipfrac: f64,
+    pg_loss: f64,
+    vf_loss: f64,
+    vf_clipfrac: f64,
+    entropy: f64,
+    ratios: Vec<f64>,
+}
+
+impl UpdateStats {
+    fn figures(&self) -> Vec<(String, f64)> {
+        let n = self.n.max(1) as f64;
+        let ratio = self.ratios.iter().sum::<f64>() / n;
+        let ratio_var = if self.ratios.len() > 1 {
+            self.ratios.iter().map(|r| (r - ratio).powi(2)).sum::<f64>()
+                / (self.ratios.len() - 1) as f64
+        } else {
+            0.0
+        };
+        vec![
+            ("policy/approxkl_avg".into(), self.approxkl / n),
+            ("policy/clipfrac_avg".into(), self.clipfrac / n),
+            ("loss/policy_avg".into(), self.pg_loss / n),
+            ("loss/value_avg".into(), self.vf_loss / n),
+            ("val/clipfrac_avg".into(), self.vf_clipfrac / n),
+            ("policy/entropy_avg".into(), self.entropy / n),
+            ("val/ratio".into(), ratio),
+            ("val/ratio_var".into(), ratio_var),
+        ]
+    }
+}
+
+/// The PPO loss of one micro-batch (rows `rows` of the rollouts):
+/// pg_loss + vf_coef * vf_loss - entropy_coef * entropy.
+fn micro_batch_loss(
+    m: &Models,
+    policy: &CausalLm,
+    p: &PpoConfig,
+    ro: &Rollouts,
+    rows: &[usize],
+    acc: &mut UpdateStats,
+) -> Result<Tensor> {
+    let idx = Tensor::from_vec(
+        rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        rows.len(),
+        m.device,
+    )?;
+    let qs: Vec<&[u32]> = rows.iter().map(|&i| ro.queries[i].as_slice()).collect();
+    let rs: Vec<&[u32]> = rows.iter().map(|&i| ro.responses[i].as_slice()).collect();
+    let b = Batch::new(
+        &qs,
+        &rs,
+        p.response_length,
+        m.tok.pad_id,
+        policy.dtype(),
+        m.device,
+    )?;
+    let pick = |t: &Tensor| t.index_select(&idx, 0);
+    let mask = pick(&ro.mask)?;
+    let (logprobs, entropy, h) = policy_outputs(policy, &b, p.temperature)?;
+    let values = m.critic.values(&b, &h, true)?;
+    let pl = rl::policy_loss(
+        &logprobs,
+        &pick(&ro.logprobs)?,
+        &pick(&ro.advantages)?,
+        &mask,
+        p.cliprange,
+    )?;
+    let vl = rl::value_loss(
+        &values,
+        &pick(&ro.values)?,
+        &pick(&ro.returns)?,
+        &mask,
+        p.cliprange_value,
+    )?;
+    let entropy = rl::masked_mean(&entropy, &mask)?;
+    let mut loss = (&pl.loss + (&vl.loss * p.vf_coef)?)?;
+    if p.entropy_coef > 0.0 {
+        loss = (loss - (&entropy * p.entropy_coef)?)?;
+    }
+    let f = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    acc.n += 1;
+    acc.approxkl += f(&pl.approxkl)?;
+    acc.clipfrac += f(&pl.clipfrac)?;
+    acc.pg_loss += f(&pl.loss)?;
+    acc.vf_loss += f(&vl.loss)?;
+    acc.vf_clipfrac += f(&vl.clipfrac)?;
+    acc.entropy += f(&entropy)?;
+    acc.ratios.push(f(&rl::masked_mean(&pl.ratio, &mask)?)?);
+    Ok(loss)
+}
+
+/// Appends a few completions with their scores to RUN_DIR/samples.jsonl.
+fn write_samples(run_dir: &Path, update: u64, stats: &RolloutStats) -> Result<()> {
+    use std::io::Write;
+    let path = run_dir.join("samples.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_path(&path)?;
+    for ((prompt, response), score) in stats.texts.iter().zip(&stats.scores).take(4) {
+        let line =
+            json!({"update": update, "prompt": prompt, "response": response, "score": score});
+        writeln!(file, "{line}").with_path(&path)?;
+    }
+    Ok(())
+}
