@@ -187,7 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sft(t) => not_ready("sft", &t.common),
         Command::Reward(t) => reward(t),
-        Command::Ppo(t) => not_ready("ppo", &t.common),
+        Command::Ppo(t) => ppo(t),
         Command::Score(a) => score(a),
         Command::Eval(c) => not_ready("eval", &c),
         Command::Demo(c) => not_ready("demo", &c),
@@ -309,6 +309,33 @@ fn reward(t: TrainArgs) -> anyhow::Result<()> {
         out.data,
         out.run_dir.display()
     );
+    Ok(())
+}
+
+fn ppo(t: TrainArgs) -> anyhow::Result<()> {
+    let cfg = resolve_config(&t.common)?;
+    let reward_model = cfg.ppo.reward_model.clone().unwrap_or_default();
+    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.ppo.dataset, &reward_model])?;
+    let stop = candle_rlhf::signal::install()?;
+    let dir = run_dir("ppo", &t, &cfg);
+    let out = candle_rlhf::trainers::ppo::train(&cfg, &dir, t.resume.is_some(), &stop)?;
+    println!(
+        "policy: {}\nupdates: {}, {:.3} s/update (rollout {:.1} s, scoring {:.1} s, updates {:.1} s)\nprompts: {}",
+        out.checkpoint.display(),
+        out.updates,
+        out.seconds_per_update,
+        out.rollout_s,
+        out.score_s,
+        out.update_s,
+        out.prompts
+    );
+    if let Some(e) = &out.eval_before {
+        println!("eval before: {e}");
+    }
+    if let Some(e) = &out.eval_after {
+        println!("eval after:  {e}");
+    }
+    println!("run: {}", out.run_dir.display());
     Ok(())
 }
 

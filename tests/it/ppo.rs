@@ -170,3 +170,82 @@ fn an_interrupted_ppo_run_resumes_to_the_same_weights() {
         );
     }
 }
+
+#[test]
+fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let root = fixtures_root();
+    let quoted = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let base = |c: &mut Command| {
+        c.env_remove("RUST_BACKTRACE")
+            .arg("ppo")
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-ppo.toml"))
+            .args([
+                "--set",
+                &format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
+            ])
+            .args([
+                "--set",
+                &format!("ppo.dataset={}", quoted(&root.join(fixtures::PREFERENCES))),
+            ])
+            .args([
+                "--set",
+                "ppo.total_episodes=32",
+                "--set",
+                "train.save_steps=100",
+            ])
+            .args(["--out", &out.to_string_lossy()]);
+    };
+    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    base(&mut c);
+    c.args([
+        "--set",
+        &format!(
+            "ppo.reward_model={}",
+            quoted(&root.join("reward/tiny-gpt2"))
+        ),
+    ]);
+    let o = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("updates: 2"), "{stdout}");
+    // The policy checkpoint is a Hugging Face directory that loads back; the
+    // reward model shares the policy's tokenizer, so the critic started from
+    // it (the N+ default) and is saved beside the policy.
+    let ckpt = out.join("checkpoints/2");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "critic.safetensors",
+    ] {
+        assert!(ckpt.join(f).is_file(), "{f}");
+    }
+    let (_, vb, _) = candle_rlhf::models::load_dir_frozen(
+        &ckpt,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let cfg = candle_rlhf::models::ArchConfig::load(&ckpt.join("config.json")).unwrap();
+    candle_rlhf::models::CausalLm::load(vb, &cfg, true).unwrap();
+    // A clear error when the reward model is missing, exit 2 for a config error.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    base(&mut c);
+    let o = c
+        .args(["--set", "ppo.reward_model=\"/nonexistent/rm\""])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("/nonexistent/rm"),
+        "{err}"
+    );
+}
