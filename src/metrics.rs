@@ -49,7 +49,7 @@ impl MetricsLog {
 
     /// Appends `{"step": step, "timestamp": unix seconds, name: value, ...}`.
     /// Non-finite values are written as null (JSON has no NaN).
-    pub fn log(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
+    pub fn log<K: AsRef<str>>(&mut self, step: u64, values: &[(K, f64)]) -> Result<()> {
         let mut obj = serde_json::Map::new();
         obj.insert("step".into(), step.into());
         let now = std::time::SystemTime::now()
@@ -58,7 +58,7 @@ impl MetricsLog {
         obj.insert("timestamp".into(), serde_json::json!(now));
         for (k, v) in values {
             obj.insert(
-                (*k).to_string(),
+                k.as_ref().to_string(),
                 serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into),
             );
         }

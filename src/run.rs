@@ -72,6 +72,22 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// Ends a run: the final checkpoint (`last` when this process wrote
+    /// one, else the newest on disk, for a run resumed at its end) and the
+    /// plots of its metrics (a plotting failure only warns).
+    pub fn finish(&self, last: Option<PathBuf>) -> Result<PathBuf> {
+        let checkpoint = match last {
+            Some(c) => c,
+            None => crate::checkpoint::latest(&self.path)?
+                .map(|(_, p)| p)
+                .ok_or_else(|| crate::Error::Msg("no checkpoint written".into()))?,
+        };
+        if let Err(e) = crate::plot::plot_run(&self.path) {
+            tracing::warn!("plots not drawn: {e}");
+        }
+        Ok(checkpoint)
+    }
+
     /// Starts a new run in `path`. A directory that already holds
     /// checkpoints is refused, so that no run is overwritten by accident.
     pub fn create(path: &Path, manifest: Manifest) -> Result<RunDir> {

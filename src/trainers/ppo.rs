@@ -221,6 +221,7 @@ pub fn load_prompts(
 
 /// Queries and responses as one batch: each row is the left-padded query
 /// (width q) followed by its response, right-padded to r tokens.
+#[derive(Clone)]
 struct Batch {
     ids: Tensor,
     mask: Vec<Vec<u8>>,
@@ -497,8 +498,6 @@ fn sample(
             m.device,
         )?);
     }
-    // A response that is empty (cannot happen with max_new_tokens >= 1) would
-    // have no token to score; keep one pad-free token at least.
     Ok(responses)
 }
 
@@ -567,8 +566,17 @@ fn forward_rollouts(
         let rs: Vec<&[u32]> = rs.iter().map(Vec::as_slice).collect();
         let b = Batch::new(&qs, &rs, r, m.tok.pad_id, m.sampler.dtype(), m.device)?;
         let (logprobs, _, h) = policy_outputs(m.sampler, &b, temperature)?;
-        let b_ref = Batch::new(&qs, &rs, r, m.tok.pad_id, m.reference.dtype(), m.device)?;
-        let (ref_logprobs, _, _) = policy_outputs(m.reference, &b_ref, temperature)?;
+        // The reference reads the same batch; only its attention bias
+        // follows the dtype when the reference runs in a lower one.
+        let ref_logprobs = if m.reference.dtype() == b.bias.dtype() {
+            policy_outputs(m.reference, &b, temperature)?.0
+        } else {
+            let b_ref = Batch {
+                bias: b.bias.to_dtype(m.reference.dtype())?,
+                ..b.clone()
+            };
+            policy_outputs(m.reference, &b_ref, temperature)?.0
+        };
         vals.push(m.critic.values(&b, &h, false)?);
         lp.push(logprobs);
         rlp.push(ref_logprobs);
@@ -587,7 +595,6 @@ fn mean_f(x: &Tensor) -> Result<f64> {
 }
 
 /// Steps 1-3: sample, score, and turn the scores into advantages.
-#[allow(clippy::too_many_arguments)]
 fn roll_out(
     m: &Models,
     p: &PpoConfig,
@@ -985,8 +992,7 @@ pub fn train_with_reward(
     };
     let log_eval = |run: &mut RunDir, step: u64, e: &EvalReport| -> Result<()> {
         let f = e.figures();
-        let refs: Vec<(&str, f64)> = f.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        run.metrics.log(step, &refs)?;
+        run.metrics.log(step, &f)?;
         let path = run.path.join(format!("eval-{step}.jsonl"));
         let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
         checkpoint::atomic_write(&path, text.as_bytes())
@@ -1085,8 +1091,7 @@ pub fn train_with_reward(
                 ("time/update".into(), this_update_s),
                 ("tokens_per_second".into(), stats.tokens as f64 / elapsed),
             ]);
-            let refs: Vec<(&str, f64)> = figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            run.metrics.log(state.step, &refs)?;
+            run.metrics.log(state.step, &figures)?;
         }
         if state.step.is_multiple_of(sample_every) || state.step == total_updates {
             write_samples(&run.path, state.step, &stats)?;
@@ -1122,15 +1127,7 @@ pub fn train_with_reward(
     }
     progress.finish();
     let updates_run = (state.step - first_update).max(1);
-    let checkpoint = match last_checkpoint {
-        Some(c) => c,
-        None => checkpoint::latest(&run.path)?
-            .map(|(_, p)| p)
-            .ok_or_else(|| Error::Msg("no checkpoint written".into()))?,
-    };
-    if let Err(e) = crate::plot::plot_run(&run.path) {
-        tracing::warn!("plots not drawn: {e}");
-    }
+    let checkpoint = run.finish(last_checkpoint)?;
     Ok(PpoRun {
         run_dir: run.path.clone(),
         checkpoint,

@@ -300,9 +300,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                     ),
                     ("epoch".to_string(), state.step as f64 / per_epoch as f64),
                 ]);
-                let refs: Vec<(&str, f64)> =
-                    figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                run.metrics.log(state.step, &refs)?;
+                run.metrics.log(state.step, &figures)?;
             }
         }
         progress.update(
@@ -317,9 +315,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         if eval_now && !eval_pairs.is_empty() {
             eval_figures =
                 eval_stats(&model, &eval_pairs, cfg, tok.pad_id, &device)?.figures("eval_");
-            let refs: Vec<(&str, f64)> =
-                eval_figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            run.metrics.log(state.step, &refs)?;
+            run.metrics.log(state.step, &eval_figures)?;
         }
         let stopping = stop.requested();
         if state.step == total && cfg.reward.normalize {
@@ -354,15 +350,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             .find(|(k, _)| k == name)
             .map_or(f64::NAN, |(_, v)| *v)
     };
-    let checkpoint = match last_checkpoint {
-        Some(c) => c,
-        None => checkpoint::latest(&run.path)?
-            .map(|(_, p)| p)
-            .ok_or_else(|| Error::Msg("no checkpoint written".into()))?,
-    };
-    if let Err(e) = crate::plot::plot_run(&run.path) {
-        tracing::warn!("plots not drawn: {e}");
-    }
+    let checkpoint = run.finish(last_checkpoint)?;
     Ok(RewardRun {
         run_dir: run.path.clone(),
         checkpoint,
