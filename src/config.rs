@@ -286,6 +286,9 @@ pub struct PpoConfig {
     pub value_model: ValueModel,
     /// Entropy bonus: loss -= entropy_coef * mean token entropy.
     pub entropy_coef: f64,
+    /// Learning rate of the value head or critic (OpenRLHF's name); unset:
+    /// `train.learning_rate`. It follows the same schedule, scaled.
+    pub critic_learning_rate: Option<f64>,
     pub top_k: Option<usize>,
     pub top_p: f64,
     /// Adaptive KL control (Ziegler et al.): kl_coef starts at `kl_coef`
@@ -347,6 +350,7 @@ impl Default for PpoConfig {
             ref_dtype: None,
             value_model: ValueModel::Auto,
             entropy_coef: 0.0,
+            critic_learning_rate: None,
             top_k: None,
             top_p: 1.0,
             adap_kl_ctrl: false,
@@ -716,6 +720,14 @@ impl Config {
             p.horizon.is_finite() && p.horizon > 0.0,
             "must be > 0",
         )?;
+        if let Some(lr) = p.critic_learning_rate {
+            check(
+                "ppo.critic_learning_rate",
+                lr,
+                lr.is_finite() && lr > 0.0,
+                "must be > 0",
+            )?;
+        }
         if let Some(pen) = p.missing_eos_penalty {
             check(
                 "ppo.missing_eos_penalty",

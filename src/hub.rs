@@ -112,6 +112,12 @@ impl std::fmt::Display for HubId {
 pub fn resolve_model(arg: &str, settings: &HubSettings) -> Result<PathBuf> {
     let path = Path::new(arg);
     if path.is_dir() {
+        // A candle-rlhf run directory stands for its newest complete checkpoint.
+        if !path.join("config.json").is_file() {
+            if let Some((_, newest)) = crate::checkpoint::latest(path)? {
+                return Ok(newest);
+            }
+        }
         return Ok(path.to_path_buf());
     }
     let looks_like_path = arg.starts_with('.') || arg.starts_with('/') || arg.contains('\\');

@@ -111,6 +111,30 @@ struct ScoreArgs {
     scores_out: Option<PathBuf>,
 }
 
+/// Options of `eval`.
+#[derive(Args, Clone, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The policy: a directory (a PPO checkpoint, say) or hub id.
+    #[arg(long)]
+    policy: String,
+    /// The reward model: a directory or hub id.
+    #[arg(long)]
+    reward: String,
+    /// The reference for the KL (default: the one a PPO checkpoint was
+    /// trained against, from its manifest; else the policy itself).
+    #[arg(long = "ref")]
+    reference: Option<String>,
+    /// Held-out prompts (column `prompt`): a file, or a dataset directory or
+    /// hub id read at --split.
+    #[arg(long, value_name = "FILE")]
+    prompts: String,
+    /// The split of a dataset given to --prompts.
+    #[arg(long, default_value = "test")]
+    split: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Sample completions from a causal LM.
@@ -132,8 +156,11 @@ enum Command {
     Ppo(TrainArgs),
     /// Score texts or preference pairs with a reward model.
     Score(ScoreArgs),
-    /// Evaluate a policy or reward model on held-out data.
-    Eval(Common),
+    /// Sample a policy on held-out prompts: mean reward, KL to the reference,
+    /// length and EOS rate; the completions go to RUN_DIR/completions.jsonl.
+    /// Sampling settings are the config's [ppo] ones (pass a PPO run's
+    /// RUN_DIR/config.toml to sample as it did).
+    Eval(EvalArgs),
     /// Draw every metric of RUN_DIR/metrics.jsonl to SVG files in RUN_DIR/plots/.
     Plot {
         /// A run directory holding metrics.jsonl.
@@ -189,7 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward(t) => reward(t),
         Command::Ppo(t) => ppo(t),
         Command::Score(a) => score(a),
-        Command::Eval(c) => not_ready("eval", &c),
+        Command::Eval(a) => eval(a),
         Command::Demo(c) => not_ready("demo", &c),
         Command::Bench(c) => not_ready("bench", &c),
     }
@@ -336,6 +363,52 @@ fn ppo(t: TrainArgs) -> anyhow::Result<()> {
         println!("eval after:  {e}");
     }
     println!("run: {}", out.run_dir.display());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    use candle_rlhf::hub::{resolve_model, HubSettings};
+    use candle_rlhf::trainers::ppo::{evaluate_policy, RewardModelReward};
+    let cfg = resolve_config(&a.common)?;
+    let (device, _) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
+    let policy_dir = resolve_model(&a.policy, &HubSettings::from_env())?;
+    let reward = RewardModelReward::load(&a.reward, &policy_dir, &device)?;
+    let (report, prompts) = evaluate_policy(
+        &cfg,
+        &a.policy,
+        a.reference.as_deref(),
+        &reward,
+        &a.prompts,
+        &a.split,
+    )?;
+    let dir = cfg
+        .run
+        .out
+        .clone()
+        .unwrap_or_else(|| candle_rlhf::run::default_run_dir("eval"));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let completions = dir.join("completions.jsonl");
+    let text: String = report
+        .completions
+        .iter()
+        .map(|c| format!("{c}\n"))
+        .collect();
+    candle_rlhf::checkpoint::atomic_write(&completions, text.as_bytes())?;
+    let figures: serde_json::Map<String, serde_json::Value> = report
+        .figures()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::json!(v)))
+        .collect();
+    let summary = dir.join("eval.json");
+    candle_rlhf::checkpoint::atomic_write(
+        &summary,
+        serde_json::to_string_pretty(&figures)?.as_bytes(),
+    )?;
+    println!(
+        "{report}\nprompts: {prompts}\ncompletions: {}\nsummary: {}",
+        completions.display(),
+        summary.display()
+    );
     Ok(())
 }
 

@@ -48,6 +48,8 @@ struct Param {
     name: String,
     var: Var,
     decays: bool,
+    /// This parameter's learning rate over the scheduled one (parameter groups).
+    lr_scale: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -79,6 +81,7 @@ impl AdamW {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 Ok(Param {
                     decays: decays_by_default(&name),
+                    lr_scale: 1.0,
                     name,
                     var,
                     exp_avg: zeros.clone(),
@@ -118,6 +121,14 @@ impl AdamW {
         self.params.is_empty()
     }
 
+    /// Gives the parameters `chosen` by name a learning rate of `scale` times
+    /// the scheduled one (a parameter group, as torch's optimizers have).
+    pub fn scale_lr(&mut self, chosen: impl Fn(&str) -> bool, scale: f64) {
+        for p in self.params.iter_mut().filter(|p| chosen(&p.name)) {
+            p.lr_scale = scale;
+        }
+    }
+
     /// Optimizer steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
@@ -146,6 +157,7 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for (p, grad) in self.params.iter_mut().zip(grads) {
             let Some(grad) = grad else { continue };
+            let lr = lr * p.lr_scale;
             let g = grad.detach().to_dtype(DType::F32)?;
             // m_t = b1 m + (1 - b1) g ;  v_t = b2 v + (1 - b2) g^2
             p.exp_avg = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
@@ -248,6 +260,30 @@ mod tests {
         for (got, want) in decayed.iter().zip([0.89, 0.781571856, 0.675101222]) {
             assert!((*got as f64 - want).abs() < 1e-6, "{decayed:?}");
         }
+    }
+
+    /// Two equal parameters with equal gradients; the "critic." one has a
+    /// learning-rate scale of 0.5. Adam's first step moves a weight by
+    /// lr * g / (|g| + eps): 0.1 for the policy, 0.05 for the critic.
+    #[test]
+    fn scaled_parameter_groups_step_by_their_own_rate() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1.0f32], &dev).unwrap();
+        let c = Var::new(&[1.0f32], &dev).unwrap();
+        let mut opt = AdamW::new(
+            vec![
+                ("policy.w".into(), a.clone()),
+                ("critic.w".into(), c.clone()),
+            ],
+            AdamWParams::default(),
+        )
+        .unwrap();
+        opt.scale_lr(|n| n.starts_with("critic."), 0.5);
+        let g = Tensor::new(&[2.0f32], &dev).unwrap();
+        opt.step(&[Some(g.clone()), Some(g)], 0.1).unwrap();
+        let at = |v: &Var| v.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((at(&a) - 0.9).abs() < 1e-6, "{}", at(&a));
+        assert!((at(&c) - 0.95).abs() < 1e-6, "{}", at(&c));
     }
 
     #[test]

@@ -473,7 +473,8 @@ struct RolloutStats {
 struct Models<'a> {
     sampler: &'a CausalLm,
     reference: &'a CausalLm,
-    critic: &'a Critic,
+    /// None when only evaluating.
+    critic: Option<&'a Critic>,
     tok: &'a Tokenizer,
     reward: &'a dyn Reward,
     device: &'a Device,
@@ -550,8 +551,8 @@ fn score(
     Ok((scores, texts))
 }
 
-/// Log-probs under policy and reference, and values, for all rows in chunks:
-/// (logprobs, ref_logprobs, values, mask), each (B, r).
+/// Log-probs under policy and reference, and values (with a critic), for
+/// all rows in chunks: (logprobs, ref_logprobs, values, mask), each (B, r).
 fn forward_rollouts(
     m: &Models,
     queries: &[Vec<u32>],
@@ -559,7 +560,7 @@ fn forward_rollouts(
     r: usize,
     temperature: f64,
     chunk: usize,
-) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Option<Tensor>, Tensor)> {
     let (mut lp, mut rlp, mut vals, mut masks) = (vec![], vec![], vec![], vec![]);
     for (qs, rs) in queries.chunks(chunk).zip(responses.chunks(chunk)) {
         let qs: Vec<&[u32]> = qs.iter().map(Vec::as_slice).collect();
@@ -577,15 +578,21 @@ fn forward_rollouts(
             };
             policy_outputs(m.reference, &b_ref, temperature)?.0
         };
-        vals.push(m.critic.values(&b, &h, false)?);
+        if let Some(critic) = m.critic {
+            vals.push(critic.values(&b, &h, false)?);
+        }
         lp.push(logprobs);
         rlp.push(ref_logprobs);
         masks.push(b.response_mask);
     }
+    let values = match vals.is_empty() {
+        true => None,
+        false => Some(Tensor::cat(&vals, 0)?),
+    };
     Ok((
         Tensor::cat(&lp, 0)?,
         Tensor::cat(&rlp, 0)?,
-        Tensor::cat(&vals, 0)?,
+        values,
         Tensor::cat(&masks, 0)?,
     ))
 }
@@ -627,7 +634,7 @@ fn roll_out(
     }
     // 6. GAE over response tokens; returns = advantages + values; then the
     //    advantages are whitened over real tokens.
-    let values = (values * &mask)?;
+    let values = (values.ok_or_else(|| Error::Msg("PPO rollouts need a critic".into()))? * &mask)?;
     let (advantages, returns) = rl::gae(&rewards, &values, &mask, p.gamma, p.lam)?;
     let advantages = (rl::masked_whiten(&advantages, &mask, true)? * &mask)?;
 
@@ -768,6 +775,74 @@ fn evaluate(
     })
 }
 
+/// The reference a PPO checkpoint was trained against: its manifest's
+/// `ppo.ref_model`, else its initial policy `model.name_or_path`. None for
+/// a directory that is not a candle-rlhf PPO checkpoint.
+pub fn trained_reference(policy_dir: &Path) -> Option<String> {
+    let path = policy_dir.join(checkpoint::MANIFEST_FILE);
+    let manifest: Manifest = checkpoint::read_json(&path).ok()?;
+    if manifest.command != "ppo" {
+        return None;
+    }
+    let c = manifest.config;
+    c.ppo.ref_model.or(Some(c.model.name_or_path))
+}
+
+/// `candle-rlhf eval`: samples one completion per held-out prompt from
+/// `policy` and reports `reward`, KL to `reference` (default: the one a PPO
+/// checkpoint was trained against, else the policy itself), mean length and
+/// EOS rate. Sampling, prompt length and seed come from `cfg.ppo` and
+/// `cfg.run`, as in training, so the numbers match `ppo`'s own evaluation.
+pub fn evaluate_policy(
+    cfg: &Config,
+    policy: &str,
+    reference: Option<&str>,
+    reward: &dyn Reward,
+    prompts: &str,
+    split: &str,
+) -> Result<(EvalReport, PromptReport)> {
+    let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let p = &cfg.ppo;
+    let hub = HubSettings::from_env();
+    let policy_dir = resolve_model(policy, &hub)?;
+    let tok = Tokenizer::from_dir(&policy_dir)?;
+    let (arch, vb, _) = load_dir_frozen(&policy_dir, dtype, &device)?;
+    let sampler = causal(CausalLm::load(vb, &arch, true), &arch)?;
+    let ref_dir = match reference
+        .map(str::to_string)
+        .or_else(|| trained_reference(&policy_dir))
+    {
+        Some(r) => resolve_model(&r, &hub)?,
+        None => {
+            tracing::warn!("no reference given and {} is not a PPO checkpoint: KL is measured to the policy itself (0)", policy_dir.display());
+            policy_dir.clone()
+        }
+    };
+    let ref_dtype = p.ref_dtype.map_or(dtype, |d| d.dtype());
+    let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
+    let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
+    let (ids, report) = load_prompts(
+        prompts,
+        split,
+        &tok,
+        p.max_prompt_length,
+        p.truncate_prompts,
+        &hub,
+    )?;
+    let models = Models {
+        sampler: &sampler,
+        reference: &reference,
+        critic: None,
+        tok: &tok,
+        reward,
+        device: &device,
+    };
+    let sampling = sampling_of(p, &tok);
+    let e = evaluate(&models, p, &ids, &sampling, cfg.run.seed)?;
+    Ok((e, report))
+}
+
 // ---------------------------------------------------------------- training
 
 /// What a PPO run did.
@@ -787,10 +862,18 @@ pub struct PpoRun {
     pub update_s: f64,
 }
 
-/// The stop token id the config asks for.
-fn stop_token_id(p: &PpoConfig, tok: &Tokenizer) -> Option<u32> {
-    p.stop_token_id
-        .or(p.stop_token.map(|StopToken::Eos| tok.eos_id))
+/// The rollout's sampling settings; responses keep their stop token.
+fn sampling_of(p: &PpoConfig, tok: &Tokenizer) -> Sampling {
+    Sampling {
+        max_new_tokens: p.response_length,
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        stop_token_id: p
+            .stop_token_id
+            .or(p.stop_token.map(|StopToken::Eos| tok.eos_id)),
+        keep_stop_token: true,
+    }
 }
 
 /// Trains with the reward model of `ppo.reward_model` (see [`train_with_reward`]).
@@ -912,21 +995,29 @@ pub fn train_with_reward(
         .iter()
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
-    vars.extend(critic.vars());
+    let critic_vars = critic.vars();
+    let critic_names: Vec<String> = critic_vars.iter().map(|(n, _)| n.clone()).collect();
+    vars.extend(critic_vars);
     let mut core = TrainCore::new(
         AdamW::new(vars, AdamWParams::from_config(t))?,
         t,
         total_steps,
     );
-    let stop_id = stop_token_id(p, &tok);
-    let sampling = Sampling {
-        max_new_tokens: p.response_length,
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        stop_token_id: stop_id,
-        keep_stop_token: true,
-    };
+    // Separate learning rates: the critic's group follows the same schedule, scaled.
+    if let Some(critic_lr) = p.critic_learning_rate {
+        if t.learning_rate == 0.0 {
+            return Err(Error::InvalidConfig {
+                field: "ppo.critic_learning_rate".into(),
+                value: critic_lr.to_string(),
+                reason: "it scales train.learning_rate's schedule, which is 0".into(),
+            });
+        }
+        core.optimizer.scale_lr(
+            |n| critic_names.iter().any(|c| c == n),
+            critic_lr / t.learning_rate,
+        );
+    }
+    let sampling = sampling_of(p, &tok);
 
     // 4. State: fresh, or the newest checkpoint's.
     let mut state = TrainerState {
@@ -979,7 +1070,7 @@ pub fn train_with_reward(
     let models = Models {
         sampler: &sampler,
         reference: &reference,
-        critic: &critic,
+        critic: Some(&critic),
         tok: &tok,
         reward,
         device: &device,
@@ -1216,7 +1307,8 @@ fn micro_batch_loss(
     let pick = |t: &Tensor| t.index_select(&idx, 0);
     let mask = pick(&ro.mask)?;
     let (logprobs, entropy, h) = policy_outputs(policy, &b, p.temperature)?;
-    let values = m.critic.values(&b, &h, true)?;
+    let critic = m.critic.expect("training has a critic");
+    let values = critic.values(&b, &h, true)?;
     let pl = rl::policy_loss(
         &logprobs,
         &pick(&ro.logprobs)?,

@@ -28,7 +28,7 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn subcommands_not_ready_say_so_and_exit_2() {
-    for sub in ["sft", "eval", "bench", "demo"] {
+    for sub in ["sft", "bench", "demo"] {
         let (code, _, err) = run(bin().arg(sub));
         assert_eq!(code, 2, "{sub}: {err}");
         assert!(err.contains("not ready"), "{sub}: {err}");

@@ -7,6 +7,7 @@ mod config;
 mod hub;
 mod models;
 mod ppo;
+mod ppo_io;
 mod reference;
 mod reward;
 mod toy;
