@@ -1,9 +1,9 @@
 # Thin wrappers over the cargo commands in README.md.
 .PHONY: run test fixtures golden fmt clippy cuda ci-times
 
-# The main job: sample from the self-made tiny model (made on first use).
+# The main job: the whole pipeline offline on the embedded task.
 run:
-	cargo run --release -- generate --prompt "the movie was" --prompt "i think this film"
+	cargo run --release -- demo
 
 test:
 	cargo test

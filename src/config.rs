@@ -28,6 +28,8 @@ pub struct Config {
     pub train: TrainConfig,
     /// Sampling settings for `generate`.
     pub generate: GenerateConfig,
+    /// Supervised fine-tuning (TRL's SFTConfig).
+    pub sft: SftConfig,
     /// Reward-model training (TRL's RewardConfig).
     pub reward: RewardConfig,
     /// PPO (TRL's PPOConfig).
@@ -183,6 +185,46 @@ impl Default for GenerateConfig {
             temperature: 1.0,
             top_k: None,
             top_p: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    /// Rows with `prompt` and `completion` (loss on the completion), or with
+    /// `text` (loss on every token): a .jsonl, .jsonl.gz, .json or .parquet
+    /// file, or a dataset read at `dataset_train_split`.
+    pub dataset: String,
+    pub dataset_train_split: String,
+    /// A separate evaluation set; without it, `eval_ratio` of the rows is held out.
+    pub eval_dataset: Option<String>,
+    pub dataset_test_split: String,
+    pub eval_ratio: f64,
+    /// The text column of plain-text rows (TRL's name).
+    pub dataset_text_field: String,
+    /// Sequences are cut to this many tokens (TRL truncates too), and counted.
+    pub max_length: usize,
+    /// Loss on completion tokens only for prompt/completion rows (TRL's
+    /// default); false trains on the prompt too.
+    pub completion_only_loss: bool,
+    /// Pack whole sequences into rows of max_length (best-fit decreasing, as
+    /// TRL's "bfd"); each attends only within itself, positions restart.
+    pub packing: bool,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            dataset: String::new(),
+            dataset_train_split: "train".into(),
+            eval_dataset: None,
+            dataset_test_split: "test".into(),
+            eval_ratio: 0.1,
+            dataset_text_field: "text".into(),
+            max_length: 1024,
+            completion_only_loss: true,
+            packing: false,
         }
     }
 }
@@ -586,6 +628,19 @@ impl Config {
                 "must be at least 1 (leave it unset for no top-k)",
             )?;
         }
+
+        check(
+            "sft.max_length",
+            self.sft.max_length,
+            self.sft.max_length >= 2,
+            "must be at least 2 tokens",
+        )?;
+        check(
+            "sft.eval_ratio",
+            self.sft.eval_ratio,
+            (0.0..1.0).contains(&self.sft.eval_ratio),
+            "must be in [0, 1)",
+        )?;
 
         check(
             "reward.max_length",

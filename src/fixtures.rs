@@ -43,43 +43,8 @@ pub const TINY_GPT2: &str = "models/tiny-gpt2";
 /// The hub organisation of the fixture models in the fixture hub cache.
 pub const HUB_ORG: &str = "candle-rlhf";
 
-const SUBJECTS: &[&str] = &[
-    "the movie",
-    "this film",
-    "the plot",
-    "the acting",
-    "the story",
-    "the cast",
-    "the ending",
-    "the music",
-    "the script",
-    "the director",
-];
-const VERBS: &[&str] = &["was", "felt", "seemed", "is", "looked"];
-const ADVERBS: &[&str] = &["really", "very", "quite", "truly", "so", "rather"];
-const POSITIVE: &[&str] = &[
-    "great",
-    "wonderful",
-    "brilliant",
-    "moving",
-    "funny",
-    "beautiful",
-    "excellent",
-    "charming",
-    "delightful",
-    "superb",
-];
-const NEGATIVE: &[&str] = &[
-    "boring", "awful", "dull", "terrible", "weak", "messy", "bland", "painful", "silly", "tedious",
-];
-const OPENERS: &[&str] = &[
-    "i think",
-    "honestly",
-    "overall",
-    "in the end",
-    "to be fair",
-    "i felt that",
-];
+// The fixtures' corpus uses the demo task's words (src/task.rs).
+use crate::task::{ADVERBS, NEGATIVE, OPENERS, POSITIVE, SUBJECTS, VERBS};
 
 /// `n` short movie-review sentences, the same for the same seed.
 pub fn synthetic_corpus(seed: u64, n: usize) -> Vec<String> {
@@ -156,6 +121,8 @@ fn with_corpus_file<T>(
 
 /// Where `make_all` writes the synthetic preference pairs.
 pub const PREFERENCES: &str = "data/preferences.jsonl";
+/// Where `make_all` writes SFT rows of the demo's task (prompt, completion).
+pub const SFT_ROWS: &str = "data/sft.jsonl";
 
 /// `n` preference pairs with a hidden rule: the same prompt completed with a
 /// positive word (chosen) and a negative one (rejected), as JSONL rows with
@@ -735,6 +702,10 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
     }
     let preferences = synthetic_preferences(seed, 600);
     write_jsonl(&out.join(PREFERENCES), &preferences)?;
+    write_jsonl(
+        &out.join(SFT_ROWS),
+        &crate::task::Task::new(seed, "sft").sft_rows(1000),
+    )?;
     write_preference_dataset(&out.join("hub"), &preferences)?;
     Ok(dirs)
 }

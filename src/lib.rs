@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod fixtures;
@@ -22,6 +23,7 @@ pub mod rl;
 pub mod rng;
 pub mod run;
 pub mod signal;
+pub mod task;
 pub mod tokenizer;
 pub mod train;
 pub mod trainers;

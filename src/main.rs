@@ -166,8 +166,25 @@ enum Command {
         /// A run directory holding metrics.jsonl.
         run_dir: PathBuf,
     },
-    /// The whole pipeline offline on an embedded task.
-    Demo(Common),
+    /// The whole pipeline offline on an embedded task: SFT, reward model,
+    /// PPO, evaluation with a gold reward, and a report.
+    Demo {
+        /// Output directory.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// A smaller run (about a minute on two cores).
+        #[arg(long)]
+        fast: bool,
+        /// Also run PPO with kl_coef 0 and a large one.
+        #[arg(long)]
+        kl_sweep: bool,
+        /// Seed of the data, the base model and every stage.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// PPO's kl_coef.
+        #[arg(long)]
+        kl_coef: Option<f64>,
+    },
     /// Measure training and generation speed.
     Bench(Common),
 }
@@ -212,12 +229,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Sft(t) => not_ready("sft", &t.common),
+        Command::Sft(t) => sft(t),
         Command::Reward(t) => reward(t),
         Command::Ppo(t) => ppo(t),
         Command::Score(a) => score(a),
         Command::Eval(a) => eval(a),
-        Command::Demo(c) => not_ready("demo", &c),
+        Command::Demo {
+            out,
+            fast,
+            kl_sweep,
+            seed,
+            kl_coef,
+        } => {
+            let report = candle_rlhf::demo::run(&candle_rlhf::demo::DemoOptions {
+                out,
+                fast,
+                kl_sweep,
+                seed,
+                kl_coef,
+            })?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Bench(c) => not_ready("bench", &c),
     }
 }
@@ -318,6 +351,25 @@ fn run_dir(command: &str, t: &TrainArgs, cfg: &Config) -> PathBuf {
         .clone()
         .or_else(|| cfg.run.out.clone())
         .unwrap_or_else(|| candle_rlhf::run::default_run_dir(command))
+}
+
+fn sft(t: TrainArgs) -> anyhow::Result<()> {
+    let cfg = resolve_config(&t.common)?;
+    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.sft.dataset])?;
+    let stop = candle_rlhf::signal::install()?;
+    let dir = run_dir("sft", &t, &cfg);
+    let out = candle_rlhf::trainers::sft::train(&cfg, &dir, t.resume.is_some(), &stop)?;
+    println!(
+        "model: {}\nsteps: {}, eval loss {:.4}, eval token accuracy {:.4}, {:.3} s/step\ndata: {}\nrun: {}",
+        out.checkpoint.display(),
+        out.steps,
+        out.eval_loss,
+        out.eval_mean_token_accuracy,
+        out.seconds_per_step,
+        out.data,
+        out.run_dir.display()
+    );
+    Ok(())
 }
 
 fn reward(t: TrainArgs) -> anyhow::Result<()> {

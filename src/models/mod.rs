@@ -274,8 +274,8 @@ fn blocked_value(dtype: DType) -> f32 {
 /// large finite negative elsewhere (a row of -inf would give NaN). Pad
 /// queries attend to nothing real, get a uniform softmax, and are ignored.
 /// Shape (B, 1, queries, keys).
-pub fn attention_bias(
-    mask: &[Vec<u8>],
+pub fn attention_bias<M: Copy + Into<u32>>(
+    mask: &[Vec<M>],
     queries: usize,
     dtype: DType,
     device: &Device,
@@ -285,10 +285,15 @@ pub fn attention_bias(
     let blocked = blocked_value(dtype);
     let mut data = Vec::with_capacity(b * queries * keys);
     for row in mask {
+        let row: Vec<u32> = row.iter().map(|&m| m.into()).collect();
         for i in 0..queries {
             let query_pos = keys - queries + i;
+            // A real query sees its own segment; a pad query sees every real
+            // key before it (its output is ignored, but a fully blocked row
+            // would give NaN).
+            let own = row[query_pos];
             data.extend((0..keys).map(|j| {
-                if j <= query_pos && row[j] == 1 {
+                if j <= query_pos && row[j] != 0 && (own == 0 || row[j] == own) {
                     0.0f32
                 } else {
                     blocked
@@ -335,19 +340,23 @@ pub fn right_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
 
 /// Position ids from a left- or right-padded mask: cumsum(mask) - mask, so
 /// pad positions get 0 (TRL's rule; -1 would index outside GPT-2's wpe).
-pub fn position_ids(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
+/// A mask of segment ids (packed rows: 0 pad, k > 0 the k-th sequence)
+/// restarts the count at each new segment.
+pub fn position_ids<M: Copy + Into<u32>>(mask: &[Vec<M>]) -> Vec<Vec<u32>> {
     mask.iter()
         .map(|row| {
-            let mut seen = 0u32;
+            let (mut seen, mut segment) = (0u32, 0u32);
             row.iter()
                 .map(|&m| {
-                    let p = seen;
-                    seen += m as u32;
-                    if m == 1 {
-                        p
-                    } else {
-                        0
+                    let m: u32 = m.into();
+                    if m == 0 {
+                        return 0;
                     }
+                    if m != segment {
+                        (seen, segment) = (0, m);
+                    }
+                    seen += 1;
+                    seen - 1
                 })
                 .collect()
         })
@@ -367,7 +376,7 @@ mod tests {
 
     #[test]
     fn positions_skip_left_padding() {
-        let mask = vec![vec![0, 0, 1, 1, 1], vec![1, 1, 1, 1, 1]];
+        let mask: Vec<Vec<u8>> = vec![vec![0, 0, 1, 1, 1], vec![1, 1, 1, 1, 1]];
         assert_eq!(
             position_ids(&mask),
             vec![vec![0, 0, 0, 1, 2], vec![0, 1, 2, 3, 4]]
@@ -376,10 +385,34 @@ mod tests {
 
     #[test]
     fn bias_is_causal_and_hides_padding() {
-        let mask = vec![vec![0, 1, 1]];
+        let mask: Vec<Vec<u8>> = vec![vec![0, 1, 1]];
         let bias = attention_bias(&mask, 2, DType::F32, &Device::Cpu).unwrap();
         let v = bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // query at position 1 sees key 1 only; query at 2 sees keys 1 and 2.
         assert_eq!(v, vec![-1e9, 0.0, -1e9, -1e9, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn packed_segments_attend_within_themselves_and_restart_positions() {
+        // Two sequences packed in one row (segments 1, 1, 2, 2, 2) and a pad.
+        let seg: Vec<Vec<u32>> = vec![vec![1, 1, 2, 2, 2, 0]];
+        assert_eq!(position_ids(&seg), vec![vec![0, 1, 0, 1, 2, 0]]);
+        let bias = attention_bias(&seg, 6, DType::F32, &Device::Cpu).unwrap();
+        let v = bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let seen: Vec<Vec<usize>> = v
+            .chunks(6)
+            .map(|r| (0..6).filter(|&j| r[j] == 0.0).collect())
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                vec![0],
+                vec![0, 1],
+                vec![2],
+                vec![2, 3],
+                vec![2, 3, 4],
+                vec![0, 1, 2, 3, 4], // the pad query: every real key before it
+            ]
+        );
     }
 }

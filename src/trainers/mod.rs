@@ -3,3 +3,4 @@
 
 pub mod ppo;
 pub mod reward;
+pub mod sft;

@@ -10,5 +10,6 @@ mod ppo;
 mod ppo_io;
 mod reference;
 mod reward;
+mod sft;
 mod toy;
 mod training;

@@ -1,0 +1,474 @@
+//! Stage 1: supervised fine-tuning of a causal LM, as TRL's SFTTrainer does
+//! it. Rows are prompt + completion (the loss on completion tokens only,
+//! TRL's `completion_only_loss`) or plain text (every token), EOS appended;
+//! optionally packed several to a row (best-fit decreasing, each sequence
+//! attending only to itself with positions restarting, TRL's "bfd").
+//! The loss is the mean negative log-likelihood over the trained tokens.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::{json, Value};
+
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::config::{Config, SftConfig};
+use crate::data::{self, Record};
+use crate::metrics::Progress;
+use crate::models::{attention_bias, load_dir, position_ids, CausalLm};
+use crate::rl;
+use crate::run::{Manifest, RunDir};
+use crate::signal::StopSignal;
+use crate::tokenizer::Tokenizer;
+use crate::train::{AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::{Error, HostRng, Result};
+
+/// One training row: token ids, which tokens are trained (predicted from
+/// the ones before), and the sequence each token belongs to (1, 2, ... when
+/// packed; all 1 otherwise).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftRow {
+    pub ids: Vec<u32>,
+    pub trained: Vec<u8>,
+    pub segments: Vec<u32>,
+}
+
+/// What tokenizing kept and skipped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SftDataReport {
+    pub rows: usize,
+    pub kept: usize,
+    pub truncated: usize,
+    pub skipped_empty: usize,
+    /// Rows after packing (equal to `kept` without it).
+    pub packed_rows: usize,
+}
+
+impl std::fmt::Display for SftDataReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rows: {} kept, {} truncated to max_length, {} skipped with nothing to train, {} training rows",
+            self.rows, self.kept, self.truncated, self.skipped_empty, self.packed_rows
+        )
+    }
+}
+
+fn text_column<'a>(value: &'a Value, column: &str, source: &str) -> Result<Option<&'a str>> {
+    match value.get(column) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Array(_)) => Err(Error::Msg(format!(
+            "{source}: column `{column}` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
+        ))),
+        Some(other) => Err(Error::Msg(format!(
+            "{source}: column `{column}` must be a string, found {other}"
+        ))),
+    }
+}
+
+/// Tokenizes SFT records: `prompt` + `completion`, or the text field; EOS
+/// appended; cut to `max_length` (counted); rows with no trained token skipped.
+pub fn tokenize_rows(
+    records: &[Record],
+    tok: &Tokenizer,
+    cfg: &SftConfig,
+) -> Result<(Vec<SftRow>, SftDataReport)> {
+    let mut report = SftDataReport {
+        rows: records.len(),
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    for (value, source) in records {
+        let prompt = text_column(value, "prompt", source)?;
+        let completion = text_column(value, "completion", source)?;
+        let text = text_column(value, &cfg.dataset_text_field, source)?;
+        let (mut ids, first_trained) = match (prompt, completion, text) {
+            (Some(p), Some(c), _) => {
+                let ids = data::encode_with_eos(tok, p, c)?;
+                let prompt_len = if cfg.completion_only_loss {
+                    tok.encode(p)?.len().max(1)
+                } else {
+                    1
+                };
+                (ids, prompt_len)
+            }
+            (None, None, Some(t)) => (data::encode_with_eos(tok, "", t)?, 1),
+            _ => {
+                let found: Vec<&str> = value
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                return Err(Error::Msg(format!(
+                    "{source}: an SFT row needs `prompt` and `completion`, or `{}` (columns found: {})",
+                    cfg.dataset_text_field,
+                    found.join(", ")
+                )));
+            }
+        };
+        if ids.len() > cfg.max_length {
+            ids.truncate(cfg.max_length);
+            report.truncated += 1;
+        }
+        if ids.len() <= first_trained {
+            report.skipped_empty += 1;
+            continue;
+        }
+        let trained = (0..ids.len())
+            .map(|i| u8::from(i >= first_trained))
+            .collect();
+        rows.push(SftRow {
+            segments: vec![1; ids.len()],
+            ids,
+            trained,
+        });
+    }
+    report.kept = rows.len();
+    report.packed_rows = rows.len();
+    if rows.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no SFT row left ({report}; max_length {})",
+            cfg.dataset, cfg.max_length
+        )));
+    }
+    Ok((rows, report))
+}
+
+/// Packs whole rows into rows of at most `max_length` tokens, best-fit
+/// decreasing: longest first, each into the fullest row it still fits.
+pub fn pack(rows: &[SftRow], max_length: usize) -> Vec<SftRow> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(rows[i].ids.len()), i));
+    let mut bins: Vec<SftRow> = Vec::new();
+    for i in order {
+        let r = &rows[i];
+        let best = bins
+            .iter_mut()
+            .filter(|b| b.ids.len() + r.ids.len() <= max_length)
+            .max_by_key(|b| b.ids.len());
+        match best {
+            Some(bin) => {
+                let segment = bin.segments.last().copied().unwrap_or(0) + 1;
+                bin.ids.extend(&r.ids);
+                bin.trained.extend(&r.trained);
+                bin.segments
+                    .extend(std::iter::repeat_n(segment, r.ids.len()));
+            }
+            None => bins.push(r.clone()),
+        }
+    }
+    bins
+}
+
+/// Mean NLL over the trained tokens of `rows` (right-padded into one
+/// batch), and (correct, trained) counts of greedy next-token predictions
+/// (TRL's mean_token_accuracy).
+pub fn batch_loss(
+    lm: &CausalLm,
+    rows: &[&SftRow],
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, usize, usize)> {
+    let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let b = rows.len();
+    let mut ids = Vec::with_capacity(b * width);
+    let mut targets_mask = Vec::with_capacity(b * (width - 1));
+    let mut segments = Vec::with_capacity(b);
+    for r in rows {
+        let pad_len = width - r.ids.len();
+        ids.extend(&r.ids);
+        ids.extend(std::iter::repeat_n(pad, pad_len));
+        let mut t: Vec<f32> = r.trained[1..].iter().map(|&x| x as f32).collect();
+        t.resize(width - 1, 0.0);
+        targets_mask.extend(t);
+        let mut s = r.segments.clone();
+        s.resize(width, 0);
+        segments.push(s);
+    }
+    let ids = Tensor::from_vec(ids, (b, width), device)?;
+    let positions = Tensor::from_vec(position_ids(&segments).concat(), (b, width), device)?;
+    let bias = attention_bias(&segments, width, lm.dtype(), device)?;
+    let hidden = lm.forward(&ids, &positions, &bias, None)?;
+    let logits = lm
+        .lm_logits(&hidden.narrow(1, 0, width - 1)?)?
+        .to_dtype(DType::F32)?;
+    let targets = ids.narrow(1, 1, width - 1)?.contiguous()?;
+    let mask = Tensor::from_vec(targets_mask, (b, width - 1), device)?;
+    let logp = rl::token_logprobs(&logits, &targets)?;
+    let loss = rl::masked_mean(&logp, &mask)?.neg()?;
+    let hits = logits
+        .argmax(D::Minus1)?
+        .eq(&targets)?
+        .to_dtype(DType::F32)?;
+    let correct = (hits * &mask)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let trained = mask.sum_all()?.to_scalar::<f32>()? as usize;
+    Ok((loss, correct, trained))
+}
+
+/// Loss and token accuracy over `rows` without training.
+fn eval_loss(
+    lm: &CausalLm,
+    rows: &[SftRow],
+    batch: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<(f64, f64)> {
+    let (mut nll, mut correct, mut trained) = (0.0, 0, 0);
+    let refs: Vec<&SftRow> = rows.iter().collect();
+    for chunk in refs.chunks(batch.max(1)) {
+        let (loss, c, t) = batch_loss(lm, chunk, pad, dev)?;
+        nll += loss.to_scalar::<f32>()? as f64 * t as f64;
+        correct += c;
+        trained += t;
+    }
+    let n = trained.max(1) as f64;
+    Ok((nll / n, correct as f64 / n))
+}
+
+/// What a finished SFT run reports.
+#[derive(Debug, Clone)]
+pub struct SftRun {
+    pub run_dir: PathBuf,
+    pub checkpoint: PathBuf,
+    pub steps: u64,
+    pub eval_loss: f64,
+    pub eval_mean_token_accuracy: f64,
+    pub seconds_per_step: f64,
+    pub data: SftDataReport,
+}
+
+/// Trains (or resumes) a causal LM on SFT rows in `run_dir` as `cfg` says.
+pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> Result<SftRun> {
+    let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let manifest = Manifest::new("sft", cfg, &device_name);
+    let mut run = if resume {
+        RunDir::resume(run_dir, manifest)?
+    } else {
+        RunDir::create(run_dir, manifest)?
+    };
+    let (s, t, seed) = (&cfg.sft, &cfg.train, cfg.run.seed);
+    let hub = crate::hub::HubSettings::from_env();
+
+    // 1. Model and tokenizer.
+    let model_dir = crate::hub::resolve_model(&cfg.model.name_or_path, &hub)?;
+    let tok = Tokenizer::from_dir(&model_dir)?;
+    let base_config: Value = checkpoint::read_json(&model_dir.join("config.json"))?;
+    let (arch, vb, varmap) = load_dir(&model_dir, dtype, &device)?;
+    let lm = CausalLm::load(vb, &arch, true).map_err(|e| {
+        Error::Msg(format!(
+            "SFT needs a causal LM; {} cannot be one: {e}",
+            arch.model_type()
+        ))
+    })?;
+    if s.max_length > lm.max_positions() {
+        return Err(Error::InvalidConfig {
+            field: "sft.max_length".into(),
+            value: s.max_length.to_string(),
+            reason: format!("exceeds the model's {} positions", lm.max_positions()),
+        });
+    }
+
+    // 2. Data: tokenized, split, packed.
+    if s.dataset.is_empty() {
+        return Err(Error::InvalidConfig {
+            field: "sft.dataset".into(),
+            value: String::new(),
+            reason: "a prompt/completion or text file is required".into(),
+        });
+    }
+    let records = data::load_records(&s.dataset, &s.dataset_train_split, &hub)?;
+    let (rows, mut report) = tokenize_rows(&records, &tok, s)?;
+    let (mut train_rows, mut eval_rows) = match &s.eval_dataset {
+        Some(spec) => {
+            let records = data::load_records(spec, &s.dataset_test_split, &hub)?;
+            let (eval, r) = tokenize_rows(&records, &tok, s)?;
+            tracing::info!("{spec}: {r}");
+            (rows, eval)
+        }
+        None => data::split(&rows, s.eval_ratio, seed),
+    };
+    if s.packing {
+        train_rows = pack(&train_rows, s.max_length);
+        eval_rows = pack(&eval_rows, s.max_length);
+    }
+    report.packed_rows = train_rows.len();
+    tracing::info!("{}: {report}", s.dataset);
+
+    // 3. Optimizer and schedule.
+    let batch = t.per_device_train_batch_size.min(train_rows.len());
+    let per_epoch = train_rows
+        .len()
+        .div_ceil(batch * t.gradient_accumulation_steps) as u64;
+    let total = t
+        .max_steps
+        .unwrap_or_else(|| ((per_epoch as f64) * t.num_train_epochs).ceil() as u64)
+        .max(1);
+    let mut core = TrainCore::new(
+        AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
+        t,
+        total,
+    );
+
+    // 4. State: fresh, or the newest checkpoint's.
+    let mut state = TrainerState {
+        rngs: [("data".to_string(), HostRng::stream(seed, "data"))].into(),
+        data_position: json!({"offset": usize::MAX, "order": []}),
+        extra: json!({"num_tokens": 0}),
+        ..Default::default()
+    };
+    if let Some(point) = &run.resume {
+        checkpoint::load_into_vars(&point.checkpoint, core.optimizer.vars(), &device)?;
+        checkpoint::load_optimizer(
+            &point.checkpoint,
+            &mut core.optimizer,
+            &point.state,
+            &device,
+        )?;
+        state = point.state.clone();
+    }
+    let tokenizer_files = crate::trainers::reward::tokenizer_files(&model_dir);
+    let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
+        let weights = crate::models::weights::named_tensors(&varmap);
+        checkpoint::save(
+            &run.path,
+            &Checkpoint {
+                weights: &weights,
+                model_config: Some(&base_config),
+                tokenizer_files: &tokenizer_files,
+                extra_weights: &[],
+                optimizer: Some(&core.optimizer),
+                state,
+                manifest: &run.manifest,
+            },
+            t.save_total_limit,
+        )
+    };
+
+    // 5. The loop.
+    let progress = Progress::new(total, "sft");
+    let started = Instant::now();
+    let first_step = state.step;
+    let mut last_checkpoint = None;
+    let mut eval_figures = (f64::NAN, f64::NAN);
+    let mut tokens_this_run = 0usize;
+    while state.step < total {
+        let step = state.step;
+        let (mut loss_sum, mut correct, mut trained) = (0.0, 0, 0);
+        for _ in 0..t.gradient_accumulation_steps {
+            // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
+            let rng = state.rngs.get_mut("data").expect("data stream");
+            let mut offset = state.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
+            let mut order: Vec<usize> =
+                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
+            if offset.saturating_add(batch) > order.len() {
+                order = rng.permutation(train_rows.len());
+                offset = 0;
+            }
+            let chunk: Vec<&SftRow> = order[offset..offset + batch]
+                .iter()
+                .map(|&i| &train_rows[i])
+                .collect();
+            tokens_this_run += chunk.iter().map(|r| r.ids.len()).sum::<usize>();
+            let (loss, c, n) = batch_loss(&lm, &chunk, tok.pad_id, &device)?;
+            loss_sum += core.backward(&loss)?;
+            correct += c;
+            trained += n;
+            state.data_position = json!({"offset": offset + batch, "order": order});
+        }
+        let outcome = core.step(step)?;
+        state.step += 1;
+        state.optimizer_steps = core.optimizer.steps();
+        let num_tokens = state.extra["num_tokens"].as_u64().unwrap_or(0) + trained as u64;
+        state.extra["num_tokens"] = json!(num_tokens);
+        let loss = loss_sum / t.gradient_accumulation_steps as f64;
+        let accuracy = correct as f64 / trained.max(1) as f64;
+        if let StepOutcome::Applied { grad_norm, lr } = outcome {
+            if state.step.is_multiple_of(t.logging_steps) || state.step == total {
+                let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+                run.metrics.log(
+                    state.step,
+                    &[
+                        ("loss", loss),
+                        ("mean_token_accuracy", accuracy),
+                        ("grad_norm", grad_norm),
+                        ("learning_rate", lr),
+                        ("num_tokens", num_tokens as f64),
+                        ("tokens_per_second", tokens_this_run as f64 / elapsed),
+                        ("epoch", state.step as f64 / per_epoch as f64),
+                    ],
+                )?;
+            }
+        }
+        progress.update(state.step, &[("loss", loss), ("accuracy", accuracy)]);
+        let eval_now =
+            t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total;
+        if eval_now && !eval_rows.is_empty() {
+            let batch = t.per_device_eval_batch_size;
+            eval_figures = eval_loss(&lm, &eval_rows, batch, tok.pad_id, &device)?;
+            run.metrics.log(
+                state.step,
+                &[
+                    ("eval_loss", eval_figures.0),
+                    ("eval_mean_token_accuracy", eval_figures.1),
+                ],
+            )?;
+        }
+        let stopping = stop.requested();
+        if state.step.is_multiple_of(t.save_steps) || stopping || state.step == total {
+            let dir = save(&run, &core, &state)?;
+            last_checkpoint = Some(dir.clone());
+            if stopping && state.step < total {
+                return Err(Error::Interrupted {
+                    step: state.step,
+                    checkpoint: dir,
+                });
+            }
+        }
+    }
+    progress.finish();
+    let steps_run = (state.step - first_step).max(1);
+    let checkpoint = run.finish(last_checkpoint)?;
+    Ok(SftRun {
+        run_dir: run.path.clone(),
+        checkpoint,
+        steps: state.step,
+        eval_loss: eval_figures.0,
+        eval_mean_token_accuracy: eval_figures.1,
+        seconds_per_step: started.elapsed().as_secs_f64() / steps_run as f64,
+        data: report,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, seg: u32) -> SftRow {
+        SftRow {
+            ids: (0..n as u32).collect(),
+            trained: vec![1; n],
+            segments: vec![seg; n],
+        }
+    }
+
+    #[test]
+    fn packing_is_best_fit_decreasing_of_whole_sequences() {
+        // Lengths 6, 5, 4, 3, 2 into rows of 8: 6 opens a row, 5 another,
+        // 4 a third, 3 joins the fullest that fits (5 -> 8), 2 joins the
+        // fullest that fits (6 -> 8).
+        let rows: Vec<SftRow> = [3, 6, 2, 5, 4].iter().map(|&n| row(n, 1)).collect();
+        let packed = pack(&rows, 8);
+        let layout: Vec<Vec<u32>> = packed.iter().map(|r| r.segments.clone()).collect();
+        assert_eq!(
+            layout,
+            vec![
+                vec![1, 1, 1, 1, 1, 1, 2, 2],
+                vec![1, 1, 1, 1, 1, 2, 2, 2],
+                vec![1, 1, 1, 1],
+            ]
+        );
+        let tokens: usize = packed.iter().map(|r| r.ids.len()).sum();
+        assert_eq!(tokens, 20, "no token lost or duplicated");
+    }
+}
