@@ -231,7 +231,8 @@ fn a_critic_needs_the_policys_tokenizer_or_falls_back_to_a_value_head() {
             &dir,
             false,
             &StopSignal::new(),
-            &constant,
+            // The demo task's gold reward, a programmatic reward.
+            &candle_rlhf::task::gold,
             Some(&other),
         );
         (dir, r)
