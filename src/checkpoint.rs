@@ -43,6 +43,80 @@ pub struct TrainerState {
     pub extra: serde_json::Value,
 }
 
+impl TrainerState {
+    /// A fresh state: one seeded stream per name in `streams`, no data
+    /// position yet, and the trainer's `extra`.
+    pub fn fresh(seed: u64, streams: &[&str], extra: serde_json::Value) -> Self {
+        Self {
+            rngs: streams
+                .iter()
+                .map(|s| (s.to_string(), HostRng::stream(seed, s)))
+                .collect(),
+            data_position: serde_json::json!({"offset": usize::MAX, "order": []}),
+            extra,
+            ..Default::default()
+        }
+    }
+
+    /// The (order, offset) of the data position, (empty, past the end) when unset.
+    fn position(&self) -> (Vec<usize>, usize) {
+        let offset = self.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
+        let order = serde_json::from_value(self.data_position["order"].clone()).unwrap_or_default();
+        (order, offset)
+    }
+
+    /// The next `batch` of `n` items in epochs: a seeded permutation (stream
+    /// "data") drawn anew when the rest of the epoch holds no full batch.
+    /// The position is kept in the state, so a resumed run continues it.
+    pub fn next_batch(&mut self, n: usize, batch: usize) -> Vec<usize> {
+        let (mut order, mut offset) = self.position();
+        if offset.saturating_add(batch) > order.len() {
+            order = self.rng("data").permutation(n);
+            offset = 0;
+        }
+        let picked = order[offset..offset + batch].to_vec();
+        self.data_position = serde_json::json!({"offset": offset + batch, "order": order});
+        picked
+    }
+
+    /// The next `count` of `n` items in a stream of seeded permutations
+    /// (stream "data"), crossing epoch boundaries item by item.
+    pub fn next_items(&mut self, n: usize, count: usize) -> Vec<usize> {
+        let (mut order, mut offset) = self.position();
+        let mut picked = Vec::with_capacity(count);
+        while picked.len() < count {
+            if offset >= order.len() {
+                order = self.rng("data").permutation(n);
+                offset = 0;
+            }
+            picked.push(order[offset]);
+            offset += 1;
+        }
+        self.data_position = serde_json::json!({"offset": offset, "order": order});
+        picked
+    }
+
+    /// The random stream `name` (made by [`TrainerState::fresh`]).
+    pub fn rng(&mut self, name: &str) -> &mut HostRng {
+        self.rngs
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("trainer state has no `{name}` stream"))
+    }
+}
+
+/// The tokenizer files of a model directory that a checkpoint carries.
+pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+    [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .filter(|p| p.is_file())
+    .collect()
+}
+
 /// The parts of one checkpoint.
 pub struct Checkpoint<'a> {
     /// Tensors under their Hugging Face names.

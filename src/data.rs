@@ -44,6 +44,21 @@ pub fn load_records(spec: &str, split: &str, hub: &crate::hub::HubSettings) -> R
     Ok(records)
 }
 
+/// A text column of a record: None when absent or null; one error naming
+/// the row for conversational data (lists of messages) or other types.
+pub fn text_column<'a>(value: &'a Value, column: &str, source: &str) -> Result<Option<&'a str>> {
+    match value.get(column) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Array(_)) => Err(Error::Msg(format!(
+            "{source}: column `{column}` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
+        ))),
+        Some(other) => Err(Error::Msg(format!(
+            "{source}: column `{column}` must be a string, found {other}"
+        ))),
+    }
+}
+
 /// Reads preference pairs from a file or a dataset split (see [`load_records`]).
 pub fn load_preferences(
     spec: &str,

@@ -261,7 +261,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     // 4. Both policies on the held-out prompts.
     let eval_cfg = ppo_config(kl_coef, &out.join("eval"))?;
     let evaluate = |name: &str, policy: &Path| -> Result<PolicyEval> {
-        evaluate_policy(
+        evaluate_with_gold(
             &eval_cfg,
             name,
             policy,
@@ -303,7 +303,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
 /// Samples the policy on the eval prompts (the eval config's sampling and
 /// seed), scores with the reward model and the gold reward; writes the
 /// completions to OUT/eval-<name>.jsonl.
-fn evaluate_policy(
+fn evaluate_with_gold(
     cfg: &Config,
     name: &str,
     policy: &Path,

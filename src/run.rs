@@ -88,6 +88,15 @@ impl RunDir {
         Ok(checkpoint)
     }
 
+    /// Continues the run in `path` when `resume`, else starts it.
+    pub fn open(path: &Path, manifest: Manifest, resume: bool) -> Result<RunDir> {
+        if resume {
+            Self::resume(path, manifest)
+        } else {
+            Self::create(path, manifest)
+        }
+    }
+
     /// Starts a new run in `path`. A directory that already holds
     /// checkpoints is refused, so that no run is overwritten by accident.
     pub fn create(path: &Path, manifest: Manifest) -> Result<RunDir> {
@@ -158,6 +167,32 @@ impl RunDir {
             }),
         })
     }
+}
+
+/// Writes a checkpoint with `save` when one is due after step `step` of
+/// `total`: every `save_steps`, at the end, or when a stop was requested;
+/// records it in `last`. After saving on a stop before the end, returns
+/// [`Error::Interrupted`], so the run ends with nothing lost.
+pub fn checkpoint_if_due(
+    step: u64,
+    total: u64,
+    save_steps: u64,
+    stopping: bool,
+    last: &mut Option<PathBuf>,
+    save: impl FnOnce() -> Result<PathBuf>,
+) -> Result<()> {
+    if !(step.is_multiple_of(save_steps) || stopping || step == total) {
+        return Ok(());
+    }
+    let dir = save()?;
+    *last = Some(dir.clone());
+    if stopping && step < total {
+        return Err(Error::Interrupted {
+            step,
+            checkpoint: dir,
+        });
+    }
+    Ok(())
 }
 
 fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {

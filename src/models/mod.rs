@@ -285,15 +285,15 @@ pub fn attention_bias<M: Copy + Into<u32>>(
     let blocked = blocked_value(dtype);
     let mut data = Vec::with_capacity(b * queries * keys);
     for row in mask {
-        let row: Vec<u32> = row.iter().map(|&m| m.into()).collect();
         for i in 0..queries {
             let query_pos = keys - queries + i;
             // A real query sees its own segment; a pad query sees every real
             // key before it (its output is ignored, but a fully blocked row
             // would give NaN).
-            let own = row[query_pos];
+            let own: u32 = row[query_pos].into();
             data.extend((0..keys).map(|j| {
-                if j <= query_pos && row[j] != 0 && (own == 0 || row[j] == own) {
+                let key: u32 = row[j].into();
+                if j <= query_pos && key != 0 && (own == 0 || key == own) {
                     0.0f32
                 } else {
                     blocked

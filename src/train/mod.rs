@@ -87,6 +87,19 @@ pub enum StepOutcome {
     Skipped { what: String },
 }
 
+/// How many optimizer steps a run over `items` examples takes: the
+/// micro-batch (capped at the data), steps per epoch, and the total
+/// (`max_steps`, else `num_train_epochs` epochs, at least 1).
+pub fn step_plan(t: &TrainConfig, items: usize) -> (usize, u64, u64) {
+    let batch = t.per_device_train_batch_size.min(items);
+    let per_epoch = items.div_ceil(batch * t.gradient_accumulation_steps) as u64;
+    let total = t
+        .max_steps
+        .unwrap_or_else(|| ((per_epoch as f64) * t.num_train_epochs).ceil() as u64)
+        .max(1);
+    (batch, per_epoch, total)
+}
+
 /// Accumulation, clipping, the non-finite guard, the schedule and AdamW.
 pub struct TrainCore {
     pub optimizer: AdamW,

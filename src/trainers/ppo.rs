@@ -24,7 +24,7 @@ use crate::models::{
     CausalLm,
 };
 use crate::rl;
-use crate::run::{Manifest, RunDir};
+use crate::run::{checkpoint_if_due, Manifest, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
 use crate::train::optim::{AdamW, AdamWParams};
@@ -170,28 +170,15 @@ pub fn load_prompts(
     };
     let mut prompts = Vec::new();
     for (value, source) in &records {
-        let text = match value.get("prompt") {
-            Some(Value::String(s)) => s,
-            Some(Value::Array(_)) => {
-                return Err(Error::Msg(format!(
-                    "{source}: column `prompt` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
-                )))
-            }
-            Some(other) => {
-                return Err(Error::Msg(format!(
-                    "{source}: column `prompt` must be a string, found {other}"
-                )))
-            }
-            None => {
-                let found: Vec<&str> = value
-                    .as_object()
-                    .map(|o| o.keys().map(String::as_str).collect())
-                    .unwrap_or_default();
-                return Err(Error::Msg(format!(
-                    "{source}: missing column `prompt` (columns found: {})",
-                    found.join(", ")
-                )));
-            }
+        let Some(text) = crate::data::text_column(value, "prompt", source)? else {
+            let found: Vec<&str> = value
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            return Err(Error::Msg(format!(
+                "{source}: missing column `prompt` (columns found: {})",
+                found.join(", ")
+            )));
         };
         let mut ids = tok.encode(text)?;
         if text.trim().is_empty() || ids.is_empty() {
@@ -907,11 +894,7 @@ pub fn train_with_reward(
     let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
     let dtype = cfg.run.dtype.dtype();
     let manifest = Manifest::new("ppo", cfg, &device_name);
-    let mut run = if resume {
-        RunDir::resume(run_dir, manifest)?
-    } else {
-        RunDir::create(run_dir, manifest)?
-    };
+    let mut run = RunDir::open(run_dir, manifest, resume)?;
     let (p, t, seed) = (&cfg.ppo, &cfg.train, cfg.run.seed);
     let hub = HubSettings::from_env();
 
@@ -1020,15 +1003,11 @@ pub fn train_with_reward(
     let sampling = sampling_of(p, &tok);
 
     // 4. State: fresh, or the newest checkpoint's.
-    let mut state = TrainerState {
-        rngs: ["data", "sample", "ppo"]
-            .iter()
-            .map(|s| (s.to_string(), HostRng::stream(seed, s)))
-            .collect(),
-        data_position: json!({"offset": usize::MAX, "order": []}),
-        extra: json!({"kl_coef": p.kl_coef, "episode": 0}),
-        ..Default::default()
-    };
+    let mut state = TrainerState::fresh(
+        seed,
+        &["data", "sample", "ppo"],
+        json!({"kl_coef": p.kl_coef, "episode": 0}),
+    );
     if let Some(point) = &run.resume {
         checkpoint::load_into_vars(
             &point.checkpoint,
@@ -1049,7 +1028,7 @@ pub fn train_with_reward(
         )?;
         state = point.state.clone();
     }
-    let tokenizer_files = crate::trainers::reward::tokenizer_files(&policy_dir);
+    let tokenizer_files = checkpoint::tokenizer_files(&policy_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
         let weights = crate::models::weights::named_tensors(&policy_vars);
         let extra = [critic.checkpoint_file()];
@@ -1107,28 +1086,13 @@ pub fn train_with_reward(
     while state.step < total_updates {
         let update_started = Instant::now();
         // Prompts: a seeded shuffle, reshuffled each pass; position checkpointed.
-        let queries = {
-            let rng = state.rngs.get_mut("data").expect("data stream");
-            let mut offset = state.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
-            let mut order: Vec<usize> =
-                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
-            let mut picked = Vec::with_capacity(batch);
-            while picked.len() < batch {
-                if offset >= order.len() {
-                    order = rng.permutation(prompts.len());
-                    offset = 0;
-                }
-                picked.push(prompts[order[offset]].clone());
-                offset += 1;
-            }
-            state.data_position = json!({"offset": offset, "order": order});
-            picked
-        };
+        let queries: Vec<Vec<u32>> = state
+            .next_items(prompts.len(), batch)
+            .into_iter()
+            .map(|i| prompts[i].clone())
+            .collect();
         let kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(p.kl_coef);
-        let (ro, stats) = {
-            let rng = state.rngs.get_mut("sample").expect("sample stream");
-            roll_out(&models, p, queries, &sampling, kl_coef, rng)?
-        };
+        let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))?;
         rollout_s += stats.rollout_s;
         score_s += stats.score_s;
 
@@ -1137,11 +1101,7 @@ pub fn train_with_reward(
         let mut acc = UpdateStats::default();
         let mut lr = 0.0;
         for _ in 0..p.num_ppo_epochs {
-            let order = state
-                .rngs
-                .get_mut("ppo")
-                .expect("ppo stream")
-                .permutation(batch);
+            let order = state.rng("ppo").permutation(batch);
             for mb in order.chunks(mini_batch) {
                 for micro in mb.chunks(t.per_device_train_batch_size) {
                     let loss = micro_batch_loss(&models, &policy, p, &ro, micro, &mut acc)?;
@@ -1205,16 +1165,14 @@ pub fn train_with_reward(
             }
         }
         let stopping = stop.requested();
-        if state.step.is_multiple_of(t.save_steps) || stopping || state.step == total_updates {
-            let dir = save(&run, &core, &state)?;
-            last_checkpoint = Some(dir.clone());
-            if stopping && state.step < total_updates {
-                return Err(Error::Interrupted {
-                    step: state.step,
-                    checkpoint: dir,
-                });
-            }
-        }
+        checkpoint_if_due(
+            state.step,
+            total_updates,
+            t.save_steps,
+            stopping,
+            &mut last_checkpoint,
+            || save(&run, &core, &state),
+        )?;
     }
     progress.finish();
     let updates_run = (state.step - first_update).max(1);

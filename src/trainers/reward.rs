@@ -17,11 +17,11 @@ use crate::data::{self, TokenizedPair};
 use crate::metrics::Progress;
 use crate::models::reward::RewardModel;
 use crate::rl::bradley_terry;
-use crate::run::{Manifest, RunDir};
+use crate::run::{checkpoint_if_due, Manifest, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::train::{AdamW, AdamWParams, StepOutcome, TrainCore};
-use crate::{Error, HostRng, Result};
+use crate::train::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::{Error, Result};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -140,29 +140,12 @@ fn eval_stats(
     Ok(stats)
 }
 
-/// The tokenizer files of a model directory that a checkpoint carries.
-pub(crate) fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
-    [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ]
-    .iter()
-    .map(|f| dir.join(f))
-    .filter(|p| p.is_file())
-    .collect()
-}
-
 /// Trains (or resumes) a reward model in `run_dir` as `cfg` says.
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> Result<RewardRun> {
     let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
     let dtype = cfg.run.dtype.dtype();
     let manifest = Manifest::new("reward", cfg, &device_name);
-    let mut run = if resume {
-        RunDir::resume(run_dir, manifest)?
-    } else {
-        RunDir::create(run_dir, manifest)?
-    };
+    let mut run = RunDir::open(run_dir, manifest, resume)?;
     let seed = cfg.run.seed;
 
     // 1. Model and tokenizer: any backbone, the head loaded or new.
@@ -198,14 +181,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
 
     // 3. Optimizer and schedule over the total number of optimizer steps.
     let t = &cfg.train;
-    let batch = t.per_device_train_batch_size.min(train_pairs.len());
-    let per_epoch = train_pairs
-        .len()
-        .div_ceil(batch * t.gradient_accumulation_steps) as u64;
-    let total = t
-        .max_steps
-        .unwrap_or_else(|| ((per_epoch as f64) * t.num_train_epochs).ceil() as u64)
-        .max(1);
+    let (batch, per_epoch, total) = step_plan(t, train_pairs.len());
     let mut core = TrainCore::new(
         AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
         t,
@@ -213,12 +189,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     );
 
     // 4. State: fresh, or restored from the newest checkpoint.
-    let mut state = TrainerState {
-        rngs: [("data".to_string(), HostRng::stream(seed, "data"))].into(),
-        data_position: json!({"offset": usize::MAX, "order": []}),
-        extra: json!({"num_tokens": 0}),
-        ..Default::default()
-    };
+    let mut state = TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0}));
     if let Some(point) = &run.resume {
         checkpoint::load_into_vars(&point.checkpoint, core.optimizer.vars(), &device)?;
         checkpoint::load_optimizer(
@@ -241,7 +212,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             &Checkpoint {
                 weights: &weights,
                 model_config: Some(&config),
-                tokenizer_files: &tokenizer_files(&model_dir),
+                tokenizer_files: &checkpoint::tokenizer_files(&model_dir),
                 extra_weights: &[],
                 optimizer: Some(&core.optimizer),
                 state,
@@ -263,22 +234,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         let mut stats = PairStats::default();
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
-            let rng = state.rngs.get_mut("data").expect("data stream");
-            let mut offset = state.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
-            let mut order: Vec<usize> =
-                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
-            if offset.saturating_add(batch) > order.len() {
-                order = rng.permutation(train_pairs.len());
-                offset = 0;
-            }
-            let chunk: Vec<&TokenizedPair> = order[offset..offset + batch]
-                .iter()
-                .map(|&i| &train_pairs[i])
+            let chunk: Vec<&TokenizedPair> = state
+                .next_batch(train_pairs.len(), batch)
+                .into_iter()
+                .map(|i| &train_pairs[i])
                 .collect();
             let (loss, c, r, tokens) = pair_loss(&model, &chunk, cfg, tok.pad_id, &device)?;
             let value = core.backward(&loss)?;
             stats.add(value, &c, &r, tokens);
-            state.data_position = json!({"offset": offset + batch, "order": order});
         }
         let outcome = core.step(step)?;
         state.step += 1;
@@ -330,16 +293,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             model.offset = sum / train_pairs.len() as f64;
             tracing::info!("reward offset (mean chosen score): {:.4}", model.offset);
         }
-        if state.step.is_multiple_of(t.save_steps) || stopping || state.step == total {
-            let dir = save(&run, &core, &state, &model)?;
-            last_checkpoint = Some(dir.clone());
-            if stopping && state.step < total {
-                return Err(Error::Interrupted {
-                    step: state.step,
-                    checkpoint: dir,
-                });
-            }
-        }
+        checkpoint_if_due(
+            state.step,
+            total,
+            t.save_steps,
+            stopping,
+            &mut last_checkpoint,
+            || save(&run, &core, &state, &model),
+        )?;
     }
     progress.finish();
     let steps_run = (state.step - first_step).max(1);

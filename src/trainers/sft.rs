@@ -17,11 +17,11 @@ use crate::data::{self, Record};
 use crate::metrics::Progress;
 use crate::models::{attention_bias, load_dir, position_ids, CausalLm};
 use crate::rl;
-use crate::run::{Manifest, RunDir};
+use crate::run::{checkpoint_if_due, Manifest, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::train::{AdamW, AdamWParams, StepOutcome, TrainCore};
-use crate::{Error, HostRng, Result};
+use crate::train::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::{Error, Result};
 
 /// One training row: token ids, which tokens are trained (predicted from
 /// the ones before), and the sequence each token belongs to (1, 2, ... when
@@ -54,19 +54,6 @@ impl std::fmt::Display for SftDataReport {
     }
 }
 
-fn text_column<'a>(value: &'a Value, column: &str, source: &str) -> Result<Option<&'a str>> {
-    match value.get(column) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(Value::Array(_)) => Err(Error::Msg(format!(
-            "{source}: column `{column}` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
-        ))),
-        Some(other) => Err(Error::Msg(format!(
-            "{source}: column `{column}` must be a string, found {other}"
-        ))),
-    }
-}
-
 /// Tokenizes SFT records: `prompt` + `completion`, or the text field; EOS
 /// appended; cut to `max_length` (counted); rows with no trained token skipped.
 pub fn tokenize_rows(
@@ -80,9 +67,9 @@ pub fn tokenize_rows(
     };
     let mut rows = Vec::new();
     for (value, source) in records {
-        let prompt = text_column(value, "prompt", source)?;
-        let completion = text_column(value, "completion", source)?;
-        let text = text_column(value, &cfg.dataset_text_field, source)?;
+        let prompt = data::text_column(value, "prompt", source)?;
+        let completion = data::text_column(value, "completion", source)?;
+        let text = data::text_column(value, &cfg.dataset_text_field, source)?;
         let (mut ids, first_trained) = match (prompt, completion, text) {
             (Some(p), Some(c), _) => {
                 let ids = data::encode_with_eos(tok, p, c)?;
@@ -242,11 +229,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
     let dtype = cfg.run.dtype.dtype();
     let manifest = Manifest::new("sft", cfg, &device_name);
-    let mut run = if resume {
-        RunDir::resume(run_dir, manifest)?
-    } else {
-        RunDir::create(run_dir, manifest)?
-    };
+    let mut run = RunDir::open(run_dir, manifest, resume)?;
     let (s, t, seed) = (&cfg.sft, &cfg.train, cfg.run.seed);
     let hub = crate::hub::HubSettings::from_env();
 
@@ -296,14 +279,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     tracing::info!("{}: {report}", s.dataset);
 
     // 3. Optimizer and schedule.
-    let batch = t.per_device_train_batch_size.min(train_rows.len());
-    let per_epoch = train_rows
-        .len()
-        .div_ceil(batch * t.gradient_accumulation_steps) as u64;
-    let total = t
-        .max_steps
-        .unwrap_or_else(|| ((per_epoch as f64) * t.num_train_epochs).ceil() as u64)
-        .max(1);
+    let (batch, per_epoch, total) = step_plan(t, train_rows.len());
     let mut core = TrainCore::new(
         AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
         t,
@@ -311,12 +287,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     );
 
     // 4. State: fresh, or the newest checkpoint's.
-    let mut state = TrainerState {
-        rngs: [("data".to_string(), HostRng::stream(seed, "data"))].into(),
-        data_position: json!({"offset": usize::MAX, "order": []}),
-        extra: json!({"num_tokens": 0}),
-        ..Default::default()
-    };
+    let mut state = TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0}));
     if let Some(point) = &run.resume {
         checkpoint::load_into_vars(&point.checkpoint, core.optimizer.vars(), &device)?;
         checkpoint::load_optimizer(
@@ -327,7 +298,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         )?;
         state = point.state.clone();
     }
-    let tokenizer_files = crate::trainers::reward::tokenizer_files(&model_dir);
+    let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
         let weights = crate::models::weights::named_tensors(&varmap);
         checkpoint::save(
@@ -357,24 +328,16 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         let (mut loss_sum, mut correct, mut trained) = (0.0, 0, 0);
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
-            let rng = state.rngs.get_mut("data").expect("data stream");
-            let mut offset = state.data_position["offset"].as_u64().unwrap_or(u64::MAX) as usize;
-            let mut order: Vec<usize> =
-                serde_json::from_value(state.data_position["order"].clone()).unwrap_or_default();
-            if offset.saturating_add(batch) > order.len() {
-                order = rng.permutation(train_rows.len());
-                offset = 0;
-            }
-            let chunk: Vec<&SftRow> = order[offset..offset + batch]
-                .iter()
-                .map(|&i| &train_rows[i])
+            let chunk: Vec<&SftRow> = state
+                .next_batch(train_rows.len(), batch)
+                .into_iter()
+                .map(|i| &train_rows[i])
                 .collect();
             tokens_this_run += chunk.iter().map(|r| r.ids.len()).sum::<usize>();
             let (loss, c, n) = batch_loss(&lm, &chunk, tok.pad_id, &device)?;
             loss_sum += core.backward(&loss)?;
             correct += c;
             trained += n;
-            state.data_position = json!({"offset": offset + batch, "order": order});
         }
         let outcome = core.step(step)?;
         state.step += 1;
@@ -415,16 +378,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             )?;
         }
         let stopping = stop.requested();
-        if state.step.is_multiple_of(t.save_steps) || stopping || state.step == total {
-            let dir = save(&run, &core, &state)?;
-            last_checkpoint = Some(dir.clone());
-            if stopping && state.step < total {
-                return Err(Error::Interrupted {
-                    step: state.step,
-                    checkpoint: dir,
-                });
-            }
-        }
+        checkpoint_if_due(
+            state.step,
+            total,
+            t.save_steps,
+            stopping,
+            &mut last_checkpoint,
+            || save(&run, &core, &state),
+        )?;
     }
     progress.finish();
     let steps_run = (state.step - first_step).max(1);
