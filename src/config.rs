@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub dtype: DTypeName,
     /// Run directory for checkpoints, metrics and plots (default: runs/<command>-<time>).
     pub out: Option<PathBuf>,
+    /// CPU threads for the tensor ops; 0 uses every core (or RAYON_NUM_THREADS).
+    pub threads: usize,
 }
 
 impl Default for RunConfig {
@@ -56,6 +58,7 @@ impl Default for RunConfig {
             device: "auto".into(),
             dtype: DTypeName::F32,
             out: None,
+            threads: 0,
         }
     }
 }
@@ -437,6 +440,7 @@ impl PpoConfig {
 pub const RESUME_MAY_CHANGE: &[&str] = &[
     "run.device",
     "run.out",
+    "run.threads",
     "train.logging_steps",
     "train.save_steps",
     "train.save_total_limit",
@@ -449,7 +453,7 @@ impl Config {
     /// Reads `path` (or the defaults when `None`), applies each `key.path=value`
     /// override in order, and validates the result.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
-        let mut table = match path {
+        let table = match path {
             Some(path) => {
                 let source = path.display().to_string();
                 let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
@@ -463,6 +467,17 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        Self::from_table(table, overrides)
+    }
+
+    /// This config with `key.path=value` overrides applied, validated.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Config> {
+        let table = toml::Table::try_from(self)
+            .map_err(|e| Error::Msg(format!("cannot write config as TOML: {e}")))?;
+        Self::from_table(table, overrides)
+    }
+
+    fn from_table(mut table: toml::Table, overrides: &[String]) -> Result<Config> {
         for assignment in overrides {
             apply_override(&mut table, assignment)?;
             Config::deserialize(toml::Value::Table(table.clone()))

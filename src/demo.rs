@@ -481,8 +481,10 @@ fn markdown(
     );
     let _ = writeln!(
         s,
-        "- PPO: {} updates, {:.2} s/update (rollout {:.1} s, scoring {:.1} s, updates {:.1} s in all).",
-        ppo_run.updates, ppo_run.seconds_per_update, ppo_run.rollout_s, ppo_run.score_s, ppo_run.update_s
+        "- PPO: {} updates, {:.2} s/update ({} in all).",
+        ppo_run.updates,
+        ppo_run.seconds_per_update,
+        ppo_run.total_times()
     );
     let times: Vec<String> = r
         .timings

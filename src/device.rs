@@ -4,6 +4,21 @@ use candle_core::{DType, Device};
 
 use crate::{Error, Result};
 
+/// Sets the number of CPU threads the tensor ops use (0 leaves the default:
+/// every core, or RAYON_NUM_THREADS). Candle's matmuls read RAYON_NUM_THREADS
+/// on every call and rayon's pool reads it when first used, so call this
+/// before any tensor work.
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// The number of CPU threads the tensor ops use.
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Resolves `auto|cpu|cuda[:N]|metal[:N]` to a device. `auto` picks CUDA,
 /// then Metal, then the CPU, and the returned text says which and why.
 pub fn resolve_device(spec: &str) -> Result<(Device, String)> {

@@ -58,10 +58,6 @@ pub enum Error {
     #[error("interrupted at step {step}; checkpoint written to {checkpoint}")]
     Interrupted { step: u64, checkpoint: PathBuf },
 
-    /// A subcommand whose issue has not landed yet.
-    #[error("`candle-rlhf {0}` is not ready yet in this version")]
-    NotReady(String),
-
     /// Anything Candle reports (shapes, dtypes, devices), without its backtrace.
     #[error("{0}")]
     Candle(candle_core::Error),
@@ -111,7 +107,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Interrupted { .. } => 130,
-            Error::NotReady(_) | Error::Config { .. } | Error::InvalidConfig { .. } => 2,
+            Error::Config { .. } | Error::InvalidConfig { .. } => 2,
             _ => 1,
         }
     }

@@ -509,6 +509,22 @@ fn write_model(dir: &Path, spec: &Spec, tokenizers: &Tokenizers, seed: u64) -> R
     Ok(())
 }
 
+/// Writes a model of `config` (config.json's values) with random weights
+/// drawn from `seed`, and the fixture BPE tokenizer, into `dir`: for
+/// benchmarks, whose speed does not depend on the weights' values. The
+/// tokenizer's vocabulary is small; ids above it decode to nothing.
+pub fn write_random_model(dir: &Path, config: Value, seed: u64) -> Result<()> {
+    let tokenizers = Tokenizers::train(&dir.join(".tokenizers"), seed)?;
+    let spec = Spec {
+        name: "random",
+        tokenizer: TokenizerKind::Bpe(PadStyle::Distinct),
+        config,
+        strip_prefix: false,
+    };
+    write_model(dir, &spec, &tokenizers, seed)?;
+    std::fs::remove_dir_all(&tokenizers.dir).with_path(&tokenizers.dir)
+}
+
 /// Writes the tiny GPT-2 with its tokenizer into `dir` (Hugging Face layout).
 pub fn write_tiny_gpt2(dir: &Path, seed: u64) -> Result<()> {
     let tokenizers = Tokenizers::train(&dir.join(".tokenizers"), seed)?;

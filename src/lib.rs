@@ -7,6 +7,7 @@
 //! accumulation, clipping, non-finite guard); checkpoints and run
 //! directories; metrics and plots; self-made fixtures.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

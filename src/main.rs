@@ -41,6 +41,38 @@ struct Common {
     /// Run directory (default: runs/<command>-<time>).
     #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
+    /// CPU threads for the tensor ops (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Options of `bench`.
+#[derive(Args, Clone, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A model shape: configs/models/NAME.toml (config.json values and the workload).
+    #[arg(
+        long,
+        value_name = "SHAPE.toml",
+        default_value = "configs/models/tiny.toml"
+    )]
+    model: PathBuf,
+    /// Which parts to run, comma-separated: reward, generate, ppo.
+    #[arg(long, default_value = "reward,generate,ppo")]
+    parts: String,
+    /// Timed repetitions of each part.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Where the random model, reward model and prompts are written (default runs/bench/NAME).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Also write the figures as JSON here.
+    #[arg(long, value_name = "FILE.json")]
+    json: Option<PathBuf>,
 }
 
 /// Options of the trainers.
@@ -185,8 +217,8 @@ enum Command {
         #[arg(long)]
         kl_coef: Option<f64>,
     },
-    /// Measure training and generation speed.
-    Bench(Common),
+    /// Measure reward-step, generation and PPO-iteration speed on a model shape.
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -251,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Bench(c) => not_ready("bench", &c),
+        Command::Bench(b) => bench(b),
     }
 }
 
@@ -399,13 +431,11 @@ fn ppo(t: TrainArgs) -> anyhow::Result<()> {
     let dir = run_dir("ppo", &t, &cfg);
     let out = candle_rlhf::trainers::ppo::train(&cfg, &dir, t.resume.is_some(), &stop)?;
     println!(
-        "policy: {}\nupdates: {}, {:.3} s/update (rollout {:.1} s, scoring {:.1} s, updates {:.1} s)\nprompts: {}",
+        "policy: {}\nupdates: {}, {:.3} s/update ({} in all)\nprompts: {}",
         out.checkpoint.display(),
         out.updates,
         out.seconds_per_update,
-        out.rollout_s,
-        out.score_s,
-        out.update_s,
+        out.total_times(),
         out.prompts
     );
     if let Some(e) = &out.eval_before {
@@ -503,11 +533,32 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Validates the config (so it can be prepared ahead), then says the command
-/// is not ready; exit code 2.
-fn not_ready(command: &str, common: &Common) -> anyhow::Result<()> {
-    resolve_config(common)?;
-    Err(Error::NotReady(command.into()).into())
+fn bench(b: BenchArgs) -> anyhow::Result<()> {
+    let config = resolve_config(&b.common)?;
+    let shape = candle_rlhf::bench::Shape::load(&b.model)?;
+    let parts = b
+        .parts
+        .split(',')
+        .map(candle_rlhf::bench::Part::parse)
+        .collect::<candle_rlhf::Result<Vec<_>>>()?;
+    let work_dir = b
+        .work_dir
+        .unwrap_or_else(|| PathBuf::from("runs/bench").join(&shape.name));
+    let report = candle_rlhf::bench::run(&candle_rlhf::bench::BenchOptions {
+        shape,
+        parts,
+        iters: b.iters.max(1),
+        warmup: b.warmup,
+        work_dir,
+        config,
+    })?;
+    print!("{report}");
+    if let Some(path) = &b.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        candle_rlhf::checkpoint::atomic_write(path, text.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// The config file with `--set` overrides, then the dedicated flags (which win).
@@ -526,5 +577,10 @@ fn resolve_config(c: &Common) -> candle_rlhf::Result<Config> {
     if let Some(o) = &c.out {
         sets.push(format!("run.out={}", quoted(&o.to_string_lossy())));
     }
-    Config::load(c.config.as_deref(), &sets)
+    if let Some(n) = c.threads {
+        sets.push(format!("run.threads={n}"));
+    }
+    let cfg = Config::load(c.config.as_deref(), &sets)?;
+    candle_rlhf::device::set_threads(cfg.run.threads);
+    Ok(cfg)
 }

@@ -153,8 +153,9 @@ impl std::fmt::Display for PromptReport {
     }
 }
 
-/// Reads the `prompt` column of a file or dataset split and tokenizes it;
-/// too-long prompts are dropped or cut to their last `max_len` tokens.
+/// Reads the `prompt` column of a file or dataset split and tokenizes it, or
+/// takes token ids as they are from an `input_ids` column (TRL's pre-tokenized
+/// form); too-long prompts are dropped or cut to their last `max_len` tokens.
 pub fn load_prompts(
     spec: &str,
     split: &str,
@@ -170,6 +171,14 @@ pub fn load_prompts(
     };
     let mut prompts = Vec::new();
     for (value, source) in &records {
+        if let Some(ids) = input_ids(value, source)? {
+            if ids.is_empty() {
+                report.skipped_empty += 1;
+            } else {
+                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
+            }
+            continue;
+        }
         let Some(text) = crate::data::text_column(value, "prompt", source)? else {
             let found: Vec<&str> = value
                 .as_object()
@@ -180,20 +189,12 @@ pub fn load_prompts(
                 found.join(", ")
             )));
         };
-        let mut ids = tok.encode(text)?;
+        let ids = tok.encode(text)?;
         if text.trim().is_empty() || ids.is_empty() {
             report.skipped_empty += 1;
             continue;
         }
-        if ids.len() > max_len {
-            if !truncate {
-                report.dropped_too_long += 1;
-                continue;
-            }
-            ids.drain(..ids.len() - max_len);
-            report.truncated += 1;
-        }
-        prompts.push(ids);
+        prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
     }
     report.kept = prompts.len();
     if prompts.is_empty() {
@@ -202,6 +203,48 @@ pub fn load_prompts(
         )));
     }
     Ok((prompts, report))
+}
+
+/// A prompt within max_len tokens: dropped when longer, or cut to its last
+/// max_len tokens with `truncate`; counted in `report`.
+fn fit_prompt(
+    mut ids: Vec<u32>,
+    max_len: usize,
+    truncate: bool,
+    report: &mut PromptReport,
+) -> Option<Vec<u32>> {
+    if ids.len() > max_len {
+        if !truncate {
+            report.dropped_too_long += 1;
+            return None;
+        }
+        ids.drain(..ids.len() - max_len);
+        report.truncated += 1;
+    }
+    Some(ids)
+}
+
+/// The `input_ids` column of a row, when it has one: a list of token ids.
+fn input_ids(value: &Value, source: &str) -> Result<Option<Vec<u32>>> {
+    let Some(column) = value.get("input_ids") else {
+        return Ok(None);
+    };
+    let bad = || {
+        Error::Msg(format!(
+            "{source}: column `input_ids` must be a list of token ids"
+        ))
+    };
+    column
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(bad)
+        })
+        .collect::<Result<Vec<u32>>>()
+        .map(Some)
 }
 
 // ---------------------------------------------------------------- model inputs
@@ -451,9 +494,45 @@ struct RolloutStats {
     scores: Vec<f32>,
     texts: Vec<(String, String)>,
     kl_per_sequence: f64,
-    rollout_s: f64,
+    generate_s: f64,
+    forward_s: f64,
     score_s: f64,
     tokens: usize,
+}
+
+/// Wall-clock seconds of one PPO update's phases (or their sums).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct PhaseTimes {
+    /// Sampling the responses (KV-cached decoding).
+    pub generate_s: f64,
+    /// Policy, reference and value forwards over the rollouts.
+    pub forward_s: f64,
+    /// The reward: decoding and the reward model's forward.
+    pub score_s: f64,
+    /// num_ppo_epochs of forward, backward and optimizer steps.
+    pub update_s: f64,
+    /// The whole update, including advantages and bookkeeping.
+    pub total_s: f64,
+}
+
+impl std::fmt::Display for PhaseTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "generation {:.2} s, forwards {:.2} s, scoring {:.2} s, updates {:.2} s",
+            self.generate_s, self.forward_s, self.score_s, self.update_s
+        )
+    }
+}
+
+impl std::ops::AddAssign for PhaseTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.generate_s += o.generate_s;
+        self.forward_s += o.forward_s;
+        self.score_s += o.score_s;
+        self.update_s += o.update_s;
+        self.total_s += o.total_s;
+    }
 }
 
 /// The frozen models a rollout reads.
@@ -601,11 +680,14 @@ fn roll_out(
     let chunk = p.local_rollout_forward_batch_size;
     // 1. Sample responses with the KV cache, no autograd graph.
     let responses = sample(m, &queries, sampling, chunk, rng)?;
-    // 2. Log-probs of the sampled tokens under policy and reference, values.
+    let generate_s = started.elapsed().as_secs_f64();
+    // 2. Log-probs of the sampled tokens under policy and reference, values:
+    //    computed once per rollout and reused by every PPO epoch.
+    let started = Instant::now();
     let r = p.response_length;
     let (logprobs, ref_logprobs, values, mask) =
         forward_rollouts(m, &queries, &responses, r, p.temperature, chunk)?;
-    let rollout_s = started.elapsed().as_secs_f64();
+    let forward_s = started.elapsed().as_secs_f64();
     // 3. Scores from the reward (with the missing-EOS penalty).
     let started = Instant::now();
     let stop = sampling.stop_token_id;
@@ -677,7 +759,8 @@ fn roll_out(
             scores,
             texts,
             kl_per_sequence: kl_seq,
-            rollout_s,
+            generate_s,
+            forward_s,
             score_s,
             tokens,
         },
@@ -843,10 +926,19 @@ pub struct PpoRun {
     pub eval_before: Option<EvalReport>,
     pub eval_after: Option<EvalReport>,
     pub seconds_per_update: f64,
-    /// Seconds spent in rollouts, scoring and updates over this process's updates.
-    pub rollout_s: f64,
-    pub score_s: f64,
-    pub update_s: f64,
+    /// Each update's phase times, for the updates this process ran.
+    pub update_times: Vec<PhaseTimes>,
+}
+
+impl PpoRun {
+    /// The phase times summed over this process's updates.
+    pub fn total_times(&self) -> PhaseTimes {
+        let mut sum = PhaseTimes::default();
+        for t in &self.update_times {
+            sum += *t;
+        }
+        sum
+    }
 }
 
 /// The rollout's sampling settings; responses keep their stop token.
@@ -1078,7 +1170,7 @@ pub fn train_with_reward(
     // 5. The loop: one update per batch of prompts.
     let progress = Progress::new(total_updates, "ppo");
     let sample_every = (total_updates / p.num_sample_generations.max(1) as u64).max(1);
-    let (mut rollout_s, mut score_s, mut update_s) = (0.0, 0.0, 0.0);
+    let mut update_times = Vec::new();
     let started = Instant::now();
     let first_update = state.step;
     let mut last_checkpoint = None;
@@ -1093,8 +1185,6 @@ pub fn train_with_reward(
             .collect();
         let kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(p.kl_coef);
         let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))?;
-        rollout_s += stats.rollout_s;
-        score_s += stats.score_s;
 
         // PPO epochs over shuffled mini-batches, accumulating micro-batches.
         let update_phase = Instant::now();
@@ -1114,7 +1204,6 @@ pub fn train_with_reward(
             }
         }
         let this_update_s = update_phase.elapsed().as_secs_f64();
-        update_s += this_update_s;
         state.step += 1;
         let episode = state.extra["episode"].as_u64().unwrap_or(0) + batch as u64;
         state.extra["episode"] = json!(episode);
@@ -1131,13 +1220,21 @@ pub fn train_with_reward(
 
         // Metrics (means over every micro-batch of the update), samples, eval.
         let elapsed = update_started.elapsed().as_secs_f64();
+        update_times.push(PhaseTimes {
+            generate_s: stats.generate_s,
+            forward_s: stats.forward_s,
+            score_s: stats.score_s,
+            update_s: this_update_s,
+            total_s: elapsed,
+        });
         if state.step.is_multiple_of(t.logging_steps) || state.step == total_updates {
             let mut figures = stats.figures.clone();
             figures.extend(acc.figures());
             figures.extend([
                 ("lr".into(), lr),
                 ("episode".into(), episode as f64),
-                ("time/rollout".into(), stats.rollout_s),
+                ("time/generate".into(), stats.generate_s),
+                ("time/forward".into(), stats.forward_s),
                 ("time/score".into(), stats.score_s),
                 ("time/update".into(), this_update_s),
                 ("tokens_per_second".into(), stats.tokens as f64 / elapsed),
@@ -1185,9 +1282,7 @@ pub fn train_with_reward(
         eval_before,
         eval_after,
         seconds_per_update: started.elapsed().as_secs_f64() / updates_run as f64,
-        rollout_s,
-        score_s,
-        update_s,
+        update_times,
     })
 }
 

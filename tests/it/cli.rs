@@ -27,10 +27,74 @@ fn help_lists_every_subcommand() {
 }
 
 #[test]
-fn subcommands_not_ready_say_so_and_exit_2() {
-    let (code, _, err) = run(bin().arg("bench"));
-    assert_eq!(code, 2, "bench: {err}");
-    assert!(err.contains("not ready"), "bench: {err}");
+fn bench_measures_every_part_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let (code, out, err) = run(bin()
+        .args([
+            "bench",
+            "--model",
+            "configs/models/tiny.toml",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .args(["--threads", "1", "--work-dir"])
+        .arg(dir.path().join("work"))
+        .arg("--json")
+        .arg(&json));
+    assert_eq!(code, 0, "{err}");
+    for row in [
+        "reward step, 8 pairs x 64 tokens",
+        "generate, batch 1,",
+        "generate, batch 16,",
+        "PPO iteration, batch 16",
+    ] {
+        assert!(out.contains(row), "{row} missing from:\n{out}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["threads"], 1, "--threads sets the thread count");
+    assert_eq!(report["shape"], "tiny");
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+    assert!(
+        positive(&report["reward"]["step_s"]) && positive(&report["reward"]["peak_rss_mb"]),
+        "{report}"
+    );
+    assert_eq!(report["generate"].as_array().unwrap().len(), 2);
+    assert!(positive(&report["generate"][1]["tokens_per_s"]), "{report}");
+    let ppo = &report["ppo"]["iteration"];
+    let phases: f64 = ["generate_s", "forward_s", "score_s", "update_s"]
+        .iter()
+        .map(|k| ppo[k].as_f64().unwrap())
+        .sum();
+    let total = ppo["total_s"].as_f64().unwrap();
+    assert!(
+        phases > 0.0 && phases <= total,
+        "phases {phases} within the iteration {total}"
+    );
+    // The parameters of the tiny GPT-2: its config.json's shapes.
+    let (v, e, p, l) = (445, 64, 128, 2);
+    let per_layer =
+        2 * 2 * e + (3 * e * e + 3 * e) + (e * e + e) + (4 * e * e + 4 * e) + (4 * e * e + e);
+    assert_eq!(report["parameters"], v * e + p * e + l * per_layer + 2 * e);
+
+    let (code, _, err) = run(bin().args(["bench", "--parts", "train"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown bench part `train`"), "{err}");
+    let bad = dir.path().join("shape.toml");
+    std::fs::write(
+        &bad,
+        "[config]\nmodel_type = \"gpt2\"\n[workload]\nreward_batch_size = 0\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(bin().args(["bench", "--model"]).arg(&bad));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("shape.toml"),
+        "the error names the file: {err}"
+    );
 }
 
 #[test]

@@ -142,3 +142,23 @@ fn every_preset_in_configs_is_valid() {
     }
     assert!(n >= 1, "no presets found in {}", dir.display());
 }
+
+#[test]
+fn every_bench_shape_is_a_valid_model_config() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("configs/models").unwrap() {
+        let path = entry.unwrap().path();
+        let shape = candle_rlhf::bench::Shape::load(&path).unwrap();
+        let cfg = candle_rlhf::models::ArchConfig::from_value(&shape.config, &path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let w = &shape.workload;
+        assert!(
+            w.prompt_length + w.response_length <= cfg.max_positions(),
+            "{}",
+            path.display()
+        );
+        names.push(shape.name);
+    }
+    names.sort();
+    assert_eq!(names, ["gpt2", "qwen2.5-0.5b", "smollm2-135m", "tiny"]);
+}

@@ -1,0 +1,606 @@
+//! `candle-rlhf bench`: the speed of the three workloads of RLHF on a model
+//! shape (configs/models/*.toml), with random weights since speed does not
+//! depend on their values:
+//! 1. a reward-model training step (Bradley-Terry loss on a batch of pairs);
+//! 2. rollout generation (KV-cached sampling, no stop token, so every row
+//!    decodes the full response length) at each batch size;
+//! 3. one PPO iteration run by the PPO trainer itself (rollout; policy,
+//!    reference, value and reward forwards; num_ppo_epochs of updates), split
+//!    into its phases.
+//!
+//! Each part reports its peak resident memory. The model, reward model and
+//! prompts are written to a work directory that `scripts/bench_compare.sh`
+//! hands to PyTorch/TRL, so both sides run the same weights on the same inputs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::{Config, TrainConfig};
+use crate::error::IoContext;
+use crate::generate::{generate, Sampling};
+use crate::models::reward::RewardModel;
+use crate::models::{load_dir_frozen, CausalLm};
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::TrainCore;
+use crate::trainers::ppo::PhaseTimes;
+use crate::{Error, HostRng, Result};
+
+/// The work each part does, per shape (the `[workload]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Preference pairs per reward-model step.
+    pub reward_batch_size: usize,
+    /// Tokens in each chosen and each rejected sequence.
+    pub reward_seq_len: usize,
+    /// Batch sizes of the generation benchmark.
+    pub generate_batch_sizes: Vec<usize>,
+    /// Prompt tokens of every generation and PPO row.
+    pub prompt_length: usize,
+    /// New tokens per row (PPO's response_length).
+    pub response_length: usize,
+    /// Rollouts per PPO iteration (TRL's local_batch_size).
+    pub ppo_batch_size: usize,
+    pub ppo_num_mini_batches: usize,
+    pub ppo_epochs: usize,
+    /// Rows per forward/backward in the PPO update and the reward step's
+    /// micro-batch size is the whole reward batch.
+    pub per_device_train_batch_size: usize,
+}
+
+/// A model shape: config.json's values and the workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub name: String,
+    pub config: Value,
+    pub workload: Workload,
+}
+
+impl Shape {
+    /// Reads a shape file: `[config]` (config.json's fields) and `[workload]`.
+    pub fn load(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            config: toml::Table,
+            workload: Workload,
+        }
+        let text = std::fs::read_to_string(path).with_path(path)?;
+        let file: File = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let w = &file.workload;
+        let zero = [
+            ("reward_batch_size", w.reward_batch_size),
+            ("reward_seq_len", w.reward_seq_len),
+            ("prompt_length", w.prompt_length),
+            ("response_length", w.response_length),
+            ("ppo_batch_size", w.ppo_batch_size),
+            ("ppo_num_mini_batches", w.ppo_num_mini_batches),
+            ("ppo_epochs", w.ppo_epochs),
+            ("per_device_train_batch_size", w.per_device_train_batch_size),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v == 0);
+        if let Some((field, _)) = zero {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                message: format!("workload.{field} must be positive"),
+            });
+        }
+        if !w
+            .ppo_batch_size
+            .is_multiple_of(w.ppo_num_mini_batches * w.per_device_train_batch_size)
+        {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "workload.ppo_batch_size {} is not a multiple of ppo_num_mini_batches x per_device_train_batch_size",
+                    w.ppo_batch_size
+                ),
+            });
+        }
+        let name = path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        Ok(Self {
+            name,
+            config: serde_json::to_value(file.config).map_err(|e| Error::Msg(e.to_string()))?,
+            workload: file.workload,
+        })
+    }
+
+    fn vocab_size(&self) -> Result<usize> {
+        self.config["vocab_size"]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Msg(format!("shape {}: config.vocab_size is missing", self.name)))
+    }
+}
+
+/// Which parts to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Reward,
+    Generate,
+    Ppo,
+}
+
+impl Part {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name.trim() {
+            "reward" => Self::Reward,
+            "generate" => Self::Generate,
+            "ppo" => Self::Ppo,
+            other => {
+                return Err(Error::Msg(format!(
+                    "unknown bench part `{other}` (reward, generate, ppo)"
+                )))
+            }
+        })
+    }
+}
+
+pub struct BenchOptions {
+    pub shape: Shape,
+    pub parts: Vec<Part>,
+    /// Timed repetitions of each part, after `warmup` untimed ones.
+    pub iters: usize,
+    pub warmup: usize,
+    /// Where the random model, reward model and prompts are written (kept).
+    pub work_dir: PathBuf,
+    /// The run settings (device, dtype, seed) come from here.
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RewardBench {
+    pub pairs: usize,
+    pub seq_len: usize,
+    /// Median seconds per step (forward, backward, optimizer step).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    pub batch_size: usize,
+    pub prompt_length: usize,
+    pub new_tokens: usize,
+    /// Median seconds per call, prompt included.
+    pub seconds: f64,
+    /// New tokens per second over the batch.
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PpoBench {
+    pub batch_size: usize,
+    pub prompt_length: usize,
+    pub response_length: usize,
+    pub epochs: usize,
+    pub mini_batches: usize,
+    /// Mean phase times over the timed iterations.
+    pub iteration: PhaseTimes,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub shape: String,
+    pub parameters: usize,
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub cpu: String,
+    pub date: String,
+    pub commit: String,
+    pub iters: usize,
+    pub reward: Option<RewardBench>,
+    pub generate: Vec<GenerateBench>,
+    pub ppo: Option<PpoBench>,
+}
+
+/// Runs the parts of `opts` and returns their figures.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    let cfg = &opts.config;
+    let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let model_dir = opts.work_dir.join("model");
+    prepare_model(&opts.shape, &model_dir, cfg.run.seed)?;
+    let mut report = BenchReport {
+        shape: opts.shape.name.clone(),
+        parameters: count_parameters(&model_dir)?,
+        device: device_name,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        threads: crate::device::threads(),
+        cpu: cpu_model(),
+        date: today_utc(),
+        commit: git_commit(),
+        iters: opts.iters,
+        reward: None,
+        generate: Vec::new(),
+        ppo: None,
+    };
+    let w = &opts.shape.workload;
+    let vocab = opts.shape.vocab_size()?;
+    let mut rng = HostRng::new(cfg.run.seed);
+    for part in &opts.parts {
+        reset_peak_rss();
+        match part {
+            Part::Reward => {
+                let step_s = reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
+                let tokens = 2 * w.reward_batch_size * w.reward_seq_len;
+                report.reward = Some(RewardBench {
+                    pairs: w.reward_batch_size,
+                    seq_len: w.reward_seq_len,
+                    step_s,
+                    tokens_per_s: tokens as f64 / step_s,
+                    peak_rss_mb: peak_rss_mb(),
+                });
+            }
+            Part::Generate => {
+                let model = load_causal(&model_dir, dtype, &device)?;
+                for &b in &w.generate_batch_sizes {
+                    reset_peak_rss();
+                    let seconds = generation(opts, &model, b, vocab, &device, &mut rng)?;
+                    report.generate.push(GenerateBench {
+                        batch_size: b,
+                        prompt_length: w.prompt_length,
+                        new_tokens: w.response_length,
+                        seconds,
+                        tokens_per_s: (b * w.response_length) as f64 / seconds,
+                        peak_rss_mb: peak_rss_mb(),
+                    });
+                }
+            }
+            Part::Ppo => {
+                let iteration = ppo_iterations(opts, &model_dir, vocab, &mut rng)?;
+                report.ppo = Some(PpoBench {
+                    batch_size: w.ppo_batch_size,
+                    prompt_length: w.prompt_length,
+                    response_length: w.response_length,
+                    epochs: w.ppo_epochs,
+                    mini_batches: w.ppo_num_mini_batches,
+                    iteration,
+                    peak_rss_mb: peak_rss_mb(),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Writes the shape's random model once (reused while its config is unchanged).
+fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
+    let config_path = dir.join("config.json");
+    let same = crate::checkpoint::read_json(&config_path).is_ok_and(|c: Value| c == shape.config)
+        && dir.join("model.safetensors").is_file();
+    if !same {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_path(dir)?;
+        }
+        crate::fixtures::write_random_model(dir, shape.config.clone(), seed)?;
+    }
+    Ok(())
+}
+
+fn count_parameters(model_dir: &Path) -> Result<usize> {
+    let path = model_dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).with_path(&path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(st
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>())
+        .sum())
+}
+
+fn load_causal(dir: &Path, dtype: DType, device: &Device) -> Result<CausalLm> {
+    let (arch, vb, _) = load_dir_frozen(dir, dtype, device)?;
+    CausalLm::load(vb, &arch, true)
+}
+
+fn random_rows(rows: usize, len: usize, vocab: usize, rng: &mut HostRng) -> Vec<Vec<u32>> {
+    (0..rows)
+        .map(|_| {
+            (0..len)
+                .map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Median seconds of a reward-model step: chosen and rejected in one batch,
+/// forward, Bradley-Terry loss, backward, gradient clipping, AdamW.
+fn reward_steps(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    vocab: usize,
+    device: &Device,
+    rng: &mut HostRng,
+) -> Result<f64> {
+    let cfg = &opts.config;
+    let w = &opts.shape.workload;
+    let (model, varmap) =
+        RewardModel::from_dir(model_dir, cfg.run.dtype.dtype(), device, cfg.run.seed)?;
+    let train = TrainConfig {
+        per_device_train_batch_size: w.reward_batch_size,
+        ..cfg.train.clone()
+    };
+    let steps = (opts.warmup + opts.iters) as u64;
+    let mut core = TrainCore::new(
+        AdamW::from_varmap(&varmap, AdamWParams::from_config(&train))?,
+        &train,
+        steps,
+    );
+    let b = w.reward_batch_size;
+    let mut times = Vec::new();
+    for step in 0..steps {
+        let seqs = random_rows(2 * b, w.reward_seq_len, vocab, rng);
+        let started = Instant::now();
+        let rewards = model.rewards_of(&seqs, 0, device)?;
+        let loss = crate::rl::bradley_terry(
+            &rewards.narrow(0, 0, b)?,
+            &rewards.narrow(0, b, b)?,
+            None,
+            None,
+        )?;
+        core.backward(&loss)?;
+        core.step(step)?;
+        if step >= opts.warmup as u64 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// Median seconds to sample `response_length` tokens for `batch` prompts.
+fn generation(
+    opts: &BenchOptions,
+    model: &CausalLm,
+    batch: usize,
+    vocab: usize,
+    device: &Device,
+    rng: &mut HostRng,
+) -> Result<f64> {
+    let w = &opts.shape.workload;
+    let sampling = Sampling {
+        max_new_tokens: w.response_length,
+        temperature: 1.0,
+        top_k: None,
+        top_p: 1.0,
+        stop_token_id: None,
+        keep_stop_token: false,
+    };
+    let mut times = Vec::new();
+    for i in 0..opts.warmup + opts.iters {
+        let prompts = random_rows(batch, w.prompt_length, vocab, rng);
+        let started = Instant::now();
+        let out = generate(model, &prompts, 0, &sampling, rng, device)?;
+        debug_assert!(out.iter().all(|r| r.len() == w.response_length));
+        if i >= opts.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// Mean phase times of PPO iterations run by the PPO trainer on random
+/// prompts (an `input_ids` column) against a random reward model whose
+/// backbone also initializes the critic, as TRL's examples do.
+fn ppo_iterations(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    vocab: usize,
+    rng: &mut HostRng,
+) -> Result<PhaseTimes> {
+    let w = &opts.shape.workload;
+    let seed = opts.config.run.seed;
+    let reward_dir = opts.work_dir.join("reward");
+    if !reward_dir.join("model.safetensors").is_file()
+        || crate::checkpoint::read_json::<Value>(&reward_dir.join("config.json"))
+            .map_or(true, |c| c["vocab_size"] != opts.shape.config["vocab_size"])
+    {
+        crate::fixtures::write_reward_model(model_dir, &reward_dir, seed)?;
+    }
+    let iterations = opts.warmup + opts.iters;
+    let prompts: Vec<Value> =
+        random_rows(w.ppo_batch_size * iterations, w.prompt_length, vocab, rng)
+            .into_iter()
+            .map(|ids| json!({ "input_ids": ids }))
+            .collect();
+    let prompts_path = opts.work_dir.join("prompts.jsonl");
+    crate::fixtures::write_jsonl(&prompts_path, &prompts)?;
+    let run_dir = opts.work_dir.join("ppo-run");
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_path(&run_dir)?;
+    }
+    let quoted = |p: &Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+    let accumulation = w.ppo_batch_size / (w.ppo_num_mini_batches * w.per_device_train_batch_size);
+    let sets = [
+        format!("model.name_or_path={}", quoted(model_dir)),
+        format!(
+            "train.per_device_train_batch_size={}",
+            w.per_device_train_batch_size
+        ),
+        format!("train.gradient_accumulation_steps={accumulation}"),
+        "train.logging_steps=1".into(),
+        format!("train.save_steps={}", u32::MAX),
+        format!("ppo.dataset={}", quoted(&prompts_path)),
+        format!("ppo.reward_model={}", quoted(&reward_dir)),
+        format!("ppo.total_episodes={}", w.ppo_batch_size * iterations),
+        format!("ppo.num_mini_batches={}", w.ppo_num_mini_batches),
+        format!("ppo.num_ppo_epochs={}", w.ppo_epochs),
+        format!("ppo.response_length={}", w.response_length),
+        format!("ppo.max_prompt_length={}", w.prompt_length),
+        format!("ppo.local_rollout_forward_batch_size={}", w.ppo_batch_size),
+        "ppo.num_sample_generations=1".into(),
+    ];
+    let cfg = opts.config.with_overrides(&sets)?;
+    let stop = crate::signal::StopSignal::new();
+    let run = crate::trainers::ppo::train(&cfg, &run_dir, false, &stop)?;
+    let timed = &run.update_times[opts.warmup.min(run.update_times.len() - 1)..];
+    let mut mean = PhaseTimes::default();
+    for t in timed {
+        mean += *t;
+    }
+    let n = timed.len() as f64;
+    Ok(PhaseTimes {
+        generate_s: mean.generate_s / n,
+        forward_s: mean.forward_s / n,
+        score_s: mean.score_s / n,
+        update_s: mean.update_s / n,
+        total_s: mean.total_s / n,
+    })
+}
+
+// ---------------------------------------------------------------- reporting
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} ({:.1}M parameters), {} {}, {} threads, {} | {} | {}",
+            self.shape,
+            self.parameters as f64 / 1e6,
+            self.device,
+            self.dtype,
+            self.threads,
+            self.cpu,
+            self.date,
+            self.commit
+        )?;
+        writeln!(f, "| workload | figure | peak RSS |")?;
+        writeln!(f, "|---|---|---|")?;
+        if let Some(r) = &self.reward {
+            writeln!(
+                f,
+                "| reward step, {} pairs x {} tokens | {:.3} s/step, {:.0} tokens/s | {:.0} MB |",
+                r.pairs, r.seq_len, r.step_s, r.tokens_per_s, r.peak_rss_mb
+            )?;
+        }
+        for g in &self.generate {
+            writeln!(
+                f,
+                "| generate, batch {}, prompt {}, {} new tokens | {:.1} tokens/s ({:.3} s) | {:.0} MB |",
+                g.batch_size, g.prompt_length, g.new_tokens, g.tokens_per_s, g.seconds, g.peak_rss_mb
+            )?;
+        }
+        if let Some(p) = &self.ppo {
+            let t = &p.iteration;
+            let share = |x: f64| 100.0 * x / t.total_s;
+            writeln!(
+                f,
+                "| PPO iteration, batch {}, prompt {}, response {}, {} epochs x {} mini-batches | {:.3} s: generation {:.0}%, forwards {:.0}%, reward {:.0}%, updates {:.0}% | {:.0} MB |",
+                p.batch_size, p.prompt_length, p.response_length, p.epochs, p.mini_batches,
+                t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s), p.peak_rss_mb
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size since the last reset, in MB (0 where unknown).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
+fn today_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_of_known_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        // 2000-02-29 is day 11016; 2026-11-21 is day 20778.
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_778), (2026, 11, 21));
+    }
+
+    #[test]
+    fn median_takes_the_middle() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![5.0]), 5.0);
+    }
+
+    #[test]
+    fn unknown_parts_are_refused() {
+        assert!(Part::parse("ppo").is_ok());
+        assert!(Part::parse("train")
+            .unwrap_err()
+            .to_string()
+            .contains("reward, generate, ppo"));
+    }
+}
