@@ -222,6 +222,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    candle_rlhf::device::tune_allocator();
     init_tracing();
     let cli = Cli::parse();
     match run(cli) {

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Side-by-side CPU benchmark: `candle-rlhf bench` and the same workloads in
+# PyTorch/TRL (scripts/bench_trl.py), on the same random weights and inputs,
+# at each thread count; then one table with each side at its best thread count
+# and the ratios (scripts/bench_table.py). Not part of CI.
+#
+#   scripts/bench_compare.sh [SHAPE ...]      # default: tiny gpt2
+#
+# Environment: THREADS ("1 2"), ITERS (3), WARMUP (1), PARTS
+# (reward,generate,ppo), OUT (runs/bench-compare), VENV (.venv-bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-"1 2"}
+ITERS=${ITERS:-3}
+WARMUP=${WARMUP:-1}
+PARTS=${PARTS:-reward,generate,ppo}
+OUT=${OUT:-runs/bench-compare}
+VENV=${VENV:-.venv-bench}
+SHAPES=("$@")
+[ ${#SHAPES[@]} -gt 0 ] || SHAPES=(tiny gpt2)
+
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -r scripts/bench-requirements.txt
+fi
+cargo build --release -q
+mkdir -p "$OUT"
+for shape in "${SHAPES[@]}"; do
+    for t in $THREADS; do
+        echo "== $shape, $t thread(s): candle-rlhf" >&2
+        target/release/candle-rlhf bench --model "configs/models/$shape.toml" \
+            --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" >&2
+        echo "== $shape, $t thread(s): PyTorch/TRL" >&2
+        "$VENV/bin/python" scripts/bench_trl.py --shape "configs/models/$shape.toml" \
+            --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" > /dev/null
+    done
+done
+python3 scripts/bench_table.py "$OUT" "${SHAPES[@]}"

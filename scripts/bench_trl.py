@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""The PyTorch side of `candle-rlhf bench`: the same three workloads, on the
+same random weights and inputs, with TRL 1.12 and transformers.
+
+    python scripts/bench_trl.py --shape configs/models/gpt2.toml \
+        --work-dir runs/bench/gpt2 --threads 1 --json out.json
+
+`--work-dir` is the directory `candle-rlhf bench --work-dir` wrote: model/
+(the random policy in Hugging Face layout), reward/ (the random reward model)
+and prompts.jsonl (random prompt ids). scripts/bench_compare.sh runs both sides.
+
+1. reward: TRL's RewardTrainer, one step = forward of chosen and rejected,
+   -logsigmoid loss, backward, clipping, AdamW (timed by a callback around
+   each optimizer step, so data loading and collation count, as they do in
+   the Rust trainer).
+2. generate: transformers' `generate` with sampling at temperature 1, no stop
+   token (min_new_tokens = max_new_tokens), under torch.inference_mode.
+3. ppo: trl.experimental.ppo.PPOTrainer with policy, reference, reward and
+   value models (the value model is the reward model's copy, as in TRL's
+   examples), one update per batch; timed per update by a callback, the
+   generation phase by wrapping batch_generation. Variants: `shipped` keeps
+   the two gc.collect() calls per update; `nogc` removes them. Both run f32
+   with gradient checkpointing off (TRL's PPOConfig defaults to bf16 and
+   checkpointing on; on a CPU that is slower and not what we compare).
+
+Peak RSS per part comes from /proc/self/status (VmHWM), reset between parts.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", required=True)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", default="reward,generate,ppo")
+    p.add_argument("--ppo-variants", default="shipped,nogc")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+# Threads before torch starts its pools.
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+)
+
+torch.set_num_threads(ARGS.threads)
+
+
+def reset_peak_rss():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class StepTimer(TrainerCallback):
+    """Wall time between the start and the end of each trainer step."""
+
+    def __init__(self):
+        self.times = []
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times.append(now - self._start)
+        self._start = now  # PPOTrainer has no on_step_begin: time end to end
+
+
+def common_args(out_dir):
+    return dict(
+        output_dir=str(out_dir),
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+
+
+def random_ids(rng, rows, length, vocab):
+    return torch.randint(0, vocab, (rows, length), generator=rng).tolist()
+
+
+def bench_reward(work, w, vocab, rng):
+    from trl import RewardConfig, RewardTrainer
+
+    b, n = w["reward_batch_size"], ARGS.warmup + ARGS.iters
+    chosen = random_ids(rng, b * n, w["reward_seq_len"], vocab)
+    rejected = random_ids(rng, b * n, w["reward_seq_len"], vocab)
+    ds = Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        work / "reward", num_labels=1, dtype=torch.float32
+    )
+    timer = StepTimer()
+    args = RewardConfig(
+        per_device_train_batch_size=b,
+        max_steps=n,
+        max_length=None,
+        **common_args(work / "trl-reward"),
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer]
+    )
+    reset_peak_rss()
+    trainer.train()
+    step_s = statistics.median(timer.times[ARGS.warmup :])
+    return {
+        "pairs": b,
+        "seq_len": w["reward_seq_len"],
+        "step_s": step_s,
+        "tokens_per_s": 2 * b * w["reward_seq_len"] / step_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def bench_generate(work, w, vocab, rng):
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+    out = []
+    r = w["response_length"]
+    for b in w["generate_batch_sizes"]:
+        reset_peak_rss()
+        times = []
+        for i in range(ARGS.warmup + ARGS.iters):
+            ids = torch.tensor(random_ids(rng, b, w["prompt_length"], vocab))
+            start = time.perf_counter()
+            with torch.inference_mode():
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=r,
+                    min_new_tokens=r,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=0,
+                )
+            assert gen.shape[1] == w["prompt_length"] + r
+            if i >= ARGS.warmup:
+                times.append(time.perf_counter() - start)
+        s = statistics.median(times)
+        out.append(
+            {
+                "batch_size": b,
+                "prompt_length": w["prompt_length"],
+                "new_tokens": r,
+                "seconds": s,
+                "tokens_per_s": b * r / s,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    return out
+
+
+def bench_ppo(work, w, variant):
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as ppo_module
+
+    if variant == "nogc":
+        class NoGc:
+            @staticmethod
+            def collect(*a, **k):
+                return 0
+
+        ppo_module.gc = NoGc()
+    else:
+        import gc
+
+        ppo_module.gc = gc
+    gen_times = []
+    original = ppo_module.batch_generation
+
+    def timed_generation(*a, **k):
+        start = time.perf_counter()
+        result = original(*a, **k)
+        gen_times.append(time.perf_counter() - start)
+        return result
+
+    ppo_module.batch_generation = timed_generation
+
+    n = ARGS.warmup + ARGS.iters
+    prompts = [json.loads(l)["input_ids"] for l in (work / "prompts.jsonl").read_text().splitlines()]
+    prompts = prompts[: w["ppo_batch_size"] * n]
+    ds = Dataset.from_dict({"input_ids": prompts})
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    f32 = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(work / "model", **f32)
+    ref = AutoModelForCausalLM.from_pretrained(work / "model", **f32)
+    reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **f32)
+    value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **f32)
+    accumulation = w["ppo_batch_size"] // (w["ppo_num_mini_batches"] * w["per_device_train_batch_size"])
+    args = PPOConfig(
+        per_device_train_batch_size=w["per_device_train_batch_size"],
+        gradient_accumulation_steps=accumulation,
+        num_mini_batches=w["ppo_num_mini_batches"],
+        num_ppo_epochs=w["ppo_epochs"],
+        response_length=w["response_length"],
+        local_rollout_forward_batch_size=w["ppo_batch_size"],
+        total_episodes=w["ppo_batch_size"] * n,
+        num_sample_generations=0,
+        stop_token=None,
+        missing_eos_penalty=None,
+        **common_args(work / f"trl-ppo-{variant}"),
+    )
+    timer = StepTimer()
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=ds,
+        callbacks=[timer],
+    )
+    reset_peak_rss()
+    timer._start = time.perf_counter()
+    trainer.train()
+    ppo_module.batch_generation = original
+    timed = timer.times[ARGS.warmup :]
+    gen = gen_times[ARGS.warmup : ARGS.warmup + len(timed)]
+    return {
+        "variant": variant,
+        "batch_size": w["ppo_batch_size"],
+        "prompt_length": w["prompt_length"],
+        "response_length": w["response_length"],
+        "epochs": w["ppo_epochs"],
+        "mini_batches": w["ppo_num_mini_batches"],
+        "iteration_s": statistics.mean(timed),
+        "generate_s": statistics.mean(gen),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main():
+    shape_path = Path(ARGS.shape)
+    shape = tomllib.loads(shape_path.read_text())
+    w, vocab = shape["workload"], shape["config"]["vocab_size"]
+    work = Path(ARGS.work_dir)
+    rng = torch.Generator().manual_seed(0)
+    parts = ARGS.parts.split(",")
+    report = {
+        "shape": shape_path.stem,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "iters": ARGS.iters,
+        "reward": None,
+        "generate": [],
+        "ppo": [],
+    }
+    if "reward" in parts:
+        report["reward"] = bench_reward(work, w, vocab, rng)
+    if "generate" in parts:
+        report["generate"] = bench_generate(work, w, vocab, rng)
+    if "ppo" in parts:
+        for variant in ARGS.ppo_variants.split(","):
+            report["ppo"].append(bench_ppo(work, w, variant))
+    print(json.dumps(report, indent=2))
+    if ARGS.json:
+        Path(ARGS.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
