@@ -102,8 +102,9 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // gelu_new is the tanh approximation, which is candle's `gelu`.
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        // gelu_new is the tanh approximation (candle's `gelu`, fused on the CPU).
+        self.c_proj
+            .forward(&super::fused::gelu_tanh(&self.c_fc.forward(x)?)?)
     }
 }
 

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::{Error, Result};
 
-/// LayerNorm through `layer_norm_slow`.
+/// LayerNorm (fused on the CPU, see [`super::fused`]).
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -23,12 +23,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -123,7 +118,7 @@ impl Activation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
-            Self::GeluTanh => x.gelu()?,
+            Self::GeluTanh => super::fused::gelu_tanh(x)?,
             Self::Silu => x.silu()?,
             Self::Relu => x.relu()?,
         })
@@ -153,8 +148,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     } else {
         (repeat_kv(k, h / kv_heads)?, repeat_kv(v, h / kv_heads)?)
     };
-    let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let probs = super::fused::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?;
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -60,6 +61,8 @@ pub struct AdamW {
     hp: AdamWParams,
     /// Optimizer steps taken (the `t` of the bias corrections).
     steps: u64,
+    /// Whether CPU f32 parameters take the one-pass kernel ([`FusedStep`]).
+    fused: bool,
 }
 
 /// transformers' rule: no weight decay on biases and normalization weights.
@@ -93,6 +96,7 @@ impl AdamW {
             params,
             hp,
             steps: 0,
+            fused: true,
         })
     }
 
@@ -159,6 +163,31 @@ impl AdamW {
             let Some(grad) = grad else { continue };
             let lr = lr * p.lr_scale;
             let g = grad.detach().to_dtype(DType::F32)?;
+            // Scalars rounded to f32 as Candle's scalar ops round them
+            // (a division by a scalar is a multiplication by its inverse).
+            let step = FusedStep {
+                beta1: beta1 as f32,
+                one_minus_beta1: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                eps: eps as f32,
+                keep: match p.decays && weight_decay != 0.0 {
+                    true => Some((1.0 - lr * weight_decay) as f32),
+                    false => None,
+                },
+                step_size: (lr / bias_correction1) as f32,
+                inv_bias_correction2_sqrt: (1.0 / bias_correction2_sqrt) as f32,
+            };
+            let fused = match self.fused {
+                true => step.apply(p.var.as_tensor(), &g, &p.exp_avg, &p.exp_avg_sq)?,
+                false => None,
+            };
+            if let Some((w, m, v)) = fused {
+                p.exp_avg = m;
+                p.exp_avg_sq = v;
+                p.var.set(&w)?;
+                continue;
+            }
             // m_t = b1 m + (1 - b1) g ;  v_t = b2 v + (1 - b2) g^2
             p.exp_avg = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
             p.exp_avg_sq = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -220,6 +249,109 @@ impl AdamW {
     }
 }
 
+/// One AdamW update of a parameter in a single pass over w, g, m and v,
+/// read in place: on the CPU the composed update below costs fourteen tensor
+/// ops, each a pass over the parameter and a new allocation. Same arithmetic,
+/// in f32, as the composed update.
+struct FusedStep {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    /// 1 - lr x weight_decay, for parameters that decay.
+    keep: Option<f32>,
+    /// lr / (1 - beta1^t).
+    step_size: f32,
+    /// 1 / sqrt(1 - beta2^t).
+    inv_bias_correction2_sqrt: f32,
+}
+
+/// A contiguous f32 CPU tensor's storage, read-locked.
+struct F32View<'a> {
+    guard: StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> F32View<'a> {
+    fn of(t: &'a Tensor) -> Option<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))).then_some(Self {
+            guard,
+            range: start..end,
+        })
+    }
+
+    fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
+            _ => unreachable!("checked in F32View::of"),
+        }
+    }
+}
+
+impl FusedStep {
+    /// The new (w, m, v), or None when a tensor is not a contiguous f32 CPU tensor.
+    fn apply(
+        &self,
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let views = (
+            F32View::of(w),
+            F32View::of(g),
+            F32View::of(m),
+            F32View::of(v),
+        );
+        let (Some(w_view), Some(g_view), Some(m_view), Some(v_view)) = views else {
+            return Ok(None);
+        };
+        let (w0, g, m0, v0) = (
+            w_view.slice(),
+            g_view.slice(),
+            m_view.slice(),
+            v_view.slice(),
+        );
+        let n = w0.len();
+        let (mut w1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let chunk = 1 << 14;
+        type Outputs<'a> = ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]);
+        let update = |(i, ((w1, m1), v1)): (usize, Outputs)| {
+            let at = i * chunk;
+            for j in 0..w1.len() {
+                let k = at + j;
+                let m = m0[k] * self.beta1 + g[k] * self.one_minus_beta1;
+                let v = v0[k] * self.beta2 + g[k] * g[k] * self.one_minus_beta2;
+                let w = self.keep.map_or(w0[k], |keep| w0[k] * keep);
+                let denom = v.sqrt() * self.inv_bias_correction2_sqrt + self.eps;
+                w1[j] = w - m / denom * self.step_size;
+                m1[j] = m;
+                v1[j] = v;
+            }
+        };
+        let chunks = w1
+            .chunks_mut(chunk)
+            .zip(m1.chunks_mut(chunk))
+            .zip(v1.chunks_mut(chunk));
+        if n > chunk {
+            chunks.enumerate().par_bridge().for_each(update);
+        } else {
+            chunks.enumerate().for_each(update);
+        }
+        let shape = w.shape().clone();
+        let device = w.device().clone();
+        drop((w_view, g_view, m_view, v_view));
+        Ok(Some((
+            Tensor::from_vec(w1, shape.clone(), &device)?,
+            Tensor::from_vec(m1, shape.clone(), &device)?,
+            Tensor::from_vec(v1, shape, &device)?,
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +382,60 @@ mod tests {
     /// x = 0.9 - 0.1 * 1.894737 / 1.902580 = 0.800412. Step 3 the same way:
     /// 0.701586. With weight_decay 0.1, x is first scaled by 1 - 0.1 * 0.1:
     /// 0.89, 0.781572, 0.675101.
+    #[test]
+    fn the_one_pass_kernel_equals_the_composed_update() {
+        // Parameters large enough for the parallel path, with and without decay.
+        let dev = candle_core::Device::Cpu;
+        let mut rng = crate::HostRng::new(3);
+        let mut draw = |n: usize| -> Tensor {
+            let v: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 - 0.5).collect();
+            Tensor::from_vec(v, n, &dev).unwrap()
+        };
+        let w0 = [draw(40_000), draw(33)];
+        let grads: Vec<Vec<Option<Tensor>>> = (0..3)
+            .map(|_| vec![Some(draw(33)), Some(draw(40_000))])
+            .collect();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let vars = vec![
+                ("a.bias".to_string(), Var::from_tensor(&w0[1]).unwrap()),
+                ("b.weight".to_string(), Var::from_tensor(&w0[0]).unwrap()),
+            ];
+            let hp = AdamWParams {
+                weight_decay: 0.1,
+                ..AdamWParams::default()
+            };
+            let mut opt = AdamW::new(vars, hp).unwrap();
+            opt.fused = fused;
+            for (i, g) in grads.iter().enumerate() {
+                opt.step(g, 1e-2 / (i + 1) as f64).unwrap();
+            }
+            let mut out: Vec<Vec<f32>> = opt
+                .vars()
+                .map(|(_, v)| v.to_vec1::<f32>().unwrap())
+                .collect();
+            out.extend(
+                opt.state_tensors()
+                    .iter()
+                    .map(|(_, t)| t.to_vec1::<f32>().unwrap()),
+            );
+            out
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (a, b) in fused.iter().zip(&composed) {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-7, "fused and composed differ by {worst}");
+        }
+        assert_ne!(
+            fused[1],
+            w0[0].to_vec1::<f32>().unwrap(),
+            "the weights moved"
+        );
+    }
+
     #[test]
     fn adamw_matches_hand_worked_steps() {
         let plain = minimize_square(0.0);

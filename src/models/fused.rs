@@ -1,0 +1,586 @@
+//! Fused CPU kernels, with a backward pass, for the elementwise-heavy ops of
+//! a transformer: tanh-GELU, LayerNorm and the attention softmax (scale and
+//! additive mask folded in).
+//!
+//! Candle's own fused ops record no backward (see candle-facts), and the
+//! composed versions allocate a full tensor per step: a GPT-2-small reward
+//! step spent a tenth of its time in the composed GELU backward alone (powf,
+//! tanh and a dozen temporaries). Each op here reads its input once and
+//! writes one output, forward and backward; tests check values and gradients
+//! against the composed ops.
+//!
+//! The kernels run on the CPU in f32. Elsewhere the composed ops run when a
+//! gradient may be needed, and Candle's fused no-grad ops (which run on CUDA
+//! and Metal too) when nothing upstream tracks a gradient: the rollout path.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape,
+    Tensor, D,
+};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Below this many elements an op runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 15;
+/// Elements per task of the elementwise kernels.
+const CHUNK: usize = 1 << 13;
+
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+fn fused_path(xs: &[&Tensor]) -> bool {
+    xs.iter()
+        .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
+fn tracks_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("{op}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// Runs `f(row_index, out_row)` over the rows of `out`, in parallel when large.
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Runs `f(offset, out_chunk)` over fixed-size chunks of `out`.
+fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| f(i * CHUNK, c));
+    } else {
+        out.chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| f(i * CHUNK, c));
+    }
+}
+
+// ---------------------------------------------------------------- GELU (tanh)
+
+/// GELU with the tanh approximation (transformers' "gelu_new"), as Candle's
+/// `gelu`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if fused_path(&[x]) {
+        Ok(x.contiguous()?.apply_op1(GeluTanh)?)
+    } else {
+        Ok(x.gelu()?)
+    }
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        for_chunks(&mut out, |at, o| {
+            for (o, &v) in o.iter_mut().zip(&x[at..]) {
+                *o = 0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)).tanh());
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhGrad)?,
+        ))
+    }
+}
+
+/// d gelu / dx times the incoming gradient: (x, dy) -> dx.
+struct GeluTanhGrad;
+
+impl CustomOp2 for GeluTanhGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let dy = f32_data(s2, l2, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        for_chunks(&mut out, |at, o| {
+            for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&dy[at..]) {
+                let t = (SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)).tanh();
+                let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
+                *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+/// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b,
+/// the biased variance, as torch's nn.LayerNorm.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    if fused_path(&[x, w, b]) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(w, b, LayerNorm { eps })?)
+    } else if tracks_grad(&[x, w, b]) {
+        Ok(candle_nn::ops::layer_norm_slow(x, w, b, eps)?)
+    } else {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps)?)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and 1/std of a row (two passes, as the composed op).
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let w = f32_data(s2, l2, self.name())?;
+        let b = f32_data(s3, l3, self.name())?;
+        let d = w.len();
+        if d == 0 || l1.dims().last() != Some(&d) || b.len() != d {
+            bail!(
+                "{}: weight and bias must match the last dimension",
+                self.name()
+            )
+        }
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, d, |i, o| {
+            let row = &x[i * d..(i + 1) * d];
+            let (mean, rstd) = row_stats(row, self.eps);
+            for j in 0..d {
+                o[j] = (row[j] - mean) * rstd * w[j] + b[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let rows = x.elem_count() / d;
+        // One kernel returns dx (rows x d) with dw and db appended as two more rows.
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = all.get(rows)?;
+        let db = all.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (x, w, dy) -> [dx; dw; db] as a (rows + 2, d) tensor:
+/// xhat = (x - mean) * rstd, g = dy * w,
+/// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+/// dw = sum over rows of dy * xhat, db = sum over rows of dy.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let w = f32_data(s2, l2, self.name())?;
+        let dy = f32_data(s3, l3, self.name())?;
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, sums) = out.split_at_mut(rows * d);
+        for_rows(dx, d, |i, o| {
+            let row = &x[i * d..(i + 1) * d];
+            let g_row = &dy[i * d..(i + 1) * d];
+            let (mean, rstd) = row_stats(row, self.eps);
+            let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+            for j in 0..d {
+                let g = g_row[j] * w[j];
+                mean_g += g;
+                mean_gx += g * (row[j] - mean) * rstd;
+            }
+            mean_g /= d as f32;
+            mean_gx /= d as f32;
+            for j in 0..d {
+                let xhat = (row[j] - mean) * rstd;
+                o[j] = rstd * (g_row[j] * w[j] - mean_g - xhat * mean_gx);
+            }
+        });
+        // dw and db: partial sums over blocks of rows, then added up.
+        let block = 64;
+        let partial = |blk: usize| {
+            let mut acc = vec![0f32; 2 * d];
+            for i in blk * block..((blk + 1) * block).min(rows) {
+                let row = &x[i * d..(i + 1) * d];
+                let (mean, rstd) = row_stats(row, self.eps);
+                for j in 0..d {
+                    let g = dy[i * d + j];
+                    acc[j] += g * (row[j] - mean) * rstd;
+                    acc[d + j] += g;
+                }
+            }
+            acc
+        };
+        let add = |mut a: Vec<f32>, b: Vec<f32>| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        };
+        let blocks = rows.div_ceil(block);
+        let total = if rows * d >= PARALLEL_MIN {
+            (0..blocks)
+                .into_par_iter()
+                .map(partial)
+                .reduce(|| vec![0f32; 2 * d], add)
+        } else {
+            (0..blocks).map(partial).fold(vec![0f32; 2 * d], add)
+        };
+        sums.copy_from_slice(&total);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+// ---------------------------------------------------------------- attention softmax
+
+/// softmax(scores * scale + bias) over the last dimension, for attention:
+/// scores (B, H, T, L), bias (B or 1, 1, T, L) — the additive mask of
+/// [`crate::models::attention_bias`], which takes no gradient.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_path(&[scores, bias]) && scores.rank() == 4 && bias.rank() == 4 {
+        let (b, _, t, l) = scores.dims4()?;
+        let (bb, bh, bt, bl) = bias.dims4()?;
+        if (bb == b || bb == 1) && bh == 1 && bt == t && bl == l {
+            let scores = scores.contiguous()?;
+            let bias = bias.contiguous()?;
+            return Ok(scores.apply_op2(
+                &bias,
+                MaskedSoftmax {
+                    scale: scale as f32,
+                },
+            )?);
+        }
+    }
+    let x = (scores * scale)?.broadcast_add(bias)?;
+    if tracks_grad(&[scores]) {
+        Ok(candle_nn::ops::softmax(&x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x)?)
+    }
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let bias = f32_data(s2, l2, self.name())?;
+        let (_, h, t, l) = l1.shape().dims4()?;
+        let bias_batch = l2.dims()[0];
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, l, |r, o| {
+            // Row r is (batch, head, query); its mask row is (batch, query).
+            let batch = if bias_batch == 1 { 0 } else { r / (h * t) };
+            let m = &bias[(batch * t + r % t) * l..][..l];
+            let row = &x[r * l..(r + 1) * l];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..l {
+                o[j] = row[j] * self.scale + m[j];
+                max = max.max(o[j]);
+            }
+            let mut sum = 0f32;
+            for v in o.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// (y, dy) -> scale * y * (dy - sum(dy * y)) per row of the last dimension.
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let y = f32_data(s1, l1, self.name())?;
+        let dy = f32_data(s2, l2, self.name())?;
+        let l = *l1.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; y.len()];
+        for_rows(&mut out, l, |r, o| {
+            let (y, dy) = (&y[r * l..(r + 1) * l], &dy[r * l..(r + 1) * l]);
+            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+            for j in 0..l {
+                o[j] = self.scale * y[j] * (dy[j] - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn seeded(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let mut rng = crate::HostRng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Value and gradients (w.r.t. every var) of sum(f(vars) * probe), fused vs composed.
+    fn compare(
+        vars: &[Var],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yc) = (fused(&xs), composed(&xs));
+        assert!(
+            max_diff(&yf, &yc) < tol,
+            "values differ by {}",
+            max_diff(&yf, &yc)
+        );
+        // A fixed random probe makes every output element's gradient count.
+        let probe = seeded(yf.dims(), 99, 1.0);
+        let gf = (yf * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (yc * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "input {i}: zero gradient");
+            assert!(
+                max_diff(a, b) < tol * scale.max(1.0),
+                "input {i}: gradients differ by {}",
+                max_diff(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_matches_candle_gelu_in_value_and_gradient() {
+        let x = Var::from_tensor(&seeded(&[3, 70, 130], 1, 4.0)).unwrap();
+        compare(
+            &[x],
+            |v| gelu_tanh(&v[0]).unwrap(),
+            |v| v[0].gelu().unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_op_in_value_and_gradient() {
+        // Rows with an offset and a spread, so mean and variance both matter;
+        // large enough to take the parallel path.
+        let x = (seeded(&[4, 100, 96], 2, 3.0) + 0.7).unwrap();
+        let vars = [
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&seeded(&[96], 3, 1.0)).unwrap(),
+            Var::from_tensor(&seeded(&[96], 4, 1.0)).unwrap(),
+        ];
+        compare(
+            &vars,
+            |v| layer_norm(&v[0], &v[1], &v[2], 1e-5).unwrap(),
+            |v| candle_nn::ops::layer_norm_slow(&v[0], &v[1], &v[2], 1e-5).unwrap(),
+            2e-5,
+        );
+        // A small batch on one thread.
+        let small = [
+            Var::from_tensor(&seeded(&[2, 3, 8], 5, 2.0)).unwrap(),
+            Var::from_tensor(&seeded(&[8], 6, 1.0)).unwrap(),
+            Var::from_tensor(&seeded(&[8], 7, 1.0)).unwrap(),
+        ];
+        compare(
+            &small,
+            |v| layer_norm(&v[0], &v[1], &v[2], 1e-5).unwrap(),
+            |v| candle_nn::ops::layer_norm_slow(&v[0], &v[1], &v[2], 1e-5).unwrap(),
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_composed_op_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t, l) = (2, 3, 5, 7);
+        // A causal mask over the last t of l keys; row 1 also masks its first key.
+        let mut m = vec![0f32; b * t * l];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..l {
+                    let blocked = k > l - t + q || (bi == 1 && k == 0);
+                    m[(bi * t + q) * l + k] = if blocked { -1e9 } else { 0.0 };
+                }
+            }
+        }
+        let bias = Tensor::from_vec(m, (b, 1, t, l), &dev).unwrap();
+        let scale = 1.0 / 8f64.sqrt();
+        for bias in [bias.clone(), bias.narrow(0, 0, 1).unwrap()] {
+            let x = Var::from_tensor(&seeded(&[b, h, t, l], 8, 5.0)).unwrap();
+            compare(
+                &[x],
+                |v| masked_softmax(&v[0], &bias, scale).unwrap(),
+                |v| {
+                    let s = (&v[0] * scale).unwrap().broadcast_add(&bias).unwrap();
+                    candle_nn::ops::softmax(&s, D::Minus1).unwrap()
+                },
+                1e-6,
+            );
+        }
+        // Large enough for the parallel path.
+        let x = Var::from_tensor(&seeded(&[4, 12, 64, 64], 9, 5.0)).unwrap();
+        let bias = Tensor::zeros((4, 1, 64, 64), DType::F32, &dev).unwrap();
+        compare(
+            &[x],
+            |v| masked_softmax(&v[0], &bias, 0.125).unwrap(),
+            |v| {
+                candle_nn::ops::softmax(
+                    &(&v[0] * 0.125).unwrap().broadcast_add(&bias).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+            },
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn other_dtypes_take_the_composed_path() {
+        let x = seeded(&[2, 8], 10, 2.0).to_dtype(DType::BF16).unwrap();
+        let y = gelu_tanh(&x).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let want = x.gelu().unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&y.to_dtype(DType::F32).unwrap(), &want) == 0.0);
+    }
+}
