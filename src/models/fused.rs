@@ -13,13 +13,11 @@
 //! gradient may be needed, and Candle's fused no-grad ops (which run on CUDA
 //! and Metal too) when nothing upstream tracks a gradient: the rollout path.
 
+use crate::Result;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape,
     Tensor, D,
 };
-use rayon::prelude::*;
-
-use crate::Result;
 
 /// Below this many elements an op runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -48,28 +46,49 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     }
 }
 
-/// Runs `f(row_index, out_row)` over the rows of `out`, in parallel when large.
-fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
-    } else {
-        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+/// Runs `f(i, piece_i)` over the pieces of `out` of `width` elements (the
+/// last may be shorter), on Candle's own worker pool when `out` is large.
+/// Candle's pool spins while it waits: a second pool (rayon's) on the same
+/// cores made a tiny model's steps ten times slower at 2 threads.
+pub(crate) fn for_pieces(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() < PARALLEL_MIN {
+        out.chunks_mut(width).enumerate().for_each(|(i, p)| f(i, p));
+        return;
+    }
+    let len = out.len();
+    let out = SharedOut(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(width), |range| {
+        for i in range {
+            let start = i * width;
+            // SAFETY: the pool hands out disjoint ranges of pieces, so no two
+            // threads write the same element; start + width.min(..) <= len.
+            f(i, unsafe { out.slice(start, width.min(len - start)) });
+        }
+    });
+}
+
+/// A buffer written by several threads at disjoint places.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+
+// SAFETY: users write disjoint ranges only (see `slice`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `start + len` is within the buffer, and no other live slice overlaps it.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    for_pieces(out, width, f)
+}
+
 /// Runs `f(offset, out_chunk)` over fixed-size chunks of `out`.
-fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| f(i * CHUNK, c));
-    } else {
-        out.chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| f(i * CHUNK, c));
-    }
+fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    for_pieces(out, CHUNK, |i, c| f(i * CHUNK, c))
 }
 
 // ---------------------------------------------------------------- GELU (tanh)
@@ -268,8 +287,8 @@ impl CustomOp3 for LayerNormGrad {
         });
         // dw and db: partial sums over blocks of rows, then added up.
         let block = 64;
-        let partial = |blk: usize| {
-            let mut acc = vec![0f32; 2 * d];
+        let mut partials = vec![0f32; rows.div_ceil(block) * 2 * d];
+        for_pieces(&mut partials, 2 * d, |blk, acc| {
             for i in blk * block..((blk + 1) * block).min(rows) {
                 let row = &x[i * d..(i + 1) * d];
                 let (mean, rstd) = row_stats(row, self.eps);
@@ -279,22 +298,10 @@ impl CustomOp3 for LayerNormGrad {
                     acc[d + j] += g;
                 }
             }
-            acc
-        };
-        let add = |mut a: Vec<f32>, b: Vec<f32>| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        };
-        let blocks = rows.div_ceil(block);
-        let total = if rows * d >= PARALLEL_MIN {
-            (0..blocks)
-                .into_par_iter()
-                .map(partial)
-                .reduce(|| vec![0f32; 2 * d], add)
-        } else {
-            (0..blocks).map(partial).fold(vec![0f32; 2 * d], add)
-        };
-        sums.copy_from_slice(&total);
+        });
+        for acc in partials.chunks(2 * d) {
+            sums.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
+        }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
 }

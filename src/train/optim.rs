@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor, Var};
-use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -317,10 +316,14 @@ impl FusedStep {
         );
         let n = w0.len();
         let (mut w1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let chunk = 1 << 14;
-        type Outputs<'a> = ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]);
-        let update = |(i, ((w1, m1), v1)): (usize, Outputs)| {
-            let at = i * chunk;
+        // One pass writes w; m and v are written alongside through raw parts
+        // of the same chunk (each chunk is one task of Candle's pool).
+        use crate::models::fused::{for_pieces, SharedOut};
+        let (m_out, v_out) = (SharedOut(m1.as_mut_ptr()), SharedOut(v1.as_mut_ptr()));
+        for_pieces(&mut w1, 1 << 14, |i, w1| {
+            let at = i * (1 << 14);
+            // SAFETY: pieces are disjoint and at + w1.len() <= n, the length of m1 and v1.
+            let (m1, v1) = unsafe { (m_out.slice(at, w1.len()), v_out.slice(at, w1.len())) };
             for j in 0..w1.len() {
                 let k = at + j;
                 let m = m0[k] * self.beta1 + g[k] * self.one_minus_beta1;
@@ -331,16 +334,7 @@ impl FusedStep {
                 m1[j] = m;
                 v1[j] = v;
             }
-        };
-        let chunks = w1
-            .chunks_mut(chunk)
-            .zip(m1.chunks_mut(chunk))
-            .zip(v1.chunks_mut(chunk));
-        if n > chunk {
-            chunks.enumerate().par_bridge().for_each(update);
-        } else {
-            chunks.enumerate().for_each(update);
-        }
+        });
         let shape = w.shape().clone();
         let device = w.device().clone();
         drop((w_view, g_view, m_view, v_view));
