@@ -47,8 +47,8 @@ pub struct Workload {
     pub ppo_batch_size: usize,
     pub ppo_num_mini_batches: usize,
     pub ppo_epochs: usize,
-    /// Rows per forward/backward in the PPO update and the reward step's
-    /// micro-batch size is the whole reward batch.
+    /// Rows per forward/backward in the PPO update (the reward step takes
+    /// the whole reward batch at once).
     pub per_device_train_batch_size: usize,
 }
 
@@ -292,17 +292,32 @@ fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Parameters in model.safetensors, from its header alone (reading the
+/// whole file would leave its size in the process's memory).
 fn count_parameters(model_dir: &Path) -> Result<usize> {
+    use std::io::Read;
     let path = model_dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).with_path(&path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Parse {
+    let bad = |message: String| Error::Parse {
         path: path.clone(),
-        message: e.to_string(),
-    })?;
-    Ok(st
-        .tensors()
+        message,
+    };
+    let mut file = std::fs::File::open(&path).with_path(&path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_path(&path)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    file.read_exact(&mut header).with_path(&path)?;
+    let header: Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let tensors = header
+        .as_object()
+        .ok_or_else(|| bad("header is not an object".into()))?;
+    Ok(tensors
         .iter()
-        .map(|(_, t)| t.shape().iter().product::<usize>())
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(_, t)| {
+            t["shape"].as_array().map_or(0, |s| {
+                s.iter().filter_map(Value::as_u64).product::<u64>() as usize
+            })
+        })
         .sum())
 }
 
