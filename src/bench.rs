@@ -378,6 +378,7 @@ fn reward_steps(
         )?;
         core.backward(&loss)?;
         core.step(step)?;
+        device.synchronize()?; // GPU work is queued: wait for it before reading the clock
         if step >= opts.warmup as u64 {
             times.push(started.elapsed().as_secs_f64());
         }

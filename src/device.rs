@@ -83,6 +83,22 @@ fn open_gpu(
     Ok((dev, format!("{kind}:{ordinal}")))
 }
 
+/// The device spec the test suites compute on: `CANDLE_RLHF_TEST_DEVICE`
+/// (any spec `--device` takes), else `auto`, so that a build with
+/// `--features cuda` runs them on the GPU where one answers and on the CPU
+/// elsewhere (scripts/gpu_run.sh runs both).
+pub fn test_device_spec() -> String {
+    std::env::var("CANDLE_RLHF_TEST_DEVICE").unwrap_or_else(|_| "auto".into())
+}
+
+/// The device of [`test_device_spec`]; panics on a bad spec (tests only).
+pub fn test_device() -> Device {
+    match resolve_device(&test_device_spec()) {
+        Ok((dev, _)) => dev,
+        Err(e) => panic!("CANDLE_RLHF_TEST_DEVICE: {e}"),
+    }
+}
+
 /// Checks the syntax of a device spec without opening the device.
 pub fn parse_spec(spec: &str) -> Result<(&str, usize)> {
     let spec = spec.trim();

@@ -73,6 +73,9 @@ struct BenchArgs {
     /// Also write the figures as JSON here.
     #[arg(long, value_name = "FILE.json")]
     json: Option<PathBuf>,
+    /// Generation batch sizes instead of the shape's (e.g. 1,16,64 on a GPU).
+    #[arg(long, value_name = "N,N,..", value_delimiter = ',')]
+    batch_sizes: Option<Vec<usize>>,
 }
 
 /// Options of the trainers.
@@ -536,7 +539,14 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
 
 fn bench(b: BenchArgs) -> anyhow::Result<()> {
     let config = resolve_config(&b.common)?;
-    let shape = candle_rlhf::bench::Shape::load(&b.model)?;
+    let mut shape = candle_rlhf::bench::Shape::load(&b.model)?;
+    if let Some(sizes) = b.batch_sizes {
+        anyhow::ensure!(
+            !sizes.is_empty() && !sizes.contains(&0),
+            "--batch-sizes: every batch size must be at least 1"
+        );
+        shape.workload.generate_batch_sizes = sizes;
+    }
     let parts = b
         .parts
         .split(',')

@@ -321,12 +321,18 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
             )?);
         }
     }
-    let x = (scores * scale)?.broadcast_add(bias)?;
-    if tracks_grad(&[scores]) {
-        Ok(candle_nn::ops::softmax(&x, D::Minus1)?)
+    // bf16/f16 scores are normalized in f32 (as transformers' eager Llama
+    // attention does): a bf16 sum over hundreds of keys loses the small ones.
+    let dtype = scores.dtype();
+    let x = (scores * scale)?
+        .broadcast_add(bias)?
+        .to_dtype(DType::F32)?;
+    let p = if tracks_grad(&[scores]) {
+        candle_nn::ops::softmax(&x, D::Minus1)?
     } else {
-        Ok(candle_nn::ops::softmax_last_dim(&x)?)
-    }
+        candle_nn::ops::softmax_last_dim(&x)?
+    };
+    Ok(p.to_dtype(dtype)?)
 }
 
 struct MaskedSoftmax {

@@ -3,8 +3,14 @@
 //! restored: candle-nn's AdamW keeps its moments and step count private, so a
 //! resumable trainer cannot use it.
 //!
-//! The moments are f32 whatever the weights' dtype, and the update is
-//! computed in f32 and cast back, so bf16 weights do not get bf16 moments.
+//! Mixed precision: the moments are f32 whatever the weights' dtype, and a
+//! bf16 or f16 weight gets an f32 master copy that takes the updates; the
+//! weight the model computes with is the master rounded after each step.
+//! Without it an update smaller than half a bf16 step (2^-9 of the weight)
+//! would be rounded away at every step (Micikevicius et al., "Mixed Precision
+//! Training", 2018; torch's autocast keeps f32 parameters for the same reason).
+//! The master starts as the loaded weight, so a checkpoint read in bf16
+//! starts exactly where the bf16 reference model is.
 
 use std::collections::HashMap;
 
@@ -52,6 +58,29 @@ struct Param {
     lr_scale: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The f32 master copy of a bf16/f16 weight; None for f32 weights.
+    master: Option<Tensor>,
+}
+
+impl Param {
+    /// The weight the update applies to, in f32.
+    fn weight_f32(&self) -> Result<Tensor> {
+        match &self.master {
+            Some(m) => Ok(m.clone()),
+            None => Ok(self.var.as_tensor().detach().to_dtype(DType::F32)?),
+        }
+    }
+
+    /// Stores the updated f32 weight: in the master, and rounded in the var.
+    fn set_weight(&mut self, w: Tensor) -> Result<()> {
+        if self.master.is_some() {
+            self.var.set(&w.to_dtype(self.var.dtype())?)?;
+            self.master = Some(w);
+        } else {
+            self.var.set(&w)?;
+        }
+        Ok(())
+    }
 }
 
 /// AdamW over a fixed, name-sorted list of variables.
@@ -81,7 +110,12 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                let master = match var.dtype() {
+                    DType::F32 => None,
+                    _ => Some(var.as_tensor().detach().to_dtype(DType::F32)?),
+                };
                 Ok(Param {
+                    master,
                     decays: decays_by_default(&name),
                     lr_scale: 1.0,
                     name,
@@ -178,19 +212,19 @@ impl AdamW {
                 inv_bias_correction2_sqrt: (1.0 / bias_correction2_sqrt) as f32,
             };
             let fused = match self.fused {
-                true => step.apply(p.var.as_tensor(), &g, &p.exp_avg, &p.exp_avg_sq)?,
+                true => step.apply(&p.weight_f32()?, &g, &p.exp_avg, &p.exp_avg_sq)?,
                 false => None,
             };
             if let Some((w, m, v)) = fused {
                 p.exp_avg = m;
                 p.exp_avg_sq = v;
-                p.var.set(&w)?;
+                p.set_weight(w)?;
                 continue;
             }
             // m_t = b1 m + (1 - b1) g ;  v_t = b2 v + (1 - b2) g^2
             p.exp_avg = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
             p.exp_avg_sq = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let mut w = p.var.as_tensor().detach().to_dtype(DType::F32)?;
+            let mut w = p.weight_f32()?;
             if p.decays && weight_decay != 0.0 {
                 // Decoupled weight decay, applied before the Adam update (torch's order).
                 w = (w * (1.0 - lr * weight_decay))?;
@@ -198,36 +232,42 @@ impl AdamW {
             // denom = sqrt(v) / sqrt(1 - b2^t) + eps ;  w -= lr / (1 - b1^t) * m / denom
             let denom = ((p.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + eps)?;
             let update = ((&p.exp_avg / denom)? * (lr / bias_correction1))?;
-            let w = (w - update)?;
-            p.var.set(&w.to_dtype(p.var.dtype())?)?;
+            p.set_weight((w - update)?)?;
         }
         Ok(())
     }
 
-    /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for checkpoints.
+    /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`),
+    /// and the f32 master weights of bf16/f16 parameters (`master.<name>`),
+    /// for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.params
             .iter()
             .flat_map(|p| {
+                let master = p
+                    .master
+                    .as_ref()
+                    .map(|m| (format!("master.{}", p.name), m.clone()));
                 [
-                    (format!("exp_avg.{}", p.name), p.exp_avg.clone()),
-                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()),
+                    Some((format!("exp_avg.{}", p.name), p.exp_avg.clone())),
+                    Some((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone())),
+                    master,
                 ]
             })
+            .flatten()
             .collect()
     }
 
-    /// Restores the moments written by [`AdamW::state_tensors`] and the step count.
+    /// Restores the moments and master weights written by
+    /// [`AdamW::state_tensors`] and the step count. A bf16 parameter whose
+    /// state has no master keeps the one taken from its weight.
     pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for p in &mut self.params {
-            for (prefix, slot) in [
-                ("exp_avg", &mut p.exp_avg),
-                ("exp_avg_sq", &mut p.exp_avg_sq),
-            ] {
+            let mut take = |prefix: &str| -> Result<Option<Tensor>> {
                 let key = format!("{prefix}.{}", p.name);
-                let t = tensors
-                    .remove(&key)
-                    .ok_or_else(|| Error::Msg(format!("optimizer state has no tensor `{key}`")))?;
+                let Some(t) = tensors.remove(&key) else {
+                    return Ok(None);
+                };
                 if t.dims() != p.var.dims() {
                     return Err(Error::Msg(format!(
                         "optimizer state `{key}` has shape {:?}, the parameter has {:?}",
@@ -235,7 +275,20 @@ impl AdamW {
                         p.var.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                Ok(Some(t.to_dtype(DType::F32)?.to_device(p.var.device())?))
+            };
+            let missing = |prefix: &str| {
+                Error::Msg(format!(
+                    "optimizer state has no tensor `{prefix}.{}`",
+                    p.name
+                ))
+            };
+            p.exp_avg = take("exp_avg")?.ok_or_else(|| missing("exp_avg"))?;
+            p.exp_avg_sq = take("exp_avg_sq")?.ok_or_else(|| missing("exp_avg_sq"))?;
+            if p.master.is_some() {
+                if let Some(m) = take("master")? {
+                    p.master = Some(m);
+                }
             }
         }
         if let Some(extra) = tensors.keys().next() {
@@ -499,6 +552,53 @@ mod tests {
             (after[0] - 0.9).abs() < 0.01 && (after[1] + 0.9).abs() < 0.01,
             "{after:?}"
         );
+    }
+
+    #[test]
+    fn bf16_weights_keep_small_updates_in_an_f32_master() {
+        // lr 1e-4 with a constant gradient moves the weight by about 1e-4 per
+        // step (Adam's step is about lr), far below half a bf16 step at 1.0
+        // (2^-9): without a master copy every update would round back to 1.0.
+        let dev = Device::Cpu;
+        let bf16 = |v: f32| {
+            Tensor::new(&[v], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let w = Var::from_tensor(&bf16(1.0)).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWParams::default()).unwrap();
+        for _ in 0..50 {
+            opt.step(&[Some(bf16(0.5))], 1e-4).unwrap();
+        }
+        let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let master = state["master.w"].to_vec1::<f32>().unwrap()[0];
+        assert!(
+            (master - 0.995).abs() < 1e-5,
+            "master after 50 steps: {master}"
+        );
+        let rounded = w
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let want = bf16(master)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert_eq!(rounded, want, "the var is the master rounded to bf16");
+        assert!(rounded < 1.0);
+
+        // Saved and restored, the master continues exactly where it was.
+        let w2 = Var::from_tensor(w.as_tensor()).unwrap();
+        let mut again = AdamW::new(vec![("w".into(), w2.clone())], AdamWParams::default()).unwrap();
+        again.load_state(state, opt.steps()).unwrap();
+        opt.step(&[Some(bf16(0.5))], 1e-4).unwrap();
+        again.step(&[Some(bf16(0.5))], 1e-4).unwrap();
+        let master_of = |o: &AdamW| o.state_tensors()[2].1.to_vec1::<f32>().unwrap();
+        assert_eq!(master_of(&opt), master_of(&again));
     }
 
     #[test]

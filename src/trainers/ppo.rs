@@ -687,6 +687,7 @@ fn roll_out(
     let r = p.response_length;
     let (logprobs, ref_logprobs, values, mask) =
         forward_rollouts(m, &queries, &responses, r, p.temperature, chunk)?;
+    m.device.synchronize()?; // GPU work is queued: wait for it before reading the clock
     let forward_s = started.elapsed().as_secs_f64();
     // 3. Scores from the reward (with the missing-EOS penalty).
     let started = Instant::now();
@@ -1203,6 +1204,7 @@ pub fn train_with_reward(
                 state.optimizer_steps += 1;
             }
         }
+        models.device.synchronize()?;
         let this_update_s = update_phase.elapsed().as_secs_f64();
         state.step += 1;
         let episode = state.extra["episode"].as_u64().unwrap_or(0) + batch as u64;

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_candle-rlhf"))
+    Command::new(crate::bin())
 }
 
 fn run(cmd: &mut Command) -> (i32, String, String) {

@@ -131,7 +131,7 @@ fn the_resolved_config_round_trips_through_toml() {
 
 #[test]
 fn every_preset_in_configs_is_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let dir = crate::repo().join("configs");
     let mut n = 0;
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -134,7 +134,7 @@ fn offline_misses_name_the_repo_revision_and_file() {
 }
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    let mut c = Command::new(crate::bin());
     for var in [
         "RUST_BACKTRACE",
         "HF_HUB_CACHE",

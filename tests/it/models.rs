@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarMap;
 use candle_rlhf::generate::{generate, Sampling};
 use candle_rlhf::models::{
@@ -39,7 +39,7 @@ pub fn model_dir(name: &str) -> PathBuf {
 
 /// A fixture as a backbone with its Vars.
 pub fn load(name: &str, dtype: DType) -> (Backbone, VarMap, ArchConfig) {
-    let (cfg, vb, vars) = load_dir(&model_dir(name), dtype, &Device::Cpu).unwrap();
+    let (cfg, vb, vars) = load_dir(&model_dir(name), dtype, &crate::dev()).unwrap();
     (Backbone::load(vb, &cfg).unwrap(), vars, cfg)
 }
 
@@ -58,7 +58,7 @@ pub fn outputs(model: &Backbone, rows: &[Vec<u32>]) -> (Tensor, Vec<Vec<u8>>) {
         Backbone::Causal(_) => left_pad(rows, 1),
         Backbone::Encoder(_) => right_pad(rows, 0),
     };
-    let ids = Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(ids, (rows.len(), width), &crate::dev()).unwrap();
     let hidden = model.forward(&ids, &mask).unwrap();
     let out = match model {
         Backbone::Causal(m) => m.lm_logits(&hidden).unwrap(),
@@ -170,7 +170,7 @@ fn kv_cached_decoding_equals_one_full_forward() {
         vec![33u32, 2, 64, 11, 12, 13],
     ];
     let steps = 4;
-    let dev = Device::Cpu;
+    let dev = crate::dev();
     for name in CAUSAL {
         let model = load_causal(name);
         let (full, _) = outputs(&Backbone::Causal(load_causal(name)), &rows);
@@ -223,7 +223,7 @@ fn padding_does_not_change_a_row_and_pad_rows_stay_finite() {
         let diff = max_abs_diff(&alone.get(0).unwrap(), &b);
         assert!(diff < 1e-4, "{name}: padded vs alone: {diff}");
         // A row that is all padding gives finite numbers everywhere.
-        let ids = Tensor::new(&[[1u32, 2, 3], [0, 0, 0]], &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3], [0, 0, 0]], &crate::dev()).unwrap();
         let out = model
             .forward(&ids, &[vec![1, 1, 1], vec![0, 0, 0]])
             .unwrap();
@@ -246,7 +246,7 @@ fn every_weight_gets_a_nonzero_gradient() {
             Backbone::Causal(_) => {
                 let targets = Tensor::new(
                     &[[17u32, 42, 9, 100, 7, 8], [1, 1, 2, 64, 11, 3]],
-                    &Device::Cpu,
+                    &crate::dev(),
                 )
                 .unwrap();
                 let logp = candle_nn::ops::log_softmax(&out, D::Minus1).unwrap();
@@ -260,7 +260,7 @@ fn every_weight_gets_a_nonzero_gradient() {
             Backbone::Encoder(_) => {
                 let e = out.dim(2).unwrap();
                 let w = HostRng::new(3)
-                    .normal_tensor(e, 1.0, DType::F32, &Device::Cpu)
+                    .normal_tensor(e, 1.0, DType::F32, &crate::dev())
                     .unwrap();
                 out.broadcast_mul(&w)
                     .unwrap()
@@ -282,7 +282,7 @@ fn every_weight_gets_a_nonzero_gradient() {
 #[test]
 fn a_frozen_model_records_no_graph_but_sees_updates() {
     let (model, varmap, cfg) = load("tiny-llama", DType::F32);
-    let frozen = Backbone::load(frozen_builder(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let frozen = Backbone::load(frozen_builder(&varmap, DType::F32, &crate::dev()), &cfg).unwrap();
     let rows = vec![vec![5u32, 17, 42]];
     let (a, _) = outputs(&model, &rows);
     let (b, _) = outputs(&frozen, &rows);
@@ -314,9 +314,11 @@ fn half_precision_checkpoints_load_into_f32_and_back() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
         }
-        let tensors =
-            candle_rlhf::checkpoint::load_safetensors(&src.join("model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_rlhf::checkpoint::load_safetensors(
+            &src.join("model.safetensors"),
+            &crate::dev(),
+        )
+        .unwrap();
         let bf16: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap()))
@@ -324,7 +326,7 @@ fn half_precision_checkpoints_load_into_f32_and_back() {
         candle_rlhf::checkpoint::save_safetensors(&bf16, &dir.path().join("model.safetensors"))
             .unwrap();
         // bf16 file -> f32 weights: exactly the bf16 values.
-        let (_, vb, vars) = load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let (_, vb, vars) = load_dir(dir.path(), DType::F32, &crate::dev()).unwrap();
         let cfg = ArchConfig::load(&dir.path().join("config.json")).unwrap();
         let model = Backbone::load(vb, &cfg).unwrap();
         for (k, v) in vars.data().lock().unwrap().iter() {
@@ -354,7 +356,7 @@ fn half_precision_checkpoints_load_into_f32_and_back() {
 
 #[test]
 fn generation_is_seeded_greedy_is_deterministic_and_stops() {
-    let dev = Device::Cpu;
+    let dev = crate::dev();
     for name in CAUSAL {
         let model = load_causal(name);
         let tok = Tokenizer::from_dir(&model_dir(name)).unwrap();
@@ -414,9 +416,11 @@ fn checkpoints_with_and_without_the_backbone_prefix_load_the_same() {
         for f in ["config.json", "tokenizer.json"] {
             std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
         }
-        let tensors =
-            candle_rlhf::checkpoint::load_safetensors(&src.join("model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_rlhf::checkpoint::load_safetensors(
+            &src.join("model.safetensors"),
+            &crate::dev(),
+        )
+        .unwrap();
         let cfg = ArchConfig::load(&src.join("config.json")).unwrap();
         let flipped: Vec<(String, Tensor)> = tensors
             .into_iter()
@@ -434,7 +438,7 @@ fn checkpoints_with_and_without_the_backbone_prefix_load_the_same() {
         candle_rlhf::checkpoint::save_safetensors(&flipped, &dir.path().join("model.safetensors"))
             .unwrap();
         let (a, _, _) = load(name, DType::F32);
-        let (cfg, vb, _) = load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let (cfg, vb, _) = load_dir(dir.path(), DType::F32, &crate::dev()).unwrap();
         let b = Backbone::load(vb, &cfg).unwrap();
         let rows = vec![vec![3u32, 4, 5]];
         assert_eq!(

@@ -13,7 +13,7 @@ use crate::models::{fixtures_root, model_dir};
 
 /// The hidden rule: the fraction of response tokens whose id is in the
 /// lower half of the vocabulary (a random policy scores about 0.5).
-fn low_half(batch: &[Completion]) -> Result<Vec<f32>> {
+pub fn low_half(batch: &[Completion]) -> Result<Vec<f32>> {
     Ok(batch
         .iter()
         .map(|c| {
@@ -45,7 +45,7 @@ pub fn ppo_config(run: &Path, extra: &[&str]) -> Config {
         ),
         format!("ppo.eval_dataset={}", quoted(&eval_prompts())),
         format!("run.out={}", quoted(run)),
-        "run.device=\"cpu\"".into(),
+        crate::device_setting(),
         "train.learning_rate=3e-3".into(),
         "train.per_device_train_batch_size=8".into(),
         "train.save_steps=10".into(),
@@ -186,7 +186,7 @@ fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
         c.env_remove("RUST_BACKTRACE")
             .arg("ppo")
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-ppo.toml"))
+            .arg(crate::repo().join("configs/tiny-ppo.toml"))
             .args([
                 "--set",
                 &format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
@@ -203,7 +203,7 @@ fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
             ])
             .args(["--out", &out.to_string_lossy()]);
     };
-    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    let mut c = Command::new(crate::bin());
     base(&mut c);
     c.args([
         "--set",
@@ -241,7 +241,7 @@ fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
     let cfg = candle_rlhf::models::ArchConfig::load(&ckpt.join("config.json")).unwrap();
     candle_rlhf::models::CausalLm::load(vb, &cfg, true).unwrap();
     // A clear error when the reward model is missing, exit 2 for a config error.
-    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    let mut c = Command::new(crate::bin());
     base(&mut c);
     let o = c
         .args(["--set", "ppo.reward_model=\"/nonexistent/rm\""])

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_rlhf::fixtures;
 use candle_rlhf::hub::HubSettings;
 use candle_rlhf::signal::StopSignal;
@@ -173,7 +173,7 @@ fn a_reward_model_takes_ids_with_the_same_tokenizer_and_retokenized_text_with_an
         })
         .collect();
     let policy = model_dir("tiny-gpt2");
-    let cpu = Device::Cpu;
+    let cpu = crate::dev();
 
     // Same tokenizer: ids pass through; they equal re-tokenizing the text.
     let mut same = RewardModelReward::load(
@@ -273,7 +273,7 @@ fn separate_critic_learning_rate_moves_the_value_head_alone() {
         None,
     )
     .unwrap();
-    let load = |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let load = |p: &Path| candle_core::safetensors::load(p, &crate::dev()).unwrap();
     let before = load(&model_dir("tiny-gpt2").join("model.safetensors"));
     let after = load(&run.checkpoint.join("model.safetensors"));
     let mut policy_change = 0f32;
@@ -302,7 +302,7 @@ fn separate_critic_learning_rate_moves_the_value_head_alone() {
 }
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+    let mut c = Command::new(crate::bin());
     c.env_remove("RUST_BACKTRACE");
     c
 }
@@ -317,7 +317,7 @@ fn ppo_cmd(out: &Path, extra: &[String]) -> Command {
     let mut c = bin();
     c.arg("ppo")
         .arg("--config")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-ppo.toml"));
+        .arg(crate::repo().join("configs/tiny-ppo.toml"));
     let mut sets = vec![
         format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
         format!("ppo.dataset={}", quoted(&root.join(fixtures::PREFERENCES))),
@@ -494,19 +494,19 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
         candle_nn::VarBuilder::from_mmaped_safetensors(
             &[ckpt.join("model.safetensors")],
             DType::F32,
-            &Device::Cpu,
+            &crate::dev(),
         )
         .unwrap()
     };
     let theirs = llama::Llama::load(vb, &their_cfg).unwrap();
-    let mut cache = llama::Cache::new(true, DType::F32, &their_cfg, &Device::Cpu).unwrap();
+    let mut cache = llama::Cache::new(true, DType::F32, &their_cfg, &crate::dev()).unwrap();
     let tok = gpt2_tokenizer();
     let prompt = tok.encode("overall the movie was").unwrap();
     let mut theirs_out = Vec::new();
     let mut input = prompt.clone();
     let mut pos = 0;
     for _ in 0..8 {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+        let x = Tensor::new(input.as_slice(), &crate::dev())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -525,7 +525,7 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
 
     // Ours, greedy from the same checkpoint.
     let (arch, vb, _) =
-        candle_rlhf::models::load_dir_frozen(&ckpt, DType::F32, &Device::Cpu).unwrap();
+        candle_rlhf::models::load_dir_frozen(&ckpt, DType::F32, &crate::dev()).unwrap();
     let ours = candle_rlhf::models::CausalLm::load(vb, &arch, true).unwrap();
     let sampling = candle_rlhf::generate::Sampling {
         max_new_tokens: 8,
@@ -542,7 +542,7 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
         tok.pad_id,
         &sampling,
         &mut rng,
-        &Device::Cpu,
+        &crate::dev(),
     )
     .unwrap()
     .remove(0);
@@ -553,11 +553,11 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
     // And the policy did change in training.
     let before = candle_core::safetensors::load(
         model_dir("tiny-llama").join("model.safetensors"),
-        &Device::Cpu,
+        &crate::dev(),
     )
     .unwrap();
     let after =
-        candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &crate::dev()).unwrap();
     assert_eq!(before.len(), after.len(), "the same tensor names");
     let moved = before.iter().any(|(n, t)| {
         (t - &after[n])

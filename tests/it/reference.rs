@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use candle_rlhf::models::reward::RewardModel;
 use candle_rlhf::models::Backbone;
@@ -46,7 +46,7 @@ struct Case {
 /// Our outputs against one golden case: the largest difference seen.
 fn compare(model: &Backbone, case: &Case, what: &str) -> f32 {
     let (b, t) = (case.input_ids.len(), case.input_ids[0].len());
-    let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &crate::dev()).unwrap();
     let hidden = model.forward(&ids, &case.attention_mask).unwrap();
     let out = match model {
         Backbone::Causal(m) => m.lm_logits(&hidden).unwrap(),
@@ -85,7 +85,7 @@ fn compare(model: &Backbone, case: &Case, what: &str) -> f32 {
 
 #[test]
 fn every_architecture_matches_transformers_golden_outputs() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let dir = crate::repo().join("tests/golden");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -121,7 +121,7 @@ fn every_architecture_matches_transformers_golden_outputs() {
 fn their_vb(name: &str) -> VarBuilder<'static> {
     let file = model_dir(name).join("model.safetensors");
     // SAFETY: the fixture file is not modified while mapped.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu).unwrap() }
+    unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &crate::dev()).unwrap() }
 }
 
 fn config_json<T: serde::de::DeserializeOwned>(name: &str) -> T {
@@ -132,7 +132,7 @@ fn config_json<T: serde::de::DeserializeOwned>(name: &str) -> T {
 const ROWS: [[u32; 7]; 2] = [[5, 17, 42, 9, 100, 7, 8], [33, 2, 64, 11, 12, 13, 14]];
 
 fn ids() -> Tensor {
-    Tensor::new(&ROWS, &Device::Cpu).unwrap()
+    Tensor::new(&ROWS, &crate::dev()).unwrap()
 }
 
 /// Our last-position logits (B, V) of the unpadded ROWS.
@@ -153,7 +153,7 @@ fn llama_matches_candle_transformers() {
     let cfg: llama::LlamaConfig = config_json("tiny-llama");
     let cfg = cfg.into_config(false);
     let theirs = llama::Llama::load(their_vb("tiny-llama"), &cfg).unwrap();
-    let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let mut cache = llama::Cache::new(false, DType::F32, &cfg, &crate::dev()).unwrap();
     let their_logits = theirs.forward(&ids(), 0, &mut cache).unwrap(); // (B, V), last position
     let diff = max_abs_diff(&our_last_logits("tiny-llama"), &their_logits);
     eprintln!("tiny-llama: max |ours - candle-transformers| = {diff:.2e}");
@@ -208,13 +208,13 @@ fn qwen2_matches_candle_transformers_at_every_position() {
 fn encoder_batch() -> (Tensor, Vec<Vec<u8>>) {
     let rows = vec![vec![2u32, 17, 42, 9, 100, 7, 3], vec![2u32, 64, 11, 3]];
     let (ids, mask) = right_pad(&rows, 0);
-    (Tensor::from_vec(ids, (2, 7), &Device::Cpu).unwrap(), mask)
+    (Tensor::from_vec(ids, (2, 7), &crate::dev()).unwrap(), mask)
 }
 
 /// Largest difference over real positions of two (B, T, E) tensors.
 fn diff_at_real(a: &Tensor, b: &Tensor, mask: &[Vec<u8>]) -> f32 {
     let m: Vec<f32> = mask.concat().iter().map(|&v| v as f32).collect();
-    let m = Tensor::from_vec(m, (mask.len(), mask[0].len(), 1), &Device::Cpu).unwrap();
+    let m = Tensor::from_vec(m, (mask.len(), mask[0].len(), 1), &crate::dev()).unwrap();
     max_abs_diff(&a.broadcast_mul(&m).unwrap(), &b.broadcast_mul(&m).unwrap())
 }
 
@@ -222,7 +222,7 @@ fn diff_at_real(a: &Tensor, b: &Tensor, mask: &[Vec<u8>]) -> f32 {
 fn encoders_match_candle_transformers_on_a_right_padded_batch() {
     use candle_transformers::models::{bert, distilbert};
     let (ids, mask) = encoder_batch();
-    let mask_t = Tensor::new(mask.clone(), &Device::Cpu).unwrap();
+    let mask_t = Tensor::new(mask.clone(), &crate::dev()).unwrap();
     for name in ENCODERS {
         let theirs = if *name == "tiny-bert" {
             let cfg: bert::Config = config_json(name);
@@ -279,7 +279,7 @@ fn sha256_of(path: &Path) -> String {
 /// batches and single rows (tests/golden_reward, scripts/make_golden.py).
 #[test]
 fn saved_reward_models_score_as_transformers_does() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_reward");
+    let dir = crate::repo().join("tests/golden_reward");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -296,11 +296,11 @@ fn saved_reward_models_score_as_transformers_does() {
             path.display()
         );
         let (model, _) =
-            RewardModel::from_dir(&model_dir, DType::F32, &Device::Cpu, 12345).unwrap();
+            RewardModel::from_dir(&model_dir, DType::F32, &crate::dev(), 12345).unwrap();
         let mut worst = 0f32;
         for (name, case) in &golden.cases {
             let (b, t) = (case.input_ids.len(), case.input_ids[0].len());
-            let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &Device::Cpu).unwrap();
+            let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &crate::dev()).unwrap();
             let ours: Vec<f32> = model
                 .rewards(&ids, &case.attention_mask)
                 .unwrap()

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_rlhf::data::{load_preferences, read_preferences, tokenize_pairs, PreferenceRow};
 use candle_rlhf::models::reward::{RewardModel, RewardScorer};
 use candle_rlhf::models::{left_pad, right_pad};
@@ -16,7 +16,7 @@ use candle_rlhf::{fixtures, Config, Error};
 use crate::models::{assert_every_var_has_a_gradient, fixtures_root, model_dir, CAUSAL, ENCODERS};
 
 fn reward_model(name: &str) -> (RewardModel, candle_nn::VarMap) {
-    RewardModel::from_dir(&model_dir(name), DType::F32, &Device::Cpu, 0).unwrap()
+    RewardModel::from_dir(&model_dir(name), DType::F32, &crate::dev(), 0).unwrap()
 }
 
 fn rewards(m: &RewardModel, rows: &[Vec<u32>], left: bool) -> Vec<f32> {
@@ -26,7 +26,7 @@ fn rewards(m: &RewardModel, rows: &[Vec<u32>], left: bool) -> Vec<f32> {
     } else {
         right_pad(rows, 1)
     };
-    let ids = Tensor::from_vec(ids, (rows.len(), width), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(ids, (rows.len(), width), &crate::dev()).unwrap();
     m.rewards(&ids, &mask).unwrap().to_vec1().unwrap()
 }
 
@@ -86,7 +86,7 @@ fn every_reward_model_weight_gets_a_gradient() {
         let (m, vars) = reward_model(name);
         let width = 5;
         let (ids, mask) = right_pad(&rows, 1);
-        let ids = Tensor::from_vec(ids, (4, width), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(ids, (4, width), &crate::dev()).unwrap();
         let r = m.rewards(&ids, &mask).unwrap();
         let loss = bradley_terry(
             &r.narrow(0, 0, 2).unwrap(),
@@ -100,7 +100,7 @@ fn every_reward_model_weight_gets_a_gradient() {
     }
 }
 
-fn config(run: &Path, extra: &[&str]) -> Config {
+pub fn config(run: &Path, extra: &[&str]) -> Config {
     let mut sets = vec![
         format!(
             "model.name_or_path={:?}",
@@ -113,7 +113,7 @@ fn config(run: &Path, extra: &[&str]) -> Config {
                 .to_string_lossy()
         ),
         format!("run.out={:?}", run.to_string_lossy()),
-        "run.device=\"cpu\"".into(),
+        crate::device_setting(),
         "train.learning_rate=3e-3".into(),
         "train.per_device_train_batch_size=16".into(),
         "train.max_steps=40".into(),
@@ -171,14 +171,14 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     assert_eq!(cfg["architectures"][0], "GPT2ForSequenceClassification");
     let names = candle_rlhf::checkpoint::load_safetensors(
         &out.checkpoint.join("model.safetensors"),
-        &Device::Cpu,
+        &crate::dev(),
     )
     .unwrap();
     assert!(names.contains_key("score.weight") && names.contains_key("transformer.wte.weight"));
     assert!(!names.keys().any(|k| k.starts_with("lm_head")));
     // Reloaded, it scores every pair as the trainer's evaluation did, and
     // normalization centres the chosen responses at 0.
-    let scorer = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
+    let scorer = RewardScorer::load(&out.checkpoint.to_string_lossy(), &crate::dev()).unwrap();
     assert!(scorer.model.offset != 0.0);
     let data = fixtures_root().join(fixtures::PREFERENCES);
     let report = score_pairs(
@@ -189,7 +189,7 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     )
     .unwrap();
     assert!(report.accuracy >= 0.9, "{report}");
-    let again = RewardScorer::load(&out.checkpoint.to_string_lossy(), &Device::Cpu).unwrap();
+    let again = RewardScorer::load(&out.checkpoint.to_string_lossy(), &crate::dev()).unwrap();
     let texts = [
         "i think the movie was really great.",
         "i think the movie was really dull.",
@@ -423,18 +423,14 @@ fn reward_and_score_cli_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let bin = || {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_candle-rlhf"));
+        let mut c = std::process::Command::new(crate::bin());
         c.env_remove("RUST_BACKTRACE");
         c
     };
     let out = bin()
-        .args([
-            "reward",
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/reward-tiny.toml"),
-            "--device",
-            "cpu",
-        ])
+        .args(["reward", "--config"])
+        .arg(crate::repo().join("configs/reward-tiny.toml"))
+        .args(["--device", &candle_rlhf::device::test_device_spec()])
         .arg("--set")
         .arg(format!(
             "model.name_or_path={:?}",

@@ -97,7 +97,7 @@ fn sft_config(run: &Path, data: &Path, extra: &[&str]) -> Config {
         format!("model.name_or_path={}", q(&model_dir("tiny-gpt2"))),
         format!("sft.dataset={}", q(data)),
         format!("run.out={}", q(run)),
-        "run.device=\"cpu\"".into(),
+        crate::device_setting(),
         "sft.max_length=32".into(),
         "train.learning_rate=3e-3".into(),
         "train.per_device_train_batch_size=16".into(),
@@ -173,7 +173,7 @@ fn sft_learns_the_language_and_an_interrupted_run_resumes_to_the_same_weights() 
 fn the_fast_demo_runs_every_stage_and_ppo_beats_sft_on_the_gold_reward() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candle-rlhf"))
+    let o = std::process::Command::new(crate::bin())
         .env_remove("RUST_BACKTRACE")
         .args(["demo", "--fast", "--out"])
         .arg(&out)
@@ -229,7 +229,7 @@ fn the_fast_demo_runs_every_stage_and_ppo_beats_sft_on_the_gold_reward() {
         "{report}"
     );
     // A second demo into the same directory is refused, not overwritten.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_candle-rlhf"))
+    let o = std::process::Command::new(crate::bin())
         .env_remove("RUST_BACKTRACE")
         .args(["demo", "--fast", "--out"])
         .arg(&out)
@@ -245,11 +245,11 @@ fn sft_cli_trains_the_tiny_config_and_refuses_a_bad_file() {
     let q = |p: &Path| format!("{:?}", p.to_string_lossy());
     let root = crate::models::fixtures_root();
     let cli = |data: &Path, out: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_candle-rlhf"))
+        std::process::Command::new(crate::bin())
             .env_remove("RUST_BACKTRACE")
             .arg("sft")
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sft-tiny.toml"))
+            .arg(crate::repo().join("configs/sft-tiny.toml"))
             .args([
                 "--set",
                 &format!("model.name_or_path={}", q(&model_dir("tiny-gpt2"))),
