@@ -25,8 +25,13 @@ fi
 cargo build --release --features cuda --bins
 msgs="$(mktemp)"
 cargo test --release --features cuda --no-run --message-format=json >"$msgs"
-# Test executables: artifacts built with the test profile flag.
-mapfile -t tests < <(grep '"test":true' "$msgs" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+# Test executables: the artifacts whose profile has the test flag.
+mapfile -t tests < <(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
+        print(m["executable"])' "$msgs")
 rm -f "$msgs"
 [[ ${#tests[@]} -gt 0 ]] || { echo "no test executables found" >&2; exit 1; }
 
@@ -43,7 +48,7 @@ cp scripts/gpu_run.sh "$stage/scripts/"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"
     echo "CUDA_COMPUTE_CAP: $CUDA_COMPUTE_CAP"
     echo "nvcc: $(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
-    echo "tests: $(cd "$stage/tests" && ls -p | grep -v /)"
+    echo "tests: $(cd "$stage/tests" && ls -p | grep -v / | tr '\n' ' ')"
 } >"$stage/PACK_INFO"
 mkdir -p "$out"
 tar -C "$stage" -cf - . | xz -T0 -6 >"$out/candle-rlhf-cuda.tar.xz"

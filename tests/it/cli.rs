@@ -80,6 +80,27 @@ fn bench_measures_every_part_and_writes_json() {
         2 * 2 * e + (3 * e * e + 3 * e) + (e * e + e) + (4 * e * e + 4 * e) + (4 * e * e + e);
     assert_eq!(report["parameters"], v * e + p * e + l * per_layer + 2 * e);
 
+    // --batch-sizes replaces the shape's generation batch sizes.
+    let (code, _, err) = run(bin()
+        .args(["bench", "--parts", "generate", "--batch-sizes", "2,3", "--iters", "1"])
+        .args(["--warmup", "0", "--work-dir"])
+        .arg(dir.path().join("work"))
+        .arg("--json")
+        .arg(&json));
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let sizes: Vec<u64> = report["generate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["batch_size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [2, 3]);
+    let (code, _, err) = run(bin().args(["bench", "--batch-sizes", "0"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("--batch-sizes"), "{err}");
+
     let (code, _, err) = run(bin().args(["bench", "--parts", "train"]));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("unknown bench part `train`"), "{err}");
