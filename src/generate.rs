@@ -140,7 +140,7 @@ pub fn generate(
     // 1. Left-pad the prompts into one batch.
     let (ids, mut mask) = left_pad(prompts, pad_id);
     let positions: Vec<u32> = position_ids(&mask).concat();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(width + s.max_new_tokens);
     let mut input = Tensor::from_vec(ids, (b, width), device)?;
     let mut pos = Tensor::from_vec(positions, (b, width), device)?;
     let mut queries = width;

@@ -9,7 +9,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{attention, check_heads, extend_cache, split_heads, LayerNorm};
+use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
 use super::KvCache;
 use crate::Result;
 
@@ -80,12 +80,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut KvSlot>) -> Result<Tensor> {
         let e = x.dim(2)?;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3E): q, then k, then v
         let heads = |i: usize| split_heads(&qkv.narrow(2, i * e, e)?, self.n_head);
@@ -129,12 +124,7 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut KvSlot>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, bias, cache)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }

@@ -10,7 +10,9 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::hf_config::RopeConfig;
-use super::layers::{attention, check_heads, extend_cache, Activation, LayerNorm, Linear, Rotary};
+use super::layers::{
+    attention, check_heads, extend_cache, Activation, KvSlot, LayerNorm, Linear, Rotary,
+};
 use super::KvCache;
 use crate::Result;
 
@@ -136,7 +138,7 @@ impl GptNeoX {
         x: &Tensor,
         cos_sin: (&Tensor, &Tensor),
         bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
         let (b, t, e) = x.dims3()?;
         let heads = self.config.num_attention_heads;

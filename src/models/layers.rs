@@ -170,22 +170,77 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// Appends new keys and values to a layer's cache slot (detached, so the cache
-/// holds no graph) and returns the full keys and values to attend over.
-pub fn extend_cache(
-    slot: Option<&mut Option<(Tensor, Tensor)>>,
-    k: Tensor,
-    v: Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let Some(slot) = slot else {
-        return Ok((k, v));
-    };
-    let (k, v) = match slot.as_ref() {
-        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        None => (k, v),
-    };
-    *slot = Some((k.detach(), v.detach()));
-    Ok((k, v))
+/// One layer's cached keys and values: (B, Hkv, capacity, d) buffers that
+/// each decoding step writes in place, the first `len` positions filled.
+/// Appending by concatenation instead copies the whole cache at every step
+/// (quadratic in the response length).
+#[derive(Clone, Default)]
+pub struct KvSlot {
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvSlot {
+    /// An empty slot whose buffers, once allocated, hold `capacity` positions
+    /// (it grows when a longer sequence comes).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            buffers: None,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes k and v (B, Hkv, T, d) after the cached positions (detached: a
+    /// cache holds no autograd graph); returns views of all cached keys and
+    /// values.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let needed = self.len + t;
+        let full = self
+            .buffers
+            .as_ref()
+            .is_none_or(|(kb, _)| kb.dim(2).is_ok_and(|c| c < needed));
+        if full {
+            // Allocate (first call) or grow, copying what is cached.
+            let capacity = needed.max(self.capacity).max(2 * self.len);
+            let alloc = |x: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = x.dims4()?;
+                Ok(Tensor::zeros((b, h, capacity, d), x.dtype(), x.device())?)
+            };
+            let (kb, vb) = (alloc(k)?, alloc(v)?);
+            if let Some((old_k, old_v)) = &self.buffers {
+                kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buffers = Some((kb, vb));
+            self.capacity = capacity;
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.slice_set(&k.detach().contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.detach().contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+    }
+}
+
+/// With a cache slot, appends the new keys and values to it and returns all
+/// cached ones to attend over; without, returns k and v.
+pub fn extend_cache(slot: Option<&mut KvSlot>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    match slot {
+        Some(slot) => slot.append(&k, &v),
+        None => Ok((k, v)),
+    }
 }
 
 /// How rotary frequencies are scaled (config.json's rope_scaling / rope_parameters).

@@ -12,7 +12,9 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::hf_config::RopeConfig;
-use super::layers::{attention, extend_cache, split_heads, Activation, Linear, RmsNorm, Rotary};
+use super::layers::{
+    attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
+};
 use super::KvCache;
 use crate::{Error, Result};
 
@@ -133,7 +135,7 @@ impl Attention {
         x: &Tensor,
         rope: (&Rotary, &Tensor, &Tensor),
         bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
         let (rotary, cos, sin) = rope;
         let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;

@@ -24,7 +24,7 @@ pub use hf_config::{ArchConfig, SUPPORTED_MODEL_TYPES};
 use crate::{Error, Result};
 
 /// Keys and values of every layer, detached: a cache never holds an autograd graph.
-pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
+pub type KvCache = Vec<layers::KvSlot>;
 
 /// A causal language model: GPT-2, the Llama family or GPT-NeoX.
 pub enum CausalLm {
@@ -77,14 +77,15 @@ impl CausalLm {
         }
     }
 
-    /// A cache with one empty slot per layer.
-    pub fn new_cache(&self) -> KvCache {
+    /// A cache with one empty slot per layer, each preallocated for
+    /// `capacity` positions when first written (prompt plus new tokens).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
         let layers = match self {
             Self::Gpt2(m) => m.num_layers(),
             Self::Llama(m) => m.num_layers(),
             Self::GptNeoX(m) => m.num_layers(),
         };
-        vec![None; layers]
+        vec![layers::KvSlot::with_capacity(capacity); layers]
     }
 
     /// The compute dtype.

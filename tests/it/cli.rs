@@ -82,7 +82,15 @@ fn bench_measures_every_part_and_writes_json() {
 
     // --batch-sizes replaces the shape's generation batch sizes.
     let (code, _, err) = run(bin()
-        .args(["bench", "--parts", "generate", "--batch-sizes", "2,3", "--iters", "1"])
+        .args([
+            "bench",
+            "--parts",
+            "generate",
+            "--batch-sizes",
+            "2,3",
+            "--iters",
+            "1",
+        ])
         .args(["--warmup", "0", "--work-dir"])
         .arg(dir.path().join("work"))
         .arg("--json")

@@ -171,14 +171,17 @@ fn kv_cached_decoding_equals_one_full_forward() {
     ];
     let steps = 4;
     let dev = crate::dev();
-    for name in CAUSAL {
+    // Capacities: exactly what the decode needs (5 prompt positions and 3
+    // decoded: the buffers are written in place), too small (they grow once,
+    // copying what is cached), and none (allocated at the first write).
+    for (name, capacity) in CAUSAL.iter().flat_map(|n| [(n, 8), (n, 6), (n, 0)]) {
         let model = load_causal(name);
         let (full, _) = outputs(&Backbone::Causal(load_causal(name)), &rows);
         // Cached: the prompts (all but the last 4 tokens of each row), then one token at a time.
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r[..r.len() - steps].to_vec()).collect();
         let width = prompts.iter().map(Vec::len).max().unwrap();
         let (ids, mut mask) = left_pad(&prompts, 1);
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache(capacity);
         let bias = attention_bias(&mask, width, DType::F32, &dev).unwrap();
         let pos = Tensor::from_vec(position_ids(&mask).concat(), (2, width), &dev).unwrap();
         let ids = Tensor::from_vec(ids, (2, width), &dev).unwrap();
@@ -206,7 +209,11 @@ fn kv_cached_decoding_equals_one_full_forward() {
         let t = full.dim(1).unwrap();
         let expected = full.narrow(1, t - steps - 1, steps).unwrap();
         let diff = max_abs_diff(&cached, &expected);
-        assert!(diff < 1e-4, "{name}: cached vs full: {diff}");
+        assert!(
+            diff < 1e-4,
+            "{name}, capacity {capacity}: cached vs full: {diff}"
+        );
+        assert_eq!(cache[0].len(), width + steps - 1);
     }
 }
 
