@@ -12,6 +12,8 @@ use candle_rlhf::signal::StopSignal;
 use candle_rlhf::trainers::ppo::train_with_reward;
 use candle_rlhf::trainers::reward::train;
 
+use crate::models::max_abs_diff;
+
 /// The logged values of `name`, by step.
 fn curve(run: &Path, name: &str) -> BTreeMap<u64, f64> {
     read_metrics(&run.join("metrics.jsonl"))
@@ -46,15 +48,10 @@ fn assert_bf16_weights_with_f32_masters(ckpt: &Path) {
         assert_eq!(master.dtype(), DType::F32, "master.{name}");
         // The saved weight is its master rounded to bf16.
         let rounded = master.to_dtype(DType::BF16).unwrap();
-        let diff = (rounded.to_dtype(DType::F32).unwrap()
-            - weights[name].to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let diff = max_abs_diff(
+            &rounded.to_dtype(DType::F32).unwrap(),
+            &weights[name].to_dtype(DType::F32).unwrap(),
+        );
         assert_eq!(diff, 0.0, "{name}");
     }
 }
