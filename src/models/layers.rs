@@ -178,6 +178,7 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 pub struct KvSlot {
     buffers: Option<(Tensor, Tensor)>,
     len: usize,
+    /// Positions to allocate at the first write (the buffers' own length after).
     capacity: usize,
 }
 
@@ -201,16 +202,16 @@ impl KvSlot {
         self.len == 0
     }
 
-    /// Writes k and v (B, Hkv, T, d) after the cached positions (detached: a
-    /// cache holds no autograd graph); returns views of all cached keys and
-    /// values.
+    /// Copies k and v (B, Hkv, T, d) after the cached positions (a copy, so
+    /// the cache holds no autograd graph); returns views of all cached keys
+    /// and values.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let needed = self.len + t;
         let full = self
             .buffers
             .as_ref()
-            .is_none_or(|(kb, _)| kb.dim(2).is_ok_and(|c| c < needed));
+            .is_none_or(|(kb, _)| kb.dims()[2] < needed);
         if full {
             // Allocate (first call) or grow, copying what is cached.
             let capacity = needed.max(self.capacity).max(2 * self.len);
@@ -224,11 +225,10 @@ impl KvSlot {
                 vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
             self.buffers = Some((kb, vb));
-            self.capacity = capacity;
         }
         let (kb, vb) = self.buffers.as_ref().expect("allocated above");
-        kb.slice_set(&k.detach().contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.detach().contiguous()?, 2, self.len)?;
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
         Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
     }
