@@ -13,6 +13,7 @@
 //! gradient may be needed, and Candle's fused no-grad ops (which run on CUDA
 //! and Metal too) when nothing upstream tracks a gradient: the rollout path.
 
+use super::fast_math;
 use crate::Result;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape,
@@ -111,7 +112,9 @@ impl CustomOp1 for GeluTanh {
         let mut out = vec![0f32; x.len()];
         for_chunks(&mut out, |at, o| {
             for (o, &v) in o.iter_mut().zip(&x[at..]) {
-                *o = 0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)).tanh());
+                *o = 0.5
+                    * v
+                    * (1.0 + fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)));
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -144,7 +147,7 @@ impl CustomOp2 for GeluTanhGrad {
         let mut out = vec![0f32; x.len()];
         for_chunks(&mut out, |at, o| {
             for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&dy[at..]) {
-                let t = (SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)).tanh();
+                let t = fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v));
                 let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
                 *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
             }
@@ -366,12 +369,9 @@ impl CustomOp2 for MaskedSoftmax {
                 o[j] = row[j] * self.scale + m[j];
                 max = max.max(o[j]);
             }
-            let mut sum = 0f32;
-            for v in o.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            // The exp loop alone vectorizes; a running sum in it would not.
+            o.iter_mut().for_each(|v| *v = fast_math::exp(*v - max));
+            let inv = 1.0 / o.iter().sum::<f32>();
             o.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

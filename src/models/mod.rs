@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod distilbert;
+pub mod fast_math;
 pub mod fused;
 pub mod gpt2;
 pub mod gpt_neox;
