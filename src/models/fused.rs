@@ -156,6 +156,83 @@ impl CustomOp2 for GeluTanhGrad {
     }
 }
 
+// ---------------------------------------------------------------- bias add
+
+/// x + b over the last dimension (the bias of a linear layer), x (.., n), b (n).
+/// Candle's `broadcast_add` backward sums the bias gradient over the leading
+/// dimensions with a division per element (its reduction is fast over the
+/// last dimensions only): 15% of a tiny-model PPO iteration. Here db is a
+/// column sum that adds whole rows.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_path(&[x, b]) {
+        Ok(x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+    } else {
+        Ok(x.broadcast_add(b)?)
+    }
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let b = f32_data(s2, l2, self.name())?;
+        let n = b.len();
+        if n == 0 || l1.dims().last() != Some(&n) {
+            bail!("{}: the bias must match the last dimension", self.name())
+        }
+        let mut out = vec![0f32; x.len()];
+        for_pieces(&mut out, n, |i, o| {
+            for ((o, &v), &b) in o.iter_mut().zip(&x[i * n..]).zip(b) {
+                *o = v + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(grad.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// (.., n) -> (n): the sum over every leading index, one row at a time.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "fused-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_data(s, l, self.name())?;
+        let n = l.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            for row in g.chunks_exact(n) {
+                out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
 // ---------------------------------------------------------------- LayerNorm
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b,
@@ -504,6 +581,20 @@ mod tests {
             &[x],
             |v| gelu_tanh(&v[0]).unwrap(),
             |v| v[0].gelu().unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn add_bias_matches_broadcast_add_in_value_and_gradient() {
+        let vars = [
+            Var::from_tensor(&seeded(&[3, 50, 70], 11, 2.0)).unwrap(),
+            Var::from_tensor(&seeded(&[70], 12, 1.0)).unwrap(),
+        ];
+        compare(
+            &vars,
+            |v| add_bias(&v[0], &v[1]).unwrap(),
+            |v| v[0].broadcast_add(&v[1]).unwrap(),
             1e-5,
         );
     }

@@ -56,10 +56,8 @@ impl Conv1D {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let y = x
-            .reshape((b * t, d_in))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let y = x.reshape((b * t, d_in))?.matmul(&self.weight)?;
+        let y = super::fused::add_bias(&y, &self.bias)?;
         Ok(y.reshape((b, t, ()))?)
     }
 }

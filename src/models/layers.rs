@@ -76,7 +76,7 @@ impl Linear {
         let (b, t, d_in) = x.dims3()?;
         let y = x.reshape((b * t, d_in))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
+            Some(bias) => super::fused::add_bias(&y, bias)?,
             None => y,
         };
         Ok(y.reshape((b, t, ()))?)
