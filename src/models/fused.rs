@@ -13,7 +13,7 @@
 //! gradient may be needed, and Candle's fused no-grad ops (which run on CUDA
 //! and Metal too) when nothing upstream tracks a gradient: the rollout path.
 
-use super::fast_math;
+use super::fast_math::{self, wide_simd_fn};
 use crate::Result;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape,
@@ -110,13 +110,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
-        for_chunks(&mut out, |at, o| {
-            for (o, &v) in o.iter_mut().zip(&x[at..]) {
-                *o = 0.5
-                    * v
-                    * (1.0 + fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)));
-            }
-        });
+        for_chunks(&mut out, |at, o| gelu_chunk(&x[at..at + o.len()], o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -146,13 +140,29 @@ impl CustomOp2 for GeluTanhGrad {
         let dy = f32_data(s2, l2, self.name())?;
         let mut out = vec![0f32; x.len()];
         for_chunks(&mut out, |at, o| {
-            for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&dy[at..]) {
-                let t = fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v));
-                let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
-                *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-            }
+            let n = o.len();
+            gelu_grad_chunk(&x[at..at + n], &dy[at..at + n], o)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+wide_simd_fn! {
+    fn gelu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)));
+        }
+    }
+}
+
+wide_simd_fn! {
+    /// out = dy * d gelu(x) / dx.
+    fn gelu_grad_chunk(x: &[f32], dy: &[f32], out: &mut [f32]) {
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+            let t = fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v));
+            let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
+            *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+        }
     }
 }
 
@@ -192,11 +202,7 @@ impl CustomOp2 for AddBias {
             bail!("{}: the bias must match the last dimension", self.name())
         }
         let mut out = vec![0f32; x.len()];
-        for_pieces(&mut out, n, |i, o| {
-            for ((o, &v), &b) in o.iter_mut().zip(&x[i * n..]).zip(b) {
-                *o = v + b;
-            }
-        });
+        for_pieces(&mut out, n, |i, o| add_rows(&x[i * n..(i + 1) * n], b, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -209,6 +215,24 @@ impl CustomOp2 for AddBias {
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
         Ok((Some(grad.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+wide_simd_fn! {
+    /// out = a + b, elementwise.
+    fn add_rows(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    }
+}
+
+wide_simd_fn! {
+    /// out[j] += the sum of g[i * n + j] over rows i, n = out.len().
+    fn column_sum(g: &[f32], out: &mut [f32]) {
+        for row in g.chunks_exact(out.len()) {
+            out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+        }
     }
 }
 
@@ -225,9 +249,7 @@ impl CustomOp1 for ColumnSum {
         let n = l.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; n];
         if n > 0 {
-            for row in g.chunks_exact(n) {
-                out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
-            }
+            column_sum(g, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -253,7 +275,17 @@ struct LayerNorm {
     eps: f32,
 }
 
+wide_simd_fn! {
+    fn layer_norm_row(row: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        let (mean, rstd) = row_stats(row, eps);
+        for j in 0..row.len() {
+            out[j] = (row[j] - mean) * rstd * w[j] + b[j];
+        }
+    }
+}
+
 /// Mean and 1/std of a row (two passes, as the composed op).
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
@@ -287,11 +319,7 @@ impl CustomOp3 for LayerNorm {
         }
         let mut out = vec![0f32; x.len()];
         for_pieces(&mut out, d, |i, o| {
-            let row = &x[i * d..(i + 1) * d];
-            let (mean, rstd) = row_stats(row, self.eps);
-            for j in 0..d {
-                o[j] = (row[j] - mean) * rstd * w[j] + b[j];
-            }
+            layer_norm_row(&x[i * d..(i + 1) * d], w, b, self.eps, o)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -354,30 +382,37 @@ impl CustomOp3 for LayerNormGrad {
             let acc = unsafe { partial_out.slice(blk * 2 * d, 2 * d) };
             for (r, o) in dx_block.chunks_mut(d).enumerate() {
                 let i = blk * block + r;
-                let row = &x[i * d..(i + 1) * d];
-                let g_row = &dy[i * d..(i + 1) * d];
-                let (mean, rstd) = row_stats(row, self.eps);
-                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                for j in 0..d {
-                    let xhat = (row[j] - mean) * rstd;
-                    let g = g_row[j] * w[j];
-                    mean_g += g;
-                    mean_gx += g * xhat;
-                    acc[j] += g_row[j] * xhat;
-                    acc[d + j] += g_row[j];
-                }
-                mean_g /= d as f32;
-                mean_gx /= d as f32;
-                for j in 0..d {
-                    let xhat = (row[j] - mean) * rstd;
-                    o[j] = rstd * (g_row[j] * w[j] - mean_g - xhat * mean_gx);
-                }
+                let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+                layer_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
             }
         });
         for acc in partials.chunks(2 * d) {
             sums.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+wide_simd_fn! {
+    /// dx of one row into `out`; dw and db of the row added to acc[..d], acc[d..].
+    fn layer_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
+        let d = row.len();
+        let (mean, rstd) = row_stats(row, eps);
+        let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+        for j in 0..d {
+            let xhat = (row[j] - mean) * rstd;
+            let g = g_row[j] * w[j];
+            mean_g += g;
+            mean_gx += g * xhat;
+            acc[j] += g_row[j] * xhat;
+            acc[d + j] += g_row[j];
+        }
+        mean_g /= d as f32;
+        mean_gx /= d as f32;
+        for j in 0..d {
+            let xhat = (row[j] - mean) * rstd;
+            out[j] = rstd * (g_row[j] * w[j] - mean_g - xhat * mean_gx);
+        }
     }
 }
 
@@ -440,16 +475,7 @@ impl CustomOp2 for MaskedSoftmax {
             // Row r is (batch, head, query); its mask row is (batch, query).
             let batch = if bias_batch == 1 { 0 } else { r / (h * t) };
             let m = &bias[(batch * t + r % t) * l..][..l];
-            let row = &x[r * l..(r + 1) * l];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..l {
-                o[j] = row[j] * self.scale + m[j];
-                max = max.max(o[j]);
-            }
-            // The exp loop alone vectorizes; a running sum in it would not.
-            o.iter_mut().for_each(|v| *v = fast_math::exp(*v - max));
-            let inv = 1.0 / o.iter().sum::<f32>();
-            o.iter_mut().for_each(|v| *v *= inv);
+            softmax_row(&x[r * l..(r + 1) * l], m, self.scale, o)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -463,6 +489,20 @@ impl CustomOp2 for MaskedSoftmax {
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?;
         Ok((Some(dx), None))
+    }
+}
+
+wide_simd_fn! {
+    fn softmax_row(row: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..row.len() {
+            out[j] = row[j] * scale + mask[j];
+            max = max.max(out[j]);
+        }
+        // The exp loop alone vectorizes; a running sum in it would not.
+        out.iter_mut().for_each(|v| *v = fast_math::exp(*v - max));
+        let inv = 1.0 / out.iter().sum::<f32>();
+        out.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
@@ -488,13 +528,23 @@ impl CustomOp2 for SoftmaxGrad {
         let l = *l1.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; y.len()];
         for_pieces(&mut out, l, |r, o| {
-            let (y, dy) = (&y[r * l..(r + 1) * l], &dy[r * l..(r + 1) * l]);
-            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
-            for j in 0..l {
-                o[j] = self.scale * y[j] * (dy[j] - dot);
-            }
+            softmax_grad_row(
+                &y[r * l..(r + 1) * l],
+                &dy[r * l..(r + 1) * l],
+                self.scale,
+                o,
+            )
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+wide_simd_fn! {
+    fn softmax_grad_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
+        let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+        for j in 0..y.len() {
+            out[j] = scale * y[j] * (dy[j] - dot);
+        }
     }
 }
 

@@ -377,16 +377,14 @@ impl FusedStep {
             let at = i * (1 << 14);
             // SAFETY: pieces are disjoint and at + w1.len() <= n, the length of m1 and v1.
             let (m1, v1) = unsafe { (m_out.slice(at, w1.len()), v_out.slice(at, w1.len())) };
-            for j in 0..w1.len() {
-                let k = at + j;
-                let m = m0[k] * self.beta1 + g[k] * self.one_minus_beta1;
-                let v = v0[k] * self.beta2 + g[k] * g[k] * self.one_minus_beta2;
-                let w = self.keep.map_or(w0[k], |keep| w0[k] * keep);
-                let denom = v.sqrt() * self.inv_bias_correction2_sqrt + self.eps;
-                w1[j] = w - m / denom * self.step_size;
-                m1[j] = m;
-                v1[j] = v;
-            }
+            let range = at..at + w1.len();
+            let old = (
+                &w0[range.clone()],
+                &g[range.clone()],
+                &m0[range.clone()],
+                &v0[range],
+            );
+            adamw_chunk(self, old, (w1, m1, v1));
         });
         let shape = w.shape().clone();
         let device = w.device().clone();
@@ -396,6 +394,23 @@ impl FusedStep {
             Tensor::from_vec(m1, shape.clone(), &device)?,
             Tensor::from_vec(v1, shape, &device)?,
         )))
+    }
+}
+
+crate::models::fast_math::wide_simd_fn! {
+    /// The AdamW update of one chunk: (w, g, m, v) -> (w, m, v).
+    fn adamw_chunk(s: &FusedStep, old: (&[f32], &[f32], &[f32], &[f32]), new: (&mut [f32], &mut [f32], &mut [f32])) {
+        let (w0, g, m0, v0) = old;
+        let (w1, m1, v1) = new;
+        for k in 0..w1.len() {
+            let m = m0[k] * s.beta1 + g[k] * s.one_minus_beta1;
+            let v = v0[k] * s.beta2 + g[k] * g[k] * s.one_minus_beta2;
+            let w = s.keep.map_or(w0[k], |keep| w0[k] * keep);
+            let denom = v.sqrt() * s.inv_bias_correction2_sqrt + s.eps;
+            w1[k] = w - m / denom * s.step_size;
+            m1[k] = m;
+            v1[k] = v;
+        }
     }
 }
 
