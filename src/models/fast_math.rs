@@ -13,19 +13,19 @@
 /// change: both bodies do the same f32 operations in the same order (Rust
 /// contracts no a * b + c into an FMA unasked).
 macro_rules! wide_simd_fn {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                fn wide($($arg: $ty),*) $body
+                fn wide($($arg: $ty),*) $(-> $ret)? $body
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has both features, checked just above.
                     return unsafe { wide($($arg),*) };
                 }
             }
-            fn narrow($($arg: $ty),*) $body
+            fn narrow($($arg: $ty),*) $(-> $ret)? $body
             narrow($($arg),*)
         }
     };

@@ -20,8 +20,8 @@ use crate::hub::{resolve_model, HubSettings};
 use crate::metrics::Progress;
 use crate::models::reward::{RewardModel, RewardScorer};
 use crate::models::{
-    attention_bias, frozen_builder, load_dir, load_dir_frozen, position_ids, project, ArchConfig,
-    CausalLm,
+    attention_bias, frozen_builder, fused, load_dir, load_dir_frozen, position_ids, project,
+    ArchConfig, CausalLm,
 };
 use crate::rl;
 use crate::run::{checkpoint_if_due, Manifest, RunDir};
@@ -315,9 +315,9 @@ impl Batch {
 fn policy_outputs(lm: &CausalLm, b: &Batch, temperature: f64) -> Result<(Tensor, Tensor, Tensor)> {
     let hidden = lm.forward(&b.ids, &b.positions, &b.bias, None)?;
     let h = hidden.narrow(1, b.q - 1, b.r)?;
-    let logits = (lm.lm_logits(&h)?.to_dtype(DType::F32)? / (temperature + 1e-7))?;
-    let logprobs = rl::token_logprobs(&logits, &b.responses)?;
-    let entropy = rl::entropy_from_logits(&logits)?;
+    let logits = lm.lm_logits(&h)?.to_dtype(DType::F32)?;
+    let (logprobs, entropy) =
+        fused::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
     Ok((logprobs, entropy, h))
 }
 

@@ -15,7 +15,7 @@ use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::{Config, SftConfig};
 use crate::data::{self, Record};
 use crate::metrics::Progress;
-use crate::models::{attention_bias, load_dir, position_ids, CausalLm};
+use crate::models::{attention_bias, fused, load_dir, position_ids, CausalLm};
 use crate::rl;
 use crate::run::{checkpoint_if_due, Manifest, RunDir};
 use crate::signal::StopSignal;
@@ -181,7 +181,7 @@ pub fn batch_loss(
         .to_dtype(DType::F32)?;
     let targets = ids.narrow(1, 1, width - 1)?.contiguous()?;
     let mask = Tensor::from_vec(targets_mask, (b, width - 1), device)?;
-    let logp = rl::token_logprobs(&logits, &targets)?;
+    let (logp, _) = fused::token_logprobs_and_entropy(&logits, &targets, 1.0)?;
     let loss = rl::masked_mean(&logp, &mask)?.neg()?;
     let hits = logits
         .argmax(D::Minus1)?
