@@ -427,6 +427,257 @@ wide_simd_fn! {
     }
 }
 
+// ---------------------------------------------------------------- RMSNorm
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * w (f32 CPU
+/// tensors; the caller composes it elsewhere). The composed op's backward
+/// reduces the weight gradient over the leading dimensions, which Candle does
+/// with a division per element.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+    if !fused_path(&[x, w]) {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps })?,
+    ))
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let w = f32_data(s2, l2, self.name())?;
+        let d = w.len();
+        if d == 0 || l1.dims().last() != Some(&d) {
+            bail!("{}: the weight must match the last dimension", self.name())
+        }
+        let mut out = vec![0f32; x.len()];
+        for_pieces(&mut out, d, |i, o| {
+            rms_norm_row(&x[i * d..(i + 1) * d], w, self.eps, o)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let rows = x.elem_count() / d;
+        // One kernel returns dx (rows x d) with dw appended as one more row.
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = all.get(rows)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// 1 / sqrt(mean(x^2) + eps) of a row.
+#[inline(always)]
+fn rms_rstd(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (mean_sq + eps).sqrt()
+}
+
+wide_simd_fn! {
+    fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let r = rms_rstd(row, eps);
+        for j in 0..row.len() {
+            out[j] = row[j] * r * w[j];
+        }
+    }
+}
+
+/// (x, w, dy) -> [dx; dw] as a (rows + 1, d) tensor, with r = 1/sqrt(mean(x^2) + eps)
+/// and g = dy * w: dx = r * (g - x * r^2 * mean(g * x)), dw = sum over rows of dy * x * r.
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let w = f32_data(s2, l2, self.name())?;
+        let dy = f32_data(s3, l3, self.name())?;
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 1) * d];
+        let (dx, dw) = out.split_at_mut(rows * d);
+        // As LayerNormGrad: blocks of rows, each with its partial dw.
+        let block = 64;
+        let mut partials = vec![0f32; rows.div_ceil(block) * d];
+        let partial_out = SharedOut(partials.as_mut_ptr());
+        for_pieces(dx, block * d, |blk, dx_block| {
+            // SAFETY: block blk alone writes partials[blk * d..(blk + 1) * d].
+            let acc = unsafe { partial_out.slice(blk * d, d) };
+            for (r, o) in dx_block.chunks_mut(d).enumerate() {
+                let i = blk * block + r;
+                let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+                rms_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
+            }
+        });
+        for acc in partials.chunks(d) {
+            dw.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
+    }
+}
+
+wide_simd_fn! {
+    /// dx of one row into `out`; the row's dw added to `acc`.
+    fn rms_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
+        let d = row.len();
+        let r = rms_rstd(row, eps);
+        let mut mean_gx = 0f32;
+        for j in 0..d {
+            mean_gx += g_row[j] * w[j] * row[j];
+            acc[j] += g_row[j] * row[j] * r;
+        }
+        mean_gx /= d as f32;
+        for j in 0..d {
+            out[j] = r * (g_row[j] * w[j] - row[j] * r * r * mean_gx);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// silu(gate) * up, the gated activation of Llama's MLP, with silu(x) = x sigmoid(x).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_path(&[gate, up]) && gate.shape() == up.shape() {
+        Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+    } else {
+        Ok((gate.silu()? * up)?)
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let gate = f32_data(s1, l1, self.name())?;
+        let up = f32_data(s2, l2, self.name())?;
+        if gate.len() != up.len() {
+            bail!("{}: gate and up differ in shape", self.name())
+        }
+        let mut out = vec![0f32; gate.len()];
+        for_chunks(&mut out, |at, o| {
+            let n = o.len();
+            silu_mul_chunk(&gate[at..at + n], &up[at..at + n], o)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        // One kernel returns d gate and d up stacked on a new first dimension.
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// (gate, up, dy) -> [d gate; d up]: with s = sigmoid(gate),
+/// d gate = dy * up * s * (1 + gate * (1 - s)), d up = dy * gate * s.
+struct SiluMulGrad;
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let gate = f32_data(s1, l1, self.name())?;
+        let up = f32_data(s2, l2, self.name())?;
+        let dy = f32_data(s3, l3, self.name())?;
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        let d_up_out = SharedOut(d_up.as_mut_ptr());
+        for_chunks(d_gate, |at, dg| {
+            let m = dg.len();
+            // SAFETY: chunks are disjoint and at + m <= n, the length of d_up.
+            let du = unsafe { d_up_out.slice(at, m) };
+            let ins = (&gate[at..at + m], &up[at..at + m], &dy[at..at + m]);
+            silu_mul_grad_chunk(ins, dg, du)
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+wide_simd_fn! {
+    fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + fast_math::exp(-g)) * u;
+        }
+    }
+}
+
+wide_simd_fn! {
+    fn silu_mul_grad_chunk(ins: (&[f32], &[f32], &[f32]), d_gate: &mut [f32], d_up: &mut [f32]) {
+        let (gate, up, dy) = ins;
+        for j in 0..d_gate.len() {
+            let (g, u, dy) = (gate[j], up[j], dy[j]);
+            let s = 1.0 / (1.0 + fast_math::exp(-g));
+            d_gate[j] = dy * u * s * (1.0 + g * (1.0 - s));
+            d_up[j] = dy * g * s;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- attention softmax
 
 /// softmax(scores * scale + bias) over the last dimension, for attention:
@@ -695,6 +946,43 @@ mod tests {
             err.to_string()
                 .contains("token 5 is outside the vocabulary of 5"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_op_in_value_and_gradient() {
+        let vars = [
+            Var::from_tensor(&(seeded(&[4, 100, 96], 31, 3.0) + 0.5).unwrap()).unwrap(),
+            Var::from_tensor(&seeded(&[96], 32, 1.0)).unwrap(),
+        ];
+        let composed = |v: &[Tensor]| {
+            let variance = v[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let rstd = (variance + 1e-6).unwrap().sqrt().unwrap();
+            v[0].broadcast_div(&rstd)
+                .unwrap()
+                .broadcast_mul(&v[1])
+                .unwrap()
+        };
+        compare(
+            &vars,
+            |v| rms_norm(&v[0], &v[1], 1e-6).unwrap().unwrap(),
+            composed,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn silu_mul_matches_the_composed_op_in_value_and_gradient() {
+        // Large enough for the parallel path; gates over the silu's bend and tails.
+        let vars = [
+            Var::from_tensor(&seeded(&[3, 70, 200], 41, 8.0)).unwrap(),
+            Var::from_tensor(&seeded(&[3, 70, 200], 42, 2.0)).unwrap(),
+        ];
+        compare(
+            &vars,
+            |v| silu_mul(&v[0], &v[1]).unwrap(),
+            |v| (v[0].silu().unwrap() * &v[1]).unwrap(),
+            1e-5,
         );
     }
 

@@ -42,6 +42,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = super::fused::rms_norm(x, &self.weight, self.eps as f32)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;

@@ -166,8 +166,12 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let hidden = match self.act {
+            Activation::Silu => super::fused::silu_mul(&gate, &up)?,
+            _ => (self.act.forward(&gate)? * up)?,
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 
