@@ -236,6 +236,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         reset_peak_rss();
         match part {
             Part::Reward => {
+                ensure_reward_model(opts, &model_dir)?;
                 let step_s = reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
                 let tokens = 2 * w.reward_batch_size * w.reward_seq_len;
                 report.reward = Some(RewardBench {
@@ -417,6 +418,20 @@ fn generation(
     Ok(median(times))
 }
 
+/// WORK_DIR/reward: a random reward model on the shape's backbone (written
+/// unless there for this vocabulary). PPO scores with it and initializes its
+/// critic from it; scripts/bench_trl.py trains it in TRL's reward step.
+fn ensure_reward_model(opts: &BenchOptions, model_dir: &Path) -> Result<PathBuf> {
+    let reward_dir = opts.work_dir.join("reward");
+    if !reward_dir.join("model.safetensors").is_file()
+        || crate::checkpoint::read_json::<Value>(&reward_dir.join("config.json"))
+            .map_or(true, |c| c["vocab_size"] != opts.shape.config["vocab_size"])
+    {
+        crate::fixtures::write_reward_model(model_dir, &reward_dir, opts.config.run.seed)?;
+    }
+    Ok(reward_dir)
+}
+
 /// Mean phase times of PPO iterations run by the PPO trainer on random
 /// prompts (an `input_ids` column) against a random reward model whose
 /// backbone also initializes the critic, as TRL's examples do.
@@ -427,14 +442,7 @@ fn ppo_iterations(
     rng: &mut HostRng,
 ) -> Result<PhaseTimes> {
     let w = &opts.shape.workload;
-    let seed = opts.config.run.seed;
-    let reward_dir = opts.work_dir.join("reward");
-    if !reward_dir.join("model.safetensors").is_file()
-        || crate::checkpoint::read_json::<Value>(&reward_dir.join("config.json"))
-            .map_or(true, |c| c["vocab_size"] != opts.shape.config["vocab_size"])
-    {
-        crate::fixtures::write_reward_model(model_dir, &reward_dir, seed)?;
-    }
+    let reward_dir = ensure_reward_model(opts, model_dir)?;
     let iterations = opts.warmup + opts.iters;
     let prompts: Vec<Value> =
         random_rows(w.ppo_batch_size * iterations, w.prompt_length, vocab, rng)

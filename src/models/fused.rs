@@ -354,6 +354,35 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
+/// The (rows + sums, d) output of a normalization's backward: `row(i, acc,
+/// out_i)` writes row i of dx and adds that row's parameter gradients into
+/// `acc` (sums x d: dw, then db). One task per block of 64 rows, each with its
+/// own partial sums, added up at the end: one pass over x and dy in all.
+fn rows_and_sums(
+    rows: usize,
+    d: usize,
+    sums: usize,
+    row: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let mut out = vec![0f32; (rows + sums) * d];
+    let (dx, total) = out.split_at_mut(rows * d);
+    let width = sums * d;
+    let mut partials = vec![0f32; rows.div_ceil(BLOCK) * width];
+    let partial_out = SharedOut(partials.as_mut_ptr());
+    for_pieces(dx, BLOCK * d, |blk, dx_block| {
+        // SAFETY: block blk alone writes partials[blk * width..(blk + 1) * width].
+        let acc = unsafe { partial_out.slice(blk * width, width) };
+        for (r, o) in dx_block.chunks_mut(d).enumerate() {
+            row(blk * BLOCK + r, acc, o);
+        }
+    });
+    for acc in partials.chunks(width.max(1)) {
+        total.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
+    }
+    out
+}
+
 /// (x, w, dy) -> [dx; dw; db] as a (rows + 2, d) tensor:
 /// xhat = (x - mean) * rstd, g = dy * w,
 /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
@@ -381,25 +410,10 @@ impl CustomOp3 for LayerNormGrad {
         let dy = f32_data(s3, l3, self.name())?;
         let d = w.len();
         let rows = x.len() / d;
-        let mut out = vec![0f32; (rows + 2) * d];
-        let (dx, sums) = out.split_at_mut(rows * d);
-        // One task per block of rows: dx row by row, and the block's partial
-        // sums of dw and db (added up below), from one pass over x and dy.
-        let block = 64;
-        let mut partials = vec![0f32; rows.div_ceil(block) * 2 * d];
-        let partial_out = SharedOut(partials.as_mut_ptr());
-        for_pieces(dx, block * d, |blk, dx_block| {
-            // SAFETY: block blk alone writes partials[blk * 2d..(blk + 1) * 2d].
-            let acc = unsafe { partial_out.slice(blk * 2 * d, 2 * d) };
-            for (r, o) in dx_block.chunks_mut(d).enumerate() {
-                let i = blk * block + r;
-                let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-                layer_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
-            }
+        let out = rows_and_sums(rows, d, 2, |i, acc, o| {
+            let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+            layer_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
         });
-        for acc in partials.chunks(2 * d) {
-            sums.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
-        }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
 }
@@ -530,24 +544,10 @@ impl CustomOp3 for RmsNormGrad {
         let dy = f32_data(s3, l3, self.name())?;
         let d = w.len();
         let rows = x.len() / d;
-        let mut out = vec![0f32; (rows + 1) * d];
-        let (dx, dw) = out.split_at_mut(rows * d);
-        // As LayerNormGrad: blocks of rows, each with its partial dw.
-        let block = 64;
-        let mut partials = vec![0f32; rows.div_ceil(block) * d];
-        let partial_out = SharedOut(partials.as_mut_ptr());
-        for_pieces(dx, block * d, |blk, dx_block| {
-            // SAFETY: block blk alone writes partials[blk * d..(blk + 1) * d].
-            let acc = unsafe { partial_out.slice(blk * d, d) };
-            for (r, o) in dx_block.chunks_mut(d).enumerate() {
-                let i = blk * block + r;
-                let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-                rms_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
-            }
+        let out = rows_and_sums(rows, d, 1, |i, acc, o| {
+            let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+            rms_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
         });
-        for acc in partials.chunks(d) {
-            dw.iter_mut().zip(acc).for_each(|(s, a)| *s += a);
-        }
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
     }
 }

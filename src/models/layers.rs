@@ -143,26 +143,31 @@ pub fn check_heads(width: (usize, &str), heads: (usize, &str)) -> Result<()> {
 /// that it has a backward. q (B, H, T, d), k and v (B, Hkv, L, d) with H a
 /// multiple of Hkv (grouped-query attention repeats each key/value head),
 /// bias broadcastable to (B, H, T, L). Returns (B, T, H * d).
+///
+/// Grouped-query attention repeats no key or value: the n query heads that
+/// share key/value head i (heads i n .. i n + n - 1, as transformers'
+/// repeat_kv pairs them) are stacked into one (n T, d) matrix against that
+/// head's keys, and (B, Hkv, n T, L) scores are the (B, H, T, L) scores in
+/// the same memory. transformers copies every key and value n times instead,
+/// at each decoding step for the whole cache.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let (k, v) = if kv_heads == h {
-        (k.clone(), v.clone())
-    } else {
-        (repeat_kv(k, h / kv_heads)?, repeat_kv(v, h / kv_heads)?)
-    };
-    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let (kv_heads, l) = (k.dim(1)?, k.dim(2)?);
+    if kv_heads == 0 || h % kv_heads != 0 {
+        return Err(Error::Msg(format!(
+            "attention: {h} query heads are not a multiple of {kv_heads} key/value heads"
+        )));
+    }
+    let grouped = q.reshape((b, kv_heads, (h / kv_heads) * t, d))?;
+    let scores = grouped
+        .matmul(&k.t()?.contiguous()?)?
+        .reshape((b, h, t, l))?;
     let probs = super::fused::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?;
-    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
-}
-
-/// (B, Hkv, L, d) -> (B, Hkv * n, L, d), each head repeated n times in place
-/// (transformers' repeat_kv).
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    let (b, kv, l, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, kv, n, l, d))?
-        .reshape((b, kv * n, l, d))?)
+    let out = probs
+        .reshape((b, kv_heads, (h / kv_heads) * t, l))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, t, d))?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
 
 /// Splits (B, T, H * d) into heads (B, H, T, d).
@@ -437,19 +442,60 @@ mod tests {
         assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
     }
 
+    /// (B, Hkv, L, d) -> (B, Hkv * n, L, d), each head repeated n times in
+    /// place: transformers' repeat_kv, the reference for grouped attention.
+    fn repeat_kv(x: &Tensor, n: usize) -> Tensor {
+        let (b, kv, l, d) = x.dims4().unwrap();
+        let x = x.unsqueeze(2).unwrap().expand((b, kv, n, l, d)).unwrap();
+        x.reshape((b, kv * n, l, d)).unwrap()
+    }
+
     #[test]
-    fn grouped_query_attention_repeats_each_kv_head() {
+    fn grouped_query_attention_equals_attention_with_repeated_kv_heads() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 8.0, &dev)
-            .unwrap()
-            .reshape((1, 2, 2, 2))
-            .unwrap();
-        let r = repeat_kv(&x, 2).unwrap();
-        assert_eq!(r.dims(), &[1, 4, 2, 2]);
-        let v = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(
-            v,
-            vec![0., 1., 2., 3., 0., 1., 2., 3., 4., 5., 6., 7., 4., 5., 6., 7.]
+        let mut rng = crate::HostRng::new(5);
+        let mut rand = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        // 6 query heads over 2 key/value heads, 3 queries against 5 keys, a
+        // causal-style bias that masks some keys of some rows.
+        let (q, k, v) = (
+            rand(&[2, 6, 3, 4]),
+            rand(&[2, 2, 5, 4]),
+            rand(&[2, 2, 5, 4]),
         );
+        let bias: Vec<f32> = (0..2 * 3 * 5)
+            .map(|i| {
+                if (i % 5) > 2 + (i / 5) % 3 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (2, 1, 3, 5), &dev).unwrap();
+        let got = attention(&q, &k, &v, &bias).unwrap();
+        let (k3, v3) = (repeat_kv(&k, 3), repeat_kv(&v, 3));
+        let scores = (q.matmul(&k3.t().unwrap()).unwrap() * 0.5).unwrap();
+        let probs =
+            candle_nn::ops::softmax(&scores.broadcast_add(&bias).unwrap(), D::Minus1).unwrap();
+        let want = probs
+            .matmul(&v3)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((2, 3, 24))
+            .unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "differs by {diff}");
     }
 }
