@@ -72,6 +72,23 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// The trainer state to start from: `fresh`, or, when resuming, the
+    /// newest checkpoint's, with its weights and optimizer state loaded into
+    /// `optimizer`.
+    pub fn restore(
+        &self,
+        fresh: TrainerState,
+        optimizer: &mut crate::train::AdamW,
+        device: &candle_core::Device,
+    ) -> Result<TrainerState> {
+        let Some(point) = &self.resume else {
+            return Ok(fresh);
+        };
+        checkpoint::load_into_vars(&point.checkpoint, optimizer.vars(), device)?;
+        checkpoint::load_optimizer(&point.checkpoint, optimizer, &point.state, device)?;
+        Ok(point.state.clone())
+    }
+
     /// Ends a run: the final checkpoint (`last` when this process wrote
     /// one, else the newest on disk, for a run resumed at its end) and the
     /// plots of its metrics (a plotting failure only warns).

@@ -443,18 +443,22 @@ wide_simd_fn! {
 
 // ---------------------------------------------------------------- RMSNorm
 
-/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * w (f32 CPU
-/// tensors; the caller composes it elsewhere). The composed op's backward
-/// reduces the weight gradient over the leading dimensions, which Candle does
-/// with a division per element.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<Tensor>> {
-    if !fused_path(&[x, w]) {
-        return Ok(None);
+/// RMSNorm over the last dimension as transformers' LlamaRMSNorm:
+/// x / sqrt(mean(x^2) + eps), normalized in f32, cast back, times w. The
+/// composed op's backward reduces the weight gradient over the leading
+/// dimensions, which Candle does with a division per element.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_path(&[x, w]) {
+        let eps = eps as f32;
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps })?);
     }
-    Ok(Some(
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, RmsNorm { eps })?,
-    ))
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(w)?)
 }
 
 struct RmsNorm {
@@ -811,11 +815,12 @@ wide_simd_fn! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn seeded(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    /// A tensor of uniform values in [-scale, scale), from a seeded generator.
+    pub(in crate::models) fn seeded(shape: &[usize], seed: u64, scale: f32) -> Tensor {
         let mut rng = crate::HostRng::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
@@ -824,7 +829,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(in crate::models) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -965,7 +970,7 @@ mod tests {
         };
         compare(
             &vars,
-            |v| rms_norm(&v[0], &v[1], 1e-6).unwrap().unwrap(),
+            |v| rms_norm(&v[0], &v[1], 1e-6).unwrap(),
             composed,
             1e-5,
         );

@@ -189,17 +189,11 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     );
 
     // 4. State: fresh, or restored from the newest checkpoint.
-    let mut state = TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0}));
-    if let Some(point) = &run.resume {
-        checkpoint::load_into_vars(&point.checkpoint, core.optimizer.vars(), &device)?;
-        checkpoint::load_optimizer(
-            &point.checkpoint,
-            &mut core.optimizer,
-            &point.state,
-            &device,
-        )?;
-        state = point.state.clone();
-    }
+    let mut state = run.restore(
+        TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0})),
+        &mut core.optimizer,
+        &device,
+    )?;
     let save = |run: &RunDir,
                 core: &TrainCore,
                 state: &TrainerState,

@@ -287,17 +287,11 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     );
 
     // 4. State: fresh, or the newest checkpoint's.
-    let mut state = TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0}));
-    if let Some(point) = &run.resume {
-        checkpoint::load_into_vars(&point.checkpoint, core.optimizer.vars(), &device)?;
-        checkpoint::load_optimizer(
-            &point.checkpoint,
-            &mut core.optimizer,
-            &point.state,
-            &device,
-        )?;
-        state = point.state.clone();
-    }
+    let mut state = run.restore(
+        TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0})),
+        &mut core.optimizer,
+        &device,
+    )?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
         let weights = crate::models::weights::named_tensors(&varmap);
