@@ -245,10 +245,8 @@ fn head(lm_head: &Option<Tensor>) -> Result<&Tensor> {
 /// hidden (B, T, E) times weight^T (V, E): logits (B, T, V).
 pub(crate) fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (b, t, e) = hidden.dims3()?;
-    Ok(hidden
-        .reshape((b * t, e))?
-        .matmul(&weight.t()?)?
-        .reshape((b, t, ()))?)
+    let logits = layers::matmul_weight_t(&hidden.reshape((b * t, e))?, weight)?;
+    Ok(logits.reshape((b, t, ()))?)
 }
 
 /// The additive attention mask of an encoder: 0 for real keys, a large
