@@ -284,8 +284,8 @@ pub enum RopeScaling {
 /// from the position ids, so left-padded rows rotate by their own positions.
 #[derive(Debug, Clone)]
 pub struct Rotary {
+    /// One frequency per rotated pair: rotary_dim / 2 of them.
     inv_freq: Vec<f32>,
-    rotary_dim: usize,
 }
 
 impl Rotary {
@@ -329,7 +329,6 @@ impl Rotary {
         };
         Ok(Self {
             inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
-            rotary_dim,
         })
     }
 
@@ -346,22 +345,10 @@ impl Rotary {
         Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
     }
 
-    /// Rotates the first rotary_dim features of x (B, H, T, d).
+    /// Rotates the first rotary_dim features of x (B, H, T, d) by the angles
+    /// of [`Rotary::cos_sin`] (see [`super::fused::rotary`]).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let d = x.dim(3)?;
-        let r = self.rotary_dim;
-        let (rot, pass) = (x.narrow(3, 0, r)?, x.narrow(3, r, d - r)?);
-        let half = r / 2;
-        let rotated_half = Tensor::cat(
-            &[&rot.narrow(3, half, half)?.neg()?, &rot.narrow(3, 0, half)?],
-            3,
-        )?;
-        let out = (rot.broadcast_mul(cos)? + rotated_half.broadcast_mul(sin)?)?;
-        if r == d {
-            Ok(out)
-        } else {
-            Ok(Tensor::cat(&[&out, &pass], 3)?)
-        }
+        super::fused::rotary(x, cos, sin)
     }
 }
 
@@ -384,7 +371,12 @@ mod tests {
             assert_eq!(ours.dims(), &[rows, 24]);
             assert!(max_diff(&ours, &plain) < 1e-4, "rows {rows}");
             let g_ours = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_plain = (plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_plain = (plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for var in [&x, &w] {
                 let (a, b) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
                 assert!(max_diff(a, b) < 1e-4, "rows {rows}: gradient differs");
