@@ -370,14 +370,17 @@ fn reward_steps(
     for step in 0..steps {
         let seqs = random_rows(2 * b, w.reward_seq_len, vocab, rng);
         let started = Instant::now();
-        let rewards = model.rewards_of(&seqs, 0, device)?;
-        let loss = crate::rl::bradley_terry(
-            &rewards.narrow(0, 0, b)?,
-            &rewards.narrow(0, b, b)?,
-            None,
-            None,
-        )?;
-        core.backward(&loss)?;
+        {
+            let rewards = model.rewards_of(&seqs, 0, device)?;
+            reset_peak_rss();
+            let loss = crate::rl::bradley_terry(
+                &rewards.narrow(0, 0, b)?,
+                &rewards.narrow(0, b, b)?,
+                None,
+                None,
+            )?;
+            core.backward(&loss)?;
+        } // the graph (every activation) is freed before the optimizer step, as in the trainer
         core.step(step)?;
         device.synchronize()?; // GPU work is queued: wait for it before reading the clock
         if step >= opts.warmup as u64 {

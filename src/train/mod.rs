@@ -22,11 +22,16 @@ pub struct ParamGrads(pub Vec<Option<Tensor>>);
 
 impl ParamGrads {
     /// Picks the gradients of the optimizer's variables out of a backward pass.
+    /// They are detached: Candle records the ops that computed them (a weight's
+    /// gradient is x^T g, x an activation), so each would otherwise keep the
+    /// whole forward graph, every activation, alive until the optimizer step
+    /// (measured on a GPT-2-small reward step: 5.5 GB still in use after the
+    /// loss was dropped, 1.4 GB with detached gradients).
     pub fn from_store(store: &candle_core::backprop::GradStore, optimizer: &AdamW) -> Self {
         ParamGrads(
             optimizer
                 .vars()
-                .map(|(_, v)| store.get(v.as_tensor()).cloned())
+                .map(|(_, v)| store.get(v.as_tensor()).map(Tensor::detach))
                 .collect(),
         )
     }
@@ -43,6 +48,9 @@ impl ParamGrads {
     }
 
     pub fn scale(&mut self, factor: f64) -> Result<()> {
+        if factor == 1.0 {
+            return Ok(()); // one micro-batch: no copy of every gradient
+        }
         for g in self.0.iter_mut().flatten() {
             *g = (&*g * factor)?;
         }
@@ -244,6 +252,32 @@ mod tests {
             vec![5.0]
         );
         assert!(a.0.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn gradients_hold_no_graph() {
+        // The gradient of w is h * 1 with h an activation: Candle records that
+        // product, so kept as is it would keep h and u's graph alive.
+        let u = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let w = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let h = (u.as_tensor() * 2.0).unwrap();
+        let loss = (&h * w.as_tensor()).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        assert!(store.get(w.as_tensor()).unwrap().track_op());
+        let opt = AdamW::new(
+            vec![("u".into(), u.clone()), ("w".into(), w.clone())],
+            AdamWParams::default(),
+        )
+        .unwrap();
+        let grads = ParamGrads::from_store(&store, &opt);
+        for g in grads.0.iter() {
+            let g = g.as_ref().unwrap();
+            assert!(!g.track_op(), "a gradient still records its graph");
+        }
+        assert_eq!(
+            grads.0[1].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![2.0, 4.0]
+        );
     }
 
     fn core_on(x: &Var, max_nonfinite_steps: usize) -> TrainCore {
