@@ -179,24 +179,30 @@ wide_simd_fn! {
 
 // ---------------------------------------------------------------- bias add
 
-/// x + b over the last dimension (the bias of a linear layer), x (.., n), b (n).
-/// Candle's `broadcast_add` backward sums the bias gradient over the leading
-/// dimensions with a division per element (its reduction is fast over the
-/// last dimensions only): 15% of a tiny-model PPO iteration. Here db is a
-/// column sum that adds whole rows.
-pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fused_path(&[x, b]) {
-        Ok(x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
-    } else {
-        Ok(x.broadcast_add(b)?)
+/// x (N, in) times W plus the bias b (out): W (in, out) as GPT-2's Conv1D
+/// stores it, or with `transposed` W^T for W (out, in) as nn.Linear does.
+/// The bias is added in the product's own output buffer, so no second
+/// (N, out) tensor stays alive for the backward as with a matmul then an add
+/// (a twelfth of GPT-2-small's activations); the bias gradient sums the
+/// output gradient's rows (Candle's broadcast_add backward divides per element).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
+    if fused_path(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
+        return Ok(x.apply_op3(w, b, Linear { transposed })?);
     }
+    let y = match transposed {
+        true => super::layers::matmul_weight_t(x, w)?,
+        false => x.matmul(w)?,
+    };
+    Ok(y.broadcast_add(b)?)
 }
 
-struct AddBias;
+struct Linear {
+    transposed: bool,
+}
 
-impl CustomOp2 for AddBias {
+impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
-        "fused-add-bias"
+        "fused-linear"
     }
 
     fn cpu_fwd(
@@ -205,35 +211,78 @@ impl CustomOp2 for AddBias {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let b = f32_data(s2, l2, self.name())?;
-        let n = b.len();
-        if n == 0 || l1.dims().last() != Some(&n) {
-            bail!("{}: the bias must match the last dimension", self.name())
+        use candle_core::backend::BackendStorage;
+        let (m, k) = l1.shape().dims2()?;
+        let (k_w, n) = match self.transposed {
+            true => (l2.dims()[1], l2.dims()[0]),
+            false => (l2.dims()[0], l2.dims()[1]),
+        };
+        let b = f32_data(s3, l3, self.name())?;
+        if k_w != k || b.len() != n {
+            bail!(
+                "{}: x {:?}, weight {:?}, bias {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
         }
-        let mut out = vec![0f32; x.len()];
-        for_pieces(&mut out, n, |i, o| add_rows(&x[i * n..(i + 1) * n], b, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let out = if self.transposed && m <= super::layers::FEW_ROWS {
+            // (W x^T)^T, see matmul_weight_t: the product is (n, m), transposed
+            // into the output as the bias is added.
+            let wx = s2.matmul(s1, (1, n, m, k), l2, &l1.transpose(0, 1)?)?;
+            let CpuStorage::F32(wx) = wx else {
+                bail!("{}: f32 only", self.name())
+            };
+            let mut out = vec![0f32; m * n];
+            for (j, col) in wx.chunks_exact(m.max(1)).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * n + j] = v + b[j];
+                }
+            }
+            out
+        } else {
+            let w_layout = match self.transposed {
+                true => l2.transpose(0, 1)?,
+                false => l2.clone(),
+            };
+            let y = s1.matmul(s2, (1, m, n, k), l1, &w_layout)?;
+            let CpuStorage::F32(mut y) = y else {
+                bail!("{}: f32 only", self.name())
+            };
+            for_pieces(&mut y, n, |_, row| add_in_place(row, b));
+            y
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
-        Ok((Some(grad.clone()), Some(db.reshape(b.shape())?)))
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), grad.detach());
+        // y = x W^T + b: dx = g W, dW = g^T x; y = x W + b: dx = g W^T, dW = x^T g.
+        let (dx, dw) = match self.transposed {
+            true => (g.matmul(&w)?, g.t()?.matmul(&x)?),
+            false => (g.matmul(&w.t()?)?, x.t()?.matmul(&g)?),
+        };
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dx), Some(dw), Some(db.reshape(b.shape())?)))
     }
 }
 
 wide_simd_fn! {
-    /// out = a + b, elementwise.
-    fn add_rows(a: &[f32], b: &[f32], out: &mut [f32]) {
-        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
-            *o = a + b;
+    /// row += b, elementwise.
+    fn add_in_place(row: &mut [f32], b: &[f32]) {
+        for (o, &b) in row.iter_mut().zip(b) {
+            *o += b;
         }
     }
 }
@@ -1016,17 +1065,33 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn add_bias_matches_broadcast_add_in_value_and_gradient() {
-        let vars = [
-            Var::from_tensor(&seeded(&[3, 50, 70], 11, 2.0)).unwrap(),
-            Var::from_tensor(&seeded(&[70], 12, 1.0)).unwrap(),
-        ];
-        compare(
-            &vars,
-            |v| add_bias(&v[0], &v[1]).unwrap(),
-            |v| v[0].broadcast_add(&v[1]).unwrap(),
-            1e-5,
-        );
+    fn linear_matches_matmul_plus_bias_in_value_and_gradient() {
+        // Both weight layouts; 5 rows (the transposed product of few rows)
+        // and 300 (the plain product, parallel bias pass).
+        for rows in [5, 300] {
+            for transposed in [false, true] {
+                let w_dims = if transposed { [70, 50] } else { [50, 70] };
+                let vars = [
+                    Var::from_tensor(&seeded(&[rows, 50], 11, 2.0)).unwrap(),
+                    Var::from_tensor(&seeded(&w_dims, 12, 1.0)).unwrap(),
+                    Var::from_tensor(&seeded(&[70], 13, 1.0)).unwrap(),
+                ];
+                let composed = |v: &[Tensor]| {
+                    let w = if transposed {
+                        v[1].t().unwrap()
+                    } else {
+                        v[1].clone()
+                    };
+                    v[0].matmul(&w).unwrap().broadcast_add(&v[2]).unwrap()
+                };
+                compare(
+                    &vars,
+                    |v| linear(&v[0], &v[1], &v[2], transposed).unwrap(),
+                    composed,
+                    1e-4,
+                );
+            }
+        }
     }
 
     #[test]

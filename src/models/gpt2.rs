@@ -5,11 +5,14 @@
 //! Checkpoints with and without the `transformer.` prefix load; the model
 //! always names its tensors with it, as GPT2LMHeadModel saves them.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
+use super::recompute::{recompute, Region};
 use super::KvCache;
 use crate::Result;
 
@@ -56,8 +59,8 @@ impl Conv1D {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let y = x.reshape((b * t, d_in))?.matmul(&self.weight)?;
-        let y = super::fused::add_bias(&y, &self.bias)?;
+        let x = x.reshape((b * t, d_in))?;
+        let y = super::fused::linear(&x, &self.weight, &self.bias, false)?;
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -81,9 +84,27 @@ impl Attention {
     fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut KvSlot>) -> Result<Tensor> {
         let e = x.dim(2)?;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3E): q, then k, then v
-        let heads = |i: usize| split_heads(&qkv.narrow(2, i * e, e)?, self.n_head);
-        let (k, v) = extend_cache(cache, heads(1)?, heads(2)?)?;
-        let y = attention(&heads(0)?, &k, &v, bias)?;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, e)?,
+            qkv.narrow(2, e, e)?,
+            qkv.narrow(2, 2 * e, e)?,
+        );
+        let n_head = self.n_head;
+        let heads = move |x: &Tensor| split_heads(x, n_head);
+        let y = match cache {
+            // Training and scoring: the heads' copies, scores and probabilities
+            // are recomputed in the backward instead of kept.
+            None => {
+                let bias = bias.clone();
+                let region: Arc<Region> =
+                    Arc::new(move |q, k, v| attention(&heads(q)?, &heads(k)?, &heads(v)?, &bias));
+                recompute(&q, &k, &v, region)?
+            }
+            slot => {
+                let (k, v) = extend_cache(slot, heads(&k)?, heads(&v)?)?;
+                attention(&heads(&q)?, &k, &v, bias)?
+            }
+        };
         self.c_proj.forward(&y)
     }
 }

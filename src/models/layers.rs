@@ -70,10 +70,10 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let y = matmul_weight_t(&x.reshape((b * t, d_in))?, &self.weight)?;
+        let x = x.reshape((b * t, d_in))?;
         let y = match &self.bias {
-            Some(bias) => super::fused::add_bias(&y, bias)?,
-            None => y,
+            Some(bias) => super::fused::linear(&x, &self.weight, bias, true)?,
+            None => matmul_weight_t(&x, &self.weight)?,
         };
         Ok(y.reshape((b, t, ()))?)
     }
@@ -81,7 +81,7 @@ impl Linear {
 
 /// Row counts up to which [`matmul_weight_t`] takes the transposed product
 /// on the CPU (decoding steps, small batches).
-const FEW_ROWS: usize = 256;
+pub(crate) const FEW_ROWS: usize = 256;
 
 /// x (N, in) times W^T, W stored (out, in) as torch's nn.Linear keeps it.
 /// On the CPU with few rows (every decoding step), the gemm crate reads the

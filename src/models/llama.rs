@@ -7,14 +7,18 @@
 //! Mistral's sliding window is not applied: for sequences shorter than the
 //! window (4096 in Mistral 7B) it changes nothing.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
+use super::fused::rotary;
 use super::hf_config::RopeConfig;
 use super::layers::{
     attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
 };
+use super::recompute::{recompute, Region};
 use super::KvCache;
 use crate::{Error, Result};
 
@@ -133,17 +137,37 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: (&Rotary, &Tensor, &Tensor),
+        rope: (&Tensor, &Tensor),
         bias: &Tensor,
         cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
-        let (rotary, cos, sin) = rope;
-        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?;
-        let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?;
-        let (q, k) = (rotary.apply(&q, cos, sin)?, rotary.apply(&k, cos, sin)?);
-        let (k, v) = extend_cache(cache, k, v)?;
-        self.o_proj.forward(&attention(&q, &k, &v, bias)?)
+        let (cos, sin) = rope;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let y = match cache {
+            // Training and scoring: the heads' copies, the rotated q and k,
+            // scores and probabilities are recomputed in the backward.
+            None => {
+                let (cos, sin, bias) = (cos.clone(), sin.clone(), bias.clone());
+                let region: Arc<Region> = Arc::new(move |q, k, v| {
+                    let q = rotary(&split_heads(q, heads)?, &cos, &sin)?;
+                    let k = rotary(&split_heads(k, kv_heads)?, &cos, &sin)?;
+                    attention(&q, &k, &split_heads(v, kv_heads)?, &bias)
+                });
+                recompute(&q, &k, &v, region)?
+            }
+            slot => {
+                let q = rotary(&split_heads(&q, heads)?, cos, sin)?;
+                let k = rotary(&split_heads(&k, kv_heads)?, cos, sin)?;
+                let (k, v) = extend_cache(slot, k, split_heads(&v, kv_heads)?)?;
+                attention(&q, &k, &v, bias)?
+            }
+        };
+        self.o_proj.forward(&y)
     }
 }
 
@@ -255,9 +279,7 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c[i]);
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, (&self.rotary, &cos, &sin), bias, slot)?;
+            let h = layer.self_attn.forward(&h, (&cos, &sin), bias, slot)?;
             x = (x + h)?;
             let h = layer
                 .mlp

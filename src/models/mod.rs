@@ -11,6 +11,7 @@ pub mod gpt_neox;
 pub mod hf_config;
 pub mod layers;
 pub mod llama;
+pub mod recompute;
 pub mod reward;
 pub mod weights;
 
