@@ -12,7 +12,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
-use super::recompute::{recompute, Region};
+use super::recompute::{recompute, worth_recomputing, Region};
 use super::KvCache;
 use crate::Result;
 
@@ -91,10 +91,11 @@ impl Attention {
         );
         let n_head = self.n_head;
         let heads = move |x: &Tensor| split_heads(x, n_head);
+        let (b, t, _) = x.dims3()?;
         let y = match cache {
             // Training and scoring: the heads' copies, scores and probabilities
             // are recomputed in the backward instead of kept.
-            None => {
+            None if worth_recomputing(b, n_head, t) => {
                 let bias = bias.clone();
                 let region: Arc<Region> =
                     Arc::new(move |q, k, v| attention(&heads(q)?, &heads(k)?, &heads(v)?, &bias));

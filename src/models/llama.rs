@@ -18,7 +18,7 @@ use super::hf_config::RopeConfig;
 use super::layers::{
     attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
 };
-use super::recompute::{recompute, Region};
+use super::recompute::{recompute, worth_recomputing, Region};
 use super::KvCache;
 use crate::{Error, Result};
 
@@ -148,10 +148,11 @@ impl Attention {
             self.v_proj.forward(x)?,
         );
         let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let (b, t, _) = x.dims3()?;
         let y = match cache {
             // Training and scoring: the heads' copies, the rotated q and k,
             // scores and probabilities are recomputed in the backward.
-            None => {
+            None if worth_recomputing(b, heads, t) => {
                 let (cos, sin, bias) = (cos.clone(), sin.clone(), bias.clone());
                 let region: Arc<Region> = Arc::new(move |q, k, v| {
                     let q = rotary(&split_heads(q, heads)?, &cos, &sin)?;

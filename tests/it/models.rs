@@ -455,3 +455,51 @@ fn checkpoints_with_and_without_the_backbone_prefix_load_the_same() {
         );
     }
 }
+
+#[test]
+fn recomputed_attention_gives_the_gradients_of_attention_kept() {
+    // 16 rows of 128 tokens reach models::recompute's threshold, 8 rows do
+    // not: the loss summed over two halves of 8 (attention kept for the
+    // backward) has the gradients of the loss over all 16 (recomputed).
+    use candle_rlhf::models::recompute::worth_recomputing;
+    let rows: Vec<Vec<u32>> = (0..16)
+        .map(|i| {
+            (0..128)
+                .map(|j| ((i * 31 + j * 7) % 400 + 5) as u32)
+                .collect()
+        })
+        .collect();
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(model_dir(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        let heads = config["n_head"]
+            .as_u64()
+            .or(config["num_attention_heads"].as_u64())
+            .unwrap() as usize;
+        assert!(worth_recomputing(16, heads, 128) && !worth_recomputing(8, heads, 128));
+        let (model, varmap, _) = load(name, DType::F32);
+        let loss = |rows: &[Vec<u32>]| outputs(&model, rows).0.sqr().unwrap().sum_all().unwrap();
+        let whole = loss(&rows).backward().unwrap();
+        let first = loss(&rows[..8]).backward().unwrap();
+        let second = loss(&rows[8..]).backward().unwrap();
+        for (tensor, var) in varmap.data().lock().unwrap().iter() {
+            let want = (first.get(var.as_tensor()).unwrap() + second.get(var.as_tensor()).unwrap())
+                .unwrap();
+            let got = whole.get(var.as_tensor()).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(got, &want);
+            assert!(
+                diff <= 1e-3 * scale.max(1e-6),
+                "{name}: {tensor}: differs by {diff} (scale {scale})"
+            );
+        }
+    }
+}
