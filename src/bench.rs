@@ -372,7 +372,6 @@ fn reward_steps(
         let started = Instant::now();
         {
             let rewards = model.rewards_of(&seqs, 0, device)?;
-            reset_peak_rss();
             let loss = crate::rl::bradley_terry(
                 &rewards.narrow(0, 0, b)?,
                 &rewards.narrow(0, b, b)?,

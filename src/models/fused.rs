@@ -183,7 +183,7 @@ wide_simd_fn! {
 /// stores it, or with `transposed` W^T for W (out, in) as nn.Linear does.
 /// The bias is added in the product's own output buffer, so no second
 /// (N, out) tensor stays alive for the backward as with a matmul then an add
-/// (a twelfth of GPT-2-small's activations); the bias gradient sums the
+/// (a quarter of GPT-2-small's activations by a count of tensor sizes); the bias gradient sums the
 /// output gradient's rows (Candle's broadcast_add backward divides per element).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
     if fused_path(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
@@ -991,17 +991,18 @@ pub(super) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    pub(in crate::models) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
+    /// The largest |x| of a tensor.
+    pub(in crate::models) fn max_abs(x: &Tensor) -> f32 {
+        x.abs()
             .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
+            .max_all()
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    pub(in crate::models) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
     }
 
     /// Value and gradients (w.r.t. every var) of sum(f(vars) * probe), fused vs composed.
@@ -1035,15 +1036,7 @@ pub(super) mod tests {
         for (i, v) in vars.iter().enumerate() {
             let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
             assert_eq!(a.dims(), b.dims());
-            let scale = b
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(b);
             assert!(scale > 0.0, "input {i}: zero gradient");
             assert!(
                 max_diff(a, b) < tol * scale.max(1.0),

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
+use super::fused::rotary;
 use super::hf_config::RopeConfig;
 use super::layers::{
     attention, check_heads, extend_cache, Activation, KvSlot, LayerNorm, Linear, Rotary,
@@ -151,8 +152,8 @@ impl GptNeoX {
             .transpose(1, 2)?;
         let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.contiguous()?) };
         let (cos, sin) = cos_sin;
-        let q = self.rotary.apply(&part(0)?, cos, sin)?;
-        let k = self.rotary.apply(&part(1)?, cos, sin)?;
+        let q = rotary(&part(0)?, cos, sin)?;
+        let k = rotary(&part(1)?, cos, sin)?;
         let (k, v) = extend_cache(cache, k, part(2)?)?;
         layer.dense.forward(&attention(&q, &k, &v, bias)?)
     }

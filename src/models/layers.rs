@@ -344,17 +344,12 @@ impl Rotary {
         let emb = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(1)?;
         Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
     }
-
-    /// Rotates the first rotary_dim features of x (B, H, T, d) by the angles
-    /// of [`Rotary::cos_sin`] (see [`super::fused::rotary`]).
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        super::fused::rotary(x, cos, sin)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::fused::rotary;
     use candle_core::{Device, D};
 
     #[test]
@@ -394,7 +389,7 @@ mod tests {
             .unwrap();
         let pos0 = Tensor::new(&[[0u32]], &dev).unwrap();
         let (c, s) = rot.cos_sin(&pos0, DType::F32).unwrap();
-        let y = rot.apply(&x, &c, &s).unwrap();
+        let y = rotary(&x, &c, &s).unwrap();
         assert_eq!(
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             vec![1., 2., 3., 4., 5., 6.]
@@ -403,8 +398,7 @@ mod tests {
         // (x1, x3) by 1/100 radian; the unrotated tail (x4, x5) is untouched.
         let pos1 = Tensor::new(&[[1u32]], &dev).unwrap();
         let (c, s) = rot.cos_sin(&pos1, DType::F32).unwrap();
-        let y = rot
-            .apply(&x, &c, &s)
+        let y = rotary(&x, &c, &s)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -91,17 +91,18 @@ pub fn assert_every_var_has_a_gradient(
     }
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
+/// The largest |x| of a tensor.
+pub fn max_abs(x: &Tensor) -> f32 {
+    x.abs()
         .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
+        .max_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
 }
 
 #[test]
@@ -488,13 +489,7 @@ fn recomputed_attention_gives_the_gradients_of_attention_kept() {
             let want = (first.get(var.as_tensor()).unwrap() + second.get(var.as_tensor()).unwrap())
                 .unwrap();
             let got = whole.get(var.as_tensor()).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&want);
             let diff = max_abs_diff(got, &want);
             assert!(
                 diff <= 1e-3 * scale.max(1e-6),

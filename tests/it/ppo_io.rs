@@ -15,7 +15,7 @@ use candle_rlhf::trainers::ppo::{load_prompts, train_with_reward, Completion, Re
 use candle_rlhf::Result;
 
 use crate::hub::{hub_cache, offline};
-use crate::models::{fixtures_root, model_dir};
+use crate::models::{fixtures_root, max_abs, max_abs_diff, model_dir};
 use crate::ppo::ppo_config;
 
 fn local() -> HubSettings {
@@ -280,22 +280,11 @@ fn separate_critic_learning_rate_moves_the_value_head_alone() {
     for (name, t) in &before {
         // The fixture stores GPT-2's bare names; checkpoints write them as
         // transformers' GPT2LMHeadModel saves them, under `transformer.`.
-        let d = (t - &after[&format!("transformer.{name}")])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        policy_change = policy_change.max(d.to_scalar::<f32>().unwrap());
+        let d = max_abs_diff(t, &after[&format!("transformer.{name}")]);
+        policy_change = policy_change.max(d);
     }
     let head = load(&run.checkpoint.join("value_head.safetensors"));
-    let w = head["v_head.weight"]
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let w = max_abs(&head["v_head.weight"]);
     eprintln!("policy moved at most {policy_change:.2e}; value head |w| max {w:.3e}");
     assert!(policy_change < 1e-6, "{policy_change}");
     assert!(w > 1e-3, "the value head learned at its own rate: {w}");
