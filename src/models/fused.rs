@@ -13,7 +13,7 @@
 //! gradient may be needed, and Candle's fused no-grad ops (which run on CUDA
 //! and Metal too) when nothing upstream tracks a gradient: the rollout path.
 
-use super::fast_math::{self, wide_simd_fn};
+use super::fast_math::{self, wide_simd_fn, LANES};
 use crate::Result;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape,
@@ -158,21 +158,31 @@ impl CustomOp2 for GeluTanhGrad {
     }
 }
 
+/// 0.5 (1 + tanh u) = sigmoid(2u) = 1 / (1 + e^-2u), with
+/// u = sqrt(2/pi) (x + 0.044715 x^3): one exp and one division, where tanh
+/// costs an exp, a division and a series for small |u|. For very negative u,
+/// e^-2u is +inf and the sigmoid 0, as it should be.
+#[inline(always)]
+fn gelu_sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + fast_math::exp(-2.0 * SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)))
+}
+
 wide_simd_fn! {
     fn gelu_chunk(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = 0.5 * v * (1.0 + fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v)));
+            *o = v * gelu_sigmoid(v);
         }
     }
 }
 
 wide_simd_fn! {
-    /// out = dy * d gelu(x) / dx.
+    /// out = dy * d gelu(x) / dx, with s = sigmoid(2u):
+    /// d (x s) / dx = s + x * 2 s (1 - s) * du/dx.
     fn gelu_grad_chunk(x: &[f32], dy: &[f32], out: &mut [f32]) {
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
-            let t = fast_math::tanh(SQRT_TWO_OVER_PI * v * (1.0 + GELU_A * v * v));
+            let s = gelu_sigmoid(v);
             let du = SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_A * v * v);
-            *o = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            *o = g * (s + 2.0 * v * s * (1.0 - s) * du);
         }
     }
 }
@@ -348,8 +358,8 @@ wide_simd_fn! {
 #[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = fast_math::sum_by(x, |v| v) / n;
+    let var = fast_math::sum_by(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -472,20 +482,19 @@ wide_simd_fn! {
     fn layer_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
         let d = row.len();
         let (mean, rstd) = row_stats(row, eps);
-        let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+        let (dw, db) = acc.split_at_mut(d);
+        // out holds g = dy * w until the last loop.
         for j in 0..d {
             let xhat = (row[j] - mean) * rstd;
-            let g = g_row[j] * w[j];
-            mean_g += g;
-            mean_gx += g * xhat;
-            acc[j] += g_row[j] * xhat;
-            acc[d + j] += g_row[j];
+            out[j] = g_row[j] * w[j];
+            dw[j] += g_row[j] * xhat;
+            db[j] += g_row[j];
         }
-        mean_g /= d as f32;
-        mean_gx /= d as f32;
+        let mean_g = fast_math::sum_by(out, |g| g) / d as f32;
+        let mean_gx = fast_math::sum_by2(out, row, |g, x| g * (x - mean) * rstd) / d as f32;
         for j in 0..d {
             let xhat = (row[j] - mean) * rstd;
-            out[j] = rstd * (g_row[j] * w[j] - mean_g - xhat * mean_gx);
+            out[j] = rstd * (out[j] - mean_g - xhat * mean_gx);
         }
     }
 }
@@ -559,7 +568,7 @@ impl CustomOp2 for RmsNorm {
 /// 1 / sqrt(mean(x^2) + eps) of a row.
 #[inline(always)]
 fn rms_rstd(x: &[f32], eps: f32) -> f32 {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let mean_sq = fast_math::sum_by(x, |v| v * v) / x.len() as f32;
     1.0 / (mean_sq + eps).sqrt()
 }
 
@@ -610,14 +619,14 @@ wide_simd_fn! {
     fn rms_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
         let d = row.len();
         let r = rms_rstd(row, eps);
-        let mut mean_gx = 0f32;
+        // out holds g = dy * w until the last loop.
         for j in 0..d {
-            mean_gx += g_row[j] * w[j] * row[j];
+            out[j] = g_row[j] * w[j];
             acc[j] += g_row[j] * row[j] * r;
         }
-        mean_gx /= d as f32;
+        let mean_gx = fast_math::sum_by2(out, row, |g, x| g * x) / d as f32;
         for j in 0..d {
-            out[j] = r * (g_row[j] * w[j] - row[j] * r * r * mean_gx);
+            out[j] = r * (out[j] - row[j] * r * r * mean_gx);
         }
     }
 }
@@ -922,14 +931,12 @@ impl CustomOp2 for MaskedSoftmax {
 
 wide_simd_fn! {
     fn softmax_row(row: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
-        let mut max = f32::NEG_INFINITY;
         for j in 0..row.len() {
             out[j] = row[j] * scale + mask[j];
-            max = max.max(out[j]);
         }
-        // The exp loop alone vectorizes; a running sum in it would not.
+        let max = fast_math::max(out);
         out.iter_mut().for_each(|v| *v = fast_math::exp(*v - max));
-        let inv = 1.0 / out.iter().sum::<f32>();
+        let inv = 1.0 / fast_math::sum_by(out, |v| v);
         out.iter_mut().for_each(|v| *v *= inv);
     }
 }
@@ -969,7 +976,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 wide_simd_fn! {
     fn softmax_grad_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
-        let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+        let dot = fast_math::sum_by2(y, dy, |a, b| a * b);
         for j in 0..y.len() {
             out[j] = scale * y[j] * (dy[j] - dot);
         }
@@ -1055,6 +1062,23 @@ pub(super) mod tests {
             |v| v[0].gelu().unwrap(),
             1e-5,
         );
+    }
+
+    #[test]
+    fn gelu_saturates_without_nan_far_from_zero() {
+        let x = Var::new(
+            &[-1e4f32, -100.0, -12.0, 0.0, 12.0, 100.0, 1e4],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = gelu_tanh(x.as_tensor()).unwrap();
+        assert_eq!(
+            y.to_vec1::<f32>().unwrap(),
+            x.gelu().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx = g.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx, [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]);
     }
 
     #[test]
@@ -1317,7 +1341,10 @@ pub fn token_logprobs_and_entropy(
     tokens: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    if fused_path(&[logits]) && tokens.dtype() == DType::U32 && tokens.device().is_cpu() {
+    // The kernel takes the row maximum before scaling, so it needs scale > 0
+    // (a temperature is positive; the composed path takes any scale).
+    let fused = fused_path(&[logits]) && scale > 0.0;
+    if fused && tokens.dtype() == DType::U32 && tokens.device().is_cpu() {
         let v = logits.dim(D::Minus1)?;
         let rows = logits.contiguous()?.reshape(((), v))?;
         let both = rows.apply_op2(
@@ -1452,27 +1479,15 @@ struct SoftmaxStats {
     entropy: f32,
 }
 
-/// Lanes of the row reductions: eight running maxima or sums, which the
-/// compiler keeps in one vector register (a single running sum would not
-/// vectorize, as f32 addition is not associative).
-const LANES: usize = 8;
-
 wide_simd_fn! {
     /// Two passes over the row: its maximum, then sum(e) and sum(e z) with
     /// z = s l - max and e = exp(z); lse = max + ln sum(e), H = ln sum(e) - sum(e z) / sum(e).
     fn row_softmax_stats(row: &[f32], scale: f32) -> SoftmaxStats {
-        let mut max = [f32::NEG_INFINITY; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for k in 0..LANES {
-                max[k] = max[k].max(scale * c[k]);
-            }
-        }
-        let mut m = tail.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(scale * b));
-        m = max.iter().fold(m, |a, &b| a.max(b));
+        // scale > 0 (checked by the caller), so the maximum of s l is s max(l).
+        let m = scale * fast_math::max(row);
         let (mut sum, mut sum_ez) = ([0f32; LANES], [0f32; LANES]);
         let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
         for c in chunks {
             for k in 0..LANES {
                 let z = scale * c[k] - m;
