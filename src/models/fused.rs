@@ -37,7 +37,7 @@ fn tracks_grad(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+pub(super) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         bail!("{op}: f32 only")
     };
@@ -79,6 +79,17 @@ fn for_pieces_costing(
     });
 }
 
+/// Runs `f` over ranges that together cover the tasks 0..n, on Candle's
+/// worker pool when the work (about `cost` element operations in all) is
+/// large enough; `f` can set up its buffers once per range.
+pub(super) fn for_units(n: usize, cost: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if cost < PARALLEL_MIN {
+        f(0..n);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n, f);
+}
+
 /// A buffer written by several threads at disjoint places.
 pub(crate) struct SharedOut(pub(crate) *mut f32);
 
@@ -91,6 +102,14 @@ impl SharedOut {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+
+    /// The address of element `at`, for writes through strides.
+    ///
+    /// # Safety
+    /// `at` is within the buffer.
+    pub(crate) unsafe fn ptr(&self, at: usize) -> *mut f32 {
+        self.0.add(at)
     }
 }
 
@@ -831,7 +850,7 @@ impl CustomOp3 for Rotate {
 wide_simd_fn! {
     /// y_j = a c_j - b s_j, y_{j+h} = b c_{j+h} + a s_{j+h} for (a, b) =
     /// (x_j, x_{j+h}); the inverse is the transpose: a c_j + b s_{j+h}, b c_{j+h} - a s_j.
-    fn rotate_row(x: &[f32], cos: &[f32], sin: &[f32], inverse: bool, out: &mut [f32]) {
+    pub(super) fn rotate_row(x: &[f32], cos: &[f32], sin: &[f32], inverse: bool, out: &mut [f32]) {
         let h = cos.len() / 2;
         let (x1, x2) = x[..2 * h].split_at(h);
         let (c1, c2) = cos.split_at(h);
@@ -930,7 +949,7 @@ impl CustomOp2 for MaskedSoftmax {
 }
 
 wide_simd_fn! {
-    fn softmax_row(row: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
+    pub(super) fn softmax_row(row: &[f32], mask: &[f32], scale: f32, out: &mut [f32]) {
         for j in 0..row.len() {
             out[j] = row[j] * scale + mask[j];
         }
@@ -975,7 +994,7 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 wide_simd_fn! {
-    fn softmax_grad_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
+    pub(super) fn softmax_grad_row(y: &[f32], dy: &[f32], scale: f32, out: &mut [f32]) {
         let dot = fast_math::sum_by2(y, dy, |a, b| a * b);
         for j in 0..y.len() {
             out[j] = scale * y[j] * (dy[j] - dot);
@@ -1013,7 +1032,7 @@ pub(super) mod tests {
     }
 
     /// Value and gradients (w.r.t. every var) of sum(f(vars) * probe), fused vs composed.
-    fn compare(
+    pub(in crate::models) fn compare(
         vars: &[Var],
         fused: impl Fn(&[Tensor]) -> Tensor,
         composed: impl Fn(&[Tensor]) -> Tensor,

@@ -5,14 +5,12 @@
 //! Checkpoints with and without the `transformer.` prefix load; the model
 //! always names its tensors with it, as GPT2LMHeadModel saves them.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::fused_attention::{packed_attention, Packing};
 use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
-use super::recompute::{recompute, worth_recomputing, Region};
 use super::KvCache;
 use crate::Result;
 
@@ -84,29 +82,20 @@ impl Attention {
     fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut KvSlot>) -> Result<Tensor> {
         let e = x.dim(2)?;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3E): q, then k, then v
+        if cache.is_none() {
+            // Training and scoring on the CPU: one op, with its own backward.
+            if let Some(y) = packed_attention(&qkv, Packing::Blocks, self.n_head, bias, None)? {
+                return self.c_proj.forward(&y);
+            }
+        }
+        let heads = |x: &Tensor| split_heads(x, self.n_head);
         let (q, k, v) = (
-            qkv.narrow(2, 0, e)?,
-            qkv.narrow(2, e, e)?,
-            qkv.narrow(2, 2 * e, e)?,
+            heads(&qkv.narrow(2, 0, e)?)?,
+            heads(&qkv.narrow(2, e, e)?)?,
+            heads(&qkv.narrow(2, 2 * e, e)?)?,
         );
-        let n_head = self.n_head;
-        let heads = move |x: &Tensor| split_heads(x, n_head);
-        let (b, t, _) = x.dims3()?;
-        let y = match cache {
-            // Training and scoring: the heads' copies, scores and probabilities
-            // are recomputed in the backward instead of kept.
-            None if worth_recomputing(b, n_head, t) => {
-                let bias = bias.clone();
-                let region: Arc<Region> =
-                    Arc::new(move |q, k, v| attention(&heads(q)?, &heads(k)?, &heads(v)?, &bias));
-                recompute(&q, &k, &v, region)?
-            }
-            slot => {
-                let (k, v) = extend_cache(slot, heads(&k)?, heads(&v)?)?;
-                attention(&heads(&q)?, &k, &v, bias)?
-            }
-        };
-        self.c_proj.forward(&y)
+        let (k, v) = extend_cache(cache, k, v)?;
+        self.c_proj.forward(&attention(&q, &k, &v, bias)?)
     }
 }
 

@@ -10,6 +10,7 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::fused::rotary;
+use super::fused_attention::{packed_attention, Packing};
 use super::hf_config::RopeConfig;
 use super::layers::{
     attention, check_heads, extend_cache, Activation, KvSlot, LayerNorm, Linear, Rotary,
@@ -144,12 +145,16 @@ impl GptNeoX {
         let (b, t, e) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let hd = e / heads;
+        let qkv = layer.query_key_value.forward(x)?;
+        if cache.is_none() {
+            // Training and scoring on the CPU: one op, with its own backward.
+            let y = packed_attention(&qkv, Packing::PerHead, heads, bias, Some(cos_sin))?;
+            if let Some(y) = y {
+                return layer.dense.forward(&y);
+            }
+        }
         // (B, T, H, 3 * hd) -> (B, H, T, 3 * hd): q, k, v sit side by side per head.
-        let qkv = layer
-            .query_key_value
-            .forward(x)?
-            .reshape((b, t, heads, 3 * hd))?
-            .transpose(1, 2)?;
+        let qkv = qkv.reshape((b, t, heads, 3 * hd))?.transpose(1, 2)?;
         let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.contiguous()?) };
         let (cos, sin) = cos_sin;
         let q = rotary(&part(0)?, cos, sin)?;

@@ -7,18 +7,16 @@
 //! Mistral's sliding window is not applied: for sequences shorter than the
 //! window (4096 in Mistral 7B) it changes nothing.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::fused::rotary;
+use super::fused_attention::split_attention;
 use super::hf_config::RopeConfig;
 use super::layers::{
     attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
 };
-use super::recompute::{recompute, worth_recomputing, Region};
 use super::KvCache;
 use crate::{Error, Result};
 
@@ -148,26 +146,16 @@ impl Attention {
             self.v_proj.forward(x)?,
         );
         let (heads, kv_heads) = (self.heads, self.kv_heads);
-        let (b, t, _) = x.dims3()?;
-        let y = match cache {
-            // Training and scoring: the heads' copies, the rotated q and k,
-            // scores and probabilities are recomputed in the backward.
-            None if worth_recomputing(b, heads, t) => {
-                let (cos, sin, bias) = (cos.clone(), sin.clone(), bias.clone());
-                let region: Arc<Region> = Arc::new(move |q, k, v| {
-                    let q = rotary(&split_heads(q, heads)?, &cos, &sin)?;
-                    let k = rotary(&split_heads(k, kv_heads)?, &cos, &sin)?;
-                    attention(&q, &k, &split_heads(v, kv_heads)?, &bias)
-                });
-                recompute(&q, &k, &v, region)?
+        if cache.is_none() {
+            // Training and scoring on the CPU: one op, with its own backward.
+            if let Some(y) = split_attention((&q, &k, &v), (heads, kv_heads), bias, Some(rope))? {
+                return self.o_proj.forward(&y);
             }
-            slot => {
-                let q = rotary(&split_heads(&q, heads)?, cos, sin)?;
-                let k = rotary(&split_heads(&k, kv_heads)?, cos, sin)?;
-                let (k, v) = extend_cache(slot, k, split_heads(&v, kv_heads)?)?;
-                attention(&q, &k, &v, bias)?
-            }
-        };
+        }
+        let q = rotary(&split_heads(&q, heads)?, cos, sin)?;
+        let k = rotary(&split_heads(&k, kv_heads)?, cos, sin)?;
+        let (k, v) = extend_cache(cache, k, split_heads(&v, kv_heads)?)?;
+        let y = attention(&q, &k, &v, bias)?;
         self.o_proj.forward(&y)
     }
 }

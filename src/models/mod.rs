@@ -6,12 +6,12 @@ pub mod bert;
 pub mod distilbert;
 pub mod fast_math;
 pub mod fused;
+pub mod fused_attention;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod hf_config;
 pub mod layers;
 pub mod llama;
-pub mod recompute;
 pub mod reward;
 pub mod weights;
 

@@ -1,0 +1,823 @@
+//! Attention's weight-free middle as one CPU op with its own backward:
+//! splitting heads, rotary, scores, the masked softmax, the weighted sum and
+//! merging heads, for training and scoring (no KV cache).
+//!
+//! Composed, the middle is about fifteen Candle ops (narrows, reshapes,
+//! transposes, copies, two batched products, the softmax), and Candle's
+//! backward adds each op's gradient into a fresh zero tensor: zero fills and
+//! adds were 12% of a tiny-model PPO iteration. Here each (batch, key/value
+//! head) is one task that gathers its heads' rows from the projections'
+//! output in place, with the gemm crate's products on small contiguous
+//! buffers.
+//!
+//! Like FlashAttention's (Dao et al., 2022), the backward recomputes the
+//! probabilities from q and k instead of keeping the (B, H, T, T) scores, so
+//! the op keeps nothing alive but its inputs: the graph holds no per-head
+//! copies, rotated q and k, scores or probabilities (about a fifth of a
+//! GPT-2-small reward step's activations, by a count of tensor sizes).
+
+use std::sync::OnceLock;
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result as CResult, Shape, Storage,
+    Tensor,
+};
+
+use super::fused::{f32_data, for_units, rotate_row, softmax_grad_row, softmax_row, SharedOut};
+use crate::Result;
+
+/// How q, k and v sit in one (B, T, C) projection output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Packing {
+    /// All query heads, then all key heads, then all value heads (GPT-2's c_attn).
+    Blocks,
+    /// q, k and v of each head side by side (GPT-NeoX's query_key_value).
+    PerHead,
+}
+
+/// Attention over q, k and v packed in `qkv` (B, T, 3 H d), with the additive
+/// `bias` (B, 1, T, T) of [`super::attention_bias`] and optionally rotary
+/// angles (cos, sin) (B, 1, T, r) as [`super::fused::rotary`] takes them.
+/// Returns (B, T, H d), or None where the op does not apply (not the CPU in
+/// f32, other shapes): the caller then composes the ops.
+pub fn packed_attention(
+    qkv: &Tensor,
+    packing: Packing,
+    heads: usize,
+    bias: &Tensor,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<Tensor>> {
+    let (b, t, c) = qkv.dims3()?;
+    if heads == 0 || c % (3 * heads) != 0 {
+        return Ok(None);
+    }
+    let d = c / (3 * heads);
+    let Some(op) = Middle::new(qkv, (b, t), (heads, heads, d), bias, rope)? else {
+        return Ok(None);
+    };
+    let op = Packed { op, packing };
+    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+}
+
+/// Attention over separate q (B, T, H d), k and v (B, T, Hkv d) (grouped
+/// query attention when Hkv < H), otherwise as [`packed_attention`].
+pub fn split_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    bias: &Tensor,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<Tensor>> {
+    let (b, t, c) = q.dims3()?;
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || c % heads != 0 {
+        return Ok(None);
+    }
+    let d = c / heads;
+    if k.dims() != [b, t, kv_heads * d] || v.dims() != k.dims() {
+        return Ok(None);
+    }
+    let Some(op) = Middle::new(q, (b, t), (heads, kv_heads, d), bias, rope)? else {
+        return Ok(None);
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(q.apply_op3(&k, &v, Split(op))?))
+}
+
+/// Element (b, t, head, j) of a (B, T, C) buffer sits at
+/// offset + b * b_stride + t * t_stride + head * h_stride + j.
+#[derive(Clone, Copy)]
+struct View {
+    offset: usize,
+    b_stride: usize,
+    t_stride: usize,
+    h_stride: usize,
+}
+
+impl View {
+    fn at(&self, b: usize, t: usize, head: usize) -> usize {
+        self.offset + b * self.b_stride + t * self.t_stride + head * self.h_stride
+    }
+}
+
+/// The op's settings: head counts, the mask and the rotary angles (neither
+/// takes a gradient).
+struct Middle {
+    /// B and T.
+    batch: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    scale: f32,
+    /// The mask (B, 1, T, T), row-major.
+    bias: Vec<f32>,
+    /// cos and sin (B, 1, T, r), row-major, and r.
+    rope: Option<(Vec<f32>, Vec<f32>, usize)>,
+    /// The probabilities (B, H, T, T) where the forward keeps them.
+    kept: OnceLock<Vec<f32>>,
+}
+
+impl Middle {
+    /// The settings, or None where the op does not apply.
+    fn new(
+        x: &Tensor,
+        (b, t): (usize, usize),
+        (heads, kv_heads, d): (usize, usize, usize),
+        bias: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<Self>> {
+        let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
+        if !cpu_f32(x) || !cpu_f32(bias) || bias.dims() != [b, 1, t, t] || d == 0 {
+            return Ok(None);
+        }
+        let rope = match rope {
+            None => None,
+            Some((cos, sin)) => {
+                let r = cos.dims().last().copied().unwrap_or(0);
+                let fits = cos.dims() == [b, 1, t, r] && sin.dims() == cos.dims();
+                if !fits || r > d || r % 2 != 0 || !cpu_f32(cos) || !cpu_f32(sin) {
+                    return Ok(None);
+                }
+                Some((flat(cos)?, flat(sin)?, r))
+            }
+        };
+        Ok(Some(Self {
+            batch: b,
+            len: t,
+            heads,
+            kv_heads,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            bias: flat(bias)?,
+            rope,
+            kept: OnceLock::new(),
+        }))
+    }
+
+    /// Views of q, k and v in a contiguous (B, T, C) buffer packed as `packing`.
+    fn packed_views(&self, t: usize, packing: Packing) -> [View; 3] {
+        let (h, d) = (self.heads, self.d);
+        let c = 3 * h * d;
+        let view = |offset, h_stride| View {
+            offset,
+            b_stride: t * c,
+            t_stride: c,
+            h_stride,
+        };
+        match packing {
+            Packing::Blocks => [view(0, d), view(h * d, d), view(2 * h * d, d)],
+            Packing::PerHead => [view(0, 3 * d), view(d, 3 * d), view(2 * d, 3 * d)],
+        }
+    }
+
+    /// The view of a contiguous (B, T, heads d) buffer.
+    fn plain_view(&self, t: usize, heads: usize) -> View {
+        View {
+            offset: 0,
+            b_stride: t * heads * self.d,
+            t_stride: heads * self.d,
+            h_stride: self.d,
+        }
+    }
+
+    /// Row t of `head` at batch b, from `src` through `view`, into `out`
+    /// (d values), rotated when the op has rotary angles and `rotate`.
+    fn gather(
+        &self,
+        src: &[f32],
+        view: View,
+        (b, t, head): (usize, usize, usize),
+        rotate: bool,
+        out: &mut [f32],
+    ) {
+        let at = view.at(b, t, head);
+        let row = &src[at..at + self.d];
+        match self.angles(b, t) {
+            Some((cos, sin)) if rotate => {
+                rotate_row(row, cos, sin, false, out);
+            }
+            _ => out.copy_from_slice(row),
+        }
+    }
+
+    /// The reverse of [`Self::gather`] for a gradient: `row` (d values),
+    /// rotated back where the forward rotated, written at (b, t, head).
+    ///
+    /// # Safety
+    /// No other thread writes that row of `dst` meanwhile.
+    unsafe fn scatter(
+        &self,
+        row: &[f32],
+        dst: &SharedOut,
+        view: View,
+        (b, t, head): (usize, usize, usize),
+        rotated: bool,
+    ) {
+        let out = dst.slice(view.at(b, t, head), self.d);
+        match self.angles(b, t) {
+            Some((cos, sin)) if rotated => {
+                rotate_row(row, cos, sin, true, out);
+            }
+            _ => out.copy_from_slice(row),
+        }
+    }
+
+    /// Checks that `len` elements hold (B, T) rows of `heads` heads through `view`.
+    fn check(&self, name: &str, len: usize, view: View, heads: usize) -> CResult<()> {
+        let (b, t) = (self.batch, self.len);
+        if b == 0 || t == 0 || view.at(b - 1, t - 1, heads - 1) + self.d > len {
+            bail!(
+                "{name}: {len} values do not hold {b} x {t} rows of {heads} heads of {}",
+                self.d
+            )
+        }
+        Ok(())
+    }
+
+    /// The rotary angles (cos, sin) of position t at batch b, if any.
+    fn angles(&self, b: usize, t: usize) -> Option<(&[f32], &[f32])> {
+        let (cos, sin, r) = self.rope.as_ref()?;
+        let len = self.len;
+        let at = (b * len + t) * r;
+        Some((&cos[at..at + r], &sin[at..at + r]))
+    }
+
+    /// The mask of batch b, T x T.
+    fn bias_of(&self, b: usize) -> &[f32] {
+        let n = self.len.pow(2);
+        &self.bias[b * n..(b + 1) * n]
+    }
+
+    /// Whether the forward keeps the probabilities for the backward: below
+    /// 2^19 (B, H, T, T) scores (2 MB) per layer, where recomputing them
+    /// (a product and a softmax per head) costs more time than the memory is
+    /// worth: the tiny model's PPO iteration took 0.064 s recomputing, 0.057-0.060 s
+    /// keeping (1 thread). GPT-2's reward step (3.1M scores per layer) and SmolLM2's PPO
+    /// micro-batch (0.99M) recompute.
+    fn keeps_probabilities(&self) -> bool {
+        self.batch * self.heads * self.len * self.len < 1 << 19
+    }
+
+    /// The forward: softmax(q k^T / sqrt(d) + bias) v per head, (B, T, H d).
+    fn forward(&self, srcs: [(&[f32], View); 3]) -> Vec<f32> {
+        let (bsz, t) = (self.batch, self.len);
+        let (h, d, group) = (self.heads, self.d, self.heads / self.kv_heads);
+        let mut out = vec![0f32; bsz * t * h * d];
+        let out_view = self.plain_view(t, h);
+        let dst = SharedOut(out.as_mut_ptr());
+        let keep = self.keeps_probabilities();
+        let mut kept = vec![0f32; if keep { bsz * h * t * t } else { 0 }];
+        let kept_dst = SharedOut(kept.as_mut_ptr());
+        let [(q, qv), (k, kv), (v, vv)] = srcs;
+        for_units(bsz * self.kv_heads, bsz * h * t * t * d, |units| {
+            let mut buf = Buffers::new(t, d);
+            for unit in units {
+                let (b, g) = (unit / self.kv_heads, unit % self.kv_heads);
+                self.gather_all(k, kv, (b, g), true, &mut buf.k);
+                self.gather_all(v, vv, (b, g), false, &mut buf.v);
+                for head in g * group..(g + 1) * group {
+                    self.gather_all(q, qv, (b, head), true, &mut buf.q);
+                    let p = match keep {
+                        // SAFETY: unit (b, g) alone writes the block of (b, head).
+                        true => unsafe { kept_dst.slice((b * h + head) * t * t, t * t) },
+                        false => &mut buf.p[..],
+                    };
+                    self.probabilities((&buf.q, &buf.k), &mut buf.s, p, b);
+                    // out[b, :, head] = p v, written in place (row stride H d).
+                    // SAFETY: unit (b, g) alone writes the columns of its heads
+                    // at batch b; p holds t x t values, v t x d.
+                    unsafe {
+                        let o = dst.ptr(out_view.at(b, 0, head));
+                        gemm(
+                            t,
+                            d,
+                            t,
+                            (o, h * d),
+                            false,
+                            Mat::rows(p, t),
+                            Mat::rows(&buf.v, d),
+                        );
+                    }
+                }
+            }
+        });
+        if keep {
+            // Set once: Candle runs an op's forward once.
+            let _ = self.kept.set(kept);
+        }
+        out
+    }
+
+    /// The backward: d q, d k and d v through the views `dst_views` of `dst`,
+    /// from the output gradient `dy` (B, T, H d) contiguous.
+    fn backward(
+        &self,
+        srcs: [(&[f32], View); 3],
+        dy: &[f32],
+        dst: &SharedOut,
+        dst_views: [View; 3],
+    ) {
+        let (bsz, t) = (self.batch, self.len);
+        let (h, d, group) = (self.heads, self.d, self.heads / self.kv_heads);
+        let dy_view = self.plain_view(t, h);
+        let [(q, qv), (k, kv), (v, vv)] = srcs;
+        let [dqv, dkv, dvv] = dst_views;
+        let kept = self.kept.get();
+        for_units(bsz * self.kv_heads, 3 * bsz * h * t * t * d, |units| {
+            let mut buf = Buffers::new(t, d);
+            let (mut dk, mut dv, mut dq) =
+                (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+            let mut dp = vec![0f32; t * t];
+            for unit in units {
+                let (b, g) = (unit / self.kv_heads, unit % self.kv_heads);
+                self.gather_all(k, kv, (b, g), true, &mut buf.k);
+                self.gather_all(v, vv, (b, g), false, &mut buf.v);
+                for head in g * group..(g + 1) * group {
+                    self.gather_all(q, qv, (b, head), true, &mut buf.q);
+                    let p = match kept {
+                        Some(all) => &all[(b * h + head) * t * t..][..t * t],
+                        None => {
+                            self.probabilities((&buf.q, &buf.k), &mut buf.s, &mut buf.p, b);
+                            &buf.p[..]
+                        }
+                    };
+                    let dy_h = Mat {
+                        ptr: dy[dy_view.at(b, 0, head)..].as_ptr(),
+                        rs: (h * d) as isize,
+                        cs: 1,
+                    };
+                    // The first head of the group sets dk and dv, the others add.
+                    let first = head == g * group;
+                    // SAFETY: every pointer addresses a buffer of the stated
+                    // extent: t x t for p, dp and s, t x d for the others, and
+                    // dy's (t, d) block at (b, head) with row stride H d.
+                    unsafe {
+                        // dv += p^T dy; dp = dy v^T.
+                        let pt = Mat::rows(p, t).t();
+                        gemm(t, d, t, (dv.as_mut_ptr(), d), !first, pt, dy_h);
+                        let vt = Mat::rows(&buf.v, d).t();
+                        gemm(t, t, d, (dp.as_mut_ptr(), t), false, dy_h, vt);
+                    }
+                    // ds = scale p (dp - sum(dp p)), into s (the scores are spent).
+                    for i in 0..t {
+                        let r = i * t..(i + 1) * t;
+                        softmax_grad_row(&p[r.clone()], &dp[r.clone()], self.scale, &mut buf.s[r]);
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        // dq = ds k; dk += ds^T q.
+                        let (ds, kq) = (Mat::rows(&buf.s, t), Mat::rows(&buf.k, d));
+                        gemm(t, d, t, (dq.as_mut_ptr(), d), false, ds, kq);
+                        let qm = Mat::rows(&buf.q, d);
+                        gemm(t, d, t, (dk.as_mut_ptr(), d), !first, ds.t(), qm);
+                    }
+                    for i in 0..t {
+                        let row = &dq[i * d..(i + 1) * d];
+                        // SAFETY: unit (b, g) alone writes its heads' rows at batch b.
+                        unsafe { self.scatter(row, dst, dqv, (b, i, head), true) };
+                    }
+                }
+                for i in 0..t {
+                    // SAFETY: as above, for key/value head g.
+                    unsafe {
+                        self.scatter(&dk[i * d..(i + 1) * d], dst, dkv, (b, i, g), true);
+                        self.scatter(&dv[i * d..(i + 1) * d], dst, dvv, (b, i, g), false);
+                    }
+                }
+            }
+        });
+    }
+
+    /// All t rows of `head` at batch b into `out` (t x d).
+    fn gather_all(
+        &self,
+        src: &[f32],
+        view: View,
+        (b, head): (usize, usize),
+        rotate: bool,
+        out: &mut [f32],
+    ) {
+        for (i, row) in out.chunks_mut(self.d).enumerate() {
+            self.gather(src, view, (b, i, head), rotate, row);
+        }
+    }
+
+    /// s = q k^T, then p = softmax(s scale + bias) row by row (q and k
+    /// t x d, s and p t x t), with the mask of batch b.
+    fn probabilities(&self, (q, k): (&[f32], &[f32]), s: &mut [f32], p: &mut [f32], b: usize) {
+        let (t, d) = (self.len, self.d);
+        // SAFETY: q and k hold t x d values, s t x t.
+        unsafe {
+            gemm(
+                t,
+                t,
+                d,
+                (s.as_mut_ptr(), t),
+                false,
+                Mat::rows(q, d),
+                Mat::rows(k, d).t(),
+            );
+        }
+        let bias = self.bias_of(b);
+        for i in 0..t {
+            let r = i * t..(i + 1) * t;
+            softmax_row(&s[r.clone()], &bias[r.clone()], self.scale, &mut p[r]);
+        }
+    }
+}
+
+/// The op on packed q, k, v.
+struct Packed {
+    op: Middle,
+    packing: Packing,
+}
+
+impl Packed {
+    fn views(&self) -> [View; 3] {
+        self.op.packed_views(self.op.len, self.packing)
+    }
+}
+
+impl CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        let views = self.views();
+        for view in views {
+            self.op.check(self.name(), x.len(), view, self.op.heads)?;
+        }
+        let out = self.op.forward(views.map(|view| (x, view)));
+        let (b, t, hd) = (self.op.batch, self.op.len, self.op.heads * self.op.d);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, hd))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let views = self.views();
+        let mut dx = vec![0f32; x.elem_count()];
+        let dst = SharedOut(dx.as_mut_ptr());
+        with_f32(x, |x| {
+            with_f32(grad, |dy| {
+                self.op
+                    .backward(views.map(|view| (x, view)), dy, &dst, views);
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// The op on separate q, k, v.
+struct Split(Middle);
+
+impl Split {
+    fn views(&self) -> [View; 3] {
+        let Middle {
+            len,
+            heads,
+            kv_heads,
+            ..
+        } = self.0;
+        [
+            self.0.plain_view(len, heads),
+            self.0.plain_view(len, kv_heads),
+            self.0.plain_view(len, kv_heads),
+        ]
+    }
+}
+
+impl CustomOp3 for Split {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let [qv, kv, vv] = self.views();
+        let q = f32_data(s1, l1, self.name())?;
+        let k = f32_data(s2, l2, self.name())?;
+        let v = f32_data(s3, l3, self.name())?;
+        op.check(self.name(), q.len(), qv, op.heads)?;
+        op.check(self.name(), k.len(), kv, op.kv_heads)?;
+        op.check(self.name(), v.len(), vv, op.kv_heads)?;
+        let out = op.forward([(q, qv), (k, kv), (v, vv)]);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((op.batch, op.len, op.heads * op.d)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let views = self.views();
+        // dq, dk and dv in one buffer, dk's and dv's views shifted past dq.
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let mut all = vec![0f32; nq + 2 * nk];
+        let dst = SharedOut(all.as_mut_ptr());
+        let shifted = |view: View, by: usize| View {
+            offset: view.offset + by,
+            ..view
+        };
+        let dst_views = [views[0], shifted(views[1], nq), shifted(views[2], nq + nk)];
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(grad, |dy| {
+                        self.0.backward(
+                            [(q, views[0]), (k, views[1]), (v, views[2])],
+                            dy,
+                            &dst,
+                            dst_views,
+                        );
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dv = all.split_off(nq + nk);
+        let dk = all.split_off(nq);
+        let cpu = q.device();
+        Ok((
+            Some(Tensor::from_vec(all, q.shape(), cpu)?),
+            Some(Tensor::from_vec(dk, k.shape(), cpu)?),
+            Some(Tensor::from_vec(dv, v.shape(), cpu)?),
+        ))
+    }
+}
+
+/// f(the f32 values of x), x made contiguous.
+fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(f32_data(s, layout, "fused-attention")?),
+        _ => bail!("fused-attention: CPU tensors only"),
+    }
+}
+
+/// One task's working buffers: a head's q, its key/value head's k and v
+/// (t x d each, rotated), the scores s and the probabilities p (t x t).
+struct Buffers {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    p: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(t: usize, d: usize) -> Self {
+        Self {
+            q: vec![0f32; t * d],
+            k: vec![0f32; t * d],
+            v: vec![0f32; t * d],
+            s: vec![0f32; t * t],
+            p: vec![0f32; t * t],
+        }
+    }
+}
+
+/// The f32 values of `x`, row-major.
+fn flat(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A matrix for gemm: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    /// A row-major matrix of `cols` columns.
+    fn rows(data: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (the same memory).
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// dst (m x n, row stride dst.1) = a (m x k) b (k x n), plus dst's own
+/// values with `accumulate`; on the calling thread.
+///
+/// # Safety
+/// Every pointer addresses a matrix of the stated extent through its strides.
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1 as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::fused::rotary;
+    use crate::models::fused::tests::{compare, seeded};
+    use crate::models::layers::{attention, split_heads};
+    use candle_core::{Device, Var};
+
+    /// A causal mask over t positions for 2 rows, the first left-padded by 2.
+    fn bias(t: usize) -> Tensor {
+        let rows = [
+            (0..t).map(|j| u32::from(j >= 2)).collect::<Vec<_>>(),
+            vec![1u32; t],
+        ];
+        crate::models::attention_bias(&rows, t, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Rotary angles (2, 1, t, r), positions 0.. with a per-row shift.
+    fn angles(t: usize, r: usize) -> (Tensor, Tensor) {
+        let rot = crate::models::layers::Rotary::new(
+            r,
+            10_000.0,
+            &crate::models::layers::RopeScaling::Default,
+        )
+        .unwrap();
+        let pos: Vec<u32> = (0..2 * t as u32)
+            .map(|i| i % t as u32 + 3 * (i / t as u32))
+            .collect();
+        let pos = Tensor::from_vec(pos, (2, t), &Device::Cpu).unwrap();
+        rot.cos_sin(&pos, DType::F32).unwrap()
+    }
+
+    /// The composed middle: heads split by narrow, rotary, `layers::attention`.
+    fn composed(
+        (q, k, v): (Tensor, Tensor, Tensor),
+        (heads, kv_heads): (usize, usize),
+        bias: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Tensor {
+        let rotate = |x: Tensor| match rope {
+            Some((cos, sin)) => rotary(&x, cos, sin).unwrap(),
+            None => x,
+        };
+        let q = rotate(split_heads(&q, heads).unwrap());
+        let k = rotate(split_heads(&k, kv_heads).unwrap());
+        attention(&q, &k, &split_heads(&v, kv_heads).unwrap(), bias).unwrap()
+    }
+
+    #[test]
+    fn packed_blocks_equal_the_composed_attention_in_value_and_gradient() {
+        // GPT-2's layout: 3 heads of 8, no rotary; 7 positions (one task on
+        // the calling thread), 40 (the pool) and 300 (probabilities
+        // recomputed in the backward, not kept).
+        for (t, kept) in [(7, true), (40, true), (300, false)] {
+            let (h, d) = (3, 8);
+            let qkv = Var::from_tensor(&seeded(&[2, t, 3 * h * d], 1, 1.5)).unwrap();
+            let mask = bias(t);
+            let op = Middle::new(&qkv, (2, t), (h, h, d), &mask, None).unwrap().unwrap();
+            assert_eq!(op.keeps_probabilities(), kept);
+            compare(
+                &[qkv],
+                |x| {
+                    packed_attention(&x[0], Packing::Blocks, h, &mask, None)
+                        .unwrap()
+                        .expect("the fused op applies")
+                },
+                |x| {
+                    let part = |i: usize| x[0].narrow(2, i * h * d, h * d).unwrap();
+                    composed((part(0), part(1), part(2)), (h, h), &mask, None)
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn packed_per_head_with_partial_rotary_equals_the_composed_attention() {
+        // GPT-NeoX's layout: q, k, v side by side per head; rotary on 4 of 8.
+        let (t, h, d) = (9, 2, 8);
+        let qkv = Var::from_tensor(&seeded(&[2, t, 3 * h * d], 2, 1.5)).unwrap();
+        let mask = bias(t);
+        let rope = angles(t, 4);
+        compare(
+            &[qkv],
+            |x| {
+                packed_attention(&x[0], Packing::PerHead, h, &mask, Some((&rope.0, &rope.1)))
+                    .unwrap()
+                    .expect("the fused op applies")
+            },
+            |x| {
+                let per_head = x[0].reshape((2, t, h, 3 * d)).unwrap();
+                let part = |i: usize| {
+                    per_head
+                        .narrow(3, i * d, d)
+                        .unwrap()
+                        .reshape((2, t, h * d))
+                        .unwrap()
+                };
+                composed((part(0), part(1), part(2)), (h, h), &mask, Some(&rope))
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn split_grouped_query_attention_with_rotary_equals_the_composed_attention() {
+        // Llama's layout: 4 query heads over 2 key/value heads of 8, full rotary.
+        let (t, h, kvh, d) = (11, 4, 2, 8);
+        let vars = [
+            Var::from_tensor(&seeded(&[2, t, h * d], 3, 1.5)).unwrap(),
+            Var::from_tensor(&seeded(&[2, t, kvh * d], 4, 1.5)).unwrap(),
+            Var::from_tensor(&seeded(&[2, t, kvh * d], 5, 1.5)).unwrap(),
+        ];
+        let mask = bias(t);
+        let rope = angles(t, d);
+        compare(
+            &vars,
+            |x| {
+                split_attention(
+                    (&x[0], &x[1], &x[2]),
+                    (h, kvh),
+                    &mask,
+                    Some((&rope.0, &rope.1)),
+                )
+                .unwrap()
+                .expect("the fused op applies")
+            },
+            |x| {
+                composed(
+                    (x[0].clone(), x[1].clone(), x[2].clone()),
+                    (h, kvh),
+                    &mask,
+                    Some(&rope),
+                )
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn the_op_declines_what_it_does_not_cover() {
+        let qkv = seeded(&[2, 5, 24], 6, 1.0);
+        let mask = bias(5);
+        // Heads that do not divide the width, a mask of another length, bf16.
+        assert!(packed_attention(&qkv, Packing::Blocks, 5, &mask, None)
+            .unwrap()
+            .is_none());
+        assert!(packed_attention(&qkv, Packing::Blocks, 2, &bias(6), None)
+            .unwrap()
+            .is_none());
+        let bf16 = qkv.to_dtype(DType::BF16).unwrap();
+        assert!(packed_attention(&bf16, Packing::Blocks, 2, &mask, None)
+            .unwrap()
+            .is_none());
+        assert!(packed_attention(&qkv, Packing::Blocks, 2, &mask, None)
+            .unwrap()
+            .is_some());
+    }
+}
