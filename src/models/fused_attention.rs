@@ -179,45 +179,77 @@ impl Middle {
         }
     }
 
-    /// Row t of `head` at batch b, from `src` through `view`, into `out`
-    /// (d values), rotated when the op has rotary angles and `rotate`.
-    fn gather(
+    /// Whether q and k turn by rotary angles (else every operand is read and
+    /// every gradient written in place, through its view).
+    fn rotates(&self) -> bool {
+        self.rope.is_some()
+    }
+
+    /// The (t x d) block of `head` at batch b in `src` as a gemm operand: in
+    /// place, or rotated into `buf` when `rotate` and the op has angles.
+    fn operand(
         &self,
         src: &[f32],
         view: View,
-        (b, t, head): (usize, usize, usize),
+        (b, head): (usize, usize),
         rotate: bool,
-        out: &mut [f32],
-    ) {
-        let at = view.at(b, t, head);
-        let row = &src[at..at + self.d];
-        match self.angles(b, t) {
-            Some((cos, sin)) if rotate => {
-                rotate_row(row, cos, sin, false, out);
-            }
-            _ => out.copy_from_slice(row),
+        buf: &mut [f32],
+    ) -> Mat {
+        if !(rotate && self.rotates()) {
+            let at = view.at(b, 0, head);
+            // The block's last row ends within src (checked in cpu_fwd).
+            return Mat {
+                ptr: src[at..].as_ptr(),
+                rs: view.t_stride as isize,
+                cs: 1,
+            };
+        }
+        for (t, out) in buf.chunks_mut(self.d).enumerate() {
+            let at = view.at(b, t, head);
+            let (cos, sin) = self.angles(b, t).expect("the op rotates");
+            rotate_row(&src[at..at + self.d], cos, sin, false, out);
+        }
+        Mat::rows(buf, self.d)
+    }
+
+    /// Where the gradient of the (t x d) block of `head` at batch b goes:
+    /// in place in `dst` (pointer, row stride), or `buf` when it has to turn
+    /// back first ([`Self::put_back`]).
+    fn target(
+        &self,
+        dst: &SharedOut,
+        view: View,
+        (b, head): (usize, usize),
+        rotated: bool,
+        buf: &mut [f32],
+    ) -> (*mut f32, usize) {
+        if rotated && self.rotates() {
+            (buf.as_mut_ptr(), self.d)
+        } else {
+            // SAFETY: within the buffer (checked in cpu_fwd, same views).
+            (unsafe { dst.ptr(view.at(b, 0, head)) }, view.t_stride)
         }
     }
 
-    /// The reverse of [`Self::gather`] for a gradient: `row` (d values),
-    /// rotated back where the forward rotated, written at (b, t, head).
+    /// Turns a gradient block computed in `buf` by [`Self::target`] back by
+    /// the rotary angles into `dst`; nothing to do where it went in place.
     ///
     /// # Safety
-    /// No other thread writes that row of `dst` meanwhile.
-    unsafe fn scatter(
+    /// No other thread writes that block of `dst` meanwhile.
+    unsafe fn put_back(
         &self,
-        row: &[f32],
+        buf: &[f32],
         dst: &SharedOut,
         view: View,
-        (b, t, head): (usize, usize, usize),
+        (b, head): (usize, usize),
         rotated: bool,
     ) {
-        let out = dst.slice(view.at(b, t, head), self.d);
-        match self.angles(b, t) {
-            Some((cos, sin)) if rotated => {
-                rotate_row(row, cos, sin, true, out);
-            }
-            _ => out.copy_from_slice(row),
+        if !(rotated && self.rotates()) {
+            return;
+        }
+        for (t, row) in buf.chunks(self.d).enumerate() {
+            let (cos, sin) = self.angles(b, t).expect("the op rotates");
+            rotate_row(row, cos, sin, true, dst.slice(view.at(b, t, head), self.d));
         }
     }
 
@@ -272,30 +304,22 @@ impl Middle {
             let mut buf = Buffers::new(t, d);
             for unit in units {
                 let (b, g) = (unit / self.kv_heads, unit % self.kv_heads);
-                self.gather_all(k, kv, (b, g), true, &mut buf.k);
-                self.gather_all(v, vv, (b, g), false, &mut buf.v);
+                let km = self.operand(k, kv, (b, g), true, &mut buf.k);
+                let vm = self.operand(v, vv, (b, g), false, &mut buf.v);
                 for head in g * group..(g + 1) * group {
-                    self.gather_all(q, qv, (b, head), true, &mut buf.q);
+                    let qm = self.operand(q, qv, (b, head), true, &mut buf.q);
                     let p = match keep {
                         // SAFETY: unit (b, g) alone writes the block of (b, head).
                         true => unsafe { kept_dst.slice((b * h + head) * t * t, t * t) },
                         false => &mut buf.p[..],
                     };
-                    self.probabilities((&buf.q, &buf.k), &mut buf.s, p, b);
+                    self.probabilities((qm, km), &mut buf.s, p, b);
                     // out[b, :, head] = p v, written in place (row stride H d).
                     // SAFETY: unit (b, g) alone writes the columns of its heads
-                    // at batch b; p holds t x t values, v t x d.
+                    // at batch b; p holds t x t values, v addresses t x d.
                     unsafe {
                         let o = dst.ptr(out_view.at(b, 0, head));
-                        gemm(
-                            t,
-                            d,
-                            t,
-                            (o, h * d),
-                            false,
-                            Mat::rows(p, t),
-                            Mat::rows(&buf.v, d),
-                        );
+                        gemm(t, d, t, (o, h * d), false, Mat::rows(p, t), vm);
                     }
                 }
             }
@@ -324,19 +348,20 @@ impl Middle {
         let kept = self.kept.get();
         for_units(bsz * self.kv_heads, 3 * bsz * h * t * t * d, |units| {
             let mut buf = Buffers::new(t, d);
-            let (mut dk, mut dv, mut dq) =
-                (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+            let (mut dk_buf, mut dq_buf) = (vec![0f32; t * d], vec![0f32; t * d]);
             let mut dp = vec![0f32; t * t];
             for unit in units {
                 let (b, g) = (unit / self.kv_heads, unit % self.kv_heads);
-                self.gather_all(k, kv, (b, g), true, &mut buf.k);
-                self.gather_all(v, vv, (b, g), false, &mut buf.v);
+                let km = self.operand(k, kv, (b, g), true, &mut buf.k);
+                let vm = self.operand(v, vv, (b, g), false, &mut buf.v);
+                let dk = self.target(dst, dkv, (b, g), true, &mut dk_buf);
+                let dv = self.target(dst, dvv, (b, g), false, &mut []);
                 for head in g * group..(g + 1) * group {
-                    self.gather_all(q, qv, (b, head), true, &mut buf.q);
+                    let qm = self.operand(q, qv, (b, head), true, &mut buf.q);
                     let p = match kept {
                         Some(all) => &all[(b * h + head) * t * t..][..t * t],
                         None => {
-                            self.probabilities((&buf.q, &buf.k), &mut buf.s, &mut buf.p, b);
+                            self.probabilities((qm, km), &mut buf.s, &mut buf.p, b);
                             &buf.p[..]
                         }
                     };
@@ -347,76 +372,41 @@ impl Middle {
                     };
                     // The first head of the group sets dk and dv, the others add.
                     let first = head == g * group;
-                    // SAFETY: every pointer addresses a buffer of the stated
-                    // extent: t x t for p, dp and s, t x d for the others, and
-                    // dy's (t, d) block at (b, head) with row stride H d.
+                    // SAFETY: p, dp and s hold t x t values; every other
+                    // operand and target addresses a t x d block through its
+                    // strides, and unit (b, g) alone writes the targets.
                     unsafe {
                         // dv += p^T dy; dp = dy v^T.
-                        let pt = Mat::rows(p, t).t();
-                        gemm(t, d, t, (dv.as_mut_ptr(), d), !first, pt, dy_h);
-                        let vt = Mat::rows(&buf.v, d).t();
-                        gemm(t, t, d, (dp.as_mut_ptr(), t), false, dy_h, vt);
+                        gemm(t, d, t, dv, !first, Mat::rows(p, t).t(), dy_h);
+                        gemm(t, t, d, (dp.as_mut_ptr(), t), false, dy_h, vm.t());
                     }
                     // ds = scale p (dp - sum(dp p)), into s (the scores are spent).
                     for i in 0..t {
                         let r = i * t..(i + 1) * t;
                         softmax_grad_row(&p[r.clone()], &dp[r.clone()], self.scale, &mut buf.s[r]);
                     }
+                    let dq = self.target(dst, dqv, (b, head), true, &mut dq_buf);
                     // SAFETY: as above.
                     unsafe {
                         // dq = ds k; dk += ds^T q.
-                        let (ds, kq) = (Mat::rows(&buf.s, t), Mat::rows(&buf.k, d));
-                        gemm(t, d, t, (dq.as_mut_ptr(), d), false, ds, kq);
-                        let qm = Mat::rows(&buf.q, d);
-                        gemm(t, d, t, (dk.as_mut_ptr(), d), !first, ds.t(), qm);
-                    }
-                    for i in 0..t {
-                        let row = &dq[i * d..(i + 1) * d];
-                        // SAFETY: unit (b, g) alone writes its heads' rows at batch b.
-                        unsafe { self.scatter(row, dst, dqv, (b, i, head), true) };
+                        let ds = Mat::rows(&buf.s, t);
+                        gemm(t, d, t, dq, false, ds, km);
+                        gemm(t, d, t, dk, !first, ds.t(), qm);
+                        self.put_back(&dq_buf, dst, dqv, (b, head), true);
                     }
                 }
-                for i in 0..t {
-                    // SAFETY: as above, for key/value head g.
-                    unsafe {
-                        self.scatter(&dk[i * d..(i + 1) * d], dst, dkv, (b, i, g), true);
-                        self.scatter(&dv[i * d..(i + 1) * d], dst, dvv, (b, i, g), false);
-                    }
-                }
+                // SAFETY: unit (b, g) alone writes key/value head g at batch b.
+                unsafe { self.put_back(&dk_buf, dst, dkv, (b, g), true) };
             }
         });
     }
 
-    /// All t rows of `head` at batch b into `out` (t x d).
-    fn gather_all(
-        &self,
-        src: &[f32],
-        view: View,
-        (b, head): (usize, usize),
-        rotate: bool,
-        out: &mut [f32],
-    ) {
-        for (i, row) in out.chunks_mut(self.d).enumerate() {
-            self.gather(src, view, (b, i, head), rotate, row);
-        }
-    }
-
     /// s = q k^T, then p = softmax(s scale + bias) row by row (q and k
     /// t x d, s and p t x t), with the mask of batch b.
-    fn probabilities(&self, (q, k): (&[f32], &[f32]), s: &mut [f32], p: &mut [f32], b: usize) {
+    fn probabilities(&self, (q, k): (Mat, Mat), s: &mut [f32], p: &mut [f32], b: usize) {
         let (t, d) = (self.len, self.d);
-        // SAFETY: q and k hold t x d values, s t x t.
-        unsafe {
-            gemm(
-                t,
-                t,
-                d,
-                (s.as_mut_ptr(), t),
-                false,
-                Mat::rows(q, d),
-                Mat::rows(k, d).t(),
-            );
-        }
+        // SAFETY: q and k address t x d blocks, s holds t x t values.
+        unsafe { gemm(t, t, d, (s.as_mut_ptr(), t), false, q, k.t()) };
         let bias = self.bias_of(b);
         for i in 0..t {
             let r = i * t..(i + 1) * t;
@@ -719,7 +709,9 @@ mod tests {
             let (h, d) = (3, 8);
             let qkv = Var::from_tensor(&seeded(&[2, t, 3 * h * d], 1, 1.5)).unwrap();
             let mask = bias(t);
-            let op = Middle::new(&qkv, (2, t), (h, h, d), &mask, None).unwrap().unwrap();
+            let op = Middle::new(&qkv, (2, t), (h, h, d), &mask, None)
+                .unwrap()
+                .unwrap();
             assert_eq!(op.keeps_probabilities(), kept);
             compare(
                 &[qkv],
