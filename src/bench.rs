@@ -187,6 +187,8 @@ pub struct PpoBench {
     pub response_length: usize,
     pub epochs: usize,
     pub mini_batches: usize,
+    /// Whether the critic ran on a thread of its own (ppo.critic_on_own_thread).
+    pub critic_on_own_thread: bool,
     /// Mean phase times over the timed iterations.
     pub iteration: PhaseTimes,
     pub peak_rss_mb: f64,
@@ -270,6 +272,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     response_length: w.response_length,
                     epochs: w.ppo_epochs,
                     mini_batches: w.ppo_num_mini_batches,
+                    critic_on_own_thread: opts.config.ppo.critic_on_own_thread,
                     iteration,
                     peak_rss_mb: peak_rss_mb(),
                 });
@@ -533,8 +536,9 @@ impl std::fmt::Display for BenchReport {
             let share = |x: f64| 100.0 * x / t.total_s;
             writeln!(
                 f,
-                "| PPO iteration, batch {}, prompt {}, response {}, {} epochs x {} mini-batches | {:.3} s: generation {:.0}%, forwards {:.0}%, reward {:.0}%, updates {:.0}% | {:.0} MB |",
+                "| PPO iteration, batch {}, prompt {}, response {}, {} epochs x {} mini-batches{} | {:.3} s: generation {:.0}%, forwards {:.0}%, reward {:.0}%, updates {:.0}% | {:.0} MB |",
                 p.batch_size, p.prompt_length, p.response_length, p.epochs, p.mini_batches,
+                if p.critic_on_own_thread { ", critic on its own thread" } else { "" },
                 t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s), p.peak_rss_mb
             )?;
         }

@@ -154,6 +154,63 @@ impl TrainCore {
         Ok(value)
     }
 
+    /// [`Self::backward`] for a loss that is a sum of parts over disjoint
+    /// parameters (PPO's policy and critic losses), each part's forward and
+    /// backward on a thread of its own. On a small model the ops are too
+    /// short to split across cores; the two models' graphs are not. Returns
+    /// the summed loss value and what each part returned beside its loss.
+    pub fn backward_concurrently<S: Send>(
+        &mut self,
+        parts: Vec<Box<dyn FnOnce() -> Result<(Tensor, S)> + Send + '_>>,
+    ) -> Result<(f64, Vec<S>)> {
+        let optimizer = &self.optimizer;
+        let results: Vec<Result<(f64, Option<ParamGrads>, S)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    scope.spawn(move || {
+                        let (loss, extra) = part()?;
+                        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+                        let grads = match value.is_finite() {
+                            true => Some(ParamGrads::from_store(&loss.backward()?, optimizer)),
+                            false => None,
+                        };
+                        Ok((value, grads, extra))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a loss part panicked"))
+                .collect()
+        });
+        self.micro_batches += 1;
+        let (mut total, mut extras) = (0.0, Vec::new());
+        let mut summed: Option<ParamGrads> = None;
+        for result in results {
+            let (value, grads, extra) = result?;
+            total += value;
+            extras.push(extra);
+            match (&mut summed, grads) {
+                (_, None) => {}
+                (Some(sum), Some(g)) => sum.add(g)?,
+                (None, Some(g)) => summed = Some(g),
+            }
+        }
+        if !total.is_finite() {
+            self.nonfinite_loss
+                .get_or_insert_with(|| format!("loss = {total}"));
+            return Ok((total, extras));
+        }
+        if let Some(grads) = summed {
+            match &mut self.pending {
+                Some(p) => p.add(grads)?,
+                None => self.pending = Some(grads),
+            }
+        }
+        Ok((total, extras))
+    }
+
     /// One optimizer step at global step `step` (0-based): averages the
     /// accumulated gradients over micro-batches, checks they are finite,
     /// clips them, and applies AdamW at the scheduled learning rate.

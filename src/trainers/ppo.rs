@@ -425,6 +425,9 @@ fn build_critic(
     device: &Device,
 ) -> Result<Critic> {
     let head = || -> Result<Critic> {
+        if p.critic_on_own_thread {
+            tracing::warn!("ppo.critic_on_own_thread: the critic is a value head on the policy's hidden states, so it runs on the policy's thread");
+        }
         Ok(Critic::Head {
             weight: Var::zeros((1, hidden), DType::F32, device)?,
             bias: Var::zeros(1, DType::F32, device)?,
@@ -1195,8 +1198,7 @@ pub fn train_with_reward(
             let order = state.rng("ppo").permutation(batch);
             for mb in order.chunks(mini_batch) {
                 for micro in mb.chunks(t.per_device_train_batch_size) {
-                    let loss = micro_batch_loss(&models, &policy, p, &ro, micro, &mut acc)?;
-                    core.backward(&loss)?;
+                    micro_batch_backward(&mut core, &models, &policy, p, &ro, micro, &mut acc)?;
                 }
                 if let StepOutcome::Applied { lr: l, .. } = core.step(state.optimizer_steps)? {
                     lr = l;
@@ -1312,6 +1314,18 @@ struct UpdateStats {
 }
 
 impl UpdateStats {
+    /// Adds another micro-batch's (or part's) figures.
+    fn absorb(&mut self, other: UpdateStats) {
+        self.n += other.n;
+        self.approxkl += other.approxkl;
+        self.clipfrac += other.clipfrac;
+        self.pg_loss += other.pg_loss;
+        self.vf_loss += other.vf_loss;
+        self.vf_clipfrac += other.vf_clipfrac;
+        self.entropy += other.entropy;
+        self.ratios.extend(other.ratios);
+    }
+
     fn figures(&self) -> Vec<(String, f64)> {
         let n = self.n.max(1) as f64;
         let ratio = self.ratios.iter().sum::<f64>() / n;
@@ -1334,65 +1348,147 @@ impl UpdateStats {
     }
 }
 
-/// The PPO loss of one micro-batch (rows `rows` of the rollouts):
-/// pg_loss + vf_coef * vf_loss - entropy_coef * entropy.
-fn micro_batch_loss(
+/// One micro-batch (rows `rows` of the rollouts) gathered for the loss.
+struct MicroBatch {
+    batch: Batch,
+    mask: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+}
+
+impl MicroBatch {
+    fn new(
+        m: &Models,
+        policy: &CausalLm,
+        p: &PpoConfig,
+        ro: &Rollouts,
+        rows: &[usize],
+    ) -> Result<Self> {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            rows.len(),
+            m.device,
+        )?;
+        let qs: Vec<&[u32]> = rows.iter().map(|&i| ro.queries[i].as_slice()).collect();
+        let rs: Vec<&[u32]> = rows.iter().map(|&i| ro.responses[i].as_slice()).collect();
+        let batch = Batch::new(
+            &qs,
+            &rs,
+            p.response_length,
+            m.tok.pad_id,
+            policy.dtype(),
+            m.device,
+        )?;
+        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        Ok(Self {
+            batch,
+            mask: pick(&ro.mask)?,
+            old_logprobs: pick(&ro.logprobs)?,
+            advantages: pick(&ro.advantages)?,
+            old_values: pick(&ro.values)?,
+            returns: pick(&ro.returns)?,
+        })
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The policy's part of the PPO loss, pg_loss - entropy_coef * entropy,
+/// with its statistics and the hidden states (for a value head).
+fn policy_part(
+    policy: &CausalLm,
+    p: &PpoConfig,
+    mb: &MicroBatch,
+) -> Result<(Tensor, UpdateStats, Tensor)> {
+    let (logprobs, entropy, h) = policy_outputs(policy, &mb.batch, p.temperature)?;
+    let pl = rl::policy_loss(
+        &logprobs,
+        &mb.old_logprobs,
+        &mb.advantages,
+        &mb.mask,
+        p.cliprange,
+    )?;
+    let entropy = rl::masked_mean(&entropy, &mb.mask)?;
+    let mut loss = pl.loss.clone();
+    if p.entropy_coef > 0.0 {
+        loss = (loss - (&entropy * p.entropy_coef)?)?;
+    }
+    let stats = UpdateStats {
+        n: 1,
+        approxkl: scalar(&pl.approxkl)?,
+        clipfrac: scalar(&pl.clipfrac)?,
+        pg_loss: scalar(&pl.loss)?,
+        entropy: scalar(&entropy)?,
+        ratios: vec![scalar(&rl::masked_mean(&pl.ratio, &mb.mask)?)?],
+        ..UpdateStats::default()
+    };
+    Ok((loss, stats, h))
+}
+
+/// The critic's part of the PPO loss, vf_coef * vf_loss, with its statistics.
+fn critic_part(
+    critic: &Critic,
+    p: &PpoConfig,
+    mb: &MicroBatch,
+    h: &Tensor,
+) -> Result<(Tensor, UpdateStats)> {
+    let values = critic.values(&mb.batch, h, true)?;
+    let vl = rl::value_loss(
+        &values,
+        &mb.old_values,
+        &mb.returns,
+        &mb.mask,
+        p.cliprange_value,
+    )?;
+    let stats = UpdateStats {
+        vf_loss: scalar(&vl.loss)?,
+        vf_clipfrac: scalar(&vl.clipfrac)?,
+        ..UpdateStats::default()
+    };
+    Ok(((&vl.loss * p.vf_coef)?, stats))
+}
+
+/// Backpropagates the PPO loss of one micro-batch (rows `rows` of the
+/// rollouts), pg_loss + vf_coef * vf_loss - entropy_coef * entropy, into
+/// `core`'s pending step, and adds its statistics to `acc`. With
+/// `critic_on_own_thread`, a critic model (not a head on the policy's hidden
+/// states) runs its forward and backward on a thread beside the policy's.
+fn micro_batch_backward(
+    core: &mut TrainCore,
     m: &Models,
     policy: &CausalLm,
     p: &PpoConfig,
     ro: &Rollouts,
     rows: &[usize],
     acc: &mut UpdateStats,
-) -> Result<Tensor> {
-    let idx = Tensor::from_vec(
-        rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-        rows.len(),
-        m.device,
-    )?;
-    let qs: Vec<&[u32]> = rows.iter().map(|&i| ro.queries[i].as_slice()).collect();
-    let rs: Vec<&[u32]> = rows.iter().map(|&i| ro.responses[i].as_slice()).collect();
-    let b = Batch::new(
-        &qs,
-        &rs,
-        p.response_length,
-        m.tok.pad_id,
-        policy.dtype(),
-        m.device,
-    )?;
-    let pick = |t: &Tensor| t.index_select(&idx, 0);
-    let mask = pick(&ro.mask)?;
-    let (logprobs, entropy, h) = policy_outputs(policy, &b, p.temperature)?;
+) -> Result<()> {
+    let mb = MicroBatch::new(m, policy, p, ro, rows)?;
     let critic = m.critic.expect("training has a critic");
-    let values = critic.values(&b, &h, true)?;
-    let pl = rl::policy_loss(
-        &logprobs,
-        &pick(&ro.logprobs)?,
-        &pick(&ro.advantages)?,
-        &mask,
-        p.cliprange,
-    )?;
-    let vl = rl::value_loss(
-        &values,
-        &pick(&ro.values)?,
-        &pick(&ro.returns)?,
-        &mask,
-        p.cliprange_value,
-    )?;
-    let entropy = rl::masked_mean(&entropy, &mask)?;
-    let mut loss = (&pl.loss + (&vl.loss * p.vf_coef)?)?;
-    if p.entropy_coef > 0.0 {
-        loss = (loss - (&entropy * p.entropy_coef)?)?;
+    let side_by_side =
+        p.critic_on_own_thread && matches!(critic, Critic::Model { .. }) && m.device.is_cpu();
+    if side_by_side {
+        type Part<'a> = Box<dyn FnOnce() -> Result<(Tensor, UpdateStats)> + Send + 'a>;
+        let (mb, device) = (&mb, m.device);
+        let parts: Vec<Part> = vec![
+            Box::new(move || policy_part(policy, p, mb).map(|(loss, stats, _)| (loss, stats))),
+            // The model critic reads the batch, not the policy's hidden states.
+            Box::new(move || critic_part(critic, p, mb, &Tensor::zeros(1, DType::F32, device)?)),
+        ];
+        for stats in core.backward_concurrently(parts)?.1 {
+            acc.absorb(stats);
+        }
+        return Ok(());
     }
-    let f = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    acc.n += 1;
-    acc.approxkl += f(&pl.approxkl)?;
-    acc.clipfrac += f(&pl.clipfrac)?;
-    acc.pg_loss += f(&pl.loss)?;
-    acc.vf_loss += f(&vl.loss)?;
-    acc.vf_clipfrac += f(&vl.clipfrac)?;
-    acc.entropy += f(&entropy)?;
-    acc.ratios.push(f(&rl::masked_mean(&pl.ratio, &mask)?)?);
-    Ok(loss)
+    let (policy_loss, policy_stats, h) = policy_part(policy, p, &mb)?;
+    let (critic_loss, critic_stats) = critic_part(critic, p, &mb, &h)?;
+    core.backward(&(policy_loss + critic_loss)?)?;
+    acc.absorb(policy_stats);
+    acc.absorb(critic_stats);
+    Ok(())
 }
 
 /// Appends a few completions with their scores to RUN_DIR/samples.jsonl.

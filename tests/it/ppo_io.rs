@@ -561,3 +561,44 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
     });
     assert!(moved, "PPO changed the weights");
 }
+
+#[test]
+fn a_critic_on_its_own_thread_trains_to_the_same_weights() {
+    // The policy's and the critic's losses cover disjoint weights, so running
+    // their forwards and backwards on two threads changes no result.
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = |own: bool| {
+        vec![
+            "ppo.total_episodes=64".to_string(),
+            "run.threads=1".to_string(),
+            format!("ppo.critic_on_own_thread={own}"),
+        ]
+    };
+    let last_checkpoint = |run: &Path| {
+        let dir = run.join("checkpoints");
+        let step = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        dir.join(step.to_string())
+    };
+    let (apart, together) = (tmp.path().join("apart"), tmp.path().join("together"));
+    ok(&mut ppo_cmd(&apart, &sets(true)));
+    ok(&mut ppo_cmd(&together, &sets(false)));
+    let (a, b) = (last_checkpoint(&apart), last_checkpoint(&together));
+    assert_eq!(a.file_name(), b.file_name());
+    for file in ["model.safetensors", "critic.safetensors"] {
+        let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
+        assert!(
+            read(&a) == read(&b),
+            "{file}: the critic's thread changed the weights"
+        );
+    }
+    // More than one thread per model would make the two contend: refused.
+    let mut both = ppo_cmd(&tmp.path().join("refused"), &sets(true));
+    let out = both.args(["--set", "run.threads=2"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ppo.critic_on_own_thread"), "{err}");
+}
