@@ -108,6 +108,10 @@ pub fn step_plan(t: &TrainConfig, items: usize) -> (usize, u64, u64) {
     (batch, per_epoch, total)
 }
 
+/// One part of a loss for [`TrainCore::backward_concurrently`]: it computes
+/// its loss (and anything else `S`) on the thread it is given.
+pub type LossPart<'a, S> = Box<dyn FnOnce() -> Result<(Tensor, S)> + Send + 'a>;
+
 /// Accumulation, clipping, the non-finite guard, the schedule and AdamW.
 pub struct TrainCore {
     pub optimizer: AdamW,
@@ -161,7 +165,7 @@ impl TrainCore {
     /// the summed loss value and what each part returned beside its loss.
     pub fn backward_concurrently<S: Send>(
         &mut self,
-        parts: Vec<Box<dyn FnOnce() -> Result<(Tensor, S)> + Send + '_>>,
+        parts: Vec<LossPart<'_, S>>,
     ) -> Result<(f64, Vec<S>)> {
         let optimizer = &self.optimizer;
         let results: Vec<Result<(f64, Option<ParamGrads>, S)>> = std::thread::scope(|scope| {

@@ -28,7 +28,7 @@ use crate::run::{checkpoint_if_due, Manifest, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
 use crate::train::optim::{AdamW, AdamWParams};
-use crate::train::{StepOutcome, TrainCore};
+use crate::train::{LossPart, StepOutcome, TrainCore};
 use crate::{Error, HostRng, IoContext, Result};
 
 // ---------------------------------------------------------------- rewards
@@ -1471,9 +1471,8 @@ fn micro_batch_backward(
     let side_by_side =
         p.critic_on_own_thread && matches!(critic, Critic::Model { .. }) && m.device.is_cpu();
     if side_by_side {
-        type Part<'a> = Box<dyn FnOnce() -> Result<(Tensor, UpdateStats)> + Send + 'a>;
         let (mb, device) = (&mb, m.device);
-        let parts: Vec<Part> = vec![
+        let parts: Vec<LossPart<UpdateStats>> = vec![
             Box::new(move || policy_part(policy, p, mb).map(|(loss, stats, _)| (loss, stats))),
             // The model critic reads the batch, not the policy's hidden states.
             Box::new(move || critic_part(critic, p, mb, &Tensor::zeros(1, DType::F32, device)?)),
