@@ -339,10 +339,11 @@ pub struct PpoConfig {
     /// which reads the policy's hidden states). Needs `run.threads = 1`:
     /// each model's ops then run on one thread, and the run uses two cores.
     /// On a small model, whose ops are too short to split across cores, this
-    /// is the faster way to use two (tiny fixture: 0.040 s per PPO iteration
-    /// against 0.056 s at threads = 2); on GPT-2 small it is slower (27.7 s
-    /// against 20.4 s), as the policy's larger half and the rollout then run
-    /// on one core. See BENCHMARKS.md.
+    /// is the faster way to use two (tiny fixture: 0.040-0.044 s per PPO
+    /// iteration against 0.055-0.064 s with both models on one thread); on
+    /// GPT-2 small it is slower (27.7 s against 20.35 s at threads = 2), as
+    /// the policy's larger half and the rollout then run on one core. See
+    /// BENCHMARKS.md.
     pub critic_on_own_thread: bool,
     pub top_k: Option<usize>,
     pub top_p: f64,

@@ -28,7 +28,7 @@ const CHUNK: usize = 1 << 13;
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
 
-fn fused_path(xs: &[&Tensor]) -> bool {
+pub(super) fn fused_path(xs: &[&Tensor]) -> bool {
     xs.iter()
         .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
 }
@@ -424,7 +424,14 @@ impl CustomOp3 for LayerNorm {
         let d = w.elem_count();
         let rows = x.elem_count() / d;
         // One kernel returns dx (rows x d) with dw and db appended as two more rows.
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let all = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &NormGrad {
+                norm: Norm::Layer,
+                eps: self.eps,
+            },
+        )?;
         let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = all.get(rows)?;
         let db = all.get(rows + 1)?;
@@ -461,17 +468,27 @@ fn rows_and_sums(
     out
 }
 
-/// (x, w, dy) -> [dx; dw; db] as a (rows + 2, d) tensor:
-/// xhat = (x - mean) * rstd, g = dy * w,
-/// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-/// dw = sum over rows of dy * xhat, db = sum over rows of dy.
-struct LayerNormGrad {
+/// Which normalization a [`NormGrad`] differentiates.
+#[derive(Clone, Copy)]
+enum Norm {
+    Layer,
+    Rms,
+}
+
+/// (x, w, dy) -> dx with the parameter gradients appended as rows:
+/// LayerNorm [dx; dw; db] (rows + 2, d), RMSNorm [dx; dw] (rows + 1, d), in
+/// one pass over x and dy ([`layer_norm_grad_row`], [`rms_norm_grad_row`]).
+struct NormGrad {
+    norm: Norm,
     eps: f32,
 }
 
-impl CustomOp3 for LayerNormGrad {
+impl CustomOp3 for NormGrad {
     fn name(&self) -> &'static str {
-        "fused-layer-norm-grad"
+        match self.norm {
+            Norm::Layer => "fused-layer-norm-grad",
+            Norm::Rms => "fused-rms-norm-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -488,16 +505,25 @@ impl CustomOp3 for LayerNormGrad {
         let dy = f32_data(s3, l3, self.name())?;
         let d = w.len();
         let rows = x.len() / d;
-        let out = rows_and_sums(rows, d, 2, |i, acc, o| {
-            let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-            layer_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
+        let sums = match self.norm {
+            Norm::Layer => 2,
+            Norm::Rms => 1,
+        };
+        let out = rows_and_sums(rows, d, sums, |i, acc, o| {
+            let (x, dy) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+            match self.norm {
+                Norm::Layer => layer_norm_grad_row(x, dy, w, self.eps, acc, o),
+                Norm::Rms => rms_norm_grad_row(x, dy, w, self.eps, acc, o),
+            }
         });
-        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+        Ok((CpuStorage::F32(out), Shape::from((rows + sums, d))))
     }
 }
 
 wide_simd_fn! {
-    /// dx of one row into `out`; dw and db of the row added to acc[..d], acc[d..].
+    /// dx of one row into `out`; dw and db of the row added to acc[..d], acc[d..]:
+    /// xhat = (x - mean) * rstd, g = dy * w,
+    /// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), dw = dy * xhat, db = dy.
     fn layer_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
         let d = row.len();
         let (mean, rstd) = row_stats(row, eps);
@@ -577,7 +603,14 @@ impl CustomOp2 for RmsNorm {
         let d = w.elem_count();
         let rows = x.elem_count() / d;
         // One kernel returns dx (rows x d) with dw appended as one more row.
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let all = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &NormGrad {
+                norm: Norm::Rms,
+                eps: self.eps,
+            },
+        )?;
         let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = all.get(rows)?.reshape(w.shape())?;
         Ok((Some(dx), Some(dw)))
@@ -600,41 +633,10 @@ wide_simd_fn! {
     }
 }
 
-/// (x, w, dy) -> [dx; dw] as a (rows + 1, d) tensor, with r = 1/sqrt(mean(x^2) + eps)
-/// and g = dy * w: dx = r * (g - x * r^2 * mean(g * x)), dw = sum over rows of dy * x * r.
-struct RmsNormGrad {
-    eps: f32,
-}
-
-impl CustomOp3 for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let w = f32_data(s2, l2, self.name())?;
-        let dy = f32_data(s3, l3, self.name())?;
-        let d = w.len();
-        let rows = x.len() / d;
-        let out = rows_and_sums(rows, d, 1, |i, acc, o| {
-            let rows = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
-            rms_norm_grad_row(rows.0, rows.1, w, self.eps, acc, o);
-        });
-        Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
-    }
-}
-
 wide_simd_fn! {
-    /// dx of one row into `out`; the row's dw added to `acc`.
+    /// dx of one row into `out`; the row's dw added to `acc`: with
+    /// r = 1/sqrt(mean(x^2) + eps) and g = dy * w,
+    /// dx = r * (g - x * r^2 * mean(g * x)), dw = dy * x * r.
     fn rms_norm_grad_row(row: &[f32], g_row: &[f32], w: &[f32], eps: f32, acc: &mut [f32], out: &mut [f32]) {
         let d = row.len();
         let r = rms_rstd(row, eps);

@@ -6,24 +6,25 @@
 //! transposes, copies, two batched products, the softmax), and Candle's
 //! backward adds each op's gradient into a fresh zero tensor: zero fills and
 //! adds were 12% of a tiny-model PPO iteration. Here each (batch, key/value
-//! head) is one task that gathers its heads' rows from the projections'
-//! output in place, with the gemm crate's products on small contiguous
-//! buffers.
+//! head) is one task with the gemm crate's products, reading q, k and v in
+//! place from the projections' output (copying only blocks it rotates).
 //!
-//! Like FlashAttention's (Dao et al., 2022), the backward recomputes the
-//! probabilities from q and k instead of keeping the (B, H, T, T) scores, so
-//! the op keeps nothing alive but its inputs: the graph holds no per-head
-//! copies, rotated q and k, scores or probabilities (about a fifth of a
-//! GPT-2-small reward step's activations, by a count of tensor sizes).
+//! Where a layer has many scores, the backward recomputes the probabilities
+//! from q and k as FlashAttention's does (Dao et al., 2022), and the op keeps
+//! nothing alive but its inputs: no per-head copies, rotated q and k, scores
+//! or probabilities (about a fifth of a GPT-2-small reward step's
+//! activations, by a count of tensor sizes). Below that the forward keeps the
+//! probabilities ([`Middle::keeps_probabilities`]).
 
 use std::sync::OnceLock;
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result as CResult, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result as CResult, Shape, Storage, Tensor,
 };
 
-use super::fused::{f32_data, for_units, rotate_row, softmax_grad_row, softmax_row, SharedOut};
+use super::fused::{
+    f32_data, for_units, fused_path, rotate_row, softmax_grad_row, softmax_row, SharedOut,
+};
 use crate::Result;
 
 /// How q, k and v sit in one (B, T, C) projection output.
@@ -125,8 +126,7 @@ impl Middle {
         bias: &Tensor,
         rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Option<Self>> {
-        let cpu_f32 = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-        if !cpu_f32(x) || !cpu_f32(bias) || bias.dims() != [b, 1, t, t] || d == 0 {
+        if !fused_path(&[x, bias]) || bias.dims() != [b, 1, t, t] || d == 0 {
             return Ok(None);
         }
         let rope = match rope {
@@ -134,7 +134,7 @@ impl Middle {
             Some((cos, sin)) => {
                 let r = cos.dims().last().copied().unwrap_or(0);
                 let fits = cos.dims() == [b, 1, t, r] && sin.dims() == cos.dims();
-                if !fits || r > d || r % 2 != 0 || !cpu_f32(cos) || !cpu_f32(sin) {
+                if !fits || r > d || r % 2 != 0 || !fused_path(&[cos, sin]) {
                     return Ok(None);
                 }
                 Some((flat(cos)?, flat(sin)?, r))
@@ -154,8 +154,8 @@ impl Middle {
     }
 
     /// Views of q, k and v in a contiguous (B, T, C) buffer packed as `packing`.
-    fn packed_views(&self, t: usize, packing: Packing) -> [View; 3] {
-        let (h, d) = (self.heads, self.d);
+    fn packed_views(&self, packing: Packing) -> [View; 3] {
+        let (t, h, d) = (self.len, self.heads, self.d);
         let c = 3 * h * d;
         let view = |offset, h_stride| View {
             offset,
@@ -170,10 +170,10 @@ impl Middle {
     }
 
     /// The view of a contiguous (B, T, heads d) buffer.
-    fn plain_view(&self, t: usize, heads: usize) -> View {
+    fn plain_view(&self, heads: usize) -> View {
         View {
             offset: 0,
-            b_stride: t * heads * self.d,
+            b_stride: self.len * heads * self.d,
             t_stride: heads * self.d,
             h_stride: self.d,
         }
@@ -236,15 +236,8 @@ impl Middle {
     ///
     /// # Safety
     /// No other thread writes that block of `dst` meanwhile.
-    unsafe fn put_back(
-        &self,
-        buf: &[f32],
-        dst: &SharedOut,
-        view: View,
-        (b, head): (usize, usize),
-        rotated: bool,
-    ) {
-        if !(rotated && self.rotates()) {
+    unsafe fn put_back(&self, buf: &[f32], dst: &SharedOut, view: View, (b, head): (usize, usize)) {
+        if !self.rotates() {
             return;
         }
         for (t, row) in buf.chunks(self.d).enumerate() {
@@ -294,7 +287,7 @@ impl Middle {
         let (bsz, t) = (self.batch, self.len);
         let (h, d, group) = (self.heads, self.d, self.heads / self.kv_heads);
         let mut out = vec![0f32; bsz * t * h * d];
-        let out_view = self.plain_view(t, h);
+        let out_view = self.plain_view(h);
         let dst = SharedOut(out.as_mut_ptr());
         let keep = self.keeps_probabilities();
         let mut kept = vec![0f32; if keep { bsz * h * t * t } else { 0 }];
@@ -342,7 +335,7 @@ impl Middle {
     ) {
         let (bsz, t) = (self.batch, self.len);
         let (h, d, group) = (self.heads, self.d, self.heads / self.kv_heads);
-        let dy_view = self.plain_view(t, h);
+        let dy_view = self.plain_view(h);
         let [(q, qv), (k, kv), (v, vv)] = srcs;
         let [dqv, dkv, dvv] = dst_views;
         let kept = self.kept.get();
@@ -392,11 +385,11 @@ impl Middle {
                         let ds = Mat::rows(&buf.s, t);
                         gemm(t, d, t, dq, false, ds, km);
                         gemm(t, d, t, dk, !first, ds.t(), qm);
-                        self.put_back(&dq_buf, dst, dqv, (b, head), true);
+                        self.put_back(&dq_buf, dst, dqv, (b, head));
                     }
                 }
                 // SAFETY: unit (b, g) alone writes key/value head g at batch b.
-                unsafe { self.put_back(&dk_buf, dst, dkv, (b, g), true) };
+                unsafe { self.put_back(&dk_buf, dst, dkv, (b, g)) };
             }
         });
     }
@@ -423,7 +416,7 @@ struct Packed {
 
 impl Packed {
     fn views(&self) -> [View; 3] {
-        self.op.packed_views(self.op.len, self.packing)
+        self.op.packed_views(self.packing)
     }
 }
 
@@ -463,17 +456,9 @@ struct Split(Middle);
 
 impl Split {
     fn views(&self) -> [View; 3] {
-        let Middle {
-            len,
-            heads,
-            kv_heads,
-            ..
-        } = self.0;
-        [
-            self.0.plain_view(len, heads),
-            self.0.plain_view(len, kv_heads),
-            self.0.plain_view(len, kv_heads),
-        ]
+        let op = &self.0;
+        let kv = op.plain_view(op.kv_heads);
+        [op.plain_view(op.heads), kv, kv]
     }
 }
 
@@ -658,7 +643,7 @@ mod tests {
     use crate::models::fused::rotary;
     use crate::models::fused::tests::{compare, seeded};
     use crate::models::layers::{attention, split_heads};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// A causal mask over t positions for 2 rows, the first left-padded by 2.
     fn bias(t: usize) -> Tensor {

@@ -337,14 +337,19 @@ enum Critic {
 
 impl Critic {
     /// Values (B, r) in f32 of the states predicting each response token;
-    /// `h` the policy's hidden states there; `grad` records the graph.
-    fn values(&self, b: &Batch, h: &Tensor, grad: bool) -> Result<Tensor> {
+    /// `h` the policy's hidden states there (a value head needs them, a
+    /// critic model reads the batch); `grad` records the graph.
+    fn values(&self, b: &Batch, h: Option<&Tensor>, grad: bool) -> Result<Tensor> {
         match self {
             Critic::Head { weight, bias } => {
                 // The head reads detached hidden states: value-loss gradients
                 // train the head only and never move the policy (a shared
                 // trunk lets a large value loss wreck the policy early on).
-                let h = h.detach();
+                let h = h
+                    .ok_or_else(|| {
+                        Error::Msg("a value head needs the policy's hidden states".into())
+                    })?
+                    .detach();
                 let h = &h;
                 let (w, c) = if grad {
                     (weight.as_tensor().clone(), bias.as_tensor().clone())
@@ -648,7 +653,7 @@ fn forward_rollouts(
             policy_outputs(m.reference, &b_ref, temperature)?.0
         };
         if let Some(critic) = m.critic {
-            vals.push(critic.values(&b, &h, false)?);
+            vals.push(critic.values(&b, Some(&h), false)?);
         }
         lp.push(logprobs);
         rlp.push(ref_logprobs);
@@ -1429,12 +1434,13 @@ fn policy_part(
     Ok((loss, stats, h))
 }
 
-/// The critic's part of the PPO loss, vf_coef * vf_loss, with its statistics.
+/// The critic's part of the PPO loss, vf_coef * vf_loss, with its
+/// statistics; `h` as [`Critic::values`] takes it.
 fn critic_part(
     critic: &Critic,
     p: &PpoConfig,
     mb: &MicroBatch,
-    h: &Tensor,
+    h: Option<&Tensor>,
 ) -> Result<(Tensor, UpdateStats)> {
     let values = critic.values(&mb.batch, h, true)?;
     let vl = rl::value_loss(
@@ -1471,11 +1477,10 @@ fn micro_batch_backward(
     let side_by_side =
         p.critic_on_own_thread && matches!(critic, Critic::Model { .. }) && m.device.is_cpu();
     if side_by_side {
-        let (mb, device) = (&mb, m.device);
+        let mb = &mb;
         let parts: Vec<LossPart<UpdateStats>> = vec![
             Box::new(move || policy_part(policy, p, mb).map(|(loss, stats, _)| (loss, stats))),
-            // The model critic reads the batch, not the policy's hidden states.
-            Box::new(move || critic_part(critic, p, mb, &Tensor::zeros(1, DType::F32, device)?)),
+            Box::new(move || critic_part(critic, p, mb, None)),
         ];
         for stats in core.backward_concurrently(parts)?.1 {
             acc.absorb(stats);
@@ -1483,7 +1488,7 @@ fn micro_batch_backward(
         return Ok(());
     }
     let (policy_loss, policy_stats, h) = policy_part(policy, p, &mb)?;
-    let (critic_loss, critic_stats) = critic_part(critic, p, &mb, &h)?;
+    let (critic_loss, critic_stats) = critic_part(critic, p, &mb, Some(&h))?;
     core.backward(&(policy_loss + critic_loss)?)?;
     acc.absorb(policy_stats);
     acc.absorb(critic_stats);
