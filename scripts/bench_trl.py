@@ -24,6 +24,14 @@ and prompts.jsonl (random prompt ids). scripts/bench_compare.sh runs both sides.
    checkpointing on; on a CPU that is slower and not what we compare).
 
 Peak RSS per part comes from /proc/self/status (VmHWM), reset between parts.
+
+On a GPU (`--device cuda`, used by scripts/gpu_run.sh) the same workloads run
+there: `--dtype bf16` trains with TRL's `bf16=True` (f32 weights and optimizer
+state, bf16 autocast: what candle-rlhf's bf16 does with its f32 master
+weights), holds the reference and reward models and the generating model in
+bf16, synchronizes the device before every clock read, and reports the peak
+of torch's allocator (`torch.cuda.max_memory_reserved`) beside the RSS.
+Only the generate part runs without TRL and datasets installed.
 """
 import argparse
 import json
@@ -46,6 +54,10 @@ def parse_args():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                   help="generation batch sizes instead of the shape's")
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     return p.parse_args()
 
 
@@ -57,8 +69,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import trl  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -67,6 +77,25 @@ from transformers import (  # noqa: E402
 )
 
 torch.set_num_threads(ARGS.threads)
+CUDA = ARGS.device == "cuda"
+DEVICE = torch.device(ARGS.device)
+# Weights of frozen and generating models; trained ones stay f32 (masters).
+HELD = torch.bfloat16 if ARGS.dtype == "bf16" else torch.float32
+
+
+def sync():
+    """Waits for the device, so that the clock reads finished work."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def reset_peak_device():
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_device_mb():
+    return torch.cuda.max_memory_reserved() / 2**20 if CUDA else None
 
 
 def reset_peak_rss():
@@ -91,9 +120,11 @@ class StepTimer(TrainerCallback):
         self._start = None
 
     def on_step_begin(self, args, state, control, **kw):
+        sync()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        sync()
         now = time.perf_counter()
         if self._start is not None:
             self.times.append(now - self._start)
@@ -106,8 +137,8 @@ def common_args(out_dir):
         report_to=[],
         save_strategy="no",
         logging_steps=10**6,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not CUDA,
+        bf16=ARGS.dtype == "bf16",
         fp16=False,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
@@ -120,6 +151,7 @@ def random_ids(rng, rows, length, vocab):
 
 
 def bench_reward(work, w, vocab, rng):
+    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     b, n = w["reward_batch_size"], ARGS.warmup + ARGS.iters
@@ -141,6 +173,7 @@ def bench_reward(work, w, vocab, rng):
         model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer]
     )
     reset_peak_rss()
+    reset_peak_device()
     trainer.train()
     step_s = statistics.median(timer.times[ARGS.warmup :])
     return {
@@ -149,18 +182,21 @@ def bench_reward(work, w, vocab, rng):
         "step_s": step_s,
         "tokens_per_s": 2 * b * w["reward_seq_len"] / step_s,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
     }
 
 
 def bench_generate(work, w, vocab, rng):
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=HELD).to(DEVICE).eval()
     out = []
     r = w["response_length"]
-    for b in w["generate_batch_sizes"]:
+    for b in ARGS.batch_sizes or w["generate_batch_sizes"]:
         reset_peak_rss()
+        reset_peak_device()
         times = []
         for i in range(ARGS.warmup + ARGS.iters):
-            ids = torch.tensor(random_ids(rng, b, w["prompt_length"], vocab))
+            ids = torch.tensor(random_ids(rng, b, w["prompt_length"], vocab), device=DEVICE)
+            sync()
             start = time.perf_counter()
             with torch.inference_mode():
                 gen = model.generate(
@@ -174,6 +210,7 @@ def bench_generate(work, w, vocab, rng):
                     top_p=1.0,
                     pad_token_id=0,
                 )
+            sync()
             assert gen.shape[1] == w["prompt_length"] + r
             if i >= ARGS.warmup:
                 times.append(time.perf_counter() - start)
@@ -186,12 +223,14 @@ def bench_generate(work, w, vocab, rng):
                 "seconds": s,
                 "tokens_per_s": b * r / s,
                 "peak_rss_mb": peak_rss_mb(),
+                "peak_device_mb": peak_device_mb(),
             }
         )
     return out
 
 
 def bench_ppo(work, w, variant):
+    from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
@@ -210,8 +249,10 @@ def bench_ppo(work, w, variant):
     original = ppo_module.batch_generation
 
     def timed_generation(*a, **k):
+        sync()
         start = time.perf_counter()
         result = original(*a, **k)
+        sync()
         gen_times.append(time.perf_counter() - start)
         return result
 
@@ -222,10 +263,10 @@ def bench_ppo(work, w, variant):
     prompts = prompts[: w["ppo_batch_size"] * n]
     ds = Dataset.from_dict({"input_ids": prompts})
     tok = AutoTokenizer.from_pretrained(work / "model")
-    f32 = dict(dtype=torch.float32)
+    f32, held = dict(dtype=torch.float32), dict(dtype=HELD)
     policy = AutoModelForCausalLM.from_pretrained(work / "model", **f32)
-    ref = AutoModelForCausalLM.from_pretrained(work / "model", **f32)
-    reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **f32)
+    ref = AutoModelForCausalLM.from_pretrained(work / "model", **held)
+    reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **held)
     value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **f32)
     accumulation = w["ppo_batch_size"] // (w["ppo_num_mini_batches"] * w["per_device_train_batch_size"])
     args = PPOConfig(
@@ -253,6 +294,7 @@ def bench_ppo(work, w, variant):
         callbacks=[timer],
     )
     reset_peak_rss()
+    reset_peak_device()
     timer._start = time.perf_counter()
     trainer.train()
     ppo_module.batch_generation = original
@@ -268,7 +310,17 @@ def bench_ppo(work, w, variant):
         "iteration_s": statistics.mean(timed),
         "generate_s": statistics.mean(gen),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
     }
+
+
+def trl_version():
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:
+        return None
 
 
 def main():
@@ -283,8 +335,10 @@ def main():
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "trl": trl.__version__,
+        "trl": trl_version(),
         "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "dtype": ARGS.dtype,
         "iters": ARGS.iters,
         "reward": None,
         "generate": [],

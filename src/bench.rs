@@ -21,9 +21,9 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, TrainConfig};
 use crate::error::IoContext;
-use crate::generate::{generate, Sampling};
+use crate::generate::{generate, Draw, Sampling};
 use crate::models::reward::RewardModel;
-use crate::models::{load_dir_frozen, CausalLm};
+use crate::models::{load_dir_frozen, ArchConfig, CausalLm};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::TrainCore;
 use crate::trainers::ppo::PhaseTimes;
@@ -156,6 +156,10 @@ pub struct BenchOptions {
     pub work_dir: PathBuf,
     /// The run settings (device, dtype, seed) come from here.
     pub config: Config,
+    /// Where generation draws its tokens.
+    pub draw: Draw,
+    /// The device's peak TFLOP/s in the run's dtype, for MFU.
+    pub peak_tflops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +169,8 @@ pub struct RewardBench {
     /// Median seconds per step (forward, backward, optimizer step).
     pub step_s: f64,
     pub tokens_per_s: f64,
+    /// Model FLOPs per second of the step ([`ModelFlops`]), in TFLOP/s.
+    pub model_tflops: f64,
     pub peak_rss_mb: f64,
 }
 
@@ -177,6 +183,8 @@ pub struct GenerateBench {
     pub seconds: f64,
     /// New tokens per second over the batch.
     pub tokens_per_s: f64,
+    /// Whether tokens were drawn on the device (else on the host).
+    pub drawn_on_device: bool,
     pub peak_rss_mb: f64,
 }
 
@@ -191,6 +199,9 @@ pub struct PpoBench {
     pub critic_on_own_thread: bool,
     /// Mean phase times over the timed iterations.
     pub iteration: PhaseTimes,
+    /// Model FLOPs per second of the update phase (policy and critic
+    /// forwards and backwards over every epoch), in TFLOP/s.
+    pub update_model_tflops: f64,
     pub peak_rss_mb: f64,
 }
 
@@ -205,6 +216,9 @@ pub struct BenchReport {
     pub date: String,
     pub commit: String,
     pub iters: usize,
+    /// The device's peak TFLOP/s in this dtype (`--peak-tflops`), against
+    /// which model FLOPs utilisation (MFU) is reported.
+    pub peak_tflops: Option<f64>,
     pub reward: Option<RewardBench>,
     pub generate: Vec<GenerateBench>,
     pub ppo: Option<PpoBench>,
@@ -227,12 +241,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         date: today_utc(),
         commit: git_commit(),
         iters: opts.iters,
+        peak_tflops: opts.peak_tflops,
         reward: None,
         generate: Vec::new(),
         ppo: None,
     };
     let w = &opts.shape.workload;
     let vocab = opts.shape.vocab_size()?;
+    let flops = ModelFlops::of(&model_dir)?;
     let mut rng = HostRng::new(cfg.run.seed);
     for part in &opts.parts {
         reset_peak_rss();
@@ -241,31 +257,53 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 ensure_reward_model(opts, &model_dir)?;
                 let step_s = reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
                 let tokens = 2 * w.reward_batch_size * w.reward_seq_len;
+                // A reward model has no LM head (its one-output head is negligible).
+                let step_flops =
+                    3.0 * tokens as f64 * flops.forward_per_token(w.reward_seq_len, false);
                 report.reward = Some(RewardBench {
                     pairs: w.reward_batch_size,
                     seq_len: w.reward_seq_len,
                     step_s,
                     tokens_per_s: tokens as f64 / step_s,
+                    model_tflops: step_flops / step_s / 1e12,
                     peak_rss_mb: peak_rss_mb(),
                 });
             }
             Part::Generate => {
                 let model = load_causal(&model_dir, dtype, &device)?;
+                let sampling = Sampling {
+                    max_new_tokens: w.response_length,
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: 1.0,
+                    stop_token_id: None,
+                    keep_stop_token: false,
+                    draw: opts.draw,
+                };
                 for &b in &w.generate_batch_sizes {
                     reset_peak_rss();
-                    let seconds = generation(opts, &model, b, vocab, &device, &mut rng)?;
+                    let seconds = generation(opts, &model, &sampling, b, vocab, &device, &mut rng)?;
                     report.generate.push(GenerateBench {
                         batch_size: b,
                         prompt_length: w.prompt_length,
                         new_tokens: w.response_length,
                         seconds,
                         tokens_per_s: (b * w.response_length) as f64 / seconds,
+                        drawn_on_device: sampling.draws_on_device(&device),
                         peak_rss_mb: peak_rss_mb(),
                     });
                 }
             }
             Part::Ppo => {
                 let iteration = ppo_iterations(opts, &model_dir, vocab, &mut rng)?;
+                // Each epoch trains the policy (with its LM head) and the
+                // critic (the reward model's backbone, no LM head) on every
+                // query-response of the batch, padded to full width.
+                let seq = w.prompt_length + w.response_length;
+                let tokens = (w.ppo_epochs * w.ppo_batch_size * seq) as f64;
+                let update_flops = 3.0
+                    * tokens
+                    * (flops.forward_per_token(seq, true) + flops.forward_per_token(seq, false));
                 report.ppo = Some(PpoBench {
                     batch_size: w.ppo_batch_size,
                     prompt_length: w.prompt_length,
@@ -273,6 +311,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     epochs: w.ppo_epochs,
                     mini_batches: w.ppo_num_mini_batches,
                     critic_on_own_thread: opts.config.ppo.critic_on_own_thread,
+                    update_model_tflops: update_flops / iteration.update_s / 1e12,
                     iteration,
                     peak_rss_mb: peak_rss_mb(),
                 });
@@ -296,9 +335,10 @@ fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Parameters in model.safetensors, from its header alone (reading the
-/// whole file would leave its size in the process's memory).
-fn count_parameters(model_dir: &Path) -> Result<usize> {
+/// Each tensor's name and number of elements in model.safetensors, from its
+/// header alone (reading the whole file would leave its size in the
+/// process's memory).
+fn tensor_sizes(model_dir: &Path) -> Result<Vec<(String, usize)>> {
     use std::io::Read;
     let path = model_dir.join("model.safetensors");
     let bad = |message: String| Error::Parse {
@@ -317,12 +357,69 @@ fn count_parameters(model_dir: &Path) -> Result<usize> {
     Ok(tensors
         .iter()
         .filter(|(name, _)| *name != "__metadata__")
-        .map(|(_, t)| {
-            t["shape"].as_array().map_or(0, |s| {
+        .map(|(name, t)| {
+            let size = t["shape"].as_array().map_or(0, |s| {
                 s.iter().filter_map(Value::as_u64).product::<u64>() as usize
-            })
+            });
+            (name.clone(), size)
         })
-        .sum())
+        .collect())
+}
+
+fn count_parameters(model_dir: &Path) -> Result<usize> {
+    Ok(tensor_sizes(model_dir)?.iter().map(|(_, n)| n).sum())
+}
+
+/// What a model's FLOPs are counted from: PaLM's model FLOPs (Chowdhery et
+/// al. 2022, appendix B; nanoGPT's `estimate_mfu` counts the same way).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelFlops {
+    /// Weights of the transformer blocks (tensors under `h.N.` or
+    /// `layers.N.`): every one takes part in a product, but for the
+    /// norms and biases, a fraction of a percent.
+    pub block_params: usize,
+    pub layers: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl ModelFlops {
+    /// Reads `model_dir`'s config.json and safetensors header.
+    pub fn of(model_dir: &Path) -> Result<Self> {
+        let arch = ArchConfig::load(&model_dir.join("config.json"))?;
+        let in_block = |name: &str| {
+            let parts: Vec<&str> = name.split('.').collect();
+            parts.windows(2).any(|w| {
+                (w[0] == "h" || w[0] == "layers") && w[1].bytes().all(|c| c.is_ascii_digit())
+            })
+        };
+        let block_params = tensor_sizes(model_dir)?
+            .iter()
+            .filter(|(name, _)| in_block(name))
+            .map(|(_, n)| n)
+            .sum();
+        let vocab = crate::checkpoint::read_json::<Value>(&model_dir.join("config.json"))?
+            ["vocab_size"]
+            .as_u64()
+            .unwrap_or(0) as usize;
+        Ok(Self {
+            block_params,
+            layers: arch.num_layers(),
+            hidden: arch.hidden_size(),
+            vocab,
+        })
+    }
+
+    /// FLOPs of one token's forward in a sequence of `seq` tokens: 2 per
+    /// block weight and, with `lm_head`, per LM-head weight (vocab x hidden,
+    /// tied or not), plus 2·2·layers·hidden·seq for the attention scores and
+    /// the weighted sum over the whole sequence (as PaLM counts, not only the
+    /// causal half). The embedding lookup is no product. A training step,
+    /// forward and backward, is 3 times the forward.
+    pub fn forward_per_token(&self, seq: usize, lm_head: bool) -> f64 {
+        let head = if lm_head { self.vocab * self.hidden } else { 0 };
+        2.0 * (self.block_params + head) as f64 + 4.0 * (self.layers * self.hidden * seq) as f64
+    }
 }
 
 fn load_causal(dir: &Path, dtype: DType, device: &Device) -> Result<CausalLm> {
@@ -396,25 +493,18 @@ fn reward_steps(
 fn generation(
     opts: &BenchOptions,
     model: &CausalLm,
+    sampling: &Sampling,
     batch: usize,
     vocab: usize,
     device: &Device,
     rng: &mut HostRng,
 ) -> Result<f64> {
     let w = &opts.shape.workload;
-    let sampling = Sampling {
-        max_new_tokens: w.response_length,
-        temperature: 1.0,
-        top_k: None,
-        top_p: 1.0,
-        stop_token_id: None,
-        keep_stop_token: false,
-    };
     let mut times = Vec::new();
     for i in 0..opts.warmup + opts.iters {
         let prompts = random_rows(batch, w.prompt_length, vocab, rng);
         let started = Instant::now();
-        let out = generate(model, &prompts, 0, &sampling, rng, device)?;
+        let out = generate(model, &prompts, 0, sampling, rng, device)?;
         debug_assert!(out.iter().all(|r| r.len() == w.response_length));
         if i >= opts.warmup {
             times.push(started.elapsed().as_secs_f64());
@@ -515,20 +605,27 @@ impl std::fmt::Display for BenchReport {
             self.date,
             self.commit
         )?;
+        // Model FLOP/s, with MFU where the device's peak is known.
+        let model_flops = |tflops: f64| match self.peak_tflops {
+            Some(peak) => format!("{tflops:.2} TFLOP/s, MFU {:.1}%", 100.0 * tflops / peak),
+            None => format!("{tflops:.2} TFLOP/s"),
+        };
         writeln!(f, "| workload | figure | peak RSS |")?;
         writeln!(f, "|---|---|---|")?;
         if let Some(r) = &self.reward {
             writeln!(
                 f,
-                "| reward step, {} pairs x {} tokens | {:.3} s/step, {:.0} tokens/s | {:.0} MB |",
-                r.pairs, r.seq_len, r.step_s, r.tokens_per_s, r.peak_rss_mb
+                "| reward step, {} pairs x {} tokens | {:.3} s/step, {:.0} tokens/s, {} | {:.0} MB |",
+                r.pairs, r.seq_len, r.step_s, r.tokens_per_s, model_flops(r.model_tflops), r.peak_rss_mb
             )?;
         }
         for g in &self.generate {
             writeln!(
                 f,
-                "| generate, batch {}, prompt {}, {} new tokens | {:.1} tokens/s ({:.3} s) | {:.0} MB |",
-                g.batch_size, g.prompt_length, g.new_tokens, g.tokens_per_s, g.seconds, g.peak_rss_mb
+                "| generate, batch {}, prompt {}, {} new tokens, drawn on the {} | {:.1} tokens/s ({:.3} s) | {:.0} MB |",
+                g.batch_size, g.prompt_length, g.new_tokens,
+                if g.drawn_on_device { "device" } else { "host" },
+                g.tokens_per_s, g.seconds, g.peak_rss_mb
             )?;
         }
         if let Some(p) = &self.ppo {
@@ -536,10 +633,11 @@ impl std::fmt::Display for BenchReport {
             let share = |x: f64| 100.0 * x / t.total_s;
             writeln!(
                 f,
-                "| PPO iteration, batch {}, prompt {}, response {}, {} epochs x {} mini-batches{} | {:.3} s: generation {:.0}%, forwards {:.0}%, reward {:.0}%, updates {:.0}% | {:.0} MB |",
+                "| PPO iteration, batch {}, prompt {}, response {}, {} epochs x {} mini-batches{} | {:.3} s: generation {:.0}%, forwards {:.0}%, reward {:.0}%, updates {:.0}% ({}) | {:.0} MB |",
                 p.batch_size, p.prompt_length, p.response_length, p.epochs, p.mini_batches,
                 if p.critic_on_own_thread { ", critic on its own thread" } else { "" },
-                t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s), p.peak_rss_mb
+                t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s),
+                model_flops(p.update_model_tflops), p.peak_rss_mb
             )?;
         }
         Ok(())
@@ -575,7 +673,12 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// The checkout's commit, or `CANDLE_RLHF_COMMIT` away from one (the GPU
+/// pack's runner sets it from the pack's PACK_INFO).
 fn git_commit() -> String {
+    if let Ok(commit) = std::env::var("CANDLE_RLHF_COMMIT") {
+        return commit;
+    }
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
@@ -632,5 +735,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("reward, generate, ppo"));
+    }
+
+    #[test]
+    fn model_flops_of_gpt2_small_by_hand() {
+        // GPT-2 small: 12 blocks of 12·768² + 13·768 = 7,087,872 weights,
+        // LM head 50,257 x 768. Forward of one token in 1,024:
+        // 2·(85,054,464 + 38,597,376) + 4·12·768·1,024 = 285,052,416.
+        // Training, 3x: 855.2M, near nanoGPT's 6N + 12LHQT with N the
+        // whole 124.4M (859M; it also counts the position embeddings).
+        let gpt2 = ModelFlops {
+            block_params: 12 * 7_087_872,
+            layers: 12,
+            hidden: 768,
+            vocab: 50_257,
+        };
+        assert_eq!(gpt2.forward_per_token(1024, true), 285_052_416.0);
+        // Without the LM head (a reward model or critic), at 128 tokens.
+        assert_eq!(
+            gpt2.forward_per_token(128, false),
+            2.0 * 85_054_464.0 + 4.0 * 12.0 * 768.0 * 128.0
+        );
     }
 }

@@ -76,6 +76,13 @@ struct BenchArgs {
     /// Generation batch sizes instead of the shape's (e.g. 1,16,64 on a GPU).
     #[arg(long, value_name = "N,N,..", value_delimiter = ',')]
     batch_sizes: Option<Vec<usize>>,
+    /// Where generation draws tokens: auto (the device on a GPU), host or device.
+    #[arg(long, default_value = "auto")]
+    draw: candle_rlhf::generate::Draw,
+    /// The device's peak TFLOP/s in the run's dtype (an H100 SXM: 989 in
+    /// bf16, 67 in f32): the report adds model FLOPs utilisation (MFU).
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
 }
 
 /// Options of the trainers.
@@ -562,6 +569,8 @@ fn bench(b: BenchArgs) -> anyhow::Result<()> {
         warmup: b.warmup,
         work_dir,
         config,
+        draw: b.draw,
+        peak_tflops: b.peak_tflops,
     })?;
     print!("{report}");
     if let Some(path) = &b.json {

@@ -126,6 +126,17 @@ impl ArchConfig {
         }
     }
 
+    /// Transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Gpt2(c) => c.n_layer,
+            Self::Llama(c) => c.num_hidden_layers,
+            Self::GptNeoX(c) => c.num_hidden_layers,
+            Self::Bert(c) => c.num_hidden_layers,
+            Self::DistilBert(c) => c.n_layers,
+        }
+    }
+
     /// The longest sequence the model takes.
     pub fn max_positions(&self) -> usize {
         match self {

@@ -961,6 +961,7 @@ fn sampling_of(p: &PpoConfig, tok: &Tokenizer) -> Sampling {
             .stop_token_id
             .or(p.stop_token.map(|StopToken::Eos| tok.eos_id)),
         keep_stop_token: true,
+        draw: Default::default(),
     }
 }
 

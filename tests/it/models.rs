@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarMap;
-use candle_rlhf::generate::{generate, Sampling};
+use candle_rlhf::generate::{generate, Draw, Sampling};
 use candle_rlhf::models::{
     attention_bias, frozen_builder, left_pad, load_dir, position_ids, right_pad, ArchConfig,
     Backbone, CausalLm,
@@ -372,24 +372,29 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
             tok.encode("the movie was").unwrap(),
             tok.encode("i think this film").unwrap(),
         ];
-        let sample = |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: Option<u32>| {
-            let s = Sampling {
-                max_new_tokens: 12,
-                temperature,
-                top_k: None,
-                top_p: 1.0,
-                stop_token_id: stop,
-                keep_stop_token: false,
+        let sample_with =
+            |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: Option<u32>, draw: Draw| {
+                let s = Sampling {
+                    max_new_tokens: 12,
+                    temperature,
+                    top_k: None,
+                    top_p: 1.0,
+                    stop_token_id: stop,
+                    keep_stop_token: false,
+                    draw,
+                };
+                generate(
+                    &model,
+                    prompts,
+                    tok.pad_id,
+                    &s,
+                    &mut HostRng::new(seed),
+                    &dev,
+                )
+                .unwrap()
             };
-            generate(
-                &model,
-                prompts,
-                tok.pad_id,
-                &s,
-                &mut HostRng::new(seed),
-                &dev,
-            )
-            .unwrap()
+        let sample = |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: Option<u32>| {
+            sample_with(prompts, temperature, seed, stop, Draw::Auto)
         };
         let g1 = sample(&prompts, 0.0, 1, None);
         assert_eq!(
@@ -412,7 +417,38 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
         assert_eq!(cut[0], g1[0][..first].to_vec(), "{name}");
         // Each row equals its own greedy run alone (padding is invisible).
         assert_eq!(sample(&prompts[1..], 0.0, 0, None)[0], g1[1], "{name}");
+        // Tokens drawn on the device are those drawn on the host from the
+        // same uniforms, a row that stopped early included.
+        for temperature in [0.0, 1.0] {
+            let host = sample_with(&prompts, temperature, 5, Some(stop), Draw::Host);
+            let on_device = sample_with(&prompts, temperature, 5, Some(stop), Draw::Device);
+            assert_eq!(host, on_device, "{name} at temperature {temperature}");
+        }
     }
+}
+
+#[test]
+fn model_flops_count_the_block_weights_by_hand() {
+    use candle_rlhf::bench::ModelFlops;
+    // GPT-2 block of width d: 12d² + 13d (attention 4d², MLP 8d², biases
+    // and two LayerNorms 13d); tiny-gpt2 has 2 blocks of width 64.
+    let gpt2 = ModelFlops::of(&model_dir("tiny-gpt2")).unwrap();
+    let want = ModelFlops {
+        block_params: 2 * (12 * 64 * 64 + 13 * 64),
+        layers: 2,
+        hidden: 64,
+        vocab: 445,
+    };
+    assert_eq!(gpt2, want);
+    // tiny-llama: width 64, 4 heads of 16 sharing 2 key/value heads, MLP 96:
+    // q and o 64x64, k and v 64x32, gate, up and down 64x96, two RMSNorms;
+    // the untied lm_head and the final norm are outside the blocks.
+    let llama = ModelFlops::of(&model_dir("tiny-llama")).unwrap();
+    assert_eq!(
+        llama.block_params,
+        2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64)
+    );
+    assert_eq!((llama.layers, llama.hidden, llama.vocab), (2, 64, 445));
 }
 
 #[test]

@@ -523,6 +523,7 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
         top_p: 1.0,
         stop_token_id: None,
         keep_stop_token: true,
+        draw: Default::default(),
     };
     let mut rng = candle_rlhf::HostRng::stream(0, "sample");
     let ours_out = candle_rlhf::generate::generate(
