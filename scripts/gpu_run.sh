@@ -43,14 +43,6 @@ case "$gpu" in
     *) peak_bf16="" peak_f32="" ;;
 esac
 peak_bf16="${PEAK_BF16:-$peak_bf16}" peak_f32="${PEAK_F32:-$peak_f32}"
-# The PyTorch side: TRL and datasets from the pack's wheels, if any.
-wheels="$(dirname "$pack")/wheels"
-if ls "$wheels"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$wheels"/*.whl &&
-        export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-torch_parts="generate"
-python3 -c "import trl, datasets" 2>/dev/null && torch_parts="reward,generate,ppo"
 
 # with_memory TAG LOG COMMAND...: runs COMMAND (output to LOG) with
 # nvidia-smi sampling device memory every 50 ms; prints "exit RC; peak
@@ -86,6 +78,14 @@ if [[ "$what" != "--bench-only" ]]; then
 fi
 
 if [[ "$what" != "--tests-only" ]]; then
+    # The PyTorch side: TRL and datasets from the pack's wheels, if any.
+    wheels="$(dirname "$pack")/wheels"
+    if ls "$wheels"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$wheels"/*.whl &&
+            export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    torch_parts="generate"
+    python3 -c "import trl, datasets" 2>/dev/null && torch_parts="reward,generate,ppo"
     for shape in ${SHAPES:-gpt2 smollm2-135m qwen2.5-0.5b}; do
         bench_dir="$work/bench/$shape"
         for dtype in ${DTYPES:-bf16 f32}; do
