@@ -10,7 +10,8 @@
 # Usage: scripts/gpu_run.sh PACK.tar.xz RESULTS_DIR [--tests-only|--bench-only]
 #   (the pack's wheels/ folder, if any, sits beside PACK.tar.xz)
 # Env:   SHAPES (default "gpt2 smollm2-135m qwen2.5-0.5b"), DTYPES (default "bf16 f32"),
-#        BENCH_ARGS (extra `bench` arguments, default --batch-sizes 1,16,64), TEST_THREADS (default 4),
+#        BATCH_SIZES (generation batch sizes on both sides, default 1,16,64),
+#        BENCH_ARGS (extra arguments of the main `bench` run), TEST_THREADS (default 4),
 #        CANDLE_RLHF_TEST_DEVICE (default cuda), TORCH=0 to skip the PyTorch side,
 #        BENCH_DEVICE (default cuda; cpu makes a dry run of this script on any machine),
 #        PEAK_BF16 / PEAK_F32 (dense TFLOP/s for MFU; default from the GPU's name).
@@ -85,7 +86,9 @@ if [[ "$what" != "--tests-only" ]]; then
             export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     torch_parts="generate"
-    python3 -c "import trl, datasets" 2>/dev/null && torch_parts="reward,generate,ppo"
+    python3 -c "import datasets; from trl import RewardTrainer; from trl.experimental.ppo import PPOTrainer" \
+        2>"$results/trl-import.txt" && torch_parts="reward,generate,ppo"
+    sizes="${BATCH_SIZES:-1,16,64}"
     for shape in ${SHAPES:-gpt2 smollm2-135m qwen2.5-0.5b}; do
         bench_dir="$work/bench/$shape"
         for dtype in ${DTYPES:-bf16 f32}; do
@@ -95,17 +98,16 @@ if [[ "$what" != "--tests-only" ]]; then
             # shellcheck disable=SC2086
             line="$(with_memory "$tag" "$results/bench-$tag.log" "$bin" bench --model "$work/configs/models/$shape.toml" --device "${BENCH_DEVICE:-cuda}" \
                 --dtype "$dtype" --work-dir "$bench_dir" ${peak:+--peak-tflops $peak} \
-                --json "$results/bench-$tag.json" ${BENCH_ARGS:---batch-sizes 1,16,64})" || status=1
+                --batch-sizes "$sizes" --json "$results/bench-$tag.json" ${BENCH_ARGS:-})" || status=1
             echo "bench $tag: $line" | tee -a "$results/summary.txt"
             # Generation with the tokens drawn on the host, as before on-device drawing.
-            # shellcheck disable=SC2086
             "$bin" bench --model "$work/configs/models/$shape.toml" --device "${BENCH_DEVICE:-cuda}" --dtype "$dtype" \
-                --work-dir "$bench_dir" --parts generate --draw host --json "$results/bench-$tag-host-draw.json" \
-                ${BENCH_ARGS:---batch-sizes 1,16,64} >"$results/bench-$tag-host-draw.log" 2>&1 || status=1
+                --work-dir "$bench_dir" --parts generate --draw host --batch-sizes "$sizes" \
+                --json "$results/bench-$tag-host-draw.json" >"$results/bench-$tag-host-draw.log" 2>&1 || status=1
             [[ "${TORCH:-1}" == 0 ]] && continue
             line="$(with_memory "torch-$tag" "$results/torch-$tag.log" python3 "$work/scripts/bench_trl.py" --shape "$work/configs/models/$shape.toml" \
                 --work-dir "$bench_dir" --device "${BENCH_DEVICE:-cuda}" --dtype "$dtype" --parts "$torch_parts" --ppo-variants nogc \
-                --batch-sizes 1,16,64 --json "$results/torch-$tag.json")"
+                --batch-sizes "$sizes" --json "$results/torch-$tag.json")" || status=1
             echo "torch ($torch_parts) $tag: $line" | tee -a "$results/summary.txt"
         done
     done

@@ -258,8 +258,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 let step_s = reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
                 let tokens = 2 * w.reward_batch_size * w.reward_seq_len;
                 // A reward model has no LM head (its one-output head is negligible).
-                let step_flops =
-                    3.0 * tokens as f64 * flops.forward_per_token(w.reward_seq_len, false);
+                let step_flops = 3.0 * tokens as f64 * flops.trunk_per_token(w.reward_seq_len);
                 report.reward = Some(RewardBench {
                     pairs: w.reward_batch_size,
                     seq_len: w.reward_seq_len,
@@ -296,14 +295,17 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             }
             Part::Ppo => {
                 let iteration = ppo_iterations(opts, &model_dir, vocab, &mut rng)?;
-                // Each epoch trains the policy (with its LM head) and the
-                // critic (the reward model's backbone, no LM head) on every
-                // query-response of the batch, padded to full width.
+                // Each epoch trains the policy's trunk on every query-response
+                // token (padded to full width), its LM head on the response
+                // tokens only (ppo.rs `policy_outputs`), and the critic, here
+                // the reward model's backbone (`value_model = auto` with a
+                // reward model on the policy's backbone), on every token.
                 let seq = w.prompt_length + w.response_length;
-                let tokens = (w.ppo_epochs * w.ppo_batch_size * seq) as f64;
+                let rows = (w.ppo_epochs * w.ppo_batch_size) as f64;
                 let update_flops = 3.0
-                    * tokens
-                    * (flops.forward_per_token(seq, true) + flops.forward_per_token(seq, false));
+                    * rows
+                    * (2.0 * seq as f64 * flops.trunk_per_token(seq)
+                        + w.response_length as f64 * flops.head_per_token());
                 report.ppo = Some(PpoBench {
                     batch_size: w.ppo_batch_size,
                     prompt_length: w.prompt_length,
@@ -335,10 +337,9 @@ fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Each tensor's name and number of elements in model.safetensors, from its
-/// header alone (reading the whole file would leave its size in the
-/// process's memory).
-fn tensor_sizes(model_dir: &Path) -> Result<Vec<(String, usize)>> {
+/// Each tensor's name and shape in model.safetensors, from its header alone
+/// (reading the whole file would leave its size in the process's memory).
+fn tensor_shapes(model_dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     use std::io::Read;
     let path = model_dir.join("model.safetensors");
     let bad = |message: String| Error::Parse {
@@ -358,25 +359,31 @@ fn tensor_sizes(model_dir: &Path) -> Result<Vec<(String, usize)>> {
         .iter()
         .filter(|(name, _)| *name != "__metadata__")
         .map(|(name, t)| {
-            let size = t["shape"].as_array().map_or(0, |s| {
-                s.iter().filter_map(Value::as_u64).product::<u64>() as usize
+            let shape = t["shape"].as_array().map_or(Vec::new(), |s| {
+                s.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|d| d as usize)
+                    .collect()
             });
-            (name.clone(), size)
+            (name.clone(), shape)
         })
         .collect())
 }
 
 fn count_parameters(model_dir: &Path) -> Result<usize> {
-    Ok(tensor_sizes(model_dir)?.iter().map(|(_, n)| n).sum())
+    Ok(tensor_shapes(model_dir)?
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum())
 }
 
 /// What a model's FLOPs are counted from: PaLM's model FLOPs (Chowdhery et
 /// al. 2022, appendix B; nanoGPT's `estimate_mfu` counts the same way).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelFlops {
-    /// Weights of the transformer blocks (tensors under `h.N.` or
-    /// `layers.N.`): every one takes part in a product, but for the
-    /// norms and biases, a fraction of a percent.
+    /// Matrix weights of the transformer blocks: the 2-D tensors under
+    /// `h.N.` or `layers.N.` (norms and biases are 1-D and add no products;
+    /// causal-mask buffers some checkpoints store are 4-D).
     pub block_params: usize,
     pub layers: usize,
     pub hidden: usize,
@@ -393,10 +400,10 @@ impl ModelFlops {
                 (w[0] == "h" || w[0] == "layers") && w[1].bytes().all(|c| c.is_ascii_digit())
             })
         };
-        let block_params = tensor_sizes(model_dir)?
+        let block_params = tensor_shapes(model_dir)?
             .iter()
-            .filter(|(name, _)| in_block(name))
-            .map(|(_, n)| n)
+            .filter(|(name, shape)| shape.len() == 2 && in_block(name))
+            .map(|(_, shape)| shape[0] * shape[1])
             .sum();
         let vocab = crate::checkpoint::read_json::<Value>(&model_dir.join("config.json"))?
             ["vocab_size"]
@@ -410,15 +417,19 @@ impl ModelFlops {
         })
     }
 
-    /// FLOPs of one token's forward in a sequence of `seq` tokens: 2 per
-    /// block weight and, with `lm_head`, per LM-head weight (vocab x hidden,
-    /// tied or not), plus 2·2·layers·hidden·seq for the attention scores and
-    /// the weighted sum over the whole sequence (as PaLM counts, not only the
-    /// causal half). The embedding lookup is no product. A training step,
-    /// forward and backward, is 3 times the forward.
-    pub fn forward_per_token(&self, seq: usize, lm_head: bool) -> f64 {
-        let head = if lm_head { self.vocab * self.hidden } else { 0 };
-        2.0 * (self.block_params + head) as f64 + 4.0 * (self.layers * self.hidden * seq) as f64
+    /// FLOPs of one token's forward through the blocks in a sequence of
+    /// `seq` tokens: 2 per block weight, plus 2·2·layers·hidden·seq for the
+    /// attention scores and the weighted sum over the whole sequence (as PaLM
+    /// counts, not only the causal half). The embedding lookup is no product.
+    /// A training step, forward and backward, is 3 times the forward.
+    pub fn trunk_per_token(&self, seq: usize) -> f64 {
+        2.0 * self.block_params as f64 + 4.0 * (self.layers * self.hidden * seq) as f64
+    }
+
+    /// FLOPs of the LM head's forward for one token (vocab x hidden, tied
+    /// or not).
+    pub fn head_per_token(&self) -> f64 {
+        2.0 * (self.vocab * self.hidden) as f64
     }
 }
 
@@ -739,22 +750,19 @@ mod tests {
 
     #[test]
     fn model_flops_of_gpt2_small_by_hand() {
-        // GPT-2 small: 12 blocks of 12·768² + 13·768 = 7,087,872 weights,
-        // LM head 50,257 x 768. Forward of one token in 1,024:
-        // 2·(85,054,464 + 38,597,376) + 4·12·768·1,024 = 285,052,416.
-        // Training, 3x: 855.2M, near nanoGPT's 6N + 12LHQT with N the
-        // whole 124.4M (859M; it also counts the position embeddings).
+        // GPT-2 small: 12 blocks of 12·768² matrix weights, LM head
+        // 50,257 x 768. Forward of one token in 1,024:
+        // 2·84,934,656 + 4·12·768·1,024 = 207,618,048 in the trunk and
+        // 2·38,597,376 = 77,194,752 in the head, 284,812,800 in all.
+        // Training, 3x: 854.4M, near nanoGPT's 6N + 12LHQT with N the whole
+        // 124.4M (859M; N also holds the position embeddings and norms).
         let gpt2 = ModelFlops {
-            block_params: 12 * 7_087_872,
+            block_params: 12 * 12 * 768 * 768,
             layers: 12,
             hidden: 768,
             vocab: 50_257,
         };
-        assert_eq!(gpt2.forward_per_token(1024, true), 285_052_416.0);
-        // Without the LM head (a reward model or critic), at 128 tokens.
-        assert_eq!(
-            gpt2.forward_per_token(128, false),
-            2.0 * 85_054_464.0 + 4.0 * 12.0 * 768.0 * 128.0
-        );
+        assert_eq!(gpt2.trunk_per_token(1024), 207_618_048.0);
+        assert_eq!(gpt2.head_per_token(), 77_194_752.0);
     }
 }

@@ -167,7 +167,8 @@ fn sample_full(logits: &[f32], temperature: f64, rng: &mut HostRng) -> u32 {
 /// tokens, a product with a triangular matrix of ones sums the block totals,
 /// the block holding the target is gathered and summed the same way. (Candle's
 /// `cumsum` is one such product over the whole dimension, a V x V matrix.)
-/// Greedy decoding is the argmax.
+/// Greedy decoding is the argmax (on CUDA, which of several equal maxima it
+/// returns is the kernel's choice; the host takes the first).
 pub struct DeviceSampler {
     vocab: usize,
     block: usize,
@@ -224,17 +225,31 @@ impl DeviceSampler {
         let block_totals = weights.sum(2)?; // (b, blocks)
         let through_block = block_totals.matmul(&self.upper_blocks)?; // inclusive
         let total = through_block.narrow(1, blocks - 1, 1)?;
-        let u = Tensor::from_slice(uniforms, (b, 1), device)?;
-        let target = (u * total)?;
-        // The first block whose running total passes the target: the number of
-        // blocks whose running total does not (blocks of weight 0 are passed).
-        let count_le = |running: &Tensor, target: &Tensor| -> Result<Tensor> {
-            Ok(running
-                .broadcast_le(target)?
-                .to_dtype(DType::F32)?
-                .sum_keepdim(1)?)
+        // A uniform of 1 (an f64 just below 1 rounds up in f32) would put the
+        // target at the total: keep it below.
+        let below_one = f32::from_bits(1.0f32.to_bits() - 1);
+        let u: Vec<f32> = uniforms.iter().map(|u| u.min(below_one)).collect();
+        let u = Tensor::from_vec(u, (b, 1), device)?;
+        let target = u.mul(&total)?;
+        // The number of running totals at or below the target (strictly
+        // below, with `strict`), per row.
+        let count = |running: &Tensor, target: &Tensor, strict: bool| -> Result<Tensor> {
+            let passed = if strict {
+                running.broadcast_lt(target)?
+            } else {
+                running.broadcast_le(target)?
+            };
+            Ok(passed.to_dtype(DType::F32)?.sum_keepdim(1)?)
         };
-        let j = count_le(&through_block, &target)?.minimum((blocks - 1) as f64)?;
+        // The first block whose running total passes the target: the number
+        // of blocks whose running total does not (blocks of weight 0 are
+        // passed). Rounding can leave the target at the total: then the last
+        // block with weight, the number of running totals below the total.
+        let j = count(&through_block, &target, false)?.minimum(&count(
+            &through_block,
+            &total,
+            true,
+        )?)?;
         let j_ids = j.to_dtype(DType::U32)?;
         let before = (through_block - &block_totals)?.gather(&j_ids, 1)?;
         let rest = (target - before)?;
@@ -247,9 +262,13 @@ impl DeviceSampler {
                 1,
             )?
             .squeeze(1)?;
-        let k = count_le(&in_block.matmul(&self.upper_block)?, &rest)?;
-        // Rounding can leave the target at or past the total: the last token.
-        let id = ((j * block as f64)? + k)?.minimum((vocab - 1) as f64)?;
+        // The same within the block; the block's running sum (a product) and
+        // its total (a sum) can round apart, so clamp to its last token with
+        // weight likewise.
+        let running = in_block.matmul(&self.upper_block)?;
+        let block_total = running.narrow(1, block - 1, 1)?;
+        let k = count(&running, &rest, false)?.minimum(&count(&running, &block_total, true)?)?;
+        let id = ((j * block as f64)? + k)?;
         Ok(id.squeeze(1)?.to_dtype(DType::U32)?)
     }
 }
@@ -509,6 +528,19 @@ mod tests {
                 .to_vec1::<u32>()
                 .unwrap();
             assert_eq!(id, [want], "u = {u}");
+        }
+        // A uniform of 1 (a draw just below 1 rounded to f32) takes the last
+        // token with weight, not a token of weight 0 after it.
+        let mut front = vec![f32::NEG_INFINITY; 9];
+        front[..4].fill(0.0);
+        let front = Tensor::from_slice(&front, (1, 9), &device).unwrap();
+        for u in [1.0, 0.999_999_9] {
+            let id = sampler
+                .draw(&front, 1.0, &[u])
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(id, [3], "u = {u}");
         }
         // Temperature 0 is the argmax, whatever the uniform.
         let id = sampler
