@@ -393,7 +393,9 @@ pub struct ModelFlops {
 impl ModelFlops {
     /// Reads `model_dir`'s config.json and safetensors header.
     pub fn of(model_dir: &Path) -> Result<Self> {
-        let arch = ArchConfig::load(&model_dir.join("config.json"))?;
+        let config_path = model_dir.join("config.json");
+        let raw: Value = crate::checkpoint::read_json(&config_path)?;
+        let arch = ArchConfig::from_value(&raw, &config_path)?;
         let in_block = |name: &str| {
             let parts: Vec<&str> = name.split('.').collect();
             parts.windows(2).any(|w| {
@@ -405,10 +407,7 @@ impl ModelFlops {
             .filter(|(name, shape)| shape.len() == 2 && in_block(name))
             .map(|(_, shape)| shape[0] * shape[1])
             .sum();
-        let vocab = crate::checkpoint::read_json::<Value>(&model_dir.join("config.json"))?
-            ["vocab_size"]
-            .as_u64()
-            .unwrap_or(0) as usize;
+        let vocab = raw["vocab_size"].as_u64().unwrap_or(0) as usize;
         Ok(Self {
             block_params,
             layers: arch.num_layers(),

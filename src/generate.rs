@@ -326,10 +326,12 @@ pub fn generate(
         let logits = model.lm_logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
         // 3. Draw each row's token with the seeded RNG (one uniform per row
         // still generating, on the host or uploaded).
+        // `drawn` holds the ids on the device when they were drawn there.
         let (next, drawn) = if on_device {
-            if sampler.is_none() {
-                sampler = Some(DeviceSampler::new(logits.dim(1)?, device)?);
-            }
+            let sampler = match &mut sampler {
+                Some(sampler) => sampler,
+                empty => empty.insert(DeviceSampler::new(logits.dim(1)?, device)?),
+            };
             let uniforms: Vec<f32> = done
                 .iter()
                 .map(|&d| {
@@ -340,11 +342,8 @@ pub fn generate(
                     }
                 })
                 .collect();
-            let drawn = sampler
-                .as_ref()
-                .unwrap()
-                .draw(&logits, s.temperature, &uniforms)?;
-            (drawn.to_vec1::<u32>()?, drawn) // host sync
+            let drawn = sampler.draw(&logits, s.temperature, &uniforms)?;
+            (drawn.to_vec1::<u32>()?, Some(drawn)) // host sync
         } else {
             let rows = logits.to_vec2::<f32>()?; // host sync
             let next: Vec<u32> = rows
@@ -352,8 +351,7 @@ pub fn generate(
                 .zip(&done)
                 .map(|(l, &d)| if d { pad_id } else { sample_token(l, s, rng) })
                 .collect();
-            let drawn = Tensor::from_slice(&next, b, device)?;
-            (next, drawn)
+            (next, None)
         };
         for (row, &tok) in next.iter().enumerate() {
             if done[row] {
@@ -369,7 +367,10 @@ pub fn generate(
             break;
         }
         // A finished row keeps decoding what it drew; its outputs are ignored.
-        input = drawn.reshape((b, 1))?;
+        input = match drawn {
+            Some(drawn) => drawn.reshape((b, 1))?,
+            None => Tensor::from_vec(next, (b, 1), device)?,
+        };
         pos = decode_pos.narrow(0, t, 1)?.reshape((b, 1))?;
         bias = decode_bias.narrow(3, 0, width + t + 1)?;
     }

@@ -382,6 +382,25 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// The backward of LayerNorm or RMSNorm over the last dimension as one
+/// kernel ([`NormGrad`]): dx in x's shape, and the parameter gradients (dw,
+/// then db for LayerNorm) as the rows the kernel appends after dx's.
+fn norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    norm: Norm,
+    eps: f32,
+) -> CResult<(Tensor, Tensor)> {
+    let rows = x.elem_count() / w.elem_count();
+    let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormGrad { norm, eps })?;
+    let params = all.dim(0)? - rows;
+    Ok((
+        all.narrow(0, 0, rows)?.reshape(x.shape())?,
+        all.narrow(0, rows, params)?,
+    ))
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "fused-layer-norm"
@@ -421,21 +440,8 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.elem_count();
-        let rows = x.elem_count() / d;
-        // One kernel returns dx (rows x d) with dw and db appended as two more rows.
-        let all = x.apply_op3_no_bwd(
-            w,
-            &grad.contiguous()?,
-            &NormGrad {
-                norm: Norm::Layer,
-                eps: self.eps,
-            },
-        )?;
-        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = all.get(rows)?;
-        let db = all.get(rows + 1)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, params) = norm_backward(x, w, grad, Norm::Layer, self.eps)?;
+        Ok((Some(dx), Some(params.get(0)?), Some(params.get(1)?)))
     }
 }
 
@@ -600,20 +606,8 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let d = w.elem_count();
-        let rows = x.elem_count() / d;
-        // One kernel returns dx (rows x d) with dw appended as one more row.
-        let all = x.apply_op3_no_bwd(
-            w,
-            &grad.contiguous()?,
-            &NormGrad {
-                norm: Norm::Rms,
-                eps: self.eps,
-            },
-        )?;
-        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = all.get(rows)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, params) = norm_backward(x, w, grad, Norm::Rms, self.eps)?;
+        Ok((Some(dx), Some(params.get(0)?.reshape(w.shape())?)))
     }
 }
 
