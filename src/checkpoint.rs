@@ -9,16 +9,17 @@
 //! leaves only a `.tmp-*` directory, which readers ignore and the next write
 //! removes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::io::{self, save_safetensors, write_json};
+use crate::optim::AdamW;
 use crate::rng::HostRng;
-use crate::run::Manifest;
-use crate::train::AdamW;
 use crate::{Error, IoContext, Result};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -117,6 +118,43 @@ pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
     .collect()
 }
 
+/// What produced a run: written to the run directory and into every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The subcommand (reward, ppo, sft, ...).
+    pub command: String,
+    pub crate_version: String,
+    /// The commit the binary was built from, when it was built from a git checkout.
+    pub git_commit: Option<String>,
+    pub seed: u64,
+    /// CPU threads Candle uses (RAYON_NUM_THREADS, else all cores).
+    pub threads: usize,
+    /// The device actually used (after `auto` was resolved).
+    pub device: String,
+    pub dtype: String,
+    /// Seconds since the Unix epoch when the run (or this resumption) started.
+    pub started_unix: u64,
+    pub config: Config,
+}
+
+impl Manifest {
+    pub fn new(command: &str, config: &Config, device: &str) -> Self {
+        Self {
+            command: command.into(),
+            crate_version: env!("CARGO_PKG_VERSION").into(),
+            git_commit: option_env!("CANDLE_RLHF_GIT_COMMIT").map(str::to_string),
+            seed: config.run.seed,
+            threads: candle_core::utils::get_num_threads(),
+            device: device.into(),
+            dtype: format!("{:?}", config.run.dtype.dtype()).to_lowercase(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            config: config.clone(),
+        }
+    }
+}
+
 /// The parts of one checkpoint.
 pub struct Checkpoint<'a> {
     /// Tensors under their Hugging Face names.
@@ -131,52 +169,6 @@ pub struct Checkpoint<'a> {
     pub optimizer: Option<&'a AdamW>,
     pub state: &'a TrainerState,
     pub manifest: &'a Manifest,
-}
-
-/// Writes `safetensors` with the `format: pt` metadata transformers requires.
-pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = tensors.iter().map(|(name, t)| (name.as_str(), t));
-    safetensors::serialize_to_file(data, Some(metadata), path).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: format!("cannot write safetensors: {e}"),
-    })
-}
-
-/// Reads every tensor of a safetensors file onto `device`.
-pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: format!("cannot read safetensors: {}", Error::from(e)),
-    })
-}
-
-/// Writes a file atomically: to a temporary name beside it, synced, then renamed.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        use std::io::Write;
-        let mut f = fs::File::create(&tmp).with_path(&tmp)?;
-        f.write_all(bytes).with_path(&tmp)?;
-        f.sync_all().with_path(&tmp)?;
-    }
-    fs::rename(&tmp, path).with_path(path)
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Msg(format!("{}: cannot serialize: {e}", path.display())))?;
-    atomic_write(path, text.as_bytes())
-}
-
-/// Reads a JSON file into `T`, naming the file on failure.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).with_path(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
 }
 
 /// Writes `ckpt` as `run_dir/checkpoints/<step>/` and keeps the newest
@@ -225,7 +217,7 @@ pub fn write_atomically(
         fs::remove_dir_all(&tmp).with_path(&tmp)?;
     }
     fs::create_dir(&tmp).with_path(&tmp)?;
-    if let Err(e) = fill(&tmp).and_then(|()| sync_dir_files(&tmp)) {
+    if let Err(e) = fill(&tmp).and_then(|()| io::sync_dir_files(&tmp)) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -244,16 +236,6 @@ pub fn write_atomically(
         let _ = d.sync_all();
     }
     Ok(dest)
-}
-
-fn sync_dir_files(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).with_path(dir)? {
-        let path = entry.with_path(dir)?.path();
-        fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .with_path(&path)?;
-    }
-    Ok(())
 }
 
 /// Removes `.tmp-*` / `.old-*` left by writes that were killed midway.
@@ -314,7 +296,7 @@ pub fn load_optimizer(
     device: &Device,
 ) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
-    let tensors = load_safetensors(&path, device)?;
+    let tensors = io::load_safetensors(&path, device)?;
     optimizer
         .load_state(tensors, state.optimizer_steps)
         .map_err(|e| Error::Checkpoint {
@@ -339,7 +321,7 @@ pub fn load_file_into_vars<'a>(
     device: &Device,
 ) -> Result<()> {
     let path = path.to_path_buf();
-    let mut tensors = load_safetensors(&path, device)?;
+    let mut tensors = io::load_safetensors(&path, device)?;
     for (name, var) in vars {
         let t = tensors.remove(name).ok_or_else(|| Error::Checkpoint {
             path: path.clone(),

@@ -11,7 +11,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::models::{attention_bias, left_pad, position_ids, CausalLm};
+use crate::data::batch::{left_pad, position_ids};
+use crate::models::{attention_bias, CausalLm};
 use crate::{Error, HostRng, Result};
 
 /// How tokens are drawn.

@@ -264,7 +264,7 @@ fn resolve_hub(id: &HubId, settings: &HubSettings) -> Result<PathBuf> {
     if let Some(p) = r.fetch("model.safetensors")? {
         resolved.push(p);
     } else if let Some(index) = r.fetch("model.safetensors.index.json")? {
-        let idx: serde_json::Value = crate::checkpoint::read_json(&index)?;
+        let idx: serde_json::Value = crate::io::read_json(&index)?;
         let mut shards: Vec<&str> = idx["weight_map"]
             .as_object()
             .map(|m| m.values().filter_map(|v| v.as_str()).collect())

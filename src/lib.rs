@@ -7,26 +7,27 @@
 //! accumulation, clipping, non-finite guard); checkpoints and run
 //! directories; metrics and plots; self-made fixtures.
 
-pub mod bench;
+pub mod app;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
-pub mod demo;
 pub mod device;
 pub mod error;
-pub mod fixtures;
 pub mod generate;
 pub mod hub;
+pub mod io;
+pub mod kernels;
 pub mod metrics;
 pub mod models;
+pub mod optim;
 pub mod plot;
+pub mod rewards;
 pub mod rl;
 pub mod rng;
 pub mod run;
 pub mod signal;
-pub mod task;
 pub mod tokenizer;
-pub mod train;
+
 pub mod trainers;
 
 pub use config::Config;

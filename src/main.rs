@@ -267,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate(args),
         Command::Fixtures { out, seed } => {
-            for dir in candle_rlhf::fixtures::make_all(&out, seed)? {
+            for dir in candle_rlhf::app::fixtures::make_all(&out, seed)? {
                 println!("{}", dir.display());
             }
             Ok(())
@@ -284,7 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             kl_coef,
         } => {
-            let report = candle_rlhf::demo::run(&candle_rlhf::demo::DemoOptions {
+            let report = candle_rlhf::app::demo::run(&candle_rlhf::app::demo::DemoOptions {
                 out,
                 fast,
                 kl_sweep,
@@ -327,14 +327,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     tracing::info!("device: {said}");
 
     let model_dir = if cfg.model.name_or_path.is_empty() {
-        let dir = PathBuf::from(DEFAULT_FIXTURES).join(candle_rlhf::fixtures::TINY_GPT2);
+        let dir = PathBuf::from(DEFAULT_FIXTURES).join(candle_rlhf::app::fixtures::TINY_GPT2);
         if !dir.join("model.safetensors").is_file() {
             tracing::info!("making the tiny fixture model in {}", dir.display());
-            candle_rlhf::fixtures::write_tiny_gpt2(&dir, 0)?;
+            candle_rlhf::app::fixtures::write_tiny_gpt2(&dir, 0)?;
         }
         dir
     } else {
-        resolve_model(&cfg.model.name_or_path, &HubSettings::from_env())?
+        resolve_model(&cfg.model.resolved_name()?, &HubSettings::from_env())?
     };
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let dtype = cfg.run.dtype.dtype();
@@ -376,14 +376,16 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes the self-made fixtures when a config points into a missing `fixtures/`.
-fn ensure_fixtures(paths: &[&str]) -> anyhow::Result<()> {
-    let missing = paths
+/// A config that points into a missing `fixtures/` gets told how to make
+/// them: the fixture generator runs only when asked (`candle-rlhf fixtures`).
+fn check_fixtures(paths: &[&str]) -> anyhow::Result<()> {
+    if let Some(p) = paths
         .iter()
-        .any(|p| p.starts_with("fixtures/") && !std::path::Path::new(p).exists());
-    if missing {
-        tracing::info!("making the self-made fixtures in fixtures/");
-        candle_rlhf::fixtures::make_all(std::path::Path::new(DEFAULT_FIXTURES), 0)?;
+        .find(|p| p.starts_with("fixtures/") && !std::path::Path::new(p).exists())
+    {
+        anyhow::bail!(
+            "{p} does not exist: the self-made fixtures are written by `candle-rlhf fixtures` (or `make fixtures`)"
+        );
     }
     Ok(())
 }
@@ -398,7 +400,7 @@ fn run_dir(command: &str, t: &TrainArgs, cfg: &Config) -> PathBuf {
 
 fn sft(t: TrainArgs) -> anyhow::Result<()> {
     let cfg = resolve_config(&t.common)?;
-    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.sft.dataset])?;
+    check_fixtures(&[&cfg.model.name_or_path, &cfg.sft.dataset])?;
     let stop = candle_rlhf::signal::install()?;
     let dir = run_dir("sft", &t, &cfg);
     let out = candle_rlhf::trainers::sft::train(&cfg, &dir, t.resume.is_some(), &stop)?;
@@ -417,7 +419,7 @@ fn sft(t: TrainArgs) -> anyhow::Result<()> {
 
 fn reward(t: TrainArgs) -> anyhow::Result<()> {
     let cfg = resolve_config(&t.common)?;
-    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.reward.dataset])?;
+    check_fixtures(&[&cfg.model.name_or_path, &cfg.reward.dataset])?;
     let stop = candle_rlhf::signal::install()?;
     let dir = run_dir("reward", &t, &cfg);
     let out = candle_rlhf::trainers::reward::train(&cfg, &dir, t.resume.is_some(), &stop)?;
@@ -437,7 +439,7 @@ fn reward(t: TrainArgs) -> anyhow::Result<()> {
 fn ppo(t: TrainArgs) -> anyhow::Result<()> {
     let cfg = resolve_config(&t.common)?;
     let reward_model = cfg.ppo.reward_model.clone().unwrap_or_default();
-    ensure_fixtures(&[&cfg.model.name_or_path, &cfg.ppo.dataset, &reward_model])?;
+    check_fixtures(&[&cfg.model.name_or_path, &cfg.ppo.dataset, &reward_model])?;
     let stop = candle_rlhf::signal::install()?;
     let dir = run_dir("ppo", &t, &cfg);
     let out = candle_rlhf::trainers::ppo::train(&cfg, &dir, t.resume.is_some(), &stop)?;
@@ -486,17 +488,14 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| format!("{c}\n"))
         .collect();
-    candle_rlhf::checkpoint::atomic_write(&completions, text.as_bytes())?;
+    candle_rlhf::io::atomic_write(&completions, text.as_bytes())?;
     let figures: serde_json::Map<String, serde_json::Value> = report
         .figures()
         .into_iter()
         .map(|(k, v)| (k, serde_json::json!(v)))
         .collect();
     let summary = dir.join("eval.json");
-    candle_rlhf::checkpoint::atomic_write(
-        &summary,
-        serde_json::to_string_pretty(&figures)?.as_bytes(),
-    )?;
+    candle_rlhf::io::atomic_write(&summary, serde_json::to_string_pretty(&figures)?.as_bytes())?;
     println!(
         "{report}\nprompts: {prompts}\ncompletions: {}\nsummary: {}",
         completions.display(),
@@ -506,7 +505,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn score(a: ScoreArgs) -> anyhow::Result<()> {
-    use candle_rlhf::models::reward::RewardScorer;
+    use candle_rlhf::models::reward_model::RewardScorer;
     let cfg = resolve_config(&a.common)?;
     let (device, _) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
     let scorer = RewardScorer::load(&a.model, &device)?;
@@ -546,7 +545,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
 
 fn bench(b: BenchArgs) -> anyhow::Result<()> {
     let config = resolve_config(&b.common)?;
-    let mut shape = candle_rlhf::bench::Shape::load(&b.model)?;
+    let mut shape = candle_rlhf::app::bench::Shape::load(&b.model)?;
     if let Some(sizes) = b.batch_sizes {
         anyhow::ensure!(
             !sizes.is_empty() && !sizes.contains(&0),
@@ -557,12 +556,12 @@ fn bench(b: BenchArgs) -> anyhow::Result<()> {
     let parts = b
         .parts
         .split(',')
-        .map(candle_rlhf::bench::Part::parse)
+        .map(candle_rlhf::app::bench::Part::parse)
         .collect::<candle_rlhf::Result<Vec<_>>>()?;
     let work_dir = b
         .work_dir
         .unwrap_or_else(|| PathBuf::from("runs/bench").join(&shape.name));
-    let report = candle_rlhf::bench::run(&candle_rlhf::bench::BenchOptions {
+    let report = candle_rlhf::app::bench::run(&candle_rlhf::app::bench::BenchOptions {
         shape,
         parts,
         iters: b.iters.max(1),
@@ -575,7 +574,7 @@ fn bench(b: BenchArgs) -> anyhow::Result<()> {
     print!("{report}");
     if let Some(path) = &b.json {
         let text = serde_json::to_string_pretty(&report)?;
-        candle_rlhf::checkpoint::atomic_write(path, text.as_bytes())?;
+        candle_rlhf::io::atomic_write(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -37,7 +37,7 @@ impl MetricsLog {
                 .filter(|line| step_of(line).is_some_and(|s| s <= limit))
                 .map(|line| format!("{line}\n"))
                 .collect();
-            crate::checkpoint::atomic_write(&path, kept.as_bytes())?;
+            crate::io::atomic_write(&path, kept.as_bytes())?;
         }
         let file = fs::OpenOptions::new()
             .create(true)

@@ -252,6 +252,25 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         .squeeze(D::Minus1)?)
 }
 
+/// Per row of `logits` (.., V) scaled by `scale` (1 / temperature): the
+/// log-probability of the row's token and the softmax's entropy, both (..).
+/// The fused CPU kernel where it applies, else [`token_logprobs`] and
+/// [`entropy_from_logits`] composed.
+pub fn token_logprobs_and_entropy(
+    logits: &Tensor,
+    tokens: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    if let Some(both) = crate::kernels::token_logprobs_and_entropy_fused(logits, tokens, scale)? {
+        return Ok(both);
+    }
+    let scaled = (logits * scale)?;
+    Ok((
+        token_logprobs(&scaled, tokens)?,
+        entropy_from_logits(&scaled)?,
+    ))
+}
+
 /// The adaptive KL coefficient of Ziegler et al. (2019), as TRL's old
 /// AdaptiveKLController: after each batch, kl_coef *= 1 + clip(KL/target - 1,
 /// -0.2, 0.2) * n_steps / horizon, KL being the mean summed KL per sequence.
@@ -272,7 +291,40 @@ impl AdaptiveKl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{compare, seeded};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn token_logprobs_and_entropy_match_the_composed_ops_in_value_and_gradient() {
+        // Rows peaked and flat, a temperature, enough rows for the parallel path.
+        let mut logits = seeded(&[3, 40, 300], 21, 6.0);
+        logits = logits
+            .slice_assign(&[0..1, 0..1, 0..300], &(seeded(&[1, 1, 300], 22, 0.01)))
+            .unwrap();
+        let tokens: Vec<u32> = (0..120).map(|i| (i * 37 % 300) as u32).collect();
+        let tokens = Tensor::from_vec(tokens, (3, 40), &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&logits).unwrap();
+        let scale = 1.0 / 0.7;
+        let stack = |(lp, h): (Tensor, Tensor)| Tensor::stack(&[lp, h], 0).unwrap();
+        compare(
+            &[x],
+            |v| {
+                stack(
+                    crate::kernels::token_logprobs_and_entropy_fused(&v[0], &tokens, scale)
+                        .unwrap()
+                        .unwrap(),
+                )
+            },
+            |v| {
+                let scaled = (&v[0] * scale).unwrap();
+                stack((
+                    token_logprobs(&scaled, &tokens).unwrap(),
+                    entropy_from_logits(&scaled).unwrap(),
+                ))
+            },
+            2e-5,
+        );
+    }
 
     fn values(t: &Tensor) -> Vec<f64> {
         t.to_dtype(candle_core::DType::F64)

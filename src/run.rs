@@ -11,49 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::checkpoint::{self, TrainerState};
-use crate::config::Config;
+use crate::checkpoint::{self, Manifest, TrainerState};
+use crate::io;
 use crate::metrics::MetricsLog;
 use crate::{Error, IoContext, Result};
-
-/// What produced a run: written to the run directory and into every checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// The subcommand (reward, ppo, sft, ...).
-    pub command: String,
-    pub crate_version: String,
-    /// The commit the binary was built from, when it was built from a git checkout.
-    pub git_commit: Option<String>,
-    pub seed: u64,
-    /// CPU threads Candle uses (RAYON_NUM_THREADS, else all cores).
-    pub threads: usize,
-    /// The device actually used (after `auto` was resolved).
-    pub device: String,
-    pub dtype: String,
-    /// Seconds since the Unix epoch when the run (or this resumption) started.
-    pub started_unix: u64,
-    pub config: Config,
-}
-
-impl Manifest {
-    pub fn new(command: &str, config: &Config, device: &str) -> Self {
-        Self {
-            command: command.into(),
-            crate_version: env!("CARGO_PKG_VERSION").into(),
-            git_commit: option_env!("CANDLE_RLHF_GIT_COMMIT").map(str::to_string),
-            seed: config.run.seed,
-            threads: candle_core::utils::get_num_threads(),
-            device: device.into(),
-            dtype: format!("{:?}", config.run.dtype.dtype()).to_lowercase(),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            config: config.clone(),
-        }
-    }
-}
 
 /// Where a resumed run picks up.
 #[derive(Debug, Clone)]
@@ -78,7 +39,7 @@ impl RunDir {
     pub fn restore(
         &self,
         fresh: TrainerState,
-        optimizer: &mut crate::train::AdamW,
+        optimizer: &mut crate::optim::AdamW,
         device: &candle_core::Device,
     ) -> Result<TrainerState> {
         let Some(point) = &self.resume else {
@@ -145,7 +106,7 @@ impl RunDir {
                 path.join(checkpoint::CHECKPOINTS_DIR).display()
             ))
         })?;
-        let saved: Manifest = checkpoint::read_json(&dir.join(checkpoint::MANIFEST_FILE))?;
+        let saved: Manifest = io::read_json(&dir.join(checkpoint::MANIFEST_FILE))?;
         if saved.command != manifest.command {
             return Err(Error::Msg(format!(
                 "--resume {}: that run was made by `{}`, not `{}`",
@@ -162,7 +123,7 @@ impl RunDir {
                 now,
             });
         }
-        let state: TrainerState = checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE))?;
+        let state: TrainerState = io::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE))?;
         if state.step != step {
             return Err(Error::Checkpoint {
                 path: dir,
@@ -214,8 +175,8 @@ pub fn checkpoint_if_due(
 
 fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {
     let json = serde_json::to_string_pretty(manifest).map_err(|e| Error::Msg(e.to_string()))?;
-    checkpoint::atomic_write(&path.join(checkpoint::MANIFEST_FILE), json.as_bytes())?;
-    checkpoint::atomic_write(
+    io::atomic_write(&path.join(checkpoint::MANIFEST_FILE), json.as_bytes())?;
+    io::atomic_write(
         &path.join("config.toml"),
         manifest.config.to_toml_string()?.as_bytes(),
     )

@@ -38,11 +38,11 @@ impl Tokenizer {
             message: e.to_string(),
         })?;
         let tok_cfg: serde_json::Value = match dir.join("tokenizer_config.json") {
-            p if p.is_file() => crate::checkpoint::read_json(&p)?,
+            p if p.is_file() => crate::io::read_json(&p)?,
             _ => serde_json::Value::Null,
         };
         let model_cfg: serde_json::Value = match dir.join("config.json") {
-            p if p.is_file() => crate::checkpoint::read_json(&p)?,
+            p if p.is_file() => crate::io::read_json(&p)?,
             _ => serde_json::Value::Null,
         };
         let id_of = |field: &str| token_name(&tok_cfg[field]).and_then(|t| inner.token_to_id(t));

@@ -9,9 +9,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::fused_attention::{packed_attention, Packing};
 use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
 use super::KvCache;
+use crate::kernels::attention::{packed_attention, Packing};
 use crate::Result;
 
 fn default_eps() -> f64 {
@@ -58,7 +58,7 @@ impl Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;
-        let y = super::fused::linear(&x, &self.weight, &self.bias, false)?;
+        let y = crate::kernels::linear(&x, &self.weight, &self.bias, false)?;
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -108,7 +108,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // gelu_new is the tanh approximation (candle's `gelu`, fused on the CPU).
         self.c_proj
-            .forward(&super::fused::gelu_tanh(&self.c_fc.forward(x)?)?)
+            .forward(&crate::kernels::gelu_tanh(&self.c_fc.forward(x)?)?)
     }
 }
 

@@ -9,13 +9,13 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::fused::rotary;
-use super::fused_attention::{packed_attention, Packing};
-use super::hf_config::RopeConfig;
+use super::layers::RopeConfig;
 use super::layers::{
     attention, check_heads, extend_cache, Activation, KvSlot, LayerNorm, Linear, Rotary,
 };
 use super::KvCache;
+use crate::kernels::attention::{packed_attention, Packing};
+use crate::kernels::rotary;
 use crate::Result;
 
 fn default_act() -> String {

@@ -12,7 +12,7 @@ use super::bert::BertConfig;
 use super::distilbert::DistilBertConfig;
 use super::gpt2::Gpt2Config;
 use super::gpt_neox::GptNeoXConfig;
-use super::layers::RopeScaling;
+use super::layers::{RopeConfig, RopeScaling};
 use super::llama::{LlamaConfig, LlamaFlavor};
 use crate::{Error, Result};
 
@@ -46,7 +46,7 @@ impl ArchConfig {
                 path.display()
             )));
         }
-        let raw: Value = crate::checkpoint::read_json(path)?;
+        let raw: Value = crate::io::read_json(path)?;
         Self::from_value(&raw, path)
     }
 
@@ -206,25 +206,7 @@ fn parse<T: DeserializeOwned>(raw: &Value, path: &Path) -> Result<T> {
     })
 }
 
-/// Rotary settings from either config shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeConfig {
-    pub theta: f64,
-    pub scaling: RopeScaling,
-    /// Fraction of each head's features that rotate (GPT-NeoX: rotary_pct).
-    pub partial_rotary_factor: f64,
-}
-
-impl Default for RopeConfig {
-    fn default() -> Self {
-        Self {
-            theta: 10_000.0,
-            scaling: RopeScaling::Default,
-            partial_rotary_factor: 1.0,
-        }
-    }
-}
-
+/// Parsing of [`RopeConfig`] (defined with the rotary embedding in layers.rs).
 impl RopeConfig {
     /// transformers 5 keeps everything in `rope_parameters`; 4.x has the
     /// base in `theta_key` and the scaling in `rope_scaling`.

@@ -4,9 +4,10 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::kernels::matmul_weight_t;
 use crate::{Error, Result};
 
-/// LayerNorm (fused on the CPU, see [`super::fused`]).
+/// LayerNorm (fused on the CPU, see `crate::kernels`).
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -23,7 +24,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -42,7 +43,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::fused::rms_norm(x, &self.weight, self.eps)
+        crate::kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -72,29 +73,10 @@ impl Linear {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;
         let y = match &self.bias {
-            Some(bias) => super::fused::linear(&x, &self.weight, bias, true)?,
+            Some(bias) => crate::kernels::linear(&x, &self.weight, bias, true)?,
             None => matmul_weight_t(&x, &self.weight)?,
         };
         Ok(y.reshape((b, t, ()))?)
-    }
-}
-
-/// Row counts up to which [`matmul_weight_t`] takes the transposed product
-/// on the CPU (decoding steps, small batches).
-pub(crate) const FEW_ROWS: usize = 256;
-
-/// x (N, in) times W^T, W stored (out, in) as torch's nn.Linear keeps it.
-/// On the CPU with few rows (every decoding step), the gemm crate reads the
-/// transposed view W^T column by column and is 2-13x slower than computing
-/// (W x^T)^T, whose transpose is a small copy (measured at 2 threads: 16 rows
-/// against SmolLM2's 1536 -> 576 projection 1.20 vs 0.19 ms, its tied LM head
-/// 10.9 vs 4.6 ms). With many rows (training, prefill) the plain product is
-/// as fast and needs no copy. GPUs take W^T as it is.
-pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS {
-        Ok(w.matmul(&x.t()?)?.t()?)
-    } else {
-        Ok(x.matmul(&w.t()?)?)
     }
 }
 
@@ -133,7 +115,7 @@ impl Activation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
-            Self::GeluTanh => super::fused::gelu_tanh(x)?,
+            Self::GeluTanh => crate::kernels::gelu_tanh(x)?,
             Self::Silu => x.silu()?,
             Self::Relu => x.relu()?,
         })
@@ -172,7 +154,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     }
     let grouped = q.reshape((b, kv_heads, (h / kv_heads) * t, d))?;
     let scores = grouped.matmul(&k.t()?)?.reshape((b, h, t, l))?;
-    let probs = super::fused::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?;
+    let probs = crate::kernels::masked_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?;
     let out = probs
         .reshape((b, kv_heads, (h / kv_heads) * t, l))?
         .matmul(v)?
@@ -346,38 +328,30 @@ impl Rotary {
     }
 }
 
+/// Rotary settings from either config shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+    /// Fraction of each head's features that rotate (GPT-NeoX: rotary_pct).
+    pub partial_rotary_factor: f64,
+}
+
+impl Default for RopeConfig {
+    fn default() -> Self {
+        Self {
+            theta: 10_000.0,
+            scaling: RopeScaling::Default,
+            partial_rotary_factor: 1.0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::fused::rotary;
+    use crate::kernels::rotary;
     use candle_core::{Device, D};
-
-    #[test]
-    fn matmul_weight_t_equals_the_plain_product_with_gradients_on_both_paths() {
-        use crate::models::fused::tests::{max_diff, seeded};
-        use candle_core::Var;
-        let w = Var::from_tensor(&seeded(&[24, 40], 1, 1.0)).unwrap();
-        // 5 rows take the transposed product, 300 the plain one.
-        for rows in [5, FEW_ROWS + 44] {
-            let x = Var::from_tensor(&seeded(&[rows, 40], 2, 1.0)).unwrap();
-            let up = seeded(&[rows, 24], 3, 1.0);
-            let ours = matmul_weight_t(&x, &w).unwrap();
-            let plain = x.matmul(&w.t().unwrap()).unwrap();
-            assert_eq!(ours.dims(), &[rows, 24]);
-            assert!(max_diff(&ours, &plain) < 1e-4, "rows {rows}");
-            let g_ours = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_plain = (plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for var in [&x, &w] {
-                let (a, b) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
-                assert!(max_diff(a, b) < 1e-4, "rows {rows}: gradient differs");
-            }
-        }
-    }
 
     #[test]
     fn rotary_at_position_zero_is_identity_and_preserves_norm() {
@@ -470,7 +444,7 @@ mod tests {
 
     #[test]
     fn grouped_query_attention_equals_attention_with_repeated_kv_heads() {
-        use crate::models::fused::tests::{max_diff, seeded};
+        use crate::kernels::testing::{max_diff, seeded};
         let dev = Device::Cpu;
         // 6 query heads over 2 key/value heads, 3 queries against 5 keys, a
         // causal-style bias that masks some keys of some rows.

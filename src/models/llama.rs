@@ -11,13 +11,13 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::fused::rotary;
-use super::fused_attention::split_attention;
-use super::hf_config::RopeConfig;
+use super::layers::RopeConfig;
 use super::layers::{
     attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
 };
 use super::KvCache;
+use crate::kernels::attention::split_attention;
+use crate::kernels::rotary;
 use crate::{Error, Result};
 
 /// Which member of the family; decides the attention biases.
@@ -181,7 +181,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
         let hidden = match self.act {
-            Activation::Silu => super::fused::silu_mul(&gate, &up)?,
+            Activation::Silu => crate::kernels::silu_mul(&gate, &up)?,
             _ => (self.act.forward(&gate)? * up)?,
         };
         self.down_proj.forward(&hidden)

@@ -4,15 +4,12 @@
 
 pub mod bert;
 pub mod distilbert;
-pub mod fast_math;
-pub mod fused;
-pub mod fused_attention;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod hf_config;
 pub mod layers;
 pub mod llama;
-pub mod reward;
+pub mod reward_model;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -169,7 +166,11 @@ impl Backbone {
             )));
         }
         let device = ids.device();
-        let positions = Tensor::from_vec(position_ids(mask).concat(), (b, t), device)?;
+        let positions = Tensor::from_vec(
+            crate::data::batch::position_ids(mask).concat(),
+            (b, t),
+            device,
+        )?;
         match self {
             Self::Causal(m) => {
                 let bias = attention_bias(mask, t, m.dtype(), device)?;
@@ -246,7 +247,7 @@ fn head(lm_head: &Option<Tensor>) -> Result<&Tensor> {
 /// hidden (B, T, E) times weight^T (V, E): logits (B, T, V).
 pub(crate) fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (b, t, e) = hidden.dims3()?;
-    let logits = layers::matmul_weight_t(&hidden.reshape((b * t, e))?, weight)?;
+    let logits = crate::kernels::matmul_weight_t(&hidden.reshape((b * t, e))?, weight)?;
     Ok(logits.reshape((b, t, ()))?)
 }
 
@@ -306,84 +307,9 @@ pub fn attention_bias<M: Copy + Into<u32>>(
     Ok(Tensor::from_vec(data, (b, 1, queries, keys), device)?.to_dtype(dtype)?)
 }
 
-/// Left-pads `rows` with `pad_id` to the longest row: flat ids (B x T, row
-/// major) and the attention mask (1 real, 0 pad).
-pub fn left_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
-    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let ids = rows
-        .iter()
-        .flat_map(|r| std::iter::repeat_n(pad_id, width - r.len()).chain(r.iter().copied()))
-        .collect();
-    let mask = rows
-        .iter()
-        .map(|r| [vec![0u8; width - r.len()], vec![1u8; r.len()]].concat())
-        .collect();
-    (ids, mask)
-}
-
-/// Right-pads `rows` with `pad_id` to the longest row: flat ids (B x T, row
-/// major) and the attention mask (1 real, 0 pad).
-pub fn right_pad(rows: &[Vec<u32>], pad_id: u32) -> (Vec<u32>, Vec<Vec<u8>>) {
-    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let ids = rows
-        .iter()
-        .flat_map(|r| {
-            r.iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, width - r.len()))
-        })
-        .collect();
-    let mask = rows
-        .iter()
-        .map(|r| [vec![1u8; r.len()], vec![0u8; width - r.len()]].concat())
-        .collect();
-    (ids, mask)
-}
-
-/// Position ids from a left- or right-padded mask: cumsum(mask) - mask, so
-/// pad positions get 0 (TRL's rule; -1 would index outside GPT-2's wpe).
-/// A mask of segment ids (packed rows: 0 pad, k > 0 the k-th sequence)
-/// restarts the count at each new segment.
-pub fn position_ids<M: Copy + Into<u32>>(mask: &[Vec<M>]) -> Vec<Vec<u32>> {
-    mask.iter()
-        .map(|row| {
-            let (mut seen, mut segment) = (0u32, 0u32);
-            row.iter()
-                .map(|&m| {
-                    let m: u32 = m.into();
-                    if m == 0 {
-                        return 0;
-                    }
-                    if m != segment {
-                        (seen, segment) = (0, m);
-                    }
-                    seen += 1;
-                    seen - 1
-                })
-                .collect()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn left_pad_pads_on_the_left_with_a_mask() {
-        let (ids, mask) = left_pad(&[vec![7, 8, 9], vec![5]], 0);
-        assert_eq!(ids, vec![7, 8, 9, 0, 0, 5]);
-        assert_eq!(mask, vec![vec![1, 1, 1], vec![0, 0, 1]]);
-    }
-
-    #[test]
-    fn positions_skip_left_padding() {
-        let mask: Vec<Vec<u8>> = vec![vec![0, 0, 1, 1, 1], vec![1, 1, 1, 1, 1]];
-        assert_eq!(
-            position_ids(&mask),
-            vec![vec![0, 0, 0, 1, 2], vec![0, 1, 2, 3, 4]]
-        );
-    }
 
     #[test]
     fn bias_is_causal_and_hides_padding() {
@@ -398,7 +324,10 @@ mod tests {
     fn packed_segments_attend_within_themselves_and_restart_positions() {
         // Two sequences packed in one row (segments 1, 1, 2, 2, 2) and a pad.
         let seg: Vec<Vec<u32>> = vec![vec![1, 1, 2, 2, 2, 0]];
-        assert_eq!(position_ids(&seg), vec![vec![0, 1, 0, 1, 2, 0]]);
+        assert_eq!(
+            crate::data::batch::position_ids(&seg),
+            vec![vec![0, 1, 0, 1, 2, 0]]
+        );
         let bias = attention_bias(&seg, 6, DType::F32, &Device::Cpu).unwrap();
         let v = bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let seen: Vec<Vec<usize>> = v

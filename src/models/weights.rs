@@ -140,7 +140,7 @@ pub fn read_safetensors_dir(
     let files: Vec<PathBuf> = if single.is_file() {
         vec![single]
     } else if index.is_file() {
-        let idx: serde_json::Value = crate::checkpoint::read_json(&index)?;
+        let idx: serde_json::Value = crate::io::read_json(&index)?;
         let mut shards: Vec<String> = idx["weight_map"]
             .as_object()
             .ok_or_else(|| Error::Parse {
@@ -166,7 +166,7 @@ pub fn read_safetensors_dir(
     };
     let mut out = HashMap::new();
     for file in files {
-        for (name, t) in crate::checkpoint::load_safetensors(&file, device)? {
+        for (name, t) in crate::io::load_safetensors(&file, device)? {
             out.insert(rename(&name), t);
         }
     }

@@ -13,64 +13,29 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{Config, PpoConfig, StopToken, ValueModel};
+use crate::data::batch::position_ids;
+use crate::data::prompts::{load_prompts, PromptReport};
 use crate::generate::{generate, Sampling};
 use crate::hub::{resolve_model, HubSettings};
+use crate::io;
 use crate::metrics::Progress;
-use crate::models::reward::{RewardModel, RewardScorer};
+use crate::models::reward_model::{RewardModel, RewardScorer};
 use crate::models::{
-    attention_bias, frozen_builder, fused, load_dir, load_dir_frozen, position_ids, project,
-    ArchConfig, CausalLm,
+    attention_bias, frozen_builder, load_dir, load_dir_frozen, project, ArchConfig, CausalLm,
 };
+use crate::optim::adamw::{AdamW, AdamWParams};
+use crate::optim::{LossPart, StepOutcome, TrainCore};
 use crate::rl;
-use crate::run::{checkpoint_if_due, Manifest, RunDir};
+use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::train::optim::{AdamW, AdamWParams};
-use crate::train::{LossPart, StepOutcome, TrainCore};
 use crate::{Error, HostRng, IoContext, Result};
 
 // ---------------------------------------------------------------- rewards
 
-/// One sampled completion, as a reward function sees it.
-pub struct Completion<'a> {
-    pub prompt: &'a str,
-    /// The response text (special tokens skipped, the stop token not shown).
-    pub response: &'a str,
-    /// The prompt's token ids under the policy's tokenizer, unpadded.
-    pub query_ids: &'a [u32],
-    /// The response's ids, ending with the stop token when it was produced.
-    pub response_ids: &'a [u32],
-}
-
-/// A reward: one score per completion, batched. Closures
-/// `Fn(&[Completion]) -> Result<Vec<f32>>` are rewards, so a verifier or a
-/// rule plugs in directly; [`RewardModelReward`] is the reward model.
-pub trait Reward {
-    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>>;
-}
-
-impl<F: Fn(&[Completion]) -> Result<Vec<f32>>> Reward for F {
-    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
-        self(batch)
-    }
-}
-
-/// The sum of several rewards (reward models, rules).
-pub struct SumOfRewards(pub Vec<Box<dyn Reward>>);
-
-impl Reward for SumOfRewards {
-    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
-        let mut total = vec![0f32; batch.len()];
-        for r in &self.0 {
-            for (t, s) in total.iter_mut().zip(r.score(batch)?) {
-                *t += s;
-            }
-        }
-        Ok(total)
-    }
-}
+pub use crate::rewards::{Completion, Reward, SumOfRewards};
 
 /// A reward model as a reward. With the policy's tokenizer, token ids pass
 /// straight through (prompt + response, EOS appended when missing, as in
@@ -129,122 +94,6 @@ impl Reward for RewardModelReward {
             self.scorer.score(&refs)
         }
     }
-}
-
-// ---------------------------------------------------------------- prompts
-
-/// What reading prompts kept and skipped.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PromptReport {
-    pub rows: usize,
-    pub kept: usize,
-    pub dropped_too_long: usize,
-    pub truncated: usize,
-    pub skipped_empty: usize,
-}
-
-impl std::fmt::Display for PromptReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} prompts: {} kept, {} dropped as longer than max_prompt_length, {} truncated, {} empty skipped",
-            self.rows, self.kept, self.dropped_too_long, self.truncated, self.skipped_empty
-        )
-    }
-}
-
-/// Reads the `prompt` column of a file or dataset split and tokenizes it, or
-/// takes token ids as they are from an `input_ids` column (TRL's pre-tokenized
-/// form); too-long prompts are dropped or cut to their last `max_len` tokens.
-pub fn load_prompts(
-    spec: &str,
-    split: &str,
-    tok: &Tokenizer,
-    max_len: usize,
-    truncate: bool,
-    hub: &HubSettings,
-) -> Result<(Vec<Vec<u32>>, PromptReport)> {
-    let records = crate::data::load_records(spec, split, hub)?;
-    let mut report = PromptReport {
-        rows: records.len(),
-        ..Default::default()
-    };
-    let mut prompts = Vec::new();
-    for (value, source) in &records {
-        if let Some(ids) = input_ids(value, source)? {
-            if ids.is_empty() {
-                report.skipped_empty += 1;
-            } else {
-                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
-            }
-            continue;
-        }
-        let Some(text) = crate::data::text_column(value, "prompt", source)? else {
-            let found: Vec<&str> = value
-                .as_object()
-                .map(|o| o.keys().map(String::as_str).collect())
-                .unwrap_or_default();
-            return Err(Error::Msg(format!(
-                "{source}: missing column `prompt` (columns found: {})",
-                found.join(", ")
-            )));
-        };
-        let ids = tok.encode(text)?;
-        if text.trim().is_empty() || ids.is_empty() {
-            report.skipped_empty += 1;
-            continue;
-        }
-        prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
-    }
-    report.kept = prompts.len();
-    if prompts.is_empty() {
-        return Err(Error::Msg(format!(
-            "{spec}: no prompt left after filtering ({report}; max_prompt_length {max_len})"
-        )));
-    }
-    Ok((prompts, report))
-}
-
-/// A prompt within max_len tokens: dropped when longer, or cut to its last
-/// max_len tokens with `truncate`; counted in `report`.
-fn fit_prompt(
-    mut ids: Vec<u32>,
-    max_len: usize,
-    truncate: bool,
-    report: &mut PromptReport,
-) -> Option<Vec<u32>> {
-    if ids.len() > max_len {
-        if !truncate {
-            report.dropped_too_long += 1;
-            return None;
-        }
-        ids.drain(..ids.len() - max_len);
-        report.truncated += 1;
-    }
-    Some(ids)
-}
-
-/// The `input_ids` column of a row, when it has one: a list of token ids.
-fn input_ids(value: &Value, source: &str) -> Result<Option<Vec<u32>>> {
-    let Some(column) = value.get("input_ids") else {
-        return Ok(None);
-    };
-    let bad = || {
-        Error::Msg(format!(
-            "{source}: column `input_ids` must be a list of token ids"
-        ))
-    };
-    column
-        .as_array()
-        .ok_or_else(bad)?
-        .iter()
-        .map(|v| {
-            v.as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(bad)
-        })
-        .collect::<Result<Vec<u32>>>()
-        .map(Some)
 }
 
 // ---------------------------------------------------------------- model inputs
@@ -317,7 +166,7 @@ fn policy_outputs(lm: &CausalLm, b: &Batch, temperature: f64) -> Result<(Tensor,
     let h = hidden.narrow(1, b.q - 1, b.r)?;
     let logits = lm.lm_logits(&h)?.to_dtype(DType::F32)?;
     let (logprobs, entropy) =
-        fused::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
+        crate::rl::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
     Ok((logprobs, entropy, h))
 }
 
@@ -859,12 +708,12 @@ fn evaluate(
 /// a directory that is not a candle-rlhf PPO checkpoint.
 pub fn trained_reference(policy_dir: &Path) -> Option<String> {
     let path = policy_dir.join(checkpoint::MANIFEST_FILE);
-    let manifest: Manifest = checkpoint::read_json(&path).ok()?;
+    let manifest: Manifest = io::read_json(&path).ok()?;
     if manifest.command != "ppo" {
         return None;
     }
     let c = manifest.config;
-    c.ppo.ref_model.or(Some(c.model.name_or_path))
+    c.ppo.ref_model.or_else(|| c.model.resolved_name().ok())
 }
 
 /// `candle-rlhf eval`: samples one completion per held-out prompt from
@@ -977,7 +826,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                     .into(),
         });
     };
-    let policy_dir = resolve_model(&cfg.model.name_or_path, &HubSettings::from_env())?;
+    let policy_dir = resolve_model(&cfg.model.resolved_name()?, &HubSettings::from_env())?;
     let reward = RewardModelReward::load(rm, &policy_dir, &device)?;
     let dir = reward.dir.clone();
     train_with_reward(cfg, run_dir, resume, stop, &reward, Some(&dir))
@@ -1001,9 +850,9 @@ pub fn train_with_reward(
     let hub = HubSettings::from_env();
 
     // 1. Policy (trainable), its detached twin for sampling, the frozen reference.
-    let policy_dir = resolve_model(&cfg.model.name_or_path, &hub)?;
+    let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
-    let base_config: Value = checkpoint::read_json(&policy_dir.join("config.json"))?;
+    let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
     let (arch, vb, policy_vars) = load_dir(&policy_dir, dtype, &device)?;
     let policy = causal(CausalLm::load(vb, &arch, true), &arch)?;
     let sampler = CausalLm::load(frozen_builder(&policy_vars, dtype, &device), &arch, true)?;
@@ -1024,13 +873,7 @@ pub fn train_with_reward(
     )?;
 
     // 2. Prompts.
-    if p.dataset.is_empty() {
-        return Err(Error::InvalidConfig {
-            field: "ppo.dataset".into(),
-            value: String::new(),
-            reason: "a prompt file or dataset is required".into(),
-        });
-    }
+    p.data().train()?;
     let (prompts, report) = load_prompts(
         &p.dataset,
         &p.dataset_train_split,
@@ -1167,7 +1010,7 @@ pub fn train_with_reward(
         run.metrics.log(step, &f)?;
         let path = run.path.join(format!("eval-{step}.jsonl"));
         let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
-        checkpoint::atomic_write(&path, text.as_bytes())
+        io::atomic_write(&path, text.as_bytes())
     };
     let mut eval_before = None;
     if state.step == 0 {

@@ -11,17 +11,18 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::{self, TokenizedPair};
+use crate::io;
 use crate::metrics::Progress;
-use crate::models::reward::RewardModel;
+use crate::models::reward_model::RewardModel;
+use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::rl::bradley_terry;
-use crate::run::{checkpoint_if_due, Manifest, RunDir};
+use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::train::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
-use crate::{Error, Result};
+use crate::Result;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -150,20 +151,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
 
     // 1. Model and tokenizer: any backbone, the head loaded or new.
     let hub = crate::hub::HubSettings::from_env();
-    let model_dir = crate::hub::resolve_model(&cfg.model.name_or_path, &hub)?;
+    let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
-    let base_config: Value = checkpoint::read_json(&model_dir.join("config.json"))?;
+    let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
     let (mut model, varmap): (RewardModel, VarMap) =
         RewardModel::from_dir(&model_dir, dtype, &device, seed)?;
 
     // 2. Data: tokenized, filtered, split.
-    if cfg.reward.dataset.is_empty() {
-        return Err(Error::InvalidConfig {
-            field: "reward.dataset".into(),
-            value: String::new(),
-            reason: "a preference file is required".into(),
-        });
-    }
+    cfg.reward.data().train()?;
     let rows = data::load_preferences(&cfg.reward.dataset, &cfg.reward.dataset_train_split, &hub)?;
     let (pairs, report) =
         data::tokenize_pairs(&rows, &tok, cfg.reward.max_length, cfg.reward.truncate)?;
@@ -378,7 +373,7 @@ pub fn calibration(margins: &[f64], bins: usize) -> Vec<(f64, f64, usize, f64, f
 /// Scores every pair, writes one JSON line per pair (source, chosen_score,
 /// rejected_score) to `out`, and reports.
 pub fn score_pairs(
-    scorer: &crate::models::reward::RewardScorer,
+    scorer: &crate::models::reward_model::RewardScorer,
     rows: &[data::PreferenceRow],
     out: &Path,
     batch: usize,
@@ -405,7 +400,7 @@ pub fn score_pairs(
             ));
         }
     }
-    checkpoint::atomic_write(out, lines.as_bytes())?;
+    io::atomic_write(out, lines.as_bytes())?;
     let n = margins.len().max(1) as f64;
     Ok(ScoreReport {
         pairs: margins.len(),

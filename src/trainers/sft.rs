@@ -11,141 +11,20 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{json, Value};
 
-use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{Config, SftConfig};
-use crate::data::{self, Record};
+use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
+use crate::config::Config;
+use crate::data::batch::position_ids;
+use crate::data::sft::{pack, tokenize_rows, SftDataReport, SftRow};
+use crate::data::{self};
+use crate::io;
 use crate::metrics::Progress;
-use crate::models::{attention_bias, fused, load_dir, position_ids, CausalLm};
+use crate::models::{attention_bias, load_dir, CausalLm};
+use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::rl;
-use crate::run::{checkpoint_if_due, Manifest, RunDir};
+use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::train::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::{Error, Result};
-
-/// One training row: token ids, which tokens are trained (predicted from
-/// the ones before), and the sequence each token belongs to (1, 2, ... when
-/// packed; all 1 otherwise).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SftRow {
-    pub ids: Vec<u32>,
-    pub trained: Vec<u8>,
-    pub segments: Vec<u32>,
-}
-
-/// What tokenizing kept and skipped.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SftDataReport {
-    pub rows: usize,
-    pub kept: usize,
-    pub truncated: usize,
-    pub skipped_empty: usize,
-    /// Rows after packing (equal to `kept` without it).
-    pub packed_rows: usize,
-}
-
-impl std::fmt::Display for SftDataReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} rows: {} kept, {} truncated to max_length, {} skipped with nothing to train, {} training rows",
-            self.rows, self.kept, self.truncated, self.skipped_empty, self.packed_rows
-        )
-    }
-}
-
-/// Tokenizes SFT records: `prompt` + `completion`, or the text field; EOS
-/// appended; cut to `max_length` (counted); rows with no trained token skipped.
-pub fn tokenize_rows(
-    records: &[Record],
-    tok: &Tokenizer,
-    cfg: &SftConfig,
-) -> Result<(Vec<SftRow>, SftDataReport)> {
-    let mut report = SftDataReport {
-        rows: records.len(),
-        ..Default::default()
-    };
-    let mut rows = Vec::new();
-    for (value, source) in records {
-        let prompt = data::text_column(value, "prompt", source)?;
-        let completion = data::text_column(value, "completion", source)?;
-        let text = data::text_column(value, &cfg.dataset_text_field, source)?;
-        let (mut ids, first_trained) = match (prompt, completion, text) {
-            (Some(p), Some(c), _) => {
-                let ids = data::encode_with_eos(tok, p, c)?;
-                let prompt_len = if cfg.completion_only_loss {
-                    tok.encode(p)?.len().max(1)
-                } else {
-                    1
-                };
-                (ids, prompt_len)
-            }
-            (None, None, Some(t)) => (data::encode_with_eos(tok, "", t)?, 1),
-            _ => {
-                let found: Vec<&str> = value
-                    .as_object()
-                    .map(|o| o.keys().map(String::as_str).collect())
-                    .unwrap_or_default();
-                return Err(Error::Msg(format!(
-                    "{source}: an SFT row needs `prompt` and `completion`, or `{}` (columns found: {})",
-                    cfg.dataset_text_field,
-                    found.join(", ")
-                )));
-            }
-        };
-        if ids.len() > cfg.max_length {
-            ids.truncate(cfg.max_length);
-            report.truncated += 1;
-        }
-        if ids.len() <= first_trained {
-            report.skipped_empty += 1;
-            continue;
-        }
-        let trained = (0..ids.len())
-            .map(|i| u8::from(i >= first_trained))
-            .collect();
-        rows.push(SftRow {
-            segments: vec![1; ids.len()],
-            ids,
-            trained,
-        });
-    }
-    report.kept = rows.len();
-    report.packed_rows = rows.len();
-    if rows.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: no SFT row left ({report}; max_length {})",
-            cfg.dataset, cfg.max_length
-        )));
-    }
-    Ok((rows, report))
-}
-
-/// Packs whole rows into rows of at most `max_length` tokens, best-fit
-/// decreasing: longest first, each into the fullest row it still fits.
-pub fn pack(rows: &[SftRow], max_length: usize) -> Vec<SftRow> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(rows[i].ids.len()), i));
-    let mut bins: Vec<SftRow> = Vec::new();
-    for i in order {
-        let r = &rows[i];
-        let best = bins
-            .iter_mut()
-            .filter(|b| b.ids.len() + r.ids.len() <= max_length)
-            .max_by_key(|b| b.ids.len());
-        match best {
-            Some(bin) => {
-                let segment = bin.segments.last().copied().unwrap_or(0) + 1;
-                bin.ids.extend(&r.ids);
-                bin.trained.extend(&r.trained);
-                bin.segments
-                    .extend(std::iter::repeat_n(segment, r.ids.len()));
-            }
-            None => bins.push(r.clone()),
-        }
-    }
-    bins
-}
 
 /// Mean NLL over the trained tokens of `rows` (right-padded into one
 /// batch), and (correct, trained) counts of greedy next-token predictions
@@ -181,7 +60,7 @@ pub fn batch_loss(
         .to_dtype(DType::F32)?;
     let targets = ids.narrow(1, 1, width - 1)?.contiguous()?;
     let mask = Tensor::from_vec(targets_mask, (b, width - 1), device)?;
-    let (logp, _) = fused::token_logprobs_and_entropy(&logits, &targets, 1.0)?;
+    let (logp, _) = crate::rl::token_logprobs_and_entropy(&logits, &targets, 1.0)?;
     let loss = rl::masked_mean(&logp, &mask)?.neg()?;
     let hits = logits
         .argmax(D::Minus1)?
@@ -234,9 +113,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let hub = crate::hub::HubSettings::from_env();
 
     // 1. Model and tokenizer.
-    let model_dir = crate::hub::resolve_model(&cfg.model.name_or_path, &hub)?;
+    let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
-    let base_config: Value = checkpoint::read_json(&model_dir.join("config.json"))?;
+    let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
     let (arch, vb, varmap) = load_dir(&model_dir, dtype, &device)?;
     let lm = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
@@ -253,13 +132,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     }
 
     // 2. Data: tokenized, split, packed.
-    if s.dataset.is_empty() {
-        return Err(Error::InvalidConfig {
-            field: "sft.dataset".into(),
-            value: String::new(),
-            reason: "a prompt/completion or text file is required".into(),
-        });
-    }
+    s.data().train()?;
     let records = data::load_records(&s.dataset, &s.dataset_train_split, &hub)?;
     let (rows, mut report) = tokenize_rows(&records, &tok, s)?;
     let (mut train_rows, mut eval_rows) = match &s.eval_dataset {
@@ -393,37 +266,4 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         seconds_per_step: started.elapsed().as_secs_f64() / steps_run as f64,
         data: report,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(n: usize, seg: u32) -> SftRow {
-        SftRow {
-            ids: (0..n as u32).collect(),
-            trained: vec![1; n],
-            segments: vec![seg; n],
-        }
-    }
-
-    #[test]
-    fn packing_is_best_fit_decreasing_of_whole_sequences() {
-        // Lengths 6, 5, 4, 3, 2 into rows of 8: 6 opens a row, 5 another,
-        // 4 a third, 3 joins the fullest that fits (5 -> 8), 2 joins the
-        // fullest that fits (6 -> 8).
-        let rows: Vec<SftRow> = [3, 6, 2, 5, 4].iter().map(|&n| row(n, 1)).collect();
-        let packed = pack(&rows, 8);
-        let layout: Vec<Vec<u32>> = packed.iter().map(|r| r.segments.clone()).collect();
-        assert_eq!(
-            layout,
-            vec![
-                vec![1, 1, 1, 1, 1, 1, 2, 2],
-                vec![1, 1, 1, 1, 1, 2, 2, 2],
-                vec![1, 1, 1, 1],
-            ]
-        );
-        let tokens: usize = packed.iter().map(|r| r.ids.len()).sum();
-        assert_eq!(tokens, 20, "no token lost or duplicated");
-    }
 }

@@ -1,8 +1,9 @@
 //! The atomic checkpoint writer and reader.
 
 use candle_core::{Device, Tensor};
+use candle_rlhf::checkpoint::Manifest;
 use candle_rlhf::checkpoint::{self, Checkpoint, TrainerState};
-use candle_rlhf::run::Manifest;
+use candle_rlhf::io;
 use candle_rlhf::{Config, Error, HostRng};
 use std::fs;
 use std::path::Path;
@@ -36,8 +37,7 @@ fn save_step(run_dir: &Path, step: u64, value: f32, keep: Option<usize>) -> std:
 }
 
 fn weight_of(dir: &Path) -> Vec<f32> {
-    let t =
-        checkpoint::load_safetensors(&dir.join(checkpoint::WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let t = io::load_safetensors(&dir.join(checkpoint::WEIGHTS_FILE), &Device::Cpu).unwrap();
     t["w"].to_vec1().unwrap()
 }
 
@@ -47,14 +47,13 @@ fn checkpoint_holds_hf_layout_state_and_manifest() {
     let dir = save_step(run.path(), 7, 1.5, None);
     assert_eq!(dir, run.path().join("checkpoints").join("7"));
     assert_eq!(weight_of(&dir), vec![1.5, 1.5]);
-    let state: TrainerState =
-        checkpoint::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE)).unwrap();
+    let state: TrainerState = io::read_json(&dir.join(checkpoint::TRAINER_STATE_FILE)).unwrap();
     assert_eq!(state.step, 7);
     assert_eq!(state.rngs["data"], HostRng::new(7));
-    let manifest: Manifest = checkpoint::read_json(&dir.join(checkpoint::MANIFEST_FILE)).unwrap();
+    let manifest: Manifest = io::read_json(&dir.join(checkpoint::MANIFEST_FILE)).unwrap();
     assert_eq!(manifest.seed, 42);
     assert!(manifest.threads >= 1);
-    let config: serde_json::Value = checkpoint::read_json(&dir.join("config.json")).unwrap();
+    let config: serde_json::Value = io::read_json(&dir.join("config.json")).unwrap();
     assert_eq!(config["model_type"], "toy");
     // transformers refuses safetensors without `format` metadata.
     let bytes = fs::read(dir.join(checkpoint::WEIGHTS_FILE)).unwrap();
@@ -121,7 +120,7 @@ fn a_corrupt_weights_file_is_named() {
     let path = dir.join(checkpoint::WEIGHTS_FILE);
     let bytes = fs::read(&path).unwrap();
     fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load_safetensors(&path, &Device::Cpu)
+    let err = io::load_safetensors(&path, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(

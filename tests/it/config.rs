@@ -148,7 +148,7 @@ fn every_bench_shape_is_a_valid_model_config() {
     let mut names = Vec::new();
     for entry in std::fs::read_dir("configs/models").unwrap() {
         let path = entry.unwrap().path();
-        let shape = candle_rlhf::bench::Shape::load(&path).unwrap();
+        let shape = candle_rlhf::app::bench::Shape::load(&path).unwrap();
         let cfg = candle_rlhf::models::ArchConfig::from_value(&shape.config, &path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let w = &shape.workload;

@@ -367,7 +367,7 @@ fn sharded_checkpoints_load_locally_and_through_the_cache() {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    let tensors = candle_rlhf::checkpoint::load_safetensors(
+    let tensors = candle_rlhf::io::load_safetensors(
         &src.join("model.safetensors"),
         &candle_core::Device::Cpu,
     )
@@ -380,7 +380,7 @@ fn sharded_checkpoints_load_locally_and_through_the_cache() {
         ("model-00001-of-00002.safetensors", &first),
         ("model-00002-of-00002.safetensors", &second),
     ] {
-        candle_rlhf::checkpoint::save_safetensors(part, &dir.path().join(file)).unwrap();
+        candle_rlhf::io::save_safetensors(part, &dir.path().join(file)).unwrap();
         for (k, _) in part.iter() {
             weight_map.insert(k.clone(), file.into());
         }
@@ -392,7 +392,7 @@ fn sharded_checkpoints_load_locally_and_through_the_cache() {
     )
     .unwrap();
     let cache = tempfile::tempdir().unwrap();
-    candle_rlhf::fixtures::write_hub_cache_entry(cache.path(), "someone/sharded", dir.path())
+    candle_rlhf::app::fixtures::write_hub_cache_entry(cache.path(), "someone/sharded", dir.path())
         .unwrap();
     let from_cache = resolve_model("someone/sharded", &offline(cache.path())).unwrap();
     let (local, _, _) = load("tiny-llama", DType::F32);

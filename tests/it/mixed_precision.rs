@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use candle_rlhf::checkpoint::{self, OPTIMIZER_FILE, WEIGHTS_FILE};
+use candle_rlhf::checkpoint::{OPTIMIZER_FILE, WEIGHTS_FILE};
+use candle_rlhf::io;
 use candle_rlhf::metrics::read_metrics;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::trainers::ppo::train_with_reward;
@@ -33,8 +34,8 @@ fn max_gap(a: &BTreeMap<u64, f64>, b: &BTreeMap<u64, f64>) -> f64 {
 /// Weights saved in bf16 (the compute dtype, as TRL saves a bf16 model) and
 /// an f32 master copy of each in the optimizer state.
 fn assert_bf16_weights_with_f32_masters(ckpt: &Path) {
-    let weights = checkpoint::load_safetensors(&ckpt.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
-    let state = checkpoint::load_safetensors(&ckpt.join(OPTIMIZER_FILE), &Device::Cpu).unwrap();
+    let weights = io::load_safetensors(&ckpt.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let state = io::load_safetensors(&ckpt.join(OPTIMIZER_FILE), &Device::Cpu).unwrap();
     let trained: Vec<_> = weights
         .keys()
         .filter(|k| !k.ends_with("lm_head.weight"))

@@ -6,13 +6,14 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarMap;
+use candle_rlhf::app::fixtures;
+use candle_rlhf::data::batch::{left_pad, position_ids, right_pad};
 use candle_rlhf::generate::{generate, Draw, Sampling};
 use candle_rlhf::models::{
-    attention_bias, frozen_builder, left_pad, load_dir, position_ids, right_pad, ArchConfig,
-    Backbone, CausalLm,
+    attention_bias, frozen_builder, load_dir, ArchConfig, Backbone, CausalLm,
 };
 use candle_rlhf::tokenizer::Tokenizer;
-use candle_rlhf::{fixtures, HostRng};
+use candle_rlhf::HostRng;
 
 pub const CAUSAL: &[&str] = &[
     "tiny-gpt2",
@@ -322,17 +323,14 @@ fn half_precision_checkpoints_load_into_f32_and_back() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
         }
-        let tensors = candle_rlhf::checkpoint::load_safetensors(
-            &src.join("model.safetensors"),
-            &crate::dev(),
-        )
-        .unwrap();
+        let tensors =
+            candle_rlhf::io::load_safetensors(&src.join("model.safetensors"), &crate::dev())
+                .unwrap();
         let bf16: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap()))
             .collect();
-        candle_rlhf::checkpoint::save_safetensors(&bf16, &dir.path().join("model.safetensors"))
-            .unwrap();
+        candle_rlhf::io::save_safetensors(&bf16, &dir.path().join("model.safetensors")).unwrap();
         // bf16 file -> f32 weights: exactly the bf16 values.
         let (_, vb, vars) = load_dir(dir.path(), DType::F32, &crate::dev()).unwrap();
         let cfg = ArchConfig::load(&dir.path().join("config.json")).unwrap();
@@ -429,7 +427,7 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
 
 #[test]
 fn model_flops_count_the_block_weights_by_hand() {
-    use candle_rlhf::bench::ModelFlops;
+    use candle_rlhf::app::bench::ModelFlops;
     // GPT-2 block of width d: 12d² matrix weights (attention 4d², MLP 8d²;
     // biases and LayerNorms are 1-D); tiny-gpt2 has 2 blocks of width 64.
     let gpt2 = ModelFlops::of(&model_dir("tiny-gpt2")).unwrap();
@@ -460,11 +458,9 @@ fn checkpoints_with_and_without_the_backbone_prefix_load_the_same() {
         for f in ["config.json", "tokenizer.json"] {
             std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
         }
-        let tensors = candle_rlhf::checkpoint::load_safetensors(
-            &src.join("model.safetensors"),
-            &crate::dev(),
-        )
-        .unwrap();
+        let tensors =
+            candle_rlhf::io::load_safetensors(&src.join("model.safetensors"), &crate::dev())
+                .unwrap();
         let cfg = ArchConfig::load(&src.join("config.json")).unwrap();
         let flipped: Vec<(String, Tensor)> = tensors
             .into_iter()
@@ -479,8 +475,7 @@ fn checkpoints_with_and_without_the_backbone_prefix_load_the_same() {
             })
             .collect();
         assert!(flipped.iter().any(|(k, _)| k.starts_with(cfg.prefix())) == prefix.is_empty());
-        candle_rlhf::checkpoint::save_safetensors(&flipped, &dir.path().join("model.safetensors"))
-            .unwrap();
+        candle_rlhf::io::save_safetensors(&flipped, &dir.path().join("model.safetensors")).unwrap();
         let (a, _, _) = load(name, DType::F32);
         let (cfg, vb, _) = load_dir(dir.path(), DType::F32, &crate::dev()).unwrap();
         let b = Backbone::load(vb, &cfg).unwrap();

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_rlhf::app::fixtures;
 use candle_rlhf::config::Config;
-use candle_rlhf::fixtures;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::trainers::ppo::{train_with_reward, Completion, PpoRun};
 use candle_rlhf::Result;

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Tensor};
-use candle_rlhf::fixtures;
+use candle_rlhf::app::fixtures;
+use candle_rlhf::data::prompts::load_prompts;
 use candle_rlhf::hub::HubSettings;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::tokenizer::Tokenizer;
-use candle_rlhf::trainers::ppo::{load_prompts, train_with_reward, Completion, RewardModelReward};
+use candle_rlhf::trainers::ppo::{train_with_reward, Completion, RewardModelReward};
 use candle_rlhf::Result;
 
 use crate::hub::{hub_cache, offline};
@@ -198,10 +199,11 @@ fn a_reward_model_takes_ids_with_the_same_tokenizer_and_retokenized_text_with_an
     let got = score_with(&other, &pairs, &tok);
     let texts: Vec<String> = pairs.iter().map(|(p, r)| format!("{p}{r}")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let want = candle_rlhf::models::reward::RewardScorer::load(&other_dir.to_string_lossy(), &cpu)
-        .unwrap()
-        .score(&refs)
-        .unwrap();
+    let want =
+        candle_rlhf::models::reward_model::RewardScorer::load(&other_dir.to_string_lossy(), &cpu)
+            .unwrap()
+            .score(&refs)
+            .unwrap();
     assert_eq!(got, want);
     // Passing the policy's ids to it would score other tokens.
     other.same_tokenizer = true;
@@ -232,7 +234,7 @@ fn a_critic_needs_the_policys_tokenizer_or_falls_back_to_a_value_head() {
             false,
             &StopSignal::new(),
             // The demo task's gold reward, a programmatic reward.
-            &candle_rlhf::task::gold,
+            &candle_rlhf::app::task::gold,
             Some(&other),
         );
         (dir, r)

@@ -9,12 +9,12 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use candle_rlhf::models::reward::RewardModel;
+use candle_rlhf::models::reward_model::RewardModel;
 use candle_rlhf::models::Backbone;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use candle_rlhf::models::right_pad;
+use candle_rlhf::data::batch::right_pad;
 
 use crate::models::{load, max_abs_diff, model_dir, outputs, ENCODERS};
 

@@ -4,14 +4,15 @@
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use candle_rlhf::app::fixtures;
+use candle_rlhf::data::batch::{left_pad, right_pad};
 use candle_rlhf::data::{load_preferences, read_preferences, tokenize_pairs, PreferenceRow};
-use candle_rlhf::models::reward::{RewardModel, RewardScorer};
-use candle_rlhf::models::{left_pad, right_pad};
+use candle_rlhf::models::reward_model::{RewardModel, RewardScorer};
 use candle_rlhf::rl::bradley_terry;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::tokenizer::Tokenizer;
 use candle_rlhf::trainers::reward::{score_pairs, train};
-use candle_rlhf::{fixtures, Config, Error};
+use candle_rlhf::{Config, Error};
 
 use crate::models::{assert_every_var_has_a_gradient, fixtures_root, model_dir, CAUSAL, ENCODERS};
 
@@ -169,11 +170,9 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
         serde_json::from_str(&std::fs::read_to_string(out.checkpoint.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["architectures"][0], "GPT2ForSequenceClassification");
-    let names = candle_rlhf::checkpoint::load_safetensors(
-        &out.checkpoint.join("model.safetensors"),
-        &crate::dev(),
-    )
-    .unwrap();
+    let names =
+        candle_rlhf::io::load_safetensors(&out.checkpoint.join("model.safetensors"), &crate::dev())
+            .unwrap();
     assert!(names.contains_key("score.weight") && names.contains_key("transformer.wte.weight"));
     assert!(!names.keys().any(|k| k.starts_with("lm_head")));
     // Reloaded, it scores every pair as the trainer's evaluation did, and

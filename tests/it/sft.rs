@@ -4,12 +4,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use candle_rlhf::app::task::Task;
 use candle_rlhf::config::{Config, SftConfig};
+use candle_rlhf::data::sft::{pack, tokenize_rows, SftRow};
 use candle_rlhf::models::{load_dir_frozen, CausalLm};
 use candle_rlhf::signal::StopSignal;
-use candle_rlhf::task::Task;
 use candle_rlhf::tokenizer::Tokenizer;
-use candle_rlhf::trainers::sft::{self, batch_loss, pack, tokenize_rows};
+use candle_rlhf::trainers::sft::{self, batch_loss};
 
 use crate::models::model_dir;
 
@@ -75,8 +76,8 @@ fn packed_rows_give_the_same_loss_as_separate_ones() {
     let (rows, _) = tokenize_rows(&records(&rows), &tok, &SftConfig::default()).unwrap();
     let packed = pack(&rows, 64);
     assert!(packed.len() < rows.len(), "several sequences share a row");
-    let total = |rs: &[sft::SftRow]| {
-        let refs: Vec<&sft::SftRow> = rs.iter().collect();
+    let total = |rs: &[SftRow]| {
+        let refs: Vec<&SftRow> = rs.iter().collect();
         let (loss, correct, n) = batch_loss(&lm, &refs, tok.pad_id, &Device::Cpu).unwrap();
         (
             loss.to_scalar::<f32>().unwrap() as f64 * n as f64,
@@ -114,7 +115,7 @@ fn sft_config(run: &Path, data: &Path, extra: &[&str]) -> Config {
 fn sft_learns_the_language_and_an_interrupted_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("sft.jsonl");
-    candle_rlhf::fixtures::write_jsonl(&data, &Task::new(0, "sft").sft_rows(400)).unwrap();
+    candle_rlhf::app::fixtures::write_jsonl(&data, &Task::new(0, "sft").sft_rows(400)).unwrap();
     let straight_dir = tmp.path().join("straight");
     let straight = sft::train(
         &sft_config(&straight_dir, &data, &["sft.packing=true"]),
@@ -213,7 +214,7 @@ fn the_fast_demo_runs_every_stage_and_ppo_beats_sft_on_the_gold_reward() {
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                candle_rlhf::task::gold_reward(v["response"].as_str().unwrap())
+                candle_rlhf::app::task::gold_reward(v["response"].as_str().unwrap())
             })
             .collect();
         g.iter().sum::<f64>() / g.len() as f64
@@ -262,7 +263,7 @@ fn sft_cli_trains_the_tiny_config_and_refuses_a_bad_file() {
             .unwrap()
     };
     let o = cli(
-        &root.join(candle_rlhf::fixtures::SFT_ROWS),
+        &root.join(candle_rlhf::app::fixtures::SFT_ROWS),
         &tmp.path().join("ok"),
     );
     let stdout = String::from_utf8_lossy(&o.stdout);

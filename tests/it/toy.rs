@@ -4,10 +4,10 @@
 //! must reproduce an uninterrupted one bit for bit.
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_rlhf::checkpoint::{self, Checkpoint, TrainerState};
-use candle_rlhf::run::{Manifest, RunDir};
+use candle_rlhf::checkpoint::{self, Checkpoint, Manifest, TrainerState};
+use candle_rlhf::optim::{AdamW, AdamWParams, StepOutcome, TrainCore};
+use candle_rlhf::run::RunDir;
 use candle_rlhf::signal::StopSignal;
-use candle_rlhf::train::{AdamW, AdamWParams, StepOutcome, TrainCore};
 use candle_rlhf::{Config, Error, HostRng, Result};
 use std::path::Path;
 

@@ -3,6 +3,7 @@
 
 use crate::toy::{self, Faults};
 use candle_rlhf::checkpoint;
+use candle_rlhf::io;
 use candle_rlhf::metrics::read_metrics;
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::Error;
@@ -195,7 +196,7 @@ fn non_finite_losses_are_skipped_then_stop_with_the_last_checkpoint_intact() {
         step, 6,
         "the checkpoint of step 6 was written before the stop"
     );
-    let weights = checkpoint::load_safetensors(
+    let weights = io::load_safetensors(
         &path.join(checkpoint::WEIGHTS_FILE),
         &candle_core::Device::Cpu,
     )

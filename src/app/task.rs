@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
-use crate::trainers::ppo::Completion;
+use crate::rewards::Completion;
 use crate::{HostRng, Result};
 
 pub const SUBJECTS: &[&str] = &[

@@ -371,7 +371,7 @@ impl FusedStep {
         let (mut w1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         // One pass writes w; m and v are written alongside through raw parts
         // of the same chunk (each chunk is one task of Candle's pool).
-        use crate::models::fused::{for_pieces, SharedOut};
+        use crate::kernels::{for_pieces, SharedOut};
         let (m_out, v_out) = (SharedOut(m1.as_mut_ptr()), SharedOut(v1.as_mut_ptr()));
         for_pieces(&mut w1, 1 << 14, |i, w1| {
             let at = i * (1 << 14);
@@ -397,7 +397,7 @@ impl FusedStep {
     }
 }
 
-crate::models::fast_math::wide_simd_fn! {
+crate::kernels::fast_math::wide_simd_fn! {
     /// The AdamW update of one chunk: (w, g, m, v) -> (w, m, v).
     fn adamw_chunk(s: &FusedStep, old: (&[f32], &[f32], &[f32], &[f32]), new: (&mut [f32], &mut [f32], &mut [f32])) {
         let (w0, g, m0, v0) = old;

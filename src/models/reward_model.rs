@@ -132,7 +132,7 @@ impl RewardModel {
     ) -> Result<(Self, VarMap)> {
         let (cfg, vb, varmap) = load_dir(dir, dtype, device)?;
         let mut model = Self::load(vb, &varmap, &cfg, seed)?;
-        let raw: Value = crate::checkpoint::read_json(&dir.join("config.json"))?;
+        let raw: Value = crate::io::read_json(&dir.join("config.json"))?;
         model.offset = raw[OFFSET_KEY].as_f64().unwrap_or(0.0);
         Ok((model, varmap))
     }
@@ -197,7 +197,7 @@ impl RewardModel {
             return Ok(Tensor::zeros(0, DType::F32, device)?);
         }
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let (ids, mask) = super::right_pad(seqs, pad_id);
+        let (ids, mask) = crate::data::batch::right_pad(seqs, pad_id);
         let ids = Tensor::from_vec(ids, (seqs.len(), width), device)?;
         self.rewards(&ids, &mask)
     }
@@ -231,7 +231,7 @@ impl RewardModel {
 ///
 /// ```no_run
 /// # fn main() -> candle_rlhf::Result<()> {
-/// let scorer = candle_rlhf::models::reward::RewardScorer::load("runs/reward-1/checkpoints/60", &candle_core::Device::Cpu)?;
+/// let scorer = candle_rlhf::models::reward_model::RewardScorer::load("runs/reward-1/checkpoints/60", &candle_core::Device::Cpu)?;
 /// let scores = scorer.score(&["the movie was great.", "the movie was dull."])?;
 /// # Ok(()) }
 /// ```
@@ -255,7 +255,7 @@ impl RewardScorer {
             &cfg,
             0,
         )?;
-        let raw: Value = crate::checkpoint::read_json(&dir.join("config.json"))?;
+        let raw: Value = crate::io::read_json(&dir.join("config.json"))?;
         model.offset = raw[OFFSET_KEY].as_f64().unwrap_or(0.0);
         Ok(Self {
             model,

@@ -32,7 +32,7 @@ use tokenizers::{
     TokenizerBuilder,
 };
 
-use crate::checkpoint::{atomic_write, save_safetensors};
+use crate::io::{atomic_write, save_safetensors};
 use crate::models::{ArchConfig, Backbone};
 use crate::{Error, HostRng, IoContext, Result};
 
@@ -44,7 +44,7 @@ pub const TINY_GPT2: &str = "models/tiny-gpt2";
 pub const HUB_ORG: &str = "candle-rlhf";
 
 // The fixtures' corpus uses the demo task's words (src/task.rs).
-use crate::task::{ADVERBS, NEGATIVE, OPENERS, POSITIVE, SUBJECTS, VERBS};
+use crate::app::task::{ADVERBS, NEGATIVE, OPENERS, POSITIVE, SUBJECTS, VERBS};
 
 /// `n` short movie-review sentences, the same for the same seed.
 pub fn synthetic_corpus(seed: u64, n: usize) -> Vec<String> {
@@ -676,10 +676,14 @@ fn write_preference_dataset(cache: &Path, rows: &[Value]) -> Result<()> {
 /// Saves `model_dir`'s backbone with a new reward head drawn from `seed` in
 /// `out`, laid out as the reward trainer lays out its checkpoints.
 pub fn write_reward_model(model_dir: &Path, out: &Path, seed: u64) -> Result<()> {
-    let (model, varmap) =
-        crate::models::reward::RewardModel::from_dir(model_dir, DType::F32, &Device::Cpu, seed)?;
+    let (model, varmap) = crate::models::reward_model::RewardModel::from_dir(
+        model_dir,
+        DType::F32,
+        &Device::Cpu,
+        seed,
+    )?;
     let tok = crate::tokenizer::Tokenizer::from_dir(model_dir)?;
-    let base: Value = crate::checkpoint::read_json(&model_dir.join("config.json"))?;
+    let base: Value = crate::io::read_json(&model_dir.join("config.json"))?;
     std::fs::create_dir_all(out).with_path(out)?;
     save_safetensors(
         &crate::models::weights::named_tensors(&varmap),
@@ -720,7 +724,7 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
     write_jsonl(&out.join(PREFERENCES), &preferences)?;
     write_jsonl(
         &out.join(SFT_ROWS),
-        &crate::task::Task::new(seed, "sft").sft_rows(1000),
+        &crate::app::task::Task::new(seed, "sft").sft_rows(1000),
     )?;
     write_preference_dataset(&out.join("hub"), &preferences)?;
     Ok(dirs)

@@ -1,5 +1,5 @@
 //! `candle-rlhf demo`: the whole RLHF pipeline of ../shared/seeds offline,
-//! on the embedded task of [`crate::task`], in minutes on a CPU:
+//! on the embedded task of [`crate::app::task`], in minutes on a CPU:
 //!
 //! 0. data from the task's generator and a tiny random GPT-2 with a
 //!    tokenizer trained on the language;
@@ -18,9 +18,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::app::task::{self, Task};
 use crate::config::Config;
 use crate::signal::StopSignal;
-use crate::task::{self, Task};
 use crate::trainers::ppo::{self, RewardModelReward};
 use crate::trainers::{reward, sft};
 use crate::{Error, IoContext, Result};
@@ -122,7 +122,7 @@ impl DemoReport {
 }
 
 fn write_rows(path: &Path, rows: &[serde_json::Value]) -> Result<String> {
-    crate::fixtures::write_jsonl(path, rows)?;
+    crate::app::fixtures::write_jsonl(path, rows)?;
     Ok(path.to_string_lossy().into_owned())
 }
 
@@ -186,7 +186,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         &Task::new(seed, "eval-prompts").prompt_rows(plan.eval_prompts),
     )?;
     let base = out.join("base");
-    crate::fixtures::write_tiny_gpt2(&base, seed)?;
+    crate::app::fixtures::write_tiny_gpt2(&base, seed)?;
     lap("data and base model", &mut timings);
 
     // 1. SFT.
@@ -218,7 +218,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     c.train.save_steps = plan.reward_steps;
     c.validate()?;
     let rm_run = reward::train(&c, &out.join("reward"), false, &stop)?;
-    let scorer = crate::models::reward::RewardScorer::load(
+    let scorer = crate::models::reward_model::RewardScorer::load(
         &rm_run.checkpoint.to_string_lossy(),
         &candle_core::Device::Cpu,
     )?;
@@ -296,7 +296,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         report: out.join("report.md"),
     };
     let text = markdown(&report, &sft_run, &rm_run, &ppo_run);
-    crate::checkpoint::atomic_write(&report.report, text.as_bytes())?;
+    crate::io::atomic_write(&report.report, text.as_bytes())?;
     Ok(report)
 }
 
@@ -348,7 +348,7 @@ fn evaluate_with_gold(
             }
         })
         .collect();
-    crate::checkpoint::atomic_write(&out.join(format!("eval-{slug}.jsonl")), lines.as_bytes())?;
+    crate::io::atomic_write(&out.join(format!("eval-{slug}.jsonl")), lines.as_bytes())?;
     let n = samples.len() as f64;
     let gold = samples.iter().map(|s| s.2).sum::<f64>() / n;
     let var = samples.iter().map(|s| (s.2 - gold).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);

@@ -5,12 +5,12 @@
 //!
 //! It does not own the loop: each trainer writes its own, top to bottom.
 
-pub mod optim;
+pub mod adamw;
 pub mod schedule;
 
 use candle_core::{DType, Tensor};
 
-pub use optim::{AdamW, AdamWParams};
+pub use adamw::{AdamW, AdamWParams};
 pub use schedule::LrSchedule;
 
 use crate::config::TrainConfig;

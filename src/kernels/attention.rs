@@ -22,9 +22,9 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result as CResult, Shape, Storage, Tensor,
 };
 
-use super::fused::{
-    f32_data, for_units, fused_path, rotate_row, softmax_grad_row, softmax_row, SharedOut,
-};
+use super::rotary::rotate_row;
+use super::softmax::{softmax_grad_row, softmax_row};
+use super::{f32_data, for_units, fused_path, SharedOut};
 use crate::Result;
 
 /// How q, k and v sit in one (B, T, C) projection output.
@@ -640,36 +640,35 @@ unsafe fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::fused::rotary;
-    use crate::models::fused::tests::{compare, seeded};
-    use crate::models::layers::{attention, split_heads};
-    use candle_core::{DType, Device, Var};
+    use crate::kernels::rotary;
+    use crate::kernels::testing::{causal_bias, compare, rope_angles, seeded};
+    use candle_core::{DType, Var, D};
 
     /// A causal mask over t positions for 2 rows, the first left-padded by 2.
     fn bias(t: usize) -> Tensor {
-        let rows = [
-            (0..t).map(|j| u32::from(j >= 2)).collect::<Vec<_>>(),
-            vec![1u32; t],
-        ];
-        crate::models::attention_bias(&rows, t, DType::F32, &Device::Cpu).unwrap()
+        causal_bias(&[(0..t).map(|j| u32::from(j >= 2)).collect(), vec![1; t]])
     }
 
     /// Rotary angles (2, 1, t, r), positions 0.. with a per-row shift.
     fn angles(t: usize, r: usize) -> (Tensor, Tensor) {
-        let rot = crate::models::layers::Rotary::new(
-            r,
-            10_000.0,
-            &crate::models::layers::RopeScaling::Default,
-        )
-        .unwrap();
-        let pos: Vec<u32> = (0..2 * t as u32)
-            .map(|i| i % t as u32 + 3 * (i / t as u32))
-            .collect();
-        let pos = Tensor::from_vec(pos, (2, t), &Device::Cpu).unwrap();
-        rot.cos_sin(&pos, DType::F32).unwrap()
+        let t32 = t as u32;
+        rope_angles(&[(0..t32).collect(), (3..3 + t32).collect()], r)
     }
 
-    /// The composed middle: heads split by narrow, rotary, `layers::attention`.
+    /// (B, T, H d) -> (B, H, T, d).
+    fn split_heads(x: &Tensor, heads: usize) -> Tensor {
+        let (b, t, _) = x.dims3().unwrap();
+        x.reshape((b, t, heads, ()))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    /// The composed middle, op by op as transformers writes it: heads split,
+    /// rotary, softmax(q k^T / sqrt(d) + bias) v with each key/value head
+    /// repeated for its group of query heads, heads merged.
     fn composed(
         (q, k, v): (Tensor, Tensor, Tensor),
         (heads, kv_heads): (usize, usize),
@@ -680,9 +679,22 @@ mod tests {
             Some((cos, sin)) => rotary(&x, cos, sin).unwrap(),
             None => x,
         };
-        let q = rotate(split_heads(&q, heads).unwrap());
-        let k = rotate(split_heads(&k, kv_heads).unwrap());
-        attention(&q, &k, &split_heads(&v, kv_heads).unwrap(), bias).unwrap()
+        let repeat = |x: Tensor| {
+            let parts: Vec<Tensor> = (0..kv_heads)
+                .flat_map(|g| (0..heads / kv_heads).map(move |_| g))
+                .map(|g| x.narrow(1, g, 1).unwrap())
+                .collect();
+            Tensor::cat(&parts, 1).unwrap()
+        };
+        let q = rotate(split_heads(&q, heads));
+        let k = repeat(rotate(split_heads(&k, kv_heads))).contiguous().unwrap();
+        let v = repeat(split_heads(&v, kv_heads)).contiguous().unwrap();
+        let (b, h, t, d) = q.dims4().unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs =
+            candle_nn::ops::softmax(&scores.broadcast_add(bias).unwrap(), D::Minus1).unwrap();
+        let out = probs.matmul(&v).unwrap();
+        out.transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap()
     }
 
     #[test]

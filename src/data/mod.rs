@@ -1,8 +1,15 @@
-//! Preference data: reading pairs from JSONL, gzip-compressed JSONL, a JSON
-//! array, Parquet or a dataset repo's split, tokenizing them as prompt +
-//! response (+ EOS), filtering, splitting.
-//! Bad rows are one clear error naming the file and line; pairs that cannot
+//! Data, from files to batches. Here: the records of a data file (JSONL,
+//! gzip-compressed JSONL, a JSON array, Parquet, or a dataset repo's split)
+//! and preference pairs read from them, tokenized as prompt + response
+//! (+ EOS), filtered and split. Beside it: SFT rows ([`sft`]), prompts for
+//! rollouts and evaluation ([`prompts`]), padding and position ids
+//! ([`batch`]).
+//! Bad rows are one clear error naming the file and line; rows that cannot
 //! train (empty, identical, too long) are counted skips.
+
+pub mod batch;
+pub mod prompts;
+pub mod sft;
 
 use std::io::Read;
 use std::path::Path;

@@ -22,10 +22,10 @@ use serde_json::{json, Value};
 use crate::config::{Config, TrainConfig};
 use crate::error::IoContext;
 use crate::generate::{generate, Draw, Sampling};
-use crate::models::reward::RewardModel;
+use crate::models::reward_model::RewardModel;
 use crate::models::{load_dir_frozen, ArchConfig, CausalLm};
-use crate::train::optim::{AdamW, AdamWParams};
-use crate::train::TrainCore;
+use crate::optim::adamw::{AdamW, AdamWParams};
+use crate::optim::TrainCore;
 use crate::trainers::ppo::PhaseTimes;
 use crate::{Error, HostRng, Result};
 
@@ -326,13 +326,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 /// Writes the shape's random model once (reused while its config is unchanged).
 fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
     let config_path = dir.join("config.json");
-    let same = crate::checkpoint::read_json(&config_path).is_ok_and(|c: Value| c == shape.config)
+    let same = crate::io::read_json(&config_path).is_ok_and(|c: Value| c == shape.config)
         && dir.join("model.safetensors").is_file();
     if !same {
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_path(dir)?;
         }
-        crate::fixtures::write_random_model(dir, shape.config.clone(), seed)?;
+        crate::app::fixtures::write_random_model(dir, shape.config.clone(), seed)?;
     }
     Ok(())
 }
@@ -394,7 +394,7 @@ impl ModelFlops {
     /// Reads `model_dir`'s config.json and safetensors header.
     pub fn of(model_dir: &Path) -> Result<Self> {
         let config_path = model_dir.join("config.json");
-        let raw: Value = crate::checkpoint::read_json(&config_path)?;
+        let raw: Value = crate::io::read_json(&config_path)?;
         let arch = ArchConfig::from_value(&raw, &config_path)?;
         let in_block = |name: &str| {
             let parts: Vec<&str> = name.split('.').collect();
@@ -529,10 +529,10 @@ fn generation(
 fn ensure_reward_model(opts: &BenchOptions, model_dir: &Path) -> Result<PathBuf> {
     let reward_dir = opts.work_dir.join("reward");
     if !reward_dir.join("model.safetensors").is_file()
-        || crate::checkpoint::read_json::<Value>(&reward_dir.join("config.json"))
+        || crate::io::read_json::<Value>(&reward_dir.join("config.json"))
             .map_or(true, |c| c["vocab_size"] != opts.shape.config["vocab_size"])
     {
-        crate::fixtures::write_reward_model(model_dir, &reward_dir, opts.config.run.seed)?;
+        crate::app::fixtures::write_reward_model(model_dir, &reward_dir, opts.config.run.seed)?;
     }
     Ok(reward_dir)
 }
@@ -555,7 +555,7 @@ fn ppo_iterations(
             .map(|ids| json!({ "input_ids": ids }))
             .collect();
     let prompts_path = opts.work_dir.join("prompts.jsonl");
-    crate::fixtures::write_jsonl(&prompts_path, &prompts)?;
+    crate::app::fixtures::write_jsonl(&prompts_path, &prompts)?;
     let run_dir = opts.work_dir.join("ppo-run");
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).with_path(&run_dir)?;

@@ -1,0 +1,147 @@
+//! Run configuration: TOML files parsed into typed sections, `--set`
+//! overrides, and validation before any model is loaded.
+//!
+//! Hyperparameters keep the names Hugging Face TRL and transformers use
+//! (learning_rate, per_device_train_batch_size, kl_coef, cliprange, lam, ...)
+//! and, unless a doc line says otherwise, their defaults. Unknown keys are
+//! rejected with the nearest known key suggested; every field has a default,
+//! so a config file only lists what it changes.
+//!
+//! - sections.rs: the sections, one line per key with its doc and default;
+//! - validate.rs: the rules values must meet, a table per section;
+//! - parse.rs: overrides and error messages.
+
+mod parse;
+mod sections;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use sections::{
+    DatasetConfig, GenerateConfig, KlEstimator, LrSchedulerType, ModelConfig, PpoConfig,
+    RewardConfig, RunConfig, SftConfig, StopToken, TrainConfig, ValueModel,
+};
+
+use crate::{Error, Result};
+use parse::{apply_override, file_error, flatten_into, override_error, show};
+
+/// Everything a run reads from its config file. Each subcommand uses the
+/// sections it needs; the resolved whole is saved in every run directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Seed, device, dtype and run directory.
+    pub run: RunConfig,
+    /// The model to start from.
+    pub model: ModelConfig,
+    /// Optimizer, schedule, batching, logging and checkpointing shared by every trainer.
+    pub train: TrainConfig,
+    /// Sampling settings for `generate`.
+    pub generate: GenerateConfig,
+    /// Supervised fine-tuning (TRL's SFTConfig).
+    pub sft: SftConfig,
+    /// Reward-model training (TRL's RewardConfig).
+    pub reward: RewardConfig,
+    /// PPO (TRL's PPOConfig).
+    pub ppo: PpoConfig,
+}
+
+/// Keys that may change between a checkpoint and its resumption: they change
+/// where and how a run reports, not what it computes.
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "run.device",
+    "run.out",
+    "run.threads",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "train.max_nonfinite_steps",
+    "train.per_device_eval_batch_size",
+];
+
+impl Config {
+    /// Reads `path` (or the defaults when `None`), applies each `key.path=value`
+    /// override in order, and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
+        let table = match path {
+            Some(path) => {
+                let source = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+                    source_name: source.clone(),
+                    message: format!("cannot read the config file: {e}"),
+                })?;
+                // Typed parse of the file alone first: its errors carry line numbers.
+                toml::from_str::<Config>(&text).map_err(|e| file_error(&source, &text, &e))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| file_error(&source, &text, &e))?
+            }
+            None => toml::Table::new(),
+        };
+        Self::from_table(table, overrides)
+    }
+
+    /// This config with `key.path=value` overrides applied, validated.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Config> {
+        let table = toml::Table::try_from(self)
+            .map_err(|e| Error::Msg(format!("cannot write config as TOML: {e}")))?;
+        Self::from_table(table, overrides)
+    }
+
+    fn from_table(mut table: toml::Table, overrides: &[String]) -> Result<Config> {
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+            Config::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| override_error(assignment, &e))?;
+        }
+        let config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| override_error("(combined)", &e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a config from TOML text (used for configs saved in run directories).
+    pub fn from_toml_str(source_name: &str, text: &str) -> Result<Config> {
+        let config =
+            toml::from_str::<Config>(text).map_err(|e| file_error(source_name, text, &e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML text, as saved in run directories.
+    pub fn to_toml_string(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::Msg(format!("cannot write config as TOML: {e}")))
+    }
+
+    /// Rejects values that parse but make no sense, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        validate::validate(self)
+    }
+
+    /// Every leaf of the config as `section.key` -> value (unset options absent).
+    pub fn flatten(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        if let Ok(value) = serde_json::to_value(self) {
+            flatten_into("", &value, &mut out);
+        }
+        out
+    }
+
+    /// The first key, in sorted order, whose value differs from `saved` and
+    /// that is not in [`RESUME_MAY_CHANGE`]: `(key, was, now)`.
+    pub fn resume_difference(&self, saved: &Config) -> Option<(String, String, String)> {
+        let now = self.flatten();
+        let was = saved.flatten();
+        let keys: std::collections::BTreeSet<&String> = now.keys().chain(was.keys()).collect();
+        let changed = keys
+            .into_iter()
+            .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()))
+            .find(|k| now.get(*k) != was.get(*k))
+            .map(|k| (k.clone(), show(was.get(k)), show(now.get(k))));
+        changed
+    }
+}

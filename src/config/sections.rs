@@ -1,0 +1,386 @@
+//! The sections of a config file, one struct each. Every key is written
+//! once, as a sheet: its one-line doc, its type and its default, with the
+//! reason where the default departs from TRL's or transformers'.
+//!
+//! `[sft]`, `[reward]` and `[ppo]` share the four dataset keys, declared
+//! once in [`dataset_section!`]. They are plain fields of each section, not
+//! a `#[serde(flatten)]` struct, because serde's `flatten` does not combine
+//! with `deny_unknown_fields`: a misspelt key must still be refused with the
+//! nearest known one, on its line.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::DTypeName;
+use crate::{Error, Result};
+
+/// Declares a config section: `pub field: Type = default,` with a doc line
+/// per field. The struct refuses unknown keys and takes each missing key's
+/// default.
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty = $default:expr ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+    };
+}
+
+/// A section that reads a data set: the shared dataset keys, then its own.
+macro_rules! dataset_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident ($section:literal) { $($rest:tt)* }
+    ) => {
+        section! {
+            $(#[$meta])*
+            pub struct $name {
+                /// Training rows: a .jsonl, .jsonl.gz, .json or .parquet file, or a dataset (hub id `org/name[@revision]` or local directory) read at `dataset_train_split`.
+                pub dataset: String = String::new(),
+                /// The split of a dataset repo to train on (TRL's name).
+                pub dataset_train_split: String = "train".into(),
+                /// A separate evaluation set (a file, or a dataset read at `dataset_test_split`).
+                pub eval_dataset: Option<String> = None,
+                /// The split of `eval_dataset` when it is a dataset repo (TRL's name).
+                pub dataset_test_split: String = "test".into(),
+                $($rest)*
+            }
+        }
+
+        impl $name {
+            /// The dataset keys of this section.
+            pub fn data(&self) -> DatasetConfig<'_> {
+                DatasetConfig {
+                    section: $section,
+                    dataset: &self.dataset,
+                    train_split: &self.dataset_train_split,
+                    eval_dataset: self.eval_dataset.as_deref(),
+                    test_split: &self.dataset_test_split,
+                }
+            }
+        }
+    };
+}
+
+/// The dataset keys every data-reading section shares, as one value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DatasetConfig<'a> {
+    /// The section they come from (`sft`, `reward`, `ppo`), for messages.
+    pub section: &'static str,
+    pub dataset: &'a str,
+    pub train_split: &'a str,
+    pub eval_dataset: Option<&'a str>,
+    pub test_split: &'a str,
+}
+
+impl<'a> DatasetConfig<'a> {
+    /// The training set, or an error naming `<section>.dataset` when unset.
+    pub fn train(&self) -> Result<&'a str> {
+        if self.dataset.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: format!("{}.dataset", self.section),
+                value: String::new(),
+                reason: "a data file, a dataset directory or a hub dataset id is required".into(),
+            });
+        }
+        Ok(self.dataset)
+    }
+}
+
+section! {
+    /// Seed, device, dtype and run directory.
+    pub struct RunConfig {
+        /// Seed of every random draw in the run (initialization, shuffling, sampling); 42 as in transformers and TRL.
+        pub seed: u64 = 42,
+        /// auto | cpu | cuda[:N] | metal[:N]; auto picks CUDA, then Metal, then the CPU.
+        pub device: String = "auto".into(),
+        /// Compute dtype of the models: f32 | bf16 | f16.
+        pub dtype: DTypeName = DTypeName::F32,
+        /// Run directory for checkpoints, metrics and plots (default: runs/<command>-<time>).
+        pub out: Option<PathBuf> = None,
+        /// CPU threads for the tensor ops; 0 uses every core (or RAYON_NUM_THREADS).
+        pub threads: usize = 0,
+    }
+}
+
+section! {
+    /// The model to start from.
+    pub struct ModelConfig {
+        /// A local directory in Hugging Face layout, or a hub id `org/name[@revision]`.
+        pub name_or_path: String = String::new(),
+        /// Hub revision (branch, tag or commit) of a hub id; unset: the id's `@revision`, else main.
+        pub revision: Option<String> = None,
+    }
+}
+
+impl ModelConfig {
+    /// The model argument with `revision` applied: `name_or_path@revision`
+    /// for a hub id. An error when `revision` conflicts with an `@revision`
+    /// in the id, or when the model is a local directory.
+    pub fn resolved_name(&self) -> Result<String> {
+        let Some(rev) = &self.revision else {
+            return Ok(self.name_or_path.clone());
+        };
+        let bad = |reason: String| Error::InvalidConfig {
+            field: "model.revision".into(),
+            value: rev.clone(),
+            reason,
+        };
+        if std::path::Path::new(&self.name_or_path).exists() {
+            return Err(bad(format!(
+                "{} is a local directory; a revision applies to hub ids only",
+                self.name_or_path
+            )));
+        }
+        match self.name_or_path.split_once('@') {
+            Some((_, given)) if given == rev => Ok(self.name_or_path.clone()),
+            Some((_, given)) => Err(bad(format!(
+                "conflicts with the revision `{given}` in model.name_or_path `{}`",
+                self.name_or_path
+            ))),
+            None => Ok(format!("{}@{rev}", self.name_or_path)),
+        }
+    }
+}
+
+/// Learning-rate schedules, named as transformers names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+}
+
+section! {
+    /// Optimizer, schedule, batching, logging and checkpointing shared by every trainer.
+    pub struct TrainConfig {
+        /// Peak learning rate of AdamW (transformers' default; TRL's PPOConfig uses 3e-6).
+        pub learning_rate: f64 = 5e-5,
+        /// Sequences (or pairs) per forward/backward pass.
+        pub per_device_train_batch_size: usize = 8,
+        /// Sequences (or pairs) per forward pass during evaluation.
+        pub per_device_eval_batch_size: usize = 8,
+        /// Micro-batches whose gradients are summed before one optimizer step.
+        pub gradient_accumulation_steps: usize = 1,
+        /// Passes over the training data (ignored when max_steps is set).
+        pub num_train_epochs: f64 = 3.0,
+        /// Total optimizer steps; overrides num_train_epochs when set.
+        pub max_steps: Option<u64> = None,
+        /// Global gradient-norm clipping threshold; 0 turns clipping off.
+        pub max_grad_norm: f64 = 1.0,
+        /// constant | constant_with_warmup | linear | cosine.
+        pub lr_scheduler_type: LrSchedulerType = LrSchedulerType::Linear,
+        /// Fraction of the steps spent warming up linearly from 0.
+        pub warmup_ratio: f64 = 0.0,
+        /// Warmup steps; when above 0 it overrides warmup_ratio.
+        pub warmup_steps: u64 = 0,
+        /// Decoupled (AdamW) weight decay, transformers' default 0 (candle-nn's AdamW: 0.01); biases and norm weights are never decayed.
+        pub weight_decay: f64 = 0.0,
+        /// AdamW beta1.
+        pub adam_beta1: f64 = 0.9,
+        /// AdamW beta2.
+        pub adam_beta2: f64 = 0.999,
+        /// AdamW epsilon.
+        pub adam_epsilon: f64 = 1e-8,
+        /// Append a metrics line every this many optimizer steps (TRL's default; transformers': 500).
+        pub logging_steps: u64 = 10,
+        /// Write a checkpoint every this many optimizer steps.
+        pub save_steps: u64 = 500,
+        /// Keep only the newest this many checkpoints (transformers: keep all; unset keeps all).
+        pub save_total_limit: Option<usize> = Some(3),
+        /// Evaluate every this many steps (unset: at the end only).
+        pub eval_steps: Option<u64> = None,
+        /// Stop the run after this many consecutive steps with a NaN/inf loss or gradient.
+        pub max_nonfinite_steps: usize = 5,
+    }
+}
+
+impl TrainConfig {
+    /// Sequences (or pairs) per optimizer step.
+    pub fn effective_batch_size(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// Warmup steps for a run of `total_steps`: warmup_steps when set, else
+    /// ceil(warmup_ratio * total), as transformers computes it.
+    pub fn warmup_steps_for(&self, total_steps: u64) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total_steps as f64).ceil() as u64
+        }
+    }
+}
+
+section! {
+    /// Sampling settings for `generate`.
+    pub struct GenerateConfig {
+        /// Tokens to sample after the prompt.
+        pub max_new_tokens: usize = 64,
+        /// Softmax temperature; 0 is greedy decoding.
+        pub temperature: f64 = 1.0,
+        /// Keep only the k most likely tokens (unset: all).
+        pub top_k: Option<usize> = None,
+        /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+        pub top_p: f64 = 1.0,
+    }
+}
+
+dataset_section! {
+    /// Supervised fine-tuning (TRL's SFTConfig). Rows have `prompt` and
+    /// `completion` (loss on the completion) or `text` (loss on every token).
+    pub struct SftConfig("sft") {
+        /// Fraction of the rows held out for evaluation (seeded split) when there is no eval_dataset.
+        pub eval_ratio: f64 = 0.1,
+        /// The text column of plain-text rows (TRL's name).
+        pub dataset_text_field: String = "text".into(),
+        /// Sequences are cut to this many tokens (TRL truncates too), and counted.
+        pub max_length: usize = 1024,
+        /// Loss on completion tokens only for prompt/completion rows (TRL's default); false trains on the prompt too.
+        pub completion_only_loss: bool = true,
+        /// Pack whole sequences into rows of max_length (best-fit decreasing, TRL's "bfd"); each attends only within itself, positions restart.
+        pub packing: bool = false,
+    }
+}
+
+dataset_section! {
+    /// Reward-model training (TRL's RewardConfig). Rows have `chosen`,
+    /// `rejected` and optionally `prompt` and `margin`.
+    pub struct RewardConfig("reward") {
+        /// Fraction of the pairs held out for evaluation (seeded split) when there is no eval_dataset.
+        pub eval_ratio: f64 = 0.1,
+        /// Pairs with a sequence longer than this many tokens are dropped (TRL's behaviour), or truncated when `truncate` is set.
+        pub max_length: usize = 1024,
+        /// Truncate over-long sequences to max_length instead of dropping the pair.
+        pub truncate: bool = false,
+        /// Adds coef * mean((r_chosen + r_rejected)^2) to the loss, keeping rewards centred.
+        pub center_rewards_coefficient: Option<f64> = None,
+        /// After training, store the mean score of the chosen training responses in config.json and subtract it from every reported score.
+        pub normalize: bool = false,
+    }
+}
+
+/// Per-token KL estimators (Schulman, "Approximating KL divergence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    K1,
+    K2,
+    K3,
+}
+
+/// Where PPO's value estimates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueModel {
+    Auto,
+    Reward,
+    Head,
+}
+
+/// Where a sampled response is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopToken {
+    Eos,
+}
+
+dataset_section! {
+    /// PPO (TRL's PPOConfig, with its defaults unless a line says otherwise).
+    /// Rows have `prompt` (or TRL's pre-tokenized `input_ids`).
+    pub struct PpoConfig("ppo") {
+        /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts` (counted either way).
+        pub max_prompt_length: usize = 64,
+        /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
+        pub truncate_prompts: bool = false,
+        /// The reward model: a directory or hub id (a candle-rlhf reward model or a transformers ForSequenceClassification with one label); library users may pass any `rewards::Reward`.
+        pub reward_model: Option<String> = None,
+        /// The reference model (default: a frozen copy of the initial policy).
+        pub ref_model: Option<String> = None,
+        /// Dtype of the frozen reference (default: the run's dtype).
+        pub ref_dtype: Option<DTypeName> = None,
+        /// auto: a critic from the reward model when it is a decoder sharing the policy's tokenizer (the N+ default), else a value head; reward: that critic or an error; head: the value head.
+        pub value_model: ValueModel = ValueModel::Auto,
+        /// Entropy bonus: loss -= entropy_coef * mean token entropy.
+        pub entropy_coef: f64 = 0.0,
+        /// Learning rate of the value head or critic (OpenRLHF's name); unset: `train.learning_rate`. It follows the same schedule, scaled.
+        pub critic_learning_rate: Option<f64> = None,
+        /// CPU only: the critic model's forward and backward on a thread of its own beside the policy's (needs run.threads = 1; faster on small models only, see BENCHMARKS.md).
+        pub critic_on_own_thread: bool = false,
+        /// Rollout sampling: keep only the k most likely tokens (unset: all).
+        pub top_k: Option<usize> = None,
+        /// Rollout sampling: nucleus threshold in (0, 1].
+        pub top_p: f64 = 1.0,
+        /// Adaptive KL control (Ziegler et al.): kl_coef moves toward `target` over `horizon` episodes.
+        pub adap_kl_ctrl: bool = false,
+        /// Adaptive KL: the KL per sequence to aim at (TRL's old PPOConfig).
+        pub target: f64 = 6.0,
+        /// Adaptive KL: episodes over which kl_coef moves (TRL's old PPOConfig).
+        pub horizon: f64 = 10000.0,
+        /// How many times over the run a few completions go to samples.jsonl (TRL's name).
+        pub num_sample_generations: usize = 10,
+        /// Optimization epochs over each batch of rollouts.
+        pub num_ppo_epochs: usize = 4,
+        /// Mini-batches per PPO epoch; each is one optimizer step.
+        pub num_mini_batches: usize = 1,
+        /// Prompts to roll out in the whole run (unset: one pass over the prompts).
+        pub total_episodes: Option<u64> = None,
+        /// Sequences per generation/forward chunk during the rollout.
+        pub local_rollout_forward_batch_size: usize = 64,
+        /// Tokens sampled per response.
+        pub response_length: usize = 53,
+        /// Sampling temperature of the rollout (> 0).
+        pub temperature: f64 = 0.7,
+        /// Cut responses after this token ("eos"); unset cuts nowhere. TRL: unset; we stop at EOS by default.
+        pub stop_token: Option<StopToken> = Some(StopToken::Eos),
+        /// Cut responses after this token id; overrides stop_token.
+        pub stop_token_id: Option<u32> = None,
+        /// Subtracted from the score of a response that never produced the stop token.
+        pub missing_eos_penalty: Option<f64> = None,
+        /// Weight of the per-token KL penalty in the reward (alias `init_kl_coef`).
+        #[serde(alias = "init_kl_coef")]
+        pub kl_coef: f64 = 0.05,
+        /// k1 (logp - ref_logp), k2 or k3.
+        pub kl_estimator: KlEstimator = KlEstimator::K1,
+        /// Policy-ratio clipping range.
+        pub cliprange: f64 = 0.2,
+        /// Value-prediction clipping range.
+        pub cliprange_value: f64 = 0.2,
+        /// Weight of the value loss.
+        pub vf_coef: f64 = 0.1,
+        /// Discount factor.
+        pub gamma: f64 = 1.0,
+        /// GAE lambda.
+        pub lam: f64 = 0.95,
+        /// Whiten the per-token rewards before GAE.
+        pub whiten_rewards: bool = false,
+    }
+}
+
+impl PpoConfig {
+    /// Rollouts per PPO batch: micro-batch x accumulation x mini-batches (TRL's local_batch_size).
+    pub fn local_batch_size(&self, train: &TrainConfig) -> usize {
+        train.effective_batch_size() * self.num_mini_batches
+    }
+
+    /// Rollouts per optimizer step (TRL's local_mini_batch_size).
+    pub fn local_mini_batch_size(&self, train: &TrainConfig) -> usize {
+        train.effective_batch_size()
+    }
+}

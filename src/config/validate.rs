@@ -1,0 +1,167 @@
+//! Values that parse but make no sense, refused before any model loads.
+//! One table of rules per section: the field, its value, whether it holds,
+//! and what it must be. The first rule that fails is the error.
+
+use super::{Config, GenerateConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig};
+use crate::{Error, Result};
+
+/// One rule: the field's full key, its value as written, whether it holds,
+/// and the reason given when it does not.
+struct Rule {
+    field: &'static str,
+    value: String,
+    ok: bool,
+    reason: String,
+}
+
+fn rule(field: &'static str, value: impl std::fmt::Display, ok: bool, reason: &str) -> Rule {
+    Rule {
+        field,
+        value: value.to_string(),
+        ok,
+        reason: reason.to_string(),
+    }
+}
+
+/// A rule on an optional value: holds when unset.
+fn rule_opt<T: std::fmt::Display + Copy>(
+    field: &'static str,
+    value: Option<T>,
+    holds: impl Fn(T) -> bool,
+    reason: &str,
+) -> Rule {
+    match value {
+        Some(v) => rule(field, v, holds(v), reason),
+        None => rule(field, "unset", true, reason),
+    }
+}
+
+// The usual bounds, each with its reason.
+const AT_LEAST_1: &str = "must be at least 1";
+const NON_NEGATIVE: &str = "must be >= 0";
+const POSITIVE: &str = "must be > 0";
+const UNIT_CLOSED: &str = "must be in [0, 1]";
+const UNIT_HALF_OPEN: &str = "must be in [0, 1)";
+const PROBABILITY: &str = "must be in (0, 1]";
+
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+#[rustfmt::skip]
+fn train_rules(t: &TrainConfig) -> Vec<Rule> {
+    vec![
+        rule("train.learning_rate", t.learning_rate, non_negative(t.learning_rate), "must be a finite number >= 0"),
+        rule("train.per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, AT_LEAST_1),
+        rule("train.per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, AT_LEAST_1),
+        rule("train.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1, AT_LEAST_1),
+        rule("train.num_train_epochs", t.num_train_epochs, positive(t.num_train_epochs), POSITIVE),
+        rule_opt("train.max_steps", t.max_steps, |m| m >= 1, "must be at least 1 (leave it unset to train by epochs)"),
+        rule("train.max_grad_norm", t.max_grad_norm, non_negative(t.max_grad_norm), "must be >= 0 (0 turns clipping off)"),
+        rule("train.warmup_ratio", t.warmup_ratio, (0.0..=1.0).contains(&t.warmup_ratio), UNIT_CLOSED),
+        rule("train.weight_decay", t.weight_decay, non_negative(t.weight_decay), NON_NEGATIVE),
+        rule("train.adam_beta1", t.adam_beta1, (0.0..1.0).contains(&t.adam_beta1), UNIT_HALF_OPEN),
+        rule("train.adam_beta2", t.adam_beta2, (0.0..1.0).contains(&t.adam_beta2), UNIT_HALF_OPEN),
+        rule("train.adam_epsilon", t.adam_epsilon, positive(t.adam_epsilon), POSITIVE),
+        rule("train.logging_steps", t.logging_steps, t.logging_steps >= 1, AT_LEAST_1),
+        rule("train.save_steps", t.save_steps, t.save_steps >= 1, AT_LEAST_1),
+        rule_opt("train.save_total_limit", t.save_total_limit, |k| k >= 1, "must be at least 1 (leave it unset to keep every checkpoint)"),
+        rule_opt("train.eval_steps", t.eval_steps, |e| e >= 1, AT_LEAST_1),
+        rule("train.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 1, AT_LEAST_1),
+    ]
+}
+
+#[rustfmt::skip]
+fn generate_rules(g: &GenerateConfig) -> Vec<Rule> {
+    vec![
+        rule("generate.max_new_tokens", g.max_new_tokens, g.max_new_tokens >= 1, AT_LEAST_1),
+        rule("generate.temperature", g.temperature, non_negative(g.temperature), "must be >= 0 (0 is greedy)"),
+        rule("generate.top_p", g.top_p, g.top_p > 0.0 && g.top_p <= 1.0, PROBABILITY),
+        rule_opt("generate.top_k", g.top_k, |k| k >= 1, "must be at least 1 (leave it unset for no top-k)"),
+    ]
+}
+
+#[rustfmt::skip]
+fn sft_rules(s: &SftConfig) -> Vec<Rule> {
+    vec![
+        rule("sft.max_length", s.max_length, s.max_length >= 2, "must be at least 2 tokens"),
+        rule("sft.eval_ratio", s.eval_ratio, (0.0..1.0).contains(&s.eval_ratio), UNIT_HALF_OPEN),
+    ]
+}
+
+#[rustfmt::skip]
+fn reward_rules(r: &RewardConfig) -> Vec<Rule> {
+    vec![
+        rule("reward.max_length", r.max_length, r.max_length >= 2, "must be at least 2 tokens"),
+        rule("reward.eval_ratio", r.eval_ratio, (0.0..1.0).contains(&r.eval_ratio), UNIT_HALF_OPEN),
+        rule_opt("reward.center_rewards_coefficient", r.center_rewards_coefficient, non_negative, NON_NEGATIVE),
+    ]
+}
+
+#[rustfmt::skip]
+fn ppo_rules(p: &PpoConfig, t: &TrainConfig, threads: usize) -> Vec<Rule> {
+    let batch = p.local_batch_size(t);
+    let chunk = p.local_rollout_forward_batch_size;
+    vec![
+        rule("ppo.num_ppo_epochs", p.num_ppo_epochs, p.num_ppo_epochs >= 1, AT_LEAST_1),
+        rule("ppo.num_mini_batches", p.num_mini_batches, p.num_mini_batches >= 1, AT_LEAST_1),
+        rule("ppo.local_rollout_forward_batch_size", chunk, chunk >= 1, AT_LEAST_1),
+        rule(
+            "ppo.local_rollout_forward_batch_size",
+            chunk,
+            chunk >= batch || (chunk >= 1 && batch.is_multiple_of(chunk)),
+            &format!("must divide the rollout batch of {batch} (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches) so chunks are equal, or be at least {batch}"),
+        ),
+        rule_opt("ppo.total_episodes", p.total_episodes, |n| n >= batch as u64, &format!("must be at least one rollout batch ({batch})")),
+        rule("ppo.response_length", p.response_length, p.response_length >= 1, AT_LEAST_1),
+        rule("ppo.temperature", p.temperature, positive(p.temperature), "must be > 0: PPO samples its rollouts"),
+        rule("ppo.kl_coef", p.kl_coef, non_negative(p.kl_coef), NON_NEGATIVE),
+        rule("ppo.cliprange", p.cliprange, positive(p.cliprange), POSITIVE),
+        rule("ppo.cliprange_value", p.cliprange_value, positive(p.cliprange_value), POSITIVE),
+        rule("ppo.vf_coef", p.vf_coef, non_negative(p.vf_coef), NON_NEGATIVE),
+        rule("ppo.gamma", p.gamma, (0.0..=1.0).contains(&p.gamma), UNIT_CLOSED),
+        rule("ppo.lam", p.lam, (0.0..=1.0).contains(&p.lam), UNIT_CLOSED),
+        rule("ppo.max_prompt_length", p.max_prompt_length, p.max_prompt_length >= 1, AT_LEAST_1),
+        rule("ppo.top_p", p.top_p, p.top_p > 0.0 && p.top_p <= 1.0, PROBABILITY),
+        rule_opt("ppo.top_k", p.top_k, |k| k >= 1, "must be at least 1 (leave it unset for no top-k)"),
+        rule("ppo.entropy_coef", p.entropy_coef, non_negative(p.entropy_coef), NON_NEGATIVE),
+        rule("ppo.target", p.target, positive(p.target), POSITIVE),
+        rule("ppo.horizon", p.horizon, positive(p.horizon), POSITIVE),
+        rule(
+            "ppo.critic_on_own_thread",
+            p.critic_on_own_thread,
+            !p.critic_on_own_thread || threads == 1,
+            &format!("needs run.threads = 1 (each model's ops on one thread, two cores in all), not {threads}"),
+        ),
+        rule_opt("ppo.critic_learning_rate", p.critic_learning_rate, positive, POSITIVE),
+        rule_opt("ppo.missing_eos_penalty", p.missing_eos_penalty, f64::is_finite, "must be finite"),
+    ]
+}
+
+/// Checks every section; the first rule that fails is the error, naming its field.
+pub fn validate(c: &Config) -> Result<()> {
+    crate::device::parse_spec(&c.run.device).map_err(|e| Error::InvalidConfig {
+        field: "run.device".into(),
+        value: c.run.device.clone(),
+        reason: e.to_string(),
+    })?;
+    let rules = [
+        train_rules(&c.train),
+        generate_rules(&c.generate),
+        sft_rules(&c.sft),
+        reward_rules(&c.reward),
+        ppo_rules(&c.ppo, &c.train, c.run.threads),
+    ];
+    match rules.into_iter().flatten().find(|r| !r.ok) {
+        Some(r) => Err(Error::InvalidConfig {
+            field: r.field.into(),
+            value: r.value,
+            reason: r.reason,
+        }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,71 @@
+//! File IO shared by every stage: atomic writes, JSON and safetensors.
+//!
+//! A file is written under a temporary name beside its destination, synced,
+//! then renamed, so a reader never sees half a file. Errors name the file.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::{Error, IoContext, Result};
+
+/// Writes `safetensors` with the `format: pt` metadata transformers requires.
+pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data = tensors.iter().map(|(name, t)| (name.as_str(), t));
+    safetensors::serialize_to_file(data, Some(metadata), path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot write safetensors: {e}"),
+    })
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("cannot read safetensors: {}", Error::from(e)),
+    })
+}
+
+/// Writes a file atomically: to a temporary name beside it, synced, then renamed.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp).with_path(&tmp)?;
+        f.write_all(bytes).with_path(&tmp)?;
+        f.sync_all().with_path(&tmp)?;
+    }
+    fs::rename(&tmp, path).with_path(path)
+}
+
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Msg(format!("{}: cannot serialize: {e}", path.display())))?;
+    atomic_write(path, text.as_bytes())
+}
+
+/// Reads a JSON file into `T`, naming the file on failure.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Syncs every file of `dir` to disk.
+pub fn sync_dir_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_path(dir)? {
+        let path = entry.with_path(dir)?.path();
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_path(&path)?;
+    }
+    Ok(())
+}

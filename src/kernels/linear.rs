@@ -1,0 +1,226 @@
+//! x W (+ b): the products of every linear layer, with the bias added in the
+//! product's own buffer.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result as CResult, Shape, Tensor,
+};
+
+use super::fast_math::wide_simd_fn;
+use super::{f32_data, for_pieces, fused_path};
+use crate::Result;
+
+/// Row counts up to which [`matmul_weight_t`] takes the transposed product
+/// on the CPU (decoding steps, small batches).
+pub const FEW_ROWS: usize = 256;
+
+/// x (N, in) times W^T, W stored (out, in) as torch's nn.Linear keeps it.
+/// On the CPU with few rows (every decoding step), the gemm crate reads the
+/// transposed view W^T column by column and is 2-13x slower than computing
+/// (W x^T)^T, whose transpose is a small copy (see BENCHMARKS.md). With many rows (training, prefill) the plain product is
+/// as fast and needs no copy. GPUs take W^T as it is.
+pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS {
+        Ok(w.matmul(&x.t()?)?.t()?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
+/// x (N, in) times W plus the bias b (out): W (in, out) as GPT-2's Conv1D
+/// stores it, or with `transposed` W^T for W (out, in) as nn.Linear does.
+/// The bias is added in the product's own output buffer, so no second
+/// (N, out) tensor stays alive for the backward as with a matmul then an add
+/// (a quarter of GPT-2-small's activations by a count of tensor sizes); the bias gradient sums the
+/// output gradient's rows (Candle's broadcast_add backward divides per element).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
+    if fused_path(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
+        return Ok(x.apply_op3(w, b, Linear { transposed })?);
+    }
+    let y = match transposed {
+        true => matmul_weight_t(x, w)?,
+        false => x.matmul(w)?,
+    };
+    Ok(y.broadcast_add(b)?)
+}
+
+struct Linear {
+    transposed: bool,
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = l1.shape().dims2()?;
+        let (k_w, n) = match self.transposed {
+            true => (l2.dims()[1], l2.dims()[0]),
+            false => (l2.dims()[0], l2.dims()[1]),
+        };
+        let b = f32_data(s3, l3, self.name())?;
+        if k_w != k || b.len() != n {
+            bail!(
+                "{}: x {:?}, weight {:?}, bias {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let out = if self.transposed && m <= FEW_ROWS {
+            // (W x^T)^T, see matmul_weight_t: the product is (n, m), transposed
+            // into the output as the bias is added.
+            let wx = s2.matmul(s1, (1, n, m, k), l2, &l1.transpose(0, 1)?)?;
+            let CpuStorage::F32(wx) = wx else {
+                bail!("{}: f32 only", self.name())
+            };
+            let mut out = vec![0f32; m * n];
+            for (j, col) in wx.chunks_exact(m.max(1)).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * n + j] = v + b[j];
+                }
+            }
+            out
+        } else {
+            let w_layout = match self.transposed {
+                true => l2.transpose(0, 1)?,
+                false => l2.clone(),
+            };
+            let y = s1.matmul(s2, (1, m, n, k), l1, &w_layout)?;
+            let CpuStorage::F32(mut y) = y else {
+                bail!("{}: f32 only", self.name())
+            };
+            for_pieces(&mut y, n, |_, row| add_in_place(row, b));
+            y
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), grad.detach());
+        // y = x W^T + b: dx = g W, dW = g^T x; y = x W + b: dx = g W^T, dW = x^T g.
+        let (dx, dw) = match self.transposed {
+            true => (g.matmul(&w)?, g.t()?.matmul(&x)?),
+            false => (g.matmul(&w.t()?)?, x.t()?.matmul(&g)?),
+        };
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dx), Some(dw), Some(db.reshape(b.shape())?)))
+    }
+}
+
+wide_simd_fn! {
+    /// row += b, elementwise.
+    fn add_in_place(row: &mut [f32], b: &[f32]) {
+        for (o, &b) in row.iter_mut().zip(b) {
+            *o += b;
+        }
+    }
+}
+
+wide_simd_fn! {
+    /// out[j] += the sum of g[i * n + j] over rows i, n = out.len().
+    fn column_sum(g: &[f32], out: &mut [f32]) {
+        for row in g.chunks_exact(out.len()) {
+            out.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+        }
+    }
+}
+
+/// (.., n) -> (n): the sum over every leading index, one row at a time.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "fused-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_data(s, l, self.name())?;
+        let n = l.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            column_sum(g, &mut out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Var;
+
+    #[test]
+    fn linear_matches_matmul_plus_bias_in_value_and_gradient() {
+        // Both weight layouts; 5 rows (the transposed product of few rows)
+        // and 300 (the plain product, parallel bias pass).
+        for rows in [5, 300] {
+            for transposed in [false, true] {
+                let w_dims = if transposed { [70, 50] } else { [50, 70] };
+                let vars = [
+                    Var::from_tensor(&seeded(&[rows, 50], 11, 2.0)).unwrap(),
+                    Var::from_tensor(&seeded(&w_dims, 12, 1.0)).unwrap(),
+                    Var::from_tensor(&seeded(&[70], 13, 1.0)).unwrap(),
+                ];
+                let composed = |v: &[Tensor]| {
+                    let w = if transposed {
+                        v[1].t().unwrap()
+                    } else {
+                        v[1].clone()
+                    };
+                    v[0].matmul(&w).unwrap().broadcast_add(&v[2]).unwrap()
+                };
+                compare(
+                    &vars,
+                    |v| linear(&v[0], &v[1], &v[2], transposed).unwrap(),
+                    composed,
+                    1e-4,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_weight_t_equals_the_plain_product_with_gradients_on_both_paths() {
+        use candle_core::Var;
+        let w = Var::from_tensor(&seeded(&[24, 40], 1, 1.0)).unwrap();
+        // 5 rows take the transposed product, 300 the plain one.
+        for rows in [5, FEW_ROWS + 44] {
+            let x = Var::from_tensor(&seeded(&[rows, 40], 2, 1.0)).unwrap();
+            let up = seeded(&[rows, 24], 3, 1.0);
+            let ours = matmul_weight_t(&x, &w).unwrap();
+            let plain = x.matmul(&w.t().unwrap()).unwrap();
+            assert_eq!(ours.dims(), &[rows, 24]);
+            assert!(max_diff(&ours, &plain) < 1e-4, "rows {rows}");
+            let g_ours = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_plain = (plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var in [&x, &w] {
+                let (a, b) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
+                assert!(max_diff(a, b) < 1e-4, "rows {rows}: gradient differs");
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Token log-probabilities and entropy of logits, in one pass each way.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result as CResult, Shape, Tensor, D,
+};
+
+use super::fast_math::{self, wide_simd_fn, LANES};
+use super::{f32_data, for_pieces_costing, fused_path, u32_data};
+use crate::Result;
+
+/// Per row of `logits` (.., V) scaled by `scale` (1 / temperature): the
+/// log-probability of the row's token in `tokens` (..) u32, and the entropy
+/// of the row's softmax; both (..), with a backward through the logits.
+/// None where the kernel does not apply (not the CPU in f32, scale <= 0):
+/// the caller then composes the ops (`rl::token_logprobs_and_entropy` does).
+///
+/// The composed version makes a dozen (.., V) tensors forward and as many
+/// backward: with GPT-2's 50,257-word vocabulary, hundreds of megabytes per
+/// micro-batch. This reads the logits twice forward and three times
+/// backward, and writes only the (.., V) gradient.
+pub fn token_logprobs_and_entropy_fused(
+    logits: &Tensor,
+    tokens: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    // The kernel takes the row maximum before scaling, so it needs scale > 0
+    // (a temperature is positive; the composed path takes any scale).
+    let fused = fused_path(&[logits]) && scale > 0.0;
+    if !(fused && tokens.dtype() == DType::U32 && tokens.device().is_cpu()) {
+        return Ok(None);
+    }
+    let v = logits.dim(D::Minus1)?;
+    let rows = logits.contiguous()?.reshape(((), v))?;
+    let both = rows.apply_op2(
+        &tokens.flatten_all()?.contiguous()?,
+        LogprobEntropy {
+            scale: scale as f32,
+        },
+    )?;
+    let shape = tokens.shape();
+    Ok(Some((
+        both.narrow(1, 0, 1)?.reshape(shape)?,
+        both.narrow(1, 1, 1)?.reshape(shape)?,
+    )))
+}
+
+struct LogprobEntropy {
+    scale: f32,
+}
+
+/// The (N, V) logits and N tokens of the op, checked.
+fn logits_and_tokens<'a>(
+    op: &str,
+    logits: (&'a CpuStorage, &Layout),
+    tokens: (&'a CpuStorage, &Layout),
+) -> CResult<(&'a [f32], &'a [u32], usize)> {
+    let x = f32_data(logits.0, logits.1, op)?;
+    let t = u32_data(tokens.0, tokens.1, op)?;
+    let (n, v) = logits.1.shape().dims2()?;
+    if t.len() != n || v == 0 {
+        bail!("{op}: {n} rows of logits but {} tokens", t.len())
+    }
+    if let Some(&bad) = t.iter().find(|&&tok| tok as usize >= v) {
+        bail!("{op}: token {bad} is outside the vocabulary of {v}")
+    }
+    Ok((x, t, v))
+}
+
+impl CustomOp2 for LogprobEntropy {
+    fn name(&self) -> &'static str {
+        "fused-logprob-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, tokens, v) = logits_and_tokens(self.name(), (s1, l1), (s2, l2))?;
+        let n = tokens.len();
+        let mut out = vec![0f32; 2 * n];
+        for_pieces_costing(&mut out, 2, n * v, |i, o| {
+            let row = &x[i * v..(i + 1) * v];
+            let st = row_softmax_stats(row, self.scale);
+            o[0] = self.scale * row[tokens[i] as usize] - st.lse;
+            o[1] = st.entropy;
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        tokens: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx =
+            logits.apply_op3_no_bwd(tokens, &grad, &LogprobEntropyGrad { scale: self.scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// (logits, tokens, d[logp, entropy]) -> d logits, with p = softmax(s l),
+/// log p_j = s l_j - lse and H = -sum p log p:
+/// d logp / d l_j = s (1[j = token] - p_j), dH / d l_j = -s p_j (log p_j + H).
+struct LogprobEntropyGrad {
+    scale: f32,
+}
+
+impl CustomOp3 for LogprobEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-logprob-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, tokens, v) = logits_and_tokens(self.name(), (s1, l1), (s2, l2))?;
+        let g = f32_data(s3, l3, self.name())?;
+        let n = tokens.len();
+        let mut out = vec![0f32; n * v];
+        for_pieces_costing(&mut out, v, 3 * n * v, |i, o| {
+            let row = &x[i * v..(i + 1) * v];
+            let st = row_softmax_stats(row, self.scale);
+            let (g_logp, g_entropy) = (g[2 * i], g[2 * i + 1]);
+            logprob_entropy_grad_row(row, self.scale, st, g_logp, g_entropy, o);
+            o[tokens[i] as usize] += self.scale * g_logp;
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Of the softmax of s * row: log-sum-exp and entropy.
+#[derive(Clone, Copy)]
+struct SoftmaxStats {
+    lse: f32,
+    entropy: f32,
+}
+
+wide_simd_fn! {
+    /// Two passes over the row: its maximum, then sum(e) and sum(e z) with
+    /// z = s l - max and e = exp(z); lse = max + ln sum(e), H = ln sum(e) - sum(e z) / sum(e).
+    fn row_softmax_stats(row: &[f32], scale: f32) -> SoftmaxStats {
+        // scale > 0 (checked by the caller), so the maximum of s l is s max(l).
+        let m = scale * fast_math::max(row);
+        let (mut sum, mut sum_ez) = ([0f32; LANES], [0f32; LANES]);
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for k in 0..LANES {
+                let z = scale * c[k] - m;
+                let e = fast_math::exp(z);
+                sum[k] += e;
+                sum_ez[k] += e * z;
+            }
+        }
+        let (mut s, mut sez) = (sum.iter().sum::<f32>(), sum_ez.iter().sum::<f32>());
+        for &l in tail {
+            let z = scale * l - m;
+            let e = fast_math::exp(z);
+            s += e;
+            sez += e * z;
+        }
+        let log_sum = s.ln();
+        SoftmaxStats {
+            lse: m + log_sum,
+            entropy: log_sum - sez / s,
+        }
+    }
+}
+
+wide_simd_fn! {
+    /// out_j = s (-g_logp p_j - g_entropy p_j (log p_j + H)); the caller adds
+    /// s g_logp at the token.
+    fn logprob_entropy_grad_row(
+        row: &[f32],
+        scale: f32,
+        st: SoftmaxStats,
+        g_logp: f32,
+        g_entropy: f32,
+        out: &mut [f32],
+    ) {
+        for (o, &l) in out.iter_mut().zip(row) {
+            let logp = scale * l - st.lse;
+            let p = fast_math::exp(logp);
+            *o = -scale * p * (g_logp + g_entropy * (logp + st.entropy));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Device;
+
+    #[test]
+    fn token_logprobs_and_entropy_reject_a_token_outside_the_vocabulary() {
+        let logits = seeded(&[2, 5], 23, 1.0);
+        let tokens = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+        let err = token_logprobs_and_entropy_fused(&logits, &tokens, 1.0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("token 5 is outside the vocabulary of 5"),
+            "{err}"
+        );
+    }
+}
