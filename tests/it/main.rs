@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod config;
 mod hub;
+mod layout;
 mod mixed_precision;
 mod models;
 mod ppo;
