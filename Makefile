@@ -12,10 +12,11 @@ test:
 fixtures:
 	cargo run --release -- fixtures --out fixtures
 
-# Golden outputs of the fixtures from transformers (needs Python; CI does not).
+# Golden outputs of the fixtures from transformers (needs Python; CI does not),
+# with the pinned stack the files in tests/golden record (tests/golden/README.md).
 golden: fixtures
 	python3 -m venv .venv-golden
-	.venv-golden/bin/pip install -q torch transformers safetensors
+	.venv-golden/bin/pip install -q torch==2.15.0 transformers==5.23.0 safetensors
 	.venv-golden/bin/python scripts/make_golden.py fixtures tests
 
 fmt:
@@ -26,7 +27,7 @@ clippy:
 
 # CUDA build on a machine without a GPU (installs nvcc from PyPI wheels).
 cuda:
-	eval "$$(../shared/cuda-toolchain.sh)" && cargo build --release --features cuda
+	eval "$$(scripts/cuda-toolchain.sh)" && cargo build --release --features cuda
 
 # Clean build and test times, as reported in closing notes.
 ci-times:

@@ -23,10 +23,9 @@ pub fn threads() -> usize {
 ///
 /// Training allocates and frees tensors of many megabytes at every op. glibc
 /// serves those with fresh mmap()s and unmaps them on free, so every new
-/// tensor is page-faulted in and zeroed by the kernel again: measured on a
-/// GPT-2-small reward step (2 cores), 17.1 s per step with glibc's defaults
-/// against 9.0 s with mmap off, a third of the time having been spent in the
-/// kernel's clear_page. Elsewhere a no-op.
+/// tensor is page-faulted in and zeroed by the kernel again (a third of a
+/// GPT-2-small reward step; BENCHMARKS.md, "Design measurements").
+/// Elsewhere a no-op.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation policy; called before

@@ -1,6 +1,7 @@
 //! The RL math: every loss and estimator of reward-model training and PPO as
 //! a small pure function on candle tensors, each unit-tested against values
-//! worked by hand (the GAE case is the one of ../shared/seeds' notebook).
+//! worked by hand (the GAE case is the one of the project's seed notebook,
+//! whose Python is quoted beside the test).
 //!
 //! Conventions: per-token tensors are (B, T) over the response tokens only;
 //! `mask` is 1.0 on real response tokens (up to and including the stop
@@ -482,8 +483,22 @@ mod tests {
 
     #[test]
     fn gae_matches_the_seed_notebook_and_stops_at_the_mask() {
-        // ../shared/seeds GAE notebook: rewards 1..4, values 10..13, gamma
-        // 0.9, lambda 0.95, terminal value 0 -> advantages as printed there.
+        // The seed notebook's GAE, rewards 1..4, values 10..13, gamma 0.9,
+        // lambda 0.95, terminal value 0; it prints the advantages
+        // ['-1.212470', '-2.470725', '-4.995000', '-9.000000']:
+        //
+        //   def GAE(rewards, values, gamma, lamda):
+        //       advantages = []
+        //       advantage = 0
+        //       for i in reversed(range(len(rewards))):
+        //           delta = rewards[i] + gamma * (values[i+1] if i+1 < len(values) else 0) - values[i]
+        //           advantage = delta + gamma * lamda * advantage
+        //           advantages.append(advantage)
+        //       return advantages[::-1]
+        //
+        // By hand: A_3 = 4 - 13 = -9; A_2 = 3 + 0.9*13 - 12 + 0.855*(-9) = -4.995;
+        // A_1 = 2 + 0.9*12 - 11 + 0.855*(-4.995) = -2.470725;
+        // A_0 = 1 + 0.9*11 - 10 + 0.855*(-2.470725) = -1.212469875.
         let rewards = t2(&[&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.0]]);
         let values = t2(&[&[10.0, 11.0, 12.0, 13.0], &[10.0, 11.0, 12.0, 13.0]]);
         let mask = t2(&[&[1.0, 1.0, 1.0, 1.0], &[1.0, 1.0, 0.0, 0.0]]);

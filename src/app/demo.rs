@@ -1,4 +1,4 @@
-//! `candle-rlhf demo`: the whole RLHF pipeline of ../shared/seeds offline,
+//! `candle-rlhf demo`: the whole RLHF pipeline (SFT, reward model, PPO) offline,
 //! on the embedded task of [`crate::app::task`], in minutes on a CPU:
 //!
 //! 0. data from the task's generator and a tiny random GPT-2 with a

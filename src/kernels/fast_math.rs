@@ -2,9 +2,9 @@
 //! instead of branches, bit tricks instead of calls) and row reductions in
 //! parallel lanes, inlined into the fused kernels' loops.
 //!
-//! glibc's scalar `tanhf` (through `expm1f`) took 29% of a tiny-model PPO
-//! iteration and 11% of a GPT-2 reward step in the fused GELU alone; the
-//! GELU now takes one of these exps. It stays within a few f32 ulps (the
+//! glibc's scalar `tanhf` (through `expm1f`) was a large share of the fused
+//! GELU's time (BENCHMARKS.md, "Design measurements"); the GELU now takes
+//! one of these exps. It stays within a few f32 ulps (the
 //! tests bound the error over a dense grid).
 
 /// Defines a function whose body is compiled twice: for AVX2 and FMA, taken

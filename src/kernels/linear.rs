@@ -15,9 +15,10 @@ pub const FEW_ROWS: usize = 256;
 
 /// x (N, in) times W^T, W stored (out, in) as torch's nn.Linear keeps it.
 /// On the CPU with few rows (every decoding step), the gemm crate reads the
-/// transposed view W^T column by column and is 2-13x slower than computing
-/// (W x^T)^T, whose transpose is a small copy (see BENCHMARKS.md). With many rows (training, prefill) the plain product is
-/// as fast and needs no copy. GPUs take W^T as it is.
+/// transposed view W^T column by column and is several times slower than
+/// computing (W x^T)^T, whose transpose is a small copy (BENCHMARKS.md,
+/// "Design measurements"). With many rows (training, prefill) the plain
+/// product is as fast and needs no copy. GPUs take W^T as it is.
 pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS {
         Ok(w.matmul(&x.t()?)?.t()?)

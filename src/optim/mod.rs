@@ -25,8 +25,7 @@ impl ParamGrads {
     /// They are detached: Candle records the ops that computed them (a weight's
     /// gradient is x^T g, x an activation), so each would otherwise keep the
     /// whole forward graph, every activation, alive until the optimizer step
-    /// (measured with mallinfo2 on a GPT-2-small reward step: 5.5 GB still in
-    /// use after the loss was dropped, 1.4 GB once the step had replaced them).
+    /// (the memory this keeps: BENCHMARKS.md, "Design measurements").
     pub fn from_store(store: &candle_core::backprop::GradStore, optimizer: &AdamW) -> Self {
         ParamGrads(
             optimizer
