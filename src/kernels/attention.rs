@@ -686,7 +686,9 @@ mod tests {
             Tensor::cat(&parts, 1).unwrap()
         };
         let q = rotate(split_heads(&q, heads));
-        let k = repeat(rotate(split_heads(&k, kv_heads))).contiguous().unwrap();
+        let k = repeat(rotate(split_heads(&k, kv_heads)))
+            .contiguous()
+            .unwrap();
         let v = repeat(split_heads(&v, kv_heads)).contiguous().unwrap();
         let (b, h, t, d) = q.dims4().unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();

@@ -186,3 +186,24 @@ fn plot_draws_one_svg_per_metric_family() {
     assert_eq!(code, 1);
     assert!(err.contains("metrics.jsonl"), "{err}");
 }
+
+#[test]
+fn a_config_pointing_into_missing_fixtures_says_how_to_make_them() {
+    // The fixture generator runs only when asked: in a directory without
+    // fixtures/, the tiny preset is refused with the command that makes them.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(bin()
+        .current_dir(dir.path())
+        .args(["reward", "--config"])
+        .arg(crate::repo().join("configs/reward-tiny.toml"))
+        .args(["--device", "cpu"]));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("fixtures/models/tiny-gpt2") && err.contains("candle-rlhf fixtures"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("fixtures").exists(),
+        "nothing was generated"
+    );
+}

@@ -162,3 +162,98 @@ fn every_bench_shape_is_a_valid_model_config() {
     names.sort();
     assert_eq!(names, ["gpt2", "qwen2.5-0.5b", "smollm2-135m", "tiny"]);
 }
+
+#[test]
+fn the_shared_dataset_keys_are_refused_misspelt_in_every_section() {
+    let err = load_text("[reward]\nmax_length = 10\ndatset = \"x.jsonl\"\n", &[]).unwrap_err();
+    assert!(
+        err.contains("line 3")
+            && err.contains("[reward]")
+            && err.contains("did you mean `dataset`"),
+        "{err}"
+    );
+    let err = load_text("", &["ppo.dataset_train_splitt=dev"]).unwrap_err();
+    assert!(
+        err.contains("did you mean `ppo.dataset_train_split`"),
+        "{err}"
+    );
+    let err = load_text("[sft]\neval_datset = \"e.jsonl\"\n", &[]).unwrap_err();
+    assert!(err.contains("did you mean `eval_dataset`"), "{err}");
+    let cfg = load_text(
+        "[sft]\ndataset = \"a\"\n[reward]\ndataset_test_split = \"dev\"\n[ppo]\neval_dataset = \"b\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.sft.data().dataset, "a");
+    assert_eq!(cfg.reward.data().test_split, "dev");
+    assert_eq!(cfg.ppo.data().eval_dataset, Some("b"));
+    assert_eq!(cfg.ppo.data().train_split, "train", "TRL's default split");
+    // An unset training set is one error naming the section's key.
+    let err = cfg.reward.data().train().unwrap_err().to_string();
+    assert!(err.contains("`reward.dataset`"), "{err}");
+    assert_eq!(cfg.sft.data().train().unwrap(), "a");
+}
+
+#[test]
+fn model_revision_applies_to_hub_ids_and_conflicts_are_refused() {
+    use candle_rlhf::config::ModelConfig;
+    let m = |name: &str, rev: Option<&str>| ModelConfig {
+        name_or_path: name.into(),
+        revision: rev.map(str::to_string),
+    };
+    assert_eq!(m("org/name", None).resolved_name().unwrap(), "org/name");
+    assert_eq!(
+        m("org/name", Some("v1")).resolved_name().unwrap(),
+        "org/name@v1"
+    );
+    assert_eq!(
+        m("org/name@v1", Some("v1")).resolved_name().unwrap(),
+        "org/name@v1"
+    );
+    let err = m("org/name@v2", Some("v1"))
+        .resolved_name()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`model.revision`") && err.contains("v2"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().to_string_lossy().into_owned();
+    let err = m(&local, Some("v1"))
+        .resolved_name()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("local directory"), "{err}");
+    // From a file, too.
+    let cfg = load_text(
+        "[model]\nname_or_path = \"org/name\"\nrevision = \"abc\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.model.resolved_name().unwrap(), "org/name@abc");
+}
+
+#[test]
+fn every_config_key_has_one_doc_line() {
+    // The sections are a sheet: `pub key: Type = default,` under its `///` line.
+    let text = fs::read_to_string(crate::repo().join("src/config/sections.rs")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut keys = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let l = line.trim();
+        if l.starts_with("pub ") && l.contains(": ") && l.contains(" = ") && l.ends_with(',') {
+            keys += 1;
+            let doc = lines[..i]
+                .iter()
+                .rev()
+                .find(|p| !p.trim().starts_with("#["))
+                .unwrap();
+            assert!(doc.trim().starts_with("///"), "no doc line above `{l}`");
+        }
+    }
+    assert!(
+        keys >= 70,
+        "only {keys} keys found: the sheet's format changed"
+    );
+}

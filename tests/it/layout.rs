@@ -142,9 +142,8 @@ fn edges(mods: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> 
                         }
                     }
                     let Some(target) = best else { continue };
-                    let ancestor = target.is_empty()
-                        || *m == target
-                        || m.starts_with(&format!("{target}::"));
+                    let ancestor =
+                        target.is_empty() || *m == target || m.starts_with(&format!("{target}::"));
                     if !ancestor {
                         set.insert(target);
                     }
@@ -296,7 +295,11 @@ fn the_checker_sees_cycles_and_groups() {
     .collect();
     let e = edges(&mods);
     assert_eq!(e["a"], BTreeSet::from(["b".to_string()]));
-    assert_eq!(e["b"], BTreeSet::from(["c".to_string()]), "comments are not read");
+    assert_eq!(
+        e["b"],
+        BTreeSet::from(["c".to_string()]),
+        "comments are not read"
+    );
     let cycles = sibling_cycles(&mods, &e);
     assert_eq!(cycles.len(), 1, "{cycles:?}");
     assert_eq!(cycles[0].len(), 4, "a -> b -> c -> a: {cycles:?}");
