@@ -13,7 +13,7 @@ fixtures:
 	cargo run --release -- fixtures --out fixtures
 
 # Golden outputs of the fixtures from transformers (needs Python; CI does not),
-# with the pinned stack the files in tests/golden record (tests/golden/README.md).
+# with the pinned stack the files in tests/golden record (tests/GOLDEN.md).
 golden: fixtures
 	python3 -m venv .venv-golden
 	.venv-golden/bin/pip install -q torch==2.15.0 transformers==5.23.0 safetensors

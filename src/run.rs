@@ -1,4 +1,5 @@
-//! Run directories: the manifest, starting fresh, and resuming.
+//! Run directories: starting fresh, and resuming (with the check that the
+//! config has not changed in a key that matters).
 //!
 //! ```text
 //! RUN_DIR/
@@ -12,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{self, Manifest, TrainerState};
+use crate::config::Config;
 use crate::io;
 use crate::metrics::MetricsLog;
 use crate::{Error, IoContext, Result};
@@ -115,7 +117,7 @@ impl RunDir {
                 manifest.command
             )));
         }
-        if let Some((key, was, now)) = manifest.config.resume_difference(&saved.config) {
+        if let Some((key, was, now)) = resume_difference(&manifest.config, &saved.config) {
             return Err(Error::ResumeMismatch {
                 run_dir: path.to_path_buf(),
                 key,
@@ -180,6 +182,36 @@ fn write_run_files(path: &Path, manifest: &Manifest) -> Result<()> {
         &path.join("config.toml"),
         manifest.config.to_toml_string()?.as_bytes(),
     )
+}
+
+/// Keys that may change between a checkpoint and its resumption: they change
+/// where and how a run reports, not what it computes.
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "run.device",
+    "run.out",
+    "run.threads",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "train.max_nonfinite_steps",
+    "train.per_device_eval_batch_size",
+];
+
+/// The first key, in sorted order, whose value differs between the config
+/// a run resumes with (`now`) and the one its checkpoint was made with
+/// (`saved`), and that is not in [`RESUME_MAY_CHANGE`]: `(key, was, now)`.
+pub fn resume_difference(now: &Config, saved: &Config) -> Option<(String, String, String)> {
+    let show =
+        |v: Option<&serde_json::Value>| v.map_or_else(|| "unset".to_string(), |v| v.to_string());
+    let (now, was) = (now.flatten(), saved.flatten());
+    let keys: std::collections::BTreeSet<&String> = now.keys().chain(was.keys()).collect();
+    let changed = keys
+        .into_iter()
+        .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()))
+        .find(|k| now.get(*k) != was.get(*k))
+        .map(|k| (k.clone(), show(was.get(k)), show(now.get(k))));
+    changed
 }
 
 /// The default run directory: `runs/<command>-<unix seconds>`.

@@ -26,7 +26,7 @@ pub use sections::{
 };
 
 use crate::{Error, Result};
-use parse::{apply_override, file_error, flatten_into, override_error, show};
+use parse::{apply_override, file_error, flatten_into, override_error};
 
 /// Everything a run reads from its config file. Each subcommand uses the
 /// sections it needs; the resolved whole is saved in every run directory.
@@ -48,20 +48,6 @@ pub struct Config {
     /// PPO (TRL's PPOConfig).
     pub ppo: PpoConfig,
 }
-
-/// Keys that may change between a checkpoint and its resumption: they change
-/// where and how a run reports, not what it computes.
-pub const RESUME_MAY_CHANGE: &[&str] = &[
-    "run.device",
-    "run.out",
-    "run.threads",
-    "train.logging_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.eval_steps",
-    "train.max_nonfinite_steps",
-    "train.per_device_eval_batch_size",
-];
 
 impl Config {
     /// Reads `path` (or the defaults when `None`), applies each `key.path=value`
@@ -129,19 +115,5 @@ impl Config {
             flatten_into("", &value, &mut out);
         }
         out
-    }
-
-    /// The first key, in sorted order, whose value differs from `saved` and
-    /// that is not in [`RESUME_MAY_CHANGE`]: `(key, was, now)`.
-    pub fn resume_difference(&self, saved: &Config) -> Option<(String, String, String)> {
-        let now = self.flatten();
-        let was = saved.flatten();
-        let keys: std::collections::BTreeSet<&String> = now.keys().chain(was.keys()).collect();
-        let changed = keys
-            .into_iter()
-            .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()))
-            .find(|k| now.get(*k) != was.get(*k))
-            .map(|k| (k.clone(), show(was.get(k)), show(now.get(k))));
-        changed
     }
 }

@@ -6,10 +6,6 @@ use std::collections::BTreeMap;
 
 use crate::{Error, Result};
 
-pub(super) fn show(v: Option<&serde_json::Value>) -> String {
-    v.map_or_else(|| "unset".to_string(), |v| v.to_string())
-}
-
 pub(super) fn flatten_into(
     prefix: &str,
     value: &serde_json::Value,
