@@ -2,33 +2,42 @@
 //! Bradley-Terry loss and batched PPO with a KL penalty to a frozen
 //! reference, on CPU, CUDA or Metal, with Hugging Face-layout checkpoints.
 //!
-//! The modules follow the pipeline: configuration and devices; models and
-//! tokenizers; generation; the training core (optimizer, schedules,
-//! accumulation, clipping, non-finite guard); checkpoints and run
-//! directories; metrics and plots; self-made fixtures.
+//! The modules, grouped in pipeline order. Their dependencies run one way:
+//! tests/it/layout.rs fails on an import cycle, on a kernel that imports the
+//! rest, and on a pipeline module that imports the application.
 
-pub mod app;
-pub mod checkpoint;
+// Foundations: errors, seeded randomness, devices, files, Ctrl-C, configs.
 pub mod config;
-pub mod data;
 pub mod device;
 pub mod error;
-pub mod generate;
-pub mod hub;
 pub mod io;
-pub mod kernels;
-pub mod metrics;
-pub mod models;
-pub mod optim;
-pub mod plot;
-pub mod rewards;
-pub mod rl;
 pub mod rng;
-pub mod run;
 pub mod signal;
+
+// Inputs: model and dataset resolution, tokenizers, data to batches.
+pub mod data;
+pub mod hub;
 pub mod tokenizer;
 
+// Compute: fused CPU kernels, the model architectures, sampling.
+pub mod generate;
+pub mod kernels;
+pub mod models;
+
+// Learning: the RL math, rewards, the optimizer core, the trainers.
+pub mod optim;
+pub mod rewards;
+pub mod rl;
 pub mod trainers;
+
+// Outputs: checkpoints, run directories, metrics, plots.
+pub mod checkpoint;
+pub mod metrics;
+pub mod plot;
+pub mod run;
+
+// The application on top: demo, bench, fixture generator.
+pub mod app;
 
 pub use config::Config;
 pub use error::{Error, IoContext, Result};

@@ -426,7 +426,7 @@ fn markdown(
     let _ = writeln!(
         s,
         "The whole RLHF pipeline offline on a synthetic movie-review language with a hidden gold reward \
-         (src/task.rs: distinct positive minus negative words, clamped to ±2, minus 0.5 per repeated word, \
+         (src/app/task.rs: distinct positive minus negative words, clamped to ±2, minus 0.5 per repeated word, \
          minus 1 without a final period). Seed {}, {} CPU threads.\n",
         r.seed,
         candle_core::utils::get_num_threads()

@@ -43,7 +43,7 @@ pub const TINY_GPT2: &str = "models/tiny-gpt2";
 /// The hub organisation of the fixture models in the fixture hub cache.
 pub const HUB_ORG: &str = "candle-rlhf";
 
-// The fixtures' corpus uses the demo task's words (src/task.rs).
+// The fixtures' corpus uses the demo task's words (src/app/task.rs).
 use crate::app::task::{ADVERBS, NEGATIVE, OPENERS, POSITIVE, SUBJECTS, VERBS};
 
 /// `n` short movie-review sentences, the same for the same seed.
