@@ -23,8 +23,9 @@ pub struct Sampling {
     pub temperature: f64,
     pub top_k: Option<usize>,
     pub top_p: f64,
-    /// Generation of a row stops after this token.
-    pub stop_token_id: Option<u32>,
+    /// Generation of a row stops after any of these tokens (none: runs to
+    /// max_new_tokens).
+    pub stop_token_ids: Vec<u32>,
     /// Whether the stop token ends the output (PPO scores it) or is dropped.
     pub keep_stop_token: bool,
     /// Where tokens are drawn.
@@ -57,13 +58,13 @@ impl std::str::FromStr for Draw {
 }
 
 impl Sampling {
-    pub fn from_config(g: &crate::config::GenerateConfig, stop_token_id: Option<u32>) -> Self {
+    pub fn from_config(g: &crate::config::GenerateConfig, stop_token_ids: Vec<u32>) -> Self {
         Self {
             max_new_tokens: g.max_new_tokens,
             temperature: g.temperature,
             top_k: g.top_k,
             top_p: g.top_p,
-            stop_token_id,
+            stop_token_ids,
             keep_stop_token: false,
             draw: Draw::Auto,
         }
@@ -358,7 +359,7 @@ pub fn generate(
             if done[row] {
                 continue;
             }
-            let stop = Some(tok) == s.stop_token_id;
+            let stop = s.stop_token_ids.contains(&tok);
             if !stop || s.keep_stop_token {
                 out[row].push(tok);
             }
@@ -388,7 +389,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
-            stop_token_id: None,
+            stop_token_ids: Vec::new(),
             keep_stop_token: false,
             draw: Default::default(),
         }

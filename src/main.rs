@@ -359,7 +359,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<candle_rlhf::Result<Vec<_>>>()?;
-    let sampling = Sampling::from_config(&cfg.generate, Some(tokenizer.eos_id));
+    let sampling = Sampling::from_config(&cfg.generate, tokenizer.stop_ids.clone());
     let mut rng = candle_rlhf::HostRng::stream(cfg.run.seed, "sample");
     let outputs = generate(&model, &ids, tokenizer.pad_id, &sampling, &mut rng, &device)?;
     for (prompt, out) in prompts.iter().zip(outputs) {

@@ -1,12 +1,23 @@
 //! Loading a tokenizer and the project's pad/EOS policy.
 //!
+//! Files are read as transformers reads them: tokenizer.json's own
+//! `padding` and `truncation` sections are dropped on load (transformers'
+//! fast tokenizers reset them too; padding and truncation are the trainer's
+//! decisions), and text is encoded with the tokenizer's special tokens
+//! ([CLS] ... [SEP] for BERT, BOS for Llama), as `tokenizer(text)` does.
+//!
 //! Policy: EOS is the tokenizer config's `eos_token` (else config.json's
 //! `eos_token_id`, the first one when it lists several; else, for BERT-style
 //! encoders, `sep_token`). The pad id is the tokenizer's `pad_token` when it
 //! has one, else EOS (GPT-2 and Pythia ship none). Padding is always
 //! described by an attention mask, never inferred from token ids, so a pad
-//! that equals EOS is harmless. Text is encoded with the tokenizer's special
-//! tokens ([CLS] ... [SEP] for BERT, BOS for Llama), as transformers does.
+//! that equals EOS is harmless.
+//!
+//! Stop tokens: what transformers' `generate` stops on, generation_config.json's
+//! `eos_token_id` (an int or a list: Llama-3.x-Instruct lists three), else
+//! config.json's; plus the tokenizer's EOS (our choice: a model whose
+//! generation config forgets it still stops at the token it was trained to
+//! end with).
 
 use std::path::Path;
 
@@ -14,8 +25,23 @@ use crate::{Error, Result};
 
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
+    /// The EOS appended where a sequence must end with one (reward scoring).
     pub eos_id: u32,
     pub pad_id: u32,
+    /// Every token generation stops after: the generation config's EOS ids
+    /// (else config.json's), then `eos_id`; no duplicates.
+    pub stop_ids: Vec<u32>,
+}
+
+/// The ids of an `eos_token_id` field: an int, a list of ints, or absent.
+fn id_list(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|x| x.as_u64().map(|i| i as u32))
+            .collect(),
+        other => other.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
+    }
 }
 
 fn token_name(v: &serde_json::Value) -> Option<&str> {
@@ -33,10 +59,16 @@ impl Tokenizer {
                 path.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Parse {
+        let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Parse {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        // transformers' fast tokenizers drop these on load; the tokenizers
+        // crate would otherwise pad and cut every encode.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         let tok_cfg: serde_json::Value = match dir.join("tokenizer_config.json") {
             p if p.is_file() => crate::io::read_json(&p)?,
             _ => serde_json::Value::Null,
@@ -57,13 +89,32 @@ impl Tokenizer {
                 ))
             })?;
         let pad_id = id_of("pad_token").unwrap_or(eos_id);
+        let gen_cfg: serde_json::Value = match dir.join("generation_config.json") {
+            p if p.is_file() => crate::io::read_json(&p)?,
+            _ => serde_json::Value::Null,
+        };
+        let mut stop_ids = id_list(&gen_cfg["eos_token_id"]);
+        if stop_ids.is_empty() {
+            stop_ids = id_list(cfg_eos);
+        }
+        stop_ids.push(eos_id);
+        let mut seen = std::collections::HashSet::new();
+        stop_ids.retain(|id| seen.insert(*id));
         Ok(Self {
             inner,
             eos_id,
             pad_id,
+            stop_ids,
         })
     }
 
+    /// Whether generation stops after `id`.
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
+    /// `text` as `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`
+    /// encodes it: with the special tokens, no padding, no truncation.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner

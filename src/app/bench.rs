@@ -275,7 +275,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     temperature: 1.0,
                     top_k: None,
                     top_p: 1.0,
-                    stop_token_id: None,
+                    stop_token_ids: Vec::new(),
                     keep_stop_token: false,
                     draw: opts.draw,
                 };

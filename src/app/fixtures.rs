@@ -273,6 +273,28 @@ pub fn build_wordpiece_tokenizer(corpus: &[String], vocab_size: usize, path: &Pa
     tokenizer.save(path, true).map_err(fail)
 }
 
+/// Copies the tokenizer at `from` to `to` with the padding and truncation
+/// sections all-MiniLM-L6-v2's tokenizer.json has: every encode padded to
+/// 128 tokens and cut at 128, if a loader applied them.
+fn write_padded_copy(from: &Path, to: &Path) -> Result<()> {
+    use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
+    let fail = tokenizer_error(to);
+    let mut tok = tokenizers::Tokenizer::from_file(from).map_err(&fail)?;
+    let pad_id = tok.token_to_id("[PAD]").unwrap_or(0);
+    tok.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(128),
+        pad_id,
+        pad_token: "[PAD]".into(),
+        ..Default::default()
+    }));
+    tok.with_truncation(Some(TruncationParams {
+        max_length: 128,
+        ..Default::default()
+    }))
+    .map_err(&fail)?;
+    tok.save(to, true).map_err(fail)
+}
+
 /// One fixture model: its directory name, tokenizer and config.json.
 struct Spec {
     name: &'static str,
@@ -286,6 +308,10 @@ struct Spec {
 enum TokenizerKind {
     Bpe(PadStyle),
     WordPiece,
+    /// The WordPiece tokenizer with the `padding` (Fixed 128) and
+    /// `truncation` (128) sections that sentence-transformers' tokenizer.json
+    /// files carry, which a loader must ignore as transformers does.
+    WordPiecePadded,
 }
 
 /// The fixture models: every architecture, both config.json shapes.
@@ -378,7 +404,7 @@ fn specs(vocab: usize, wp_vocab: usize, eos: u32) -> Vec<Spec> {
         },
         Spec {
             name: "tiny-bert",
-            tokenizer: TokenizerKind::WordPiece,
+            tokenizer: TokenizerKind::WordPiecePadded,
             strip_prefix: true,
             config: json!({
                 "model_type": "bert", "architectures": ["BertModel"], "vocab_size": wp_vocab,
@@ -432,6 +458,10 @@ impl Tokenizers {
         train_bpe_tokenizer(&corpus, 512, PadStyle::Distinct, &dir.join("bpe.json"))?;
         train_bpe_tokenizer(&corpus, 512, PadStyle::None, &dir.join("bpe-nopad.json"))?;
         build_wordpiece_tokenizer(&corpus, 400, &dir.join("wordpiece.json"))?;
+        write_padded_copy(
+            &dir.join("wordpiece.json"),
+            &dir.join("wordpiece-padded.json"),
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -442,6 +472,7 @@ impl Tokenizers {
             TokenizerKind::Bpe(PadStyle::None) => "bpe-nopad.json",
             TokenizerKind::Bpe(_) => "bpe.json",
             TokenizerKind::WordPiece => "wordpiece.json",
+            TokenizerKind::WordPiecePadded => "wordpiece-padded.json",
         })
     }
 
@@ -473,7 +504,7 @@ impl Tokenizers {
                 }
                 c
             }
-            TokenizerKind::WordPiece => json!({
+            TokenizerKind::WordPiece | TokenizerKind::WordPiecePadded => json!({
                 "tokenizer_class": "BertTokenizer", "do_lower_case": true, "cls_token": "[CLS]",
                 "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]",
                 "model_max_length": 128,

@@ -113,10 +113,11 @@ impl std::fmt::Display for DataReport {
     }
 }
 
-/// prompt + response as token ids, with EOS appended when missing.
+/// prompt + response as token ids, with EOS appended when missing: when the
+/// last token is not a stop token, the tokenizer's EOS is appended.
 pub fn encode_with_eos(tok: &Tokenizer, prompt: &str, response: &str) -> Result<Vec<u32>> {
     let mut ids = tok.encode(&format!("{prompt}{response}"))?;
-    if ids.last() != Some(&tok.eos_id) {
+    if !ids.last().is_some_and(|&last| tok.is_stop(last)) {
         ids.push(tok.eos_id);
     }
     Ok(ids)

@@ -48,9 +48,22 @@ pub fn text_column<'a>(value: &'a Value, column: &str, source: &str) -> Result<O
 /// (.jsonl, .jsonl.gz / .json.gz, .json, .parquet).
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let name = path.to_string_lossy();
-    if name.ends_with(".parquet") {
-        return read_parquet(path);
+    let records = if name.ends_with(".parquet") {
+        read_parquet(path)?
+    } else {
+        read_text_records(path, &name)?
+    };
+    if records.is_empty() {
+        return Err(Error::Parse {
+            path: path.to_path_buf(),
+            message: "no rows".into(),
+        });
     }
+    Ok(records)
+}
+
+/// The records of a JSONL or JSON file, gzip-compressed or not.
+fn read_text_records(path: &Path, name: &str) -> Result<Vec<Record>> {
     let mut bytes = std::fs::read(path).with_path(path)?;
     if name.ends_with(".gz") {
         let mut out = Vec::new();
@@ -62,11 +75,13 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
             })?;
         bytes = out;
     }
+    // A UTF-8 byte-order mark is not data (the datasets library skips it too).
+    let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let stem = name.trim_end_matches(".gz");
     if stem.ends_with(".json") {
-        read_json_array(path, &bytes)
+        read_json_array(path, text)
     } else if stem.ends_with(".jsonl") {
-        read_jsonl(path, &bytes)
+        read_jsonl(path, text)
     } else {
         Err(Error::Msg(format!(
             "{name}: unknown data file format (use .jsonl, .jsonl.gz, .json or .parquet)"

@@ -73,13 +73,14 @@ pub fn same_tokenizer(a: &Path, b: &Path) -> bool {
 impl Reward for RewardModelReward {
     fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
         if self.same_tokenizer {
-            let eos = self.scorer.tokenizer.eos_id;
+            // EOS appended when the sequence does not end with a stop token.
+            let tok = &self.scorer.tokenizer;
             let seqs: Vec<Vec<u32>> = batch
                 .iter()
                 .map(|c| {
                     let mut s = [c.query_ids, c.response_ids].concat();
-                    if s.last() != Some(&eos) {
-                        s.push(eos);
+                    if !s.last().is_some_and(|&l| tok.is_stop(l)) {
+                        s.push(tok.eos_id);
                     }
                     s
                 })
@@ -434,13 +435,13 @@ fn score(
     m: &Models,
     queries: &[Vec<u32>],
     responses: &[Vec<u32>],
-    stop: Option<u32>,
+    stop: &[u32],
     missing_eos_penalty: Option<f64>,
 ) -> Result<(Vec<f32>, Vec<PromptAndResponse>)> {
     let mut texts = Vec::with_capacity(queries.len());
     for (q, r) in queries.iter().zip(responses) {
-        let shown: &[u32] = match (stop, r.last()) {
-            (Some(s), Some(&l)) if s == l => &r[..r.len() - 1],
+        let shown: &[u32] = match r.last() {
+            Some(l) if stop.contains(l) => &r[..r.len() - 1],
             _ => r,
         };
         texts.push((m.tok.decode(q)?, m.tok.decode(shown)?));
@@ -466,7 +467,7 @@ fn score(
     }
     if let Some(pen) = missing_eos_penalty {
         for (s, r) in scores.iter_mut().zip(responses) {
-            if stop.is_none_or(|st| r.last() != Some(&st)) {
+            if !r.last().is_some_and(|l| stop.contains(l)) {
                 *s -= pen as f32;
             }
         }
@@ -548,7 +549,7 @@ fn roll_out(
     let forward_s = started.elapsed().as_secs_f64();
     // 3. Scores from the reward (with the missing-EOS penalty).
     let started = Instant::now();
-    let stop = sampling.stop_token_id;
+    let stop = &sampling.stop_token_ids;
     let (scores, texts) = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
     let score_s = started.elapsed().as_secs_f64();
     let scores_t = Tensor::new(scores.as_slice(), m.device)?;
@@ -570,9 +571,10 @@ fn roll_out(
     let non_score_seq = per_seq(&non_score)?;
     let mean_score = scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len() as f64;
     let lengths: Vec<usize> = responses.iter().map(Vec::len).collect();
-    let eos = stop.map_or(0, |s| {
-        responses.iter().filter(|r| r.last() == Some(&s)).count()
-    });
+    let eos = responses
+        .iter()
+        .filter(|r| r.last().is_some_and(|l| stop.contains(l)))
+        .count();
     // Explained variance of the values over real tokens: 1 - Var(R - V) / Var(R).
     let ev = {
         let var_r = rl::masked_var(&returns, &mask, false)?.to_scalar::<f32>()? as f64;
@@ -683,12 +685,13 @@ fn evaluate(
     )?;
     let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, crate::config::KlEstimator::K1)? * mask)?;
     let kl = mean_f(&kl.sum(1)?)?;
-    let stop = sampling.stop_token_id;
+    let stop = &sampling.stop_token_ids;
     let (scores, texts) = score(m, prompts, &responses, stop, None)?;
     let n = prompts.len() as f64;
-    let eos = stop.map_or(0, |s| {
-        responses.iter().filter(|r| r.last() == Some(&s)).count()
-    });
+    let eos = responses
+        .iter()
+        .filter(|r| r.last().is_some_and(|l| stop.contains(l)))
+        .count();
     Ok(EvalReport {
         prompts: prompts.len(),
         mean_score: scores.iter().map(|&s| s as f64).sum::<f64>() / n,
@@ -806,9 +809,13 @@ fn sampling_of(p: &PpoConfig, tok: &Tokenizer) -> Sampling {
         temperature: p.temperature,
         top_k: p.top_k,
         top_p: p.top_p,
-        stop_token_id: p
-            .stop_token_id
-            .or(p.stop_token.map(|StopToken::Eos| tok.eos_id)),
+        // stop_token_id wins; "eos" stops on every stop token of the model
+        // (generation_config.json's EOS ids and the tokenizer's EOS).
+        stop_token_ids: match (p.stop_token_id, p.stop_token) {
+            (Some(id), _) => vec![id],
+            (None, Some(StopToken::Eos)) => tok.stop_ids.clone(),
+            (None, None) => Vec::new(),
+        },
         keep_stop_token: true,
         draw: Default::default(),
     }

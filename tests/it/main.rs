@@ -13,6 +13,7 @@ mod ppo_io;
 mod reference;
 mod reward;
 mod sft;
+mod tokenizer;
 mod toy;
 mod training;
 

@@ -371,13 +371,13 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
             tok.encode("i think this film").unwrap(),
         ];
         let sample_with =
-            |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: Option<u32>, draw: Draw| {
+            |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: &[u32], draw: Draw| {
                 let s = Sampling {
                     max_new_tokens: 12,
                     temperature,
                     top_k: None,
                     top_p: 1.0,
-                    stop_token_id: stop,
+                    stop_token_ids: stop.to_vec(),
                     keep_stop_token: false,
                     draw,
                 };
@@ -391,35 +391,41 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
                 )
                 .unwrap()
             };
-        let sample = |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: Option<u32>| {
+        let sample = |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: &[u32]| {
             sample_with(prompts, temperature, seed, stop, Draw::Auto)
         };
-        let g1 = sample(&prompts, 0.0, 1, None);
+        let g1 = sample(&prompts, 0.0, 1, &[]);
         assert_eq!(
             g1,
-            sample(&prompts, 0.0, 2, None),
+            sample(&prompts, 0.0, 2, &[]),
             "{name}: greedy ignores the seed"
         );
         assert!(g1.iter().all(|r| r.len() == 12));
-        let s1 = sample(&prompts, 1.0, 5, None);
+        let s1 = sample(&prompts, 1.0, 5, &[]);
         assert_eq!(
             s1,
-            sample(&prompts, 1.0, 5, None),
+            sample(&prompts, 1.0, 5, &[]),
             "{name}: same seed, same samples"
         );
-        assert_ne!(s1, sample(&prompts, 1.0, 6, None), "{name}");
+        assert_ne!(s1, sample(&prompts, 1.0, 6, &[]), "{name}");
         // Stop at a token the greedy output contains: the row ends just before it.
         let stop = g1[0][3];
-        let cut = sample(&prompts, 0.0, 1, Some(stop));
+        let cut = sample(&prompts, 0.0, 1, &[stop]);
         let first = g1[0].iter().position(|&t| t == stop).unwrap();
         assert_eq!(cut[0], g1[0][..first].to_vec(), "{name}");
+        // Several stop tokens (Llama-3-Instruct lists three): a row ends at
+        // the first of any of them.
+        let (a, b) = (g1[0][6], g1[0][2]);
+        let cut2 = sample(&prompts, 0.0, 1, &[a, b]);
+        let first2 = g1[0].iter().position(|&t| t == a || t == b).unwrap();
+        assert_eq!(cut2[0], g1[0][..first2].to_vec(), "{name}");
         // Each row equals its own greedy run alone (padding is invisible).
-        assert_eq!(sample(&prompts[1..], 0.0, 0, None)[0], g1[1], "{name}");
+        assert_eq!(sample(&prompts[1..], 0.0, 0, &[])[0], g1[1], "{name}");
         // Tokens drawn on the device are those drawn on the host from the
         // same uniforms, a row that stopped early included.
         for temperature in [0.0, 1.0] {
-            let host = sample_with(&prompts, temperature, 5, Some(stop), Draw::Host);
-            let on_device = sample_with(&prompts, temperature, 5, Some(stop), Draw::Device);
+            let host = sample_with(&prompts, temperature, 5, &[stop], Draw::Host);
+            let on_device = sample_with(&prompts, temperature, 5, &[stop], Draw::Device);
             assert_eq!(host, on_device, "{name} at temperature {temperature}");
         }
     }

@@ -523,7 +523,7 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
         temperature: 0.0,
         top_k: None,
         top_p: 1.0,
-        stop_token_id: None,
+        stop_token_ids: Vec::new(),
         keep_stop_token: true,
         draw: Default::default(),
     };
