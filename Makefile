@@ -16,8 +16,9 @@ fixtures:
 # with the pinned stack the files in tests/golden record (tests/GOLDEN.md).
 golden: fixtures
 	python3 -m venv .venv-golden
-	.venv-golden/bin/pip install -q torch==2.15.0 transformers==5.23.0 safetensors
+	.venv-golden/bin/pip install -q torch==2.15.0 transformers==5.23.0 trl==1.12.0 peft==0.21.2 safetensors
 	.venv-golden/bin/python scripts/make_golden.py fixtures tests
+	.venv-golden/bin/python scripts/make_golden_tokenizers.py fixtures tests
 
 fmt:
 	cargo fmt --all

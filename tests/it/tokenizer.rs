@@ -152,3 +152,57 @@ fn a_bom_is_not_data_and_an_empty_file_is_named() {
         );
     }
 }
+
+#[test]
+fn token_ids_equal_transformers_for_every_fixture_and_minilm() {
+    // tests/golden_tokenizer/NAME.json: AutoTokenizer.from_pretrained(dir)(text)
+    // ["input_ids"] for each text, made by scripts/make_golden_tokenizers.py.
+    use sha2::{Digest, Sha256};
+    let golden_dir = crate::repo().join("tests/golden_tokenizer");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&golden_dir).unwrap() {
+        let golden = read(&entry.unwrap().path());
+        let name = golden["tokenizer"].as_str().unwrap();
+        let dir = match name {
+            "all-MiniLM-L6-v2" => crate::repo().join("tests/data/all-MiniLM-L6-v2"),
+            fixture => model_dir(fixture),
+        };
+        let bytes = std::fs::read(dir.join("tokenizer.json")).unwrap();
+        let sha: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            sha, golden["tokenizer_json_sha256"],
+            "{name}: the tokenizer changed since the golden ids were made (make golden)"
+        );
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let cases = golden["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+            assert_eq!(tok.encode(text).unwrap(), want, "{name}: {text:?}");
+        }
+        seen.push(name.to_string());
+    }
+    seen.sort();
+    assert!(seen.contains(&"all-MiniLM-L6-v2".to_string()), "{seen:?}");
+    assert_eq!(seen.len(), 8, "7 fixtures and MiniLM: {seen:?}");
+}
+
+#[test]
+fn minilm_tokenizer_pads_nothing_and_names_its_special_tokens() {
+    let tok = Tokenizer::from_dir(&crate::repo().join("tests/data/all-MiniLM-L6-v2")).unwrap();
+    let ids = tok.encode("The movie was great!").unwrap();
+    let names: Vec<String> = ids
+        .iter()
+        .map(|&i| tok.inner.id_to_token(i).unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["[CLS]", "the", "movie", "was", "great", "!", "[SEP]"]
+    );
+    assert_eq!(tok.inner.id_to_token(tok.pad_id).unwrap(), "[PAD]");
+    assert_eq!(tok.inner.id_to_token(tok.eos_id).unwrap(), "[SEP]");
+}
