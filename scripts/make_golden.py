@@ -127,7 +127,7 @@ def main(fixtures, tests):
     out_dir.mkdir(parents=True, exist_ok=True)
     for d in sorted(Path(models_dir).iterdir()):
         config = AutoConfig.from_pretrained(d)
-        causal = config.model_type in ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+        causal = config.model_type in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox")
         cls = AutoModelForCausalLM if causal else AutoModel
         kwargs = {} if causal or config.model_type != "bert" else {"add_pooling_layer": False}
         model = cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()

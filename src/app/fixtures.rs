@@ -388,6 +388,23 @@ fn specs(vocab: usize, wp_vocab: usize, eos: u32) -> Vec<Spec> {
                 }),
             ),
         },
+        // Qwen3 as the hub ships it (transformers 4.5x shape): per-head q/k
+        // RMSNorm, an explicit head_dim (32) that is not hidden / heads (16),
+        // no q/k/v biases, tied, pad = EOS.
+        Spec {
+            name: "tiny-qwen3",
+            tokenizer: TokenizerKind::Bpe(PadStyle::Eos),
+            strip_prefix: false,
+            config: extend(
+                llama_common("qwen3"),
+                json!({
+                    "architectures": ["Qwen3ForCausalLM"], "head_dim": 32, "attention_bias": false,
+                    "tie_word_embeddings": true, "rope_theta": 1000000.0, "rope_scaling": null,
+                    "use_sliding_window": false, "sliding_window": null, "max_window_layers": 2,
+                    "torch_dtype": "float32",
+                }),
+            ),
+        },
         // Pythia: no pad token, rotary on a quarter of each head, parallel residual.
         Spec {
             name: "tiny-pythia",
@@ -436,6 +453,7 @@ pub const MODEL_NAMES: &[&str] = &[
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
+    "tiny-qwen3",
     "tiny-pythia",
     "tiny-bert",
     "tiny-distilbert",

@@ -22,6 +22,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
     "qwen2",
+    "qwen3",
     "gpt_neox",
     "bert",
     "distilbert",
@@ -59,10 +60,11 @@ impl ArchConfig {
         };
         Ok(match model_type {
             "gpt2" => Self::Gpt2(parse(raw, path)?),
-            "llama" | "mistral" | "qwen2" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
                 let mut cfg: LlamaConfig = parse(raw, path)?;
                 cfg.flavor = match model_type {
                     "qwen2" => LlamaFlavor::Qwen2,
+                    "qwen3" => LlamaFlavor::Qwen3,
                     "mistral" => LlamaFlavor::Mistral,
                     _ => LlamaFlavor::Llama,
                 };

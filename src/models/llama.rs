@@ -1,8 +1,11 @@
 //! The Llama family as transformers' `modeling_llama.py` computes it:
-//! Llama 2/3, Mistral, SmolLM/TinyLlama and Qwen2/Qwen2.5. Pre-norm blocks
-//! with RMSNorm, rotary positions (default, linear or llama3 scaling),
-//! grouped-query attention, SwiGLU MLP, tied or untied LM head. Qwen2 adds
-//! biases to q/k/v; Llama's `attention_bias` adds them to q/k/v/o.
+//! Llama 2/3, Mistral, SmolLM/TinyLlama, Qwen2/Qwen2.5 and Qwen3. Pre-norm
+//! blocks with RMSNorm, rotary positions (default, linear or llama3
+//! scaling), grouped-query attention, SwiGLU MLP, tied or untied LM head.
+//! Qwen2 adds biases to q/k/v; Llama's `attention_bias` adds them to
+//! q/k/v/o. Qwen3 (`modeling_qwen3.py`) normalizes each head's query and
+//! key with an RMSNorm over `head_dim` (`q_norm`, `k_norm`) before the
+//! rotation, and gives `head_dim` explicitly (128 where hidden / heads is 64).
 //!
 //! Mistral's sliding window is not applied: for sequences shorter than the
 //! window (4096 in Mistral 7B) it changes nothing.
@@ -27,6 +30,7 @@ pub enum LlamaFlavor {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl LlamaFlavor {
@@ -35,6 +39,7 @@ impl LlamaFlavor {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
         }
     }
 }
@@ -113,6 +118,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over head_dim of each query and key head, before rotary.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
     kv_heads: usize,
 }
@@ -127,9 +134,24 @@ impl Attention {
             k_proj: Linear::load(vb.pp("k_proj"), e, kv_heads * hd, qkv_bias)?,
             v_proj: Linear::load(vb.pp("v_proj"), e, kv_heads * hd, qkv_bias)?,
             o_proj: Linear::load(vb.pp("o_proj"), heads * hd, e, cfg.attention_bias)?,
+            qk_norm: match cfg.flavor {
+                LlamaFlavor::Qwen3 => Some((
+                    RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?,
+                    RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?,
+                )),
+                _ => None,
+            },
             heads,
             kv_heads,
         })
+    }
+
+    /// Qwen3's per-head RMSNorm of (B, T, H d) projections, viewed as (B, T, H, d).
+    fn norm_heads(norm: &RmsNorm, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        norm.forward(&x.reshape((b, t, heads, c / heads))?)?
+            .reshape((b, t, c))
+            .map_err(Into::into)
     }
 
     fn forward(
@@ -140,12 +162,16 @@ impl Attention {
         cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
         let (cos, sin) = rope;
-        let (q, k, v) = (
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let (mut q, mut k, v) = (
             self.q_proj.forward(x)?,
             self.k_proj.forward(x)?,
             self.v_proj.forward(x)?,
         );
-        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = Self::norm_heads(q_norm, &q, heads)?;
+            k = Self::norm_heads(k_norm, &k, kv_heads)?;
+        }
         if cache.is_none() {
             // Training and scoring on the CPU: one op, with its own backward.
             if let Some(y) = split_attention((&q, &k, &v), (heads, kv_heads), bias, Some(rope))? {
@@ -195,7 +221,7 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM).
+/// LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 pub struct Llama {
     pub config: LlamaConfig,
     embed_tokens: Embedding,

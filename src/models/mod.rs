@@ -42,7 +42,7 @@ impl CausalLm {
             ArchConfig::GptNeoX(c) => Self::GptNeoX(gpt_neox::GptNeoX::load(vb, c, with_head)?),
             other => {
                 return Err(Error::Msg(format!(
-                    "model_type `{}` is an encoder, not a causal LM (causal LMs: gpt2, llama, mistral, qwen2, gpt_neox)",
+                    "model_type `{}` is an encoder, not a causal LM (causal LMs: gpt2, llama, mistral, qwen2, qwen3, gpt_neox)",
                     other.model_type()
                 )))
             }

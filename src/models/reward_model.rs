@@ -212,6 +212,7 @@ impl RewardModel {
             "llama" => "LlamaForSequenceClassification",
             "mistral" => "MistralForSequenceClassification",
             "qwen2" => "Qwen2ForSequenceClassification",
+            "qwen3" => "Qwen3ForSequenceClassification",
             "gpt_neox" => "GPTNeoXForSequenceClassification",
             "bert" => "BertForSequenceClassification",
             _ => "DistilBertForSequenceClassification",

@@ -265,7 +265,7 @@ fn bad_models_give_one_clear_error_line_and_a_nonzero_exit() {
             }),
             vec![
                 "model_type `t5` is not supported",
-                "gpt2, llama, mistral, qwen2, gpt_neox, bert, distilbert",
+                "gpt2, llama, mistral, qwen2, qwen3, gpt_neox, bert, distilbert",
             ],
         ),
         (

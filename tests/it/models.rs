@@ -20,6 +20,7 @@ pub const CAUSAL: &[&str] = &[
     "tiny-llama",
     "tiny-mistral",
     "tiny-qwen2",
+    "tiny-qwen3",
     "tiny-pythia",
 ];
 pub const ENCODERS: &[&str] = &["tiny-bert", "tiny-distilbert"];
@@ -506,7 +507,13 @@ fn fused_cpu_kernels_give_the_gradients_of_the_composed_ops() {
                 .collect()
         })
         .collect();
-    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-pythia"] {
+    for name in [
+        "tiny-gpt2",
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-pythia",
+    ] {
         let grads = |dtype: DType| {
             let (model, varmap, _) = load(name, dtype);
             let logits = outputs(&model, &rows).0;

@@ -115,7 +115,7 @@ fn every_architecture_matches_transformers_golden_outputs() {
         assert!(worst <= TOLERANCE, "{}: {worst}", golden.model);
         seen += 1;
     }
-    assert_eq!(seen, 7, "one golden file per fixture architecture");
+    assert_eq!(seen, 8, "one golden file per fixture architecture");
 }
 
 fn their_vb(name: &str) -> VarBuilder<'static> {
@@ -201,6 +201,27 @@ fn qwen2_matches_candle_transformers_at_every_position() {
     let ours = model.forward(&ids(), &mask).unwrap();
     let diff = max_abs_diff(&ours, &their_hidden);
     eprintln!("tiny-qwen2: max |ours - candle-transformers| (hidden, all positions) = {diff:.2e}");
+    assert!(diff <= TOLERANCE, "{diff}");
+}
+
+#[test]
+fn qwen3_matches_candle_transformers_at_every_position() {
+    use candle_transformers::models::qwen3;
+    // The fixture's config.json has the shape the hub's Qwen3 files have,
+    // which candle-transformers reads as it is.
+    let cfg: qwen3::Config = config_json("tiny-qwen3");
+    assert_ne!(
+        cfg.head_dim * cfg.num_attention_heads,
+        cfg.hidden_size,
+        "explicit head_dim"
+    );
+    let mut theirs = qwen3::Model::new(&cfg, their_vb("tiny-qwen3")).unwrap();
+    let their_hidden = theirs.forward(&ids(), 0).unwrap(); // (B, T, E)
+    let (model, _, _) = load("tiny-qwen3", DType::F32);
+    let mask = vec![vec![1u8; ROWS[0].len()]; ROWS.len()];
+    let ours = model.forward(&ids(), &mask).unwrap();
+    let diff = max_abs_diff(&ours, &their_hidden);
+    eprintln!("tiny-qwen3: max |ours - candle-transformers| (hidden, all positions) = {diff:.2e}");
     assert!(diff <= TOLERANCE, "{diff}");
 }
 
@@ -318,5 +339,5 @@ fn saved_reward_models_score_as_transformers_does() {
         assert!(worst <= TOLERANCE, "{}: {worst}", golden.model);
         seen += 1;
     }
-    assert_eq!(seen, 7, "one golden reward file per fixture architecture");
+    assert_eq!(seen, 8, "one golden reward file per fixture architecture");
 }

@@ -188,7 +188,7 @@ fn token_ids_equal_transformers_for_every_fixture_and_minilm() {
     }
     seen.sort();
     assert!(seen.contains(&"all-MiniLM-L6-v2".to_string()), "{seen:?}");
-    assert_eq!(seen.len(), 8, "7 fixtures and MiniLM: {seen:?}");
+    assert_eq!(seen.len(), 9, "8 fixtures and MiniLM: {seen:?}");
 }
 
 #[test]
