@@ -792,6 +792,47 @@ mod tests {
     }
 
     #[test]
+    fn bidirectional_attention_with_key_padding_equals_the_composed_attention() {
+        // BERT's layout: separate q, k, v, no rotary, every query sees every
+        // real key (before and after it); the second row right-padded by 3.
+        let (t, h, d) = (9, 3, 8);
+        let keys = [
+            vec![1u32; t],
+            (0..t).map(|j| u32::from(j < t - 3)).collect(),
+        ];
+        let rows: Vec<f32> = keys
+            .iter()
+            .flat_map(|k| {
+                let row: Vec<f32> = k.iter().map(|&m| if m == 1 { 0.0 } else { -1e9 }).collect();
+                std::iter::repeat_n(row, t).flatten()
+            })
+            .collect();
+        let mask = Tensor::from_vec(rows, (2, 1, t, t), &candle_core::Device::Cpu).unwrap();
+        let vars = [
+            Var::from_tensor(&seeded(&[2, t, h * d], 7, 1.5)).unwrap(),
+            Var::from_tensor(&seeded(&[2, t, h * d], 8, 1.5)).unwrap(),
+            Var::from_tensor(&seeded(&[2, t, h * d], 9, 1.5)).unwrap(),
+        ];
+        compare(
+            &vars,
+            |x| {
+                split_attention((&x[0], &x[1], &x[2]), (h, h), &mask, None)
+                    .unwrap()
+                    .expect("the fused op applies")
+            },
+            |x| {
+                composed(
+                    (x[0].clone(), x[1].clone(), x[2].clone()),
+                    (h, h),
+                    &mask,
+                    None,
+                )
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
     fn the_op_declines_what_it_does_not_cover() {
         let qkv = seeded(&[2, 5, 24], 6, 1.0);
         let mask = bias(5);

@@ -1,4 +1,5 @@
-//! GELU with the tanh approximation, fused with its backward.
+//! GELU, fused with its backward: the tanh approximation (GPT-2's
+//! "gelu_new") and the exact, erf-based GELU (BERT's "gelu").
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result as CResult, Shape, Tensor};
 
@@ -95,6 +96,111 @@ wide_simd_fn! {
     }
 }
 
+// ---------------------------------------------------------------- GELU (erf)
+
+/// 1 / sqrt(2).
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi).
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+// Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) e^-z^2,
+// t = 1 / (1 + p z), z >= 0, |error| <= 1.5e-7.
+const ERF_P: f32 = 0.327_591_1;
+const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_7,
+    -1.453_152,
+    1.061_405_4,
+];
+
+/// The exact GELU (transformers' "gelu", torch's default): x Phi(x), with
+/// Phi(x) = 0.5 (1 + erf(x / sqrt 2)), as Candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused_path(&[x]) {
+        Ok(x.contiguous()?.apply_op1(GeluErf)?)
+    } else {
+        Ok(x.gelu_erf()?)
+    }
+}
+
+/// (Phi(x), e^(-x^2 / 2)): the normal CDF, and the exp its density needs.
+/// For x < 0, Phi(x) = 0.5 erfc(|x| / sqrt 2) comes straight from the
+/// series, without the cancellation of 1 - erf.
+#[inline(always)]
+fn normal_cdf_and_exp(x: f32) -> (f32, f32) {
+    let z = x.abs() * FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + ERF_P * z);
+    let poly = t * (ERF_A[0] + t * (ERF_A[1] + t * (ERF_A[2] + t * (ERF_A[3] + t * ERF_A[4]))));
+    let e = fast_math::exp(-z * z);
+    let tail = 0.5 * poly * e; // 0.5 erfc(z)
+    (if x >= 0.0 { 1.0 - tail } else { tail }, e)
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        for_chunks(&mut out, |at, o| gelu_erf_chunk(&x[at..at + o.len()], o));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
+        ))
+    }
+}
+
+/// d gelu_erf / dx times the incoming gradient: (x, dy) -> dx.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, l1, self.name())?;
+        let dy = f32_data(s2, l2, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        for_chunks(&mut out, |at, o| {
+            let n = o.len();
+            gelu_erf_grad_chunk(&x[at..at + n], &dy[at..at + n], o)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+wide_simd_fn! {
+    fn gelu_erf_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * normal_cdf_and_exp(v).0;
+        }
+    }
+}
+
+wide_simd_fn! {
+    /// out = dy * (Phi(x) + x phi(x)), phi(x) = e^(-x^2 / 2) / sqrt(2 pi).
+    fn gelu_erf_grad_chunk(x: &[f32], dy: &[f32], out: &mut [f32]) {
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+            let (cdf, e) = normal_cdf_and_exp(v);
+            *o = g * (cdf + v * e * FRAC_1_SQRT_2PI);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +242,39 @@ mod tests {
         assert_eq!(y.dtype(), DType::BF16);
         let want = x.gelu().unwrap().to_dtype(DType::F32).unwrap();
         assert!(max_diff(&y.to_dtype(DType::F32).unwrap(), &want) == 0.0);
+    }
+
+    #[test]
+    fn gelu_erf_matches_candle_gelu_erf_in_value_and_gradient() {
+        let x = Var::from_tensor(&seeded(&[3, 70, 130], 2, 5.0)).unwrap();
+        compare(
+            &[x],
+            |v| gelu_erf(&v[0]).unwrap(),
+            |v| v[0].gelu_erf().unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn gelu_erf_by_hand_and_far_from_zero() {
+        // Phi(1) = 0.841344746, Phi(-1) = 0.158655254, phi(1) = 0.241970725.
+        let x = Var::new(&[-1e4f32, -30.0, -1.0, 0.0, 1.0, 30.0, 1e4], &Device::Cpu).unwrap();
+        let y = gelu_erf(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let want = [0.0, 0.0, -0.158_655_25, 0.0, 0.841_344_75, 30.0, 1e4];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{y:?}");
+        }
+        let g = gelu_erf(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = g.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        // d/dx at +-1: Phi(+-1) +- phi(1) = 1.083315471 and -0.083315471.
+        let want = [0.0, 0.0, -0.083_315_47, 0.5, 1.083_315_5, 1.0, 1.0];
+        for (a, b) in dx.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6, "{dx:?}");
+        }
     }
 }

@@ -26,7 +26,7 @@ pub mod silu_mul;
 pub mod softmax;
 
 pub use attention::{packed_attention, split_attention, Packing};
-pub use gelu::gelu_tanh;
+pub use gelu::{gelu_erf, gelu_tanh};
 pub use linear::{linear, matmul_weight_t, FEW_ROWS};
 pub use logprobs::token_logprobs_and_entropy_fused;
 pub use norm::{layer_norm, rms_norm};

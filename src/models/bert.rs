@@ -11,6 +11,7 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::Deserialize;
 
 use super::layers::{attention, check_heads, split_heads, Activation, LayerNorm, Linear};
+use crate::kernels::attention::split_attention;
 use crate::Result;
 
 fn default_act() -> String {
@@ -70,12 +71,21 @@ impl EncoderLayer {
         heads: usize,
         act: Activation,
     ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward(x)?, heads)?;
-        let k = split_heads(&self.key.forward(x)?, heads)?;
-        let v = split_heads(&self.value.forward(x)?, heads)?;
-        let a = self
-            .attention_output
-            .forward(&attention(&q, &k, &v, bias)?)?;
+        let (q, k, v) = (
+            self.query.forward(x)?,
+            self.key.forward(x)?,
+            self.value.forward(x)?,
+        );
+        // On the CPU in f32: one op with its own backward, bidirectional,
+        // the key padding in `bias` (B, 1, T, T); else the composed ops.
+        let y = match split_attention((&q, &k, &v), (heads, heads), bias, None)? {
+            Some(y) => y,
+            None => {
+                let split = |t: &Tensor| split_heads(t, heads);
+                attention(&split(&q)?, &split(&k)?, &split(&v)?, bias)?
+            }
+        };
+        let a = self.attention_output.forward(&y)?;
         let a = self.attention_norm.forward(&(a + x)?)?;
         let f = self
             .output
@@ -149,7 +159,7 @@ impl Bert {
     }
 
     /// Last hidden states (B, T, E) of `ids` (B, T) at `positions`, with a
-    /// key-padding `bias` from [`super::encoder_attention_bias`].
+    /// key-padding `bias` (B, 1, T, T) from [`super::encoder_attention_bias`].
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let heads = self.config.num_attention_heads;
         let x = (self.word_embeddings.forward(ids)?

@@ -114,7 +114,7 @@ impl Activation {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Gelu => x.gelu_erf()?,
+            Self::Gelu => crate::kernels::gelu_erf(x)?,
             Self::GeluTanh => crate::kernels::gelu_tanh(x)?,
             Self::Silu => x.silu()?,
             Self::Relu => x.relu()?,

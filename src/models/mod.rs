@@ -252,15 +252,22 @@ pub(crate) fn project(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// The additive attention mask of an encoder: 0 for real keys, a large
-/// finite negative for pad keys (a row of -inf would give NaN). Shape (B, 1, 1, T).
+/// finite negative for pad keys (a row of -inf would give NaN), the same
+/// for every query. Shape (B, 1, T, T), as the fused attention op takes it.
 pub fn encoder_attention_bias(mask: &[Vec<u8>], dtype: DType, device: &Device) -> Result<Tensor> {
     let (b, t) = (mask.len(), mask.first().map_or(0, Vec::len));
     let blocked = blocked_value(dtype);
-    let data: Vec<f32> = mask
-        .iter()
-        .flat_map(|row| row.iter().map(|&m| if m == 1 { 0.0 } else { blocked }))
-        .collect();
-    Ok(Tensor::from_vec(data, (b, 1, 1, t), device)?.to_dtype(dtype)?)
+    let mut data: Vec<f32> = Vec::with_capacity(b * t * t);
+    for row in mask {
+        let keys: Vec<f32> = row
+            .iter()
+            .map(|&m| if m == 1 { 0.0 } else { blocked })
+            .collect();
+        for _ in 0..t {
+            data.extend_from_slice(&keys);
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, t, t), device)?.to_dtype(dtype)?)
 }
 
 /// A finite "minus infinity" that survives the dtype.
