@@ -21,7 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use sections::{
-    DatasetConfig, GenerateConfig, KlEstimator, LrSchedulerType, ModelConfig, PpoConfig,
+    DatasetConfig, GenerateConfig, KlEstimator, LrSchedulerType, ModelConfig, ModelInit, PpoConfig,
     RewardConfig, RunConfig, SftConfig, StopToken, TrainConfig, ValueModel,
 };
 

@@ -124,7 +124,17 @@ section! {
         pub name_or_path: String = String::new(),
         /// Hub revision (branch, tag or commit) of a hub id; unset: the id's `@revision`, else main.
         pub revision: Option<String> = None,
+        /// pretrained: the checkpoint's weights; random: the same architecture initialised as transformers' `_init_weights` does (sft and reward).
+        pub init: ModelInit = ModelInit::Pretrained,
     }
+}
+
+/// Where a trained model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelInit {
+    Pretrained,
+    Random,
 }
 
 impl ModelConfig {

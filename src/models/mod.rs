@@ -204,6 +204,30 @@ pub fn load_dir(
     read_dir(dir, dtype, device, true)
 }
 
+/// [`load_dir`] with the weights `init` says: the checkpoint's, or drawn
+/// afresh as transformers' `_init_weights` does (see
+/// [`weights::reinitialize`]; `initializer_range` and `pad_token_id` from
+/// config.json, 0.02 and none by default), from `seed`.
+pub fn load_dir_init(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    init: crate::config::ModelInit,
+    seed: u64,
+) -> Result<(ArchConfig, VarBuilder<'static>, VarMap)> {
+    if init == crate::config::ModelInit::Pretrained {
+        return load_dir(dir, dtype, device);
+    }
+    let cfg = ArchConfig::load(&dir.join("config.json"))?;
+    let raw: serde_json::Value = crate::io::read_json(&dir.join("config.json"))?;
+    let std = raw["initializer_range"].as_f64().unwrap_or(0.02);
+    let pad_row = raw["pad_token_id"].as_u64().map(|p| p as usize);
+    let mut tensors = weights::read_safetensors_dir(dir, device, |n| cfg.canonical_name(n))?;
+    weights::reinitialize(&mut tensors, std, pad_row, seed)?;
+    let (vb, varmap) = weights::checkpoint_builder(tensors, dir, dtype, device, true);
+    Ok((cfg, vb, varmap))
+}
+
 /// The same for inference: plain tensors, no Vars, no autograd graph
 /// (sampling, scoring); the returned map holds only what a caller adds.
 pub fn load_dir_frozen(

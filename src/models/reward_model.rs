@@ -130,7 +130,25 @@ impl RewardModel {
         device: &Device,
         seed: u64,
     ) -> Result<(Self, VarMap)> {
-        let (cfg, vb, varmap) = load_dir(dir, dtype, device)?;
+        Self::from_dir_init(
+            dir,
+            dtype,
+            device,
+            crate::config::ModelInit::Pretrained,
+            seed,
+        )
+    }
+
+    /// [`Self::from_dir`] with the backbone's weights as `init` says
+    /// (`model.init = "random"`: drawn as transformers' `_init_weights`).
+    pub fn from_dir_init(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        init: crate::config::ModelInit,
+        seed: u64,
+    ) -> Result<(Self, VarMap)> {
+        let (cfg, vb, varmap) = super::load_dir_init(dir, dtype, device, init, seed)?;
         let mut model = Self::load(vb, &varmap, &cfg, seed)?;
         let raw: Value = crate::io::read_json(&dir.join("config.json"))?;
         model.offset = raw[OFFSET_KEY].as_f64().unwrap_or(0.0);

@@ -214,6 +214,50 @@ pub fn random_builder(
     )
 }
 
+/// Replaces every tensor of a checkpoint by a fresh draw with its name and
+/// shape, as transformers' `_init_weights` initialises a new model: norm
+/// scales 1, biases (and norm shifts) 0, every other weight (linear layers,
+/// embeddings) N(0, `std`) with `std` config.json's `initializer_range`,
+/// and the `pad_row` of the token embeddings 0 (nn.Embedding's
+/// padding_idx). Drawn in name order from the stream (`seed`, "init/random").
+pub fn reinitialize(
+    tensors: &mut HashMap<String, Tensor>,
+    std: f64,
+    pad_row: Option<usize>,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = HostRng::stream(seed, "init/random");
+    let mut names: Vec<String> = tensors.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let old = &tensors[&name];
+        let (shape, dev) = (old.shape().clone(), old.device().clone());
+        let last = name.rsplit('.').next().unwrap_or("");
+        let is_norm = name
+            .split('.')
+            .any(|p| p.starts_with("ln") || p.to_lowercase().contains("norm"));
+        let fresh = match last {
+            "bias" | "beta" => Tensor::zeros(shape, DType::F32, &dev)?,
+            "weight" | "gamma" if is_norm => Tensor::ones(shape, DType::F32, &dev)?,
+            _ => {
+                let t = rng.normal_tensor(shape, std, DType::F32, &dev)?;
+                match pad_row {
+                    Some(row)
+                        if (name.contains("word_embeddings") || name.contains("embed_tokens"))
+                            && row < t.dim(0)? =>
+                    {
+                        let zeros = Tensor::zeros((1, t.dim(1)?), DType::F32, &dev)?;
+                        t.slice_assign(&[row..row + 1, 0..t.dim(1)?], &zeros)?
+                    }
+                    _ => t,
+                }
+            }
+        };
+        tensors.insert(name, fresh.to_dtype(old.dtype())?);
+    }
+    Ok(())
+}
+
 /// The Vars of a map as (name, tensor), sorted by name, for saving.
 pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = lock(varmap)

@@ -849,6 +849,13 @@ pub fn train_with_reward(
     reward: &dyn Reward,
     reward_dir: Option<&Path>,
 ) -> Result<PpoRun> {
+    if cfg.model.init != crate::config::ModelInit::Pretrained {
+        return Err(Error::InvalidConfig {
+            field: "model.init".into(),
+            value: "random".into(),
+            reason: "applies to sft and reward: PPO starts from a trained policy, which is also its reference".into(),
+        });
+    }
     let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
     let dtype = cfg.run.dtype.dtype();
     let manifest = Manifest::new("ppo", cfg, &device_name);

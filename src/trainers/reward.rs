@@ -155,7 +155,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
     let (mut model, varmap): (RewardModel, VarMap) =
-        RewardModel::from_dir(&model_dir, dtype, &device, seed)?;
+        RewardModel::from_dir_init(&model_dir, dtype, &device, cfg.model.init, seed)?;
 
     // 2. Data: tokenized, filtered, split.
     cfg.reward.data().train()?;

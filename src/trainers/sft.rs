@@ -18,7 +18,7 @@ use crate::data::sft::{pack, tokenize_rows, SftDataReport, SftRow};
 use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{attention_bias, load_dir, CausalLm};
+use crate::models::{attention_bias, load_dir_init, CausalLm};
 use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
@@ -116,7 +116,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
-    let (arch, vb, varmap) = load_dir(&model_dir, dtype, &device)?;
+    let (arch, vb, varmap) = load_dir_init(&model_dir, dtype, &device, cfg.model.init, seed)?;
     let lm = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
             "SFT needs a causal LM; {} cannot be one: {e}",

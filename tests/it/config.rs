@@ -200,6 +200,7 @@ fn model_revision_applies_to_hub_ids_and_conflicts_are_refused() {
     let m = |name: &str, rev: Option<&str>| ModelConfig {
         name_or_path: name.into(),
         revision: rev.map(str::to_string),
+        ..Default::default()
     };
     assert_eq!(m("org/name", None).resolved_name().unwrap(), "org/name");
     assert_eq!(

@@ -499,3 +499,72 @@ fn reward_and_score_cli_end_to_end() {
         "{stderr}"
     );
 }
+
+#[test]
+fn model_init_random_draws_weights_as_transformers_init_weights() {
+    // transformers' _init_weights for BERT: Linear and Embedding weights
+    // N(0, initializer_range), biases 0, LayerNorm weight 1 and bias 0, the
+    // padding_idx row of the word embeddings 0.
+    use candle_rlhf::config::ModelInit;
+    use candle_rlhf::models::load_dir_init;
+    let dir = model_dir("tiny-bert");
+    let dev = candle_core::Device::Cpu;
+    // Build the backbone so that the map holds every tensor the model reads.
+    let load = |init, seed| {
+        let (cfg, vb, vars) = load_dir_init(&dir, DType::F32, &dev, init, seed).unwrap();
+        candle_rlhf::models::Backbone::load(vb, &cfg).unwrap();
+        candle_rlhf::models::weights::named_tensors(&vars)
+    };
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let values = |ts: &[(String, Tensor)]| {
+        ts.iter()
+            .map(|(n, t)| (n.clone(), v(t)))
+            .collect::<Vec<_>>()
+    };
+    let pretrained = load(ModelInit::Pretrained, 0);
+    let random = load(ModelInit::Random, 0);
+    assert_eq!(
+        values(&random),
+        values(&load(ModelInit::Random, 0)),
+        "seeded"
+    );
+    assert_ne!(
+        values(&random),
+        values(&load(ModelInit::Random, 1)),
+        "another seed, other weights"
+    );
+    let mut matrices = Vec::new();
+    for ((name, r), (pname, p)) in random.iter().zip(&pretrained) {
+        assert_eq!(name, pname);
+        assert_eq!(r.dims(), p.dims(), "{name}");
+        let vals = v(r);
+        if name.ends_with("bias") {
+            assert!(vals.iter().all(|&x| x == 0.0), "{name}: biases 0");
+        } else if name.contains("LayerNorm") {
+            assert!(vals.iter().all(|&x| x == 1.0), "{name}: norm scales 1");
+        } else {
+            assert_ne!(vals, v(p), "{name}: not the checkpoint's");
+            matrices.extend(vals);
+        }
+    }
+    // initializer_range 0.02 in tiny-bert's config.json.
+    let n = matrices.len() as f64;
+    let mean = matrices.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let std = (matrices
+        .iter()
+        .map(|&x| (x as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    assert!(
+        n > 50_000.0 && mean.abs() < 1e-3 && (std - 0.02).abs() < 0.001,
+        "{n} {mean} {std}"
+    );
+    // pad_token_id 0: the word embeddings' row 0 is zero.
+    let emb = random
+        .iter()
+        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
+        .unwrap();
+    assert!(v(&emb.1.get(0).unwrap()).iter().all(|&x| x == 0.0));
+    assert!(v(&emb.1.get(1).unwrap()).iter().any(|&x| x != 0.0));
+}
