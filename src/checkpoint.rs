@@ -105,12 +105,22 @@ impl TrainerState {
     }
 }
 
-/// The tokenizer files of a model directory that a checkpoint carries.
+/// The files of a model directory that a checkpoint carries beside its
+/// weights: the tokenizer's (every format transformers reads, so that the
+/// slow tokenizers load too) and generation_config.json, whose EOS ids are
+/// the stop tokens.
 pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
     [
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "generation_config.json",
     ]
     .iter()
     .map(|f| dir.join(f))

@@ -249,6 +249,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let w = &opts.shape.workload;
     let vocab = opts.shape.vocab_size()?;
     let flops = ModelFlops::of(&model_dir)?;
+    let arch = ArchConfig::load(&model_dir.join("config.json"))?;
+    if !arch.is_causal() && opts.parts.iter().any(|p| *p != Part::Reward) {
+        return Err(Error::Msg(format!(
+            "{}: a {} shape is an encoder, which neither generates nor runs PPO: use --parts reward",
+            opts.shape.name,
+            arch.model_type()
+        )));
+    }
     let mut rng = HostRng::new(cfg.run.seed);
     for part in &opts.parts {
         reset_peak_rss();
@@ -382,7 +390,7 @@ fn count_parameters(model_dir: &Path) -> Result<usize> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelFlops {
     /// Matrix weights of the transformer blocks: the 2-D tensors under
-    /// `h.N.` or `layers.N.` (norms and biases are 1-D and add no products;
+    /// `h.N.`, `layers.N.` or `layer.N.` (BERT, DistilBERT) (norms and biases are 1-D and add no products;
     /// causal-mask buffers some checkpoints store are 4-D).
     pub block_params: usize,
     pub layers: usize,
@@ -399,7 +407,7 @@ impl ModelFlops {
         let in_block = |name: &str| {
             let parts: Vec<&str> = name.split('.').collect();
             parts.windows(2).any(|w| {
-                (w[0] == "h" || w[0] == "layers") && w[1].bytes().all(|c| c.is_ascii_digit())
+                matches!(w[0], "h" | "layers" | "layer") && w[1].bytes().all(|c| c.is_ascii_digit())
             })
         };
         let block_params = tensor_shapes(model_dir)?

@@ -123,6 +123,10 @@ fn with_corpus_file<T>(
 pub const PREFERENCES: &str = "data/preferences.jsonl";
 /// Where `make_all` writes SFT rows of the demo's task (prompt, completion).
 pub const SFT_ROWS: &str = "data/sft.jsonl";
+/// The sentiment pairs for a pretrained encoder (app::sentiment): training
+/// words, and held-out words for evaluation.
+pub const SENTIMENT_TRAIN: &str = "data/sentiment-train.jsonl";
+pub const SENTIMENT_EVAL: &str = "data/sentiment-eval.jsonl";
 
 /// `n` preference pairs with a hidden rule: the same prompt completed with a
 /// positive word (chosen) and a negative one (rejected), as JSONL rows with
@@ -776,5 +780,15 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
         &crate::app::task::Task::new(seed, "sft").sft_rows(1000),
     )?;
     write_preference_dataset(&out.join("hub"), &preferences)?;
+    // The sentiment task of configs/reward-minilm.toml: held-out words in eval.
+    use crate::app::sentiment::{sentiment_pairs, Split};
+    write_jsonl(
+        &out.join(SENTIMENT_TRAIN),
+        &sentiment_pairs(seed, 512, Split::Train),
+    )?;
+    write_jsonl(
+        &out.join(SENTIMENT_EVAL),
+        &sentiment_pairs(seed, 256, Split::Eval),
+    )?;
     Ok(dirs)
 }

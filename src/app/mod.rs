@@ -1,9 +1,10 @@
 //! The application built on the library: the offline demo and its
-//! embedded task, the `bench` harness, and the generator of the self-made
+//! embedded task, the `bench` harness, the generator of the self-made
 //! fixtures (tiny models, tokenizers, data, a hub cache) that tests and the
-//! demo train on. The pipeline modules never import this one; tests may.
+//! demo train on, and the sentiment task for a real pretrained encoder. The pipeline modules never import this one; tests may.
 
 pub mod bench;
 pub mod demo;
 pub mod fixtures;
+pub mod sentiment;
 pub mod task;

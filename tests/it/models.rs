@@ -454,6 +454,10 @@ fn model_flops_count_the_block_weights_by_hand() {
         2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96)
     );
     assert_eq!((llama.layers, llama.hidden, llama.vocab), (2, 64, 445));
+    // tiny-bert: width 64, FFN 128; query, key, value and attention output
+    // 64x64, intermediate and output 64x128, under `encoder.layer.N.`.
+    let bert = ModelFlops::of(&model_dir("tiny-bert")).unwrap();
+    assert_eq!(bert.block_params, 2 * (4 * 64 * 64 + 2 * 64 * 128));
 }
 
 #[test]
