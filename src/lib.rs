@@ -7,6 +7,7 @@
 //! rest, and on a pipeline module that imports the application.
 
 // Foundations: errors, seeded randomness, devices, files, Ctrl-C, configs.
+pub mod clock;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod rng;
 pub mod signal;
 
 // Inputs: model and dataset resolution, tokenizers, data to batches.
+pub mod chat;
 pub mod data;
 pub mod hub;
 pub mod tokenizer;

@@ -124,6 +124,8 @@ section! {
         pub name_or_path: String = String::new(),
         /// Hub revision (branch, tag or commit) of a hub id; unset: the id's `@revision`, else main.
         pub revision: Option<String> = None,
+        /// A chat template file (Jinja) that wins over the model's own (`--chat-template FILE`).
+        pub chat_template: Option<PathBuf> = None,
         /// pretrained: the checkpoint's weights; random: the same architecture initialised as transformers' `_init_weights` does (sft and reward).
         pub init: ModelInit = ModelInit::Pretrained,
     }

@@ -160,7 +160,10 @@ fn every_bench_shape_is_a_valid_model_config() {
         names.push(shape.name);
     }
     names.sort();
-    assert_eq!(names, ["gpt2", "minilm", "qwen2.5-0.5b", "smollm2-135m", "tiny"]);
+    assert_eq!(
+        names,
+        ["gpt2", "minilm", "qwen2.5-0.5b", "smollm2-135m", "tiny"]
+    );
 }
 
 #[test]
