@@ -1,6 +1,7 @@
 //! The one integration-test binary (each test binary links candle, so one
 //! binary keeps builds short). Modules by subject.
 
+mod chat;
 mod checkpoint;
 mod cli;
 mod config;
