@@ -381,6 +381,47 @@ pub fn is_conversation(v: &Value) -> bool {
         .is_some_and(|a| !a.is_empty() && a.iter().all(|m| m.get("role").is_some()))
 }
 
+/// Where a model's template comes from, resolved on first use: data readers
+/// take one and ask for the template only when a row is conversational.
+pub struct TemplateSource<'a> {
+    model_dir: &'a Path,
+    user: Option<&'a Path>,
+    resolved: std::sync::OnceLock<ChatTemplate>,
+}
+
+impl<'a> TemplateSource<'a> {
+    pub fn new(model_dir: &'a Path, user: Option<&'a Path>) -> Self {
+        Self {
+            model_dir,
+            user,
+            resolved: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The template ([`require`]d: an error naming the model without one).
+    pub fn get(&self) -> Result<&ChatTemplate> {
+        if let Some(t) = self.resolved.get() {
+            return Ok(t);
+        }
+        let t = require(self.model_dir, self.user)?;
+        Ok(self.resolved.get_or_init(|| t))
+    }
+}
+
+/// The template for data that `needs` one (some row is conversational):
+/// [`require`]d then, None otherwise.
+pub fn when_needed(
+    needs: bool,
+    model_dir: &Path,
+    user: Option<&Path>,
+) -> Result<Option<ChatTemplate>> {
+    if needs {
+        require(model_dir, user).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// The template of a model directory, or the error conversational data gets
 /// without one.
 pub fn require(model_dir: &Path, user: Option<&Path>) -> Result<ChatTemplate> {

@@ -123,6 +123,22 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// `text` without special tokens added (`add_special_tokens=False`):
+    /// how transformers tokenizes the text a chat template rendered, whose
+    /// special tokens are already in it (no second BOS).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_plain_with_offsets(text)?.0)
+    }
+
+    /// [`Self::encode_plain`] with each token's byte range in `text`.
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Msg(format!("cannot tokenize {text:?}: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)

@@ -2,12 +2,20 @@
 //! `margin` columns, tokenized as prompt + response (+ EOS), filtered and
 //! counted. Pairs that cannot train (empty, identical, too long) are
 //! counted skips.
+//!
+//! Conversational rows (message lists: `prompt` + `chosen`/`rejected`, or
+//! whole conversations in `chosen`/`rejected`) are scored as TRL's
+//! RewardTrainer scores them: each side is the whole conversation (prompt
+//! messages + response messages) rendered by the chat template and
+//! tokenized without adding special tokens; no EOS is appended, the
+//! template's end-of-turn text ends it.
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::records::{load_records, read_records};
+use crate::chat::{is_conversation, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -22,6 +30,48 @@ pub struct PreferenceRow {
     pub margin: f64,
     /// `file: line N` (or `item N` of a JSON array), for messages.
     pub source: String,
+    /// The message lists of a conversational row (the texts above are then empty).
+    pub messages: Option<PairMessages>,
+}
+
+/// The message lists of a conversational preference row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairMessages {
+    /// Empty for implicit-prompt rows (whole conversations in chosen and rejected).
+    pub prompt: Vec<Value>,
+    pub chosen: Vec<Value>,
+    pub rejected: Vec<Value>,
+}
+
+/// Refuses a file that mixes text rows and conversational rows, naming the
+/// first row whose kind differs from the first row's.
+pub fn check_one_kind<'a>(mut kinds: impl Iterator<Item = (bool, &'a str)>) -> Result<()> {
+    let Some((first, first_source)) = kinds.next() else {
+        return Ok(());
+    };
+    if let Some((_, source)) = kinds.find(|(conv, _)| *conv != first) {
+        let (a, b) = if first {
+            ("message lists (conversational)", "text")
+        } else {
+            ("text", "message lists (conversational)")
+        };
+        return Err(Error::Msg(format!(
+            "{source}: this row is {b} but the rows before it ({first_source} on) are {a}; a file holds one kind of row"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_all(records: &[super::Record]) -> Result<Vec<PreferenceRow>> {
+    let rows: Vec<PreferenceRow> = records
+        .iter()
+        .map(|(value, source)| parse_row(value, source.clone()))
+        .collect::<Result<_>>()?;
+    check_one_kind(
+        rows.iter()
+            .map(|r| (r.messages.is_some(), r.source.as_str())),
+    )?;
+    Ok(rows)
 }
 
 /// Reads preference pairs from a file or a dataset split (see [`load_records`]).
@@ -30,24 +80,63 @@ pub fn load_preferences(
     split: &str,
     hub: &crate::hub::HubSettings,
 ) -> Result<Vec<PreferenceRow>> {
-    load_records(spec, split, hub)?
-        .iter()
-        .map(|(value, source)| parse_row(value, source.clone()))
-        .collect()
+    parse_all(&load_records(spec, split, hub)?)
 }
 
 /// Reads a preference file (see [`read_records`]).
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceRow>> {
-    read_records(path)?
-        .iter()
-        .map(|(value, source)| parse_row(value, source.clone()))
-        .collect()
+    parse_all(&read_records(path)?)
 }
 
 fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {
     let obj = value
         .as_object()
         .ok_or_else(|| Error::Msg(format!("{source}: expected a JSON object, found {value}")))?;
+    let margin = match obj.get("margin") {
+        None | Some(Value::Null) => 0.0,
+        Some(v) => v.as_f64().filter(|m| m.is_finite()).ok_or_else(|| {
+            Error::Msg(format!(
+                "{source}: column `margin` must be a finite number, found {v}"
+            ))
+        })?,
+    };
+    let conversational = ["prompt", "chosen", "rejected"]
+        .iter()
+        .any(|c| obj.get(*c).is_some_and(Value::is_array));
+    if conversational {
+        let list = |column: &str, required: bool| -> Result<Vec<Value>> {
+            match obj.get(column) {
+                None | Some(Value::Null) if !required => Ok(Vec::new()),
+                Some(v @ Value::Array(items)) if is_conversation(v) || items.is_empty() => {
+                    Ok(items.clone())
+                }
+                Some(Value::Array(_)) => Err(Error::Msg(format!(
+                    "{source}: column `{column}` must be a list of {{\"role\", \"content\"}} messages"
+                ))),
+                Some(Value::String(_)) => Err(Error::Msg(format!(
+                    "{source}: column `{column}` is text while the row's other columns are message lists"
+                ))),
+                None => Err(Error::Msg(format!(
+                    "{source}: missing column `{column}`; conversational preference data needs chosen and rejected message lists"
+                ))),
+                Some(other) => Err(Error::Msg(format!(
+                    "{source}: column `{column}` must be a list of messages, found {other}"
+                ))),
+            }
+        };
+        return Ok(PreferenceRow {
+            prompt: String::new(),
+            chosen: String::new(),
+            rejected: String::new(),
+            margin,
+            source: source.clone(),
+            messages: Some(PairMessages {
+                prompt: list("prompt", false)?,
+                chosen: list("chosen", true)?,
+                rejected: list("rejected", true)?,
+            }),
+        });
+    }
     let text = |column: &str, required: bool| -> Result<String> {
         match obj.get(column) {
             None if !required => Ok(String::new()),
@@ -59,21 +148,10 @@ fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {
                 )))
             }
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Array(_)) => Err(Error::Msg(format!(
-                "{source}: column `{column}` is a list of messages (conversational data), which candle-rlhf does not render: apply the chat template and store text"
-            ))),
             Some(other) => Err(Error::Msg(format!(
                 "{source}: column `{column}` must be a string, found {other}"
             ))),
         }
-    };
-    let margin = match obj.get("margin") {
-        None | Some(Value::Null) => 0.0,
-        Some(v) => v.as_f64().filter(|m| m.is_finite()).ok_or_else(|| {
-            Error::Msg(format!(
-                "{source}: column `margin` must be a finite number, found {v}"
-            ))
-        })?,
     };
     Ok(PreferenceRow {
         prompt: text("prompt", false)?,
@@ -81,6 +159,7 @@ fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {
         rejected: text("rejected", true)?,
         margin,
         source,
+        messages: None,
     })
 }
 
@@ -123,12 +202,73 @@ pub fn encode_with_eos(tok: &Tokenizer, prompt: &str, response: &str) -> Result<
     Ok(ids)
 }
 
+/// Token ids of a row's chosen and rejected sides: prompt + response with
+/// EOS appended when missing for text rows; the whole conversation rendered
+/// by `template` and tokenized without special tokens for conversational
+/// ones (no EOS appended: the template's end-of-turn text ends it).
+pub fn encode_sides(
+    row: &PreferenceRow,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let Some(m) = &row.messages else {
+        return Ok((
+            encode_with_eos(tok, &row.prompt, &row.chosen)?,
+            encode_with_eos(tok, &row.prompt, &row.rejected)?,
+        ));
+    };
+    let t = conversation_template(row, template)?;
+    let side = |resp: &[Value]| -> Result<Vec<u32>> {
+        let conv = [m.prompt.as_slice(), resp].concat();
+        let text = t.render(&conv, false).map_err(|e| in_row(row, e))?;
+        tok.encode_plain(&text)
+    };
+    Ok((side(&m.chosen)?, side(&m.rejected)?))
+}
+
+/// Tokens of a row's prompt alone (0 without one); a conversational prompt
+/// is rendered with the generation prompt, as TRL's prompt column is.
+fn prompt_length(
+    row: &PreferenceRow,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<usize> {
+    match &row.messages {
+        None if row.prompt.is_empty() => Ok(0),
+        None => Ok(tok.encode(&row.prompt)?.len()),
+        Some(m) if m.prompt.is_empty() => Ok(0),
+        Some(m) => {
+            let t = conversation_template(row, template)?;
+            let text = t.render(&m.prompt, true).map_err(|e| in_row(row, e))?;
+            Ok(tok.encode_plain(&text)?.len())
+        }
+    }
+}
+
+fn conversation_template<'t>(
+    row: &PreferenceRow,
+    template: Option<&'t ChatTemplate>,
+) -> Result<&'t ChatTemplate> {
+    template.ok_or_else(|| {
+        Error::Msg(format!(
+            "{}: a conversational row, and no chat template to render it",
+            row.source
+        ))
+    })
+}
+
+fn in_row(row: &PreferenceRow, e: Error) -> Error {
+    Error::Msg(format!("{}: {e}", row.source))
+}
+
 /// Tokenizes rows; pairs longer than `max_length` are dropped, or cut to it
 /// when `truncate` (a prompt that alone fills max_length is still dropped).
 /// Errors when nothing is left.
+/// Conversational rows need `template` (see `chat::require`).
 pub fn tokenize_pairs(
     rows: &[PreferenceRow],
     tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
     max_length: usize,
     truncate: bool,
 ) -> Result<(Vec<TokenizedPair>, DataReport)> {
@@ -138,22 +278,27 @@ pub fn tokenize_pairs(
     };
     let mut pairs = Vec::new();
     for row in rows {
-        if row.chosen.trim().is_empty() || row.rejected.trim().is_empty() {
+        let (empty, identical) = match &row.messages {
+            None => (
+                row.chosen.trim().is_empty() || row.rejected.trim().is_empty(),
+                row.chosen == row.rejected,
+            ),
+            Some(m) => (
+                m.chosen.is_empty() || m.rejected.is_empty(),
+                m.chosen == m.rejected,
+            ),
+        };
+        if empty {
             report.skipped_empty += 1;
             continue;
         }
-        if row.chosen == row.rejected {
+        if identical {
             report.skipped_identical += 1;
             continue;
         }
-        let mut chosen = encode_with_eos(tok, &row.prompt, &row.chosen)?;
-        let mut rejected = encode_with_eos(tok, &row.prompt, &row.rejected)?;
+        let (mut chosen, mut rejected) = encode_sides(row, tok, template)?;
         if chosen.len().max(rejected.len()) > max_length {
-            let prompt_len = if row.prompt.is_empty() {
-                0
-            } else {
-                tok.encode(&row.prompt)?.len()
-            };
+            let prompt_len = prompt_length(row, tok, template)?;
             if !truncate || prompt_len >= max_length {
                 report.dropped_too_long += 1;
                 continue;

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use crate::chat::TemplateSource;
 use crate::hub::HubSettings;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -31,10 +32,13 @@ impl std::fmt::Display for PromptReport {
 /// Reads the `prompt` column of a file or dataset split and tokenizes it, or
 /// takes token ids as they are from an `input_ids` column (TRL's pre-tokenized
 /// form); too-long prompts are dropped or cut to their last `max_len` tokens.
+/// A conversational prompt (a message list) is rendered by the template with
+/// the generation prompt and tokenized without adding special tokens.
 pub fn load_prompts(
     spec: &str,
     split: &str,
     tok: &Tokenizer,
+    template: &TemplateSource,
     max_len: usize,
     truncate: bool,
     hub: &HubSettings,
@@ -44,8 +48,26 @@ pub fn load_prompts(
         rows: records.len(),
         ..Default::default()
     };
+    let conversational = |v: &Value| v.get("prompt").is_some_and(Value::is_array);
+    crate::data::preference::check_one_kind(
+        records.iter().map(|(v, s)| (conversational(v), s.as_str())),
+    )?;
     let mut prompts = Vec::new();
     for (value, source) in &records {
+        if conversational(value) {
+            let messages = value["prompt"].as_array().cloned().unwrap_or_default();
+            if messages.is_empty() {
+                report.skipped_empty += 1;
+                continue;
+            }
+            let text = template
+                .get()?
+                .render(&messages, true)
+                .map_err(|e| Error::Msg(format!("{source}: {e}")))?;
+            let ids = tok.encode_plain(&text)?;
+            prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
+            continue;
+        }
         if let Some(ids) = input_ids(value, source)? {
             if ids.is_empty() {
                 report.skipped_empty += 1;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde_json::{json, Value};
 
+use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{Config, PpoConfig, StopToken, ValueModel};
 use crate::data::batch::position_ids;
@@ -753,10 +754,12 @@ pub fn evaluate_policy(
     let ref_dtype = p.ref_dtype.map_or(dtype, |d| d.dtype());
     let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
     let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
+    let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
     let (ids, report) = load_prompts(
         prompts,
         split,
         &tok,
+        &template,
         p.max_prompt_length,
         p.truncate_prompts,
         &hub,
@@ -888,10 +891,12 @@ pub fn train_with_reward(
 
     // 2. Prompts.
     p.data().train()?;
+    let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
     let (prompts, report) = load_prompts(
         &p.dataset,
         &p.dataset_train_split,
         &tok,
+        &template,
         p.max_prompt_length,
         p.truncate_prompts,
         &hub,
@@ -903,6 +908,7 @@ pub fn train_with_reward(
                 spec,
                 &p.dataset_test_split,
                 &tok,
+                &template,
                 p.max_prompt_length,
                 p.truncate_prompts,
                 &hub,

@@ -160,14 +160,22 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     // 2. Data: tokenized, filtered, split.
     cfg.reward.data().train()?;
     let rows = data::load_preferences(&cfg.reward.dataset, &cfg.reward.dataset_train_split, &hub)?;
-    let (pairs, report) =
-        data::tokenize_pairs(&rows, &tok, cfg.reward.max_length, cfg.reward.truncate)?;
+    // Conversational rows are rendered with the model's chat template (or the user's).
+    let user_template = cfg.model.chat_template.as_deref();
+    let needs_template = |rows: &[data::PreferenceRow]| rows.iter().any(|r| r.messages.is_some());
+    let template = crate::chat::when_needed(needs_template(&rows), &model_dir, user_template)?;
+    let (r, t) = (&cfg.reward, template.as_ref());
+    let (pairs, report) = data::tokenize_pairs(&rows, &tok, t, r.max_length, r.truncate)?;
     tracing::info!("{}: {report}", cfg.reward.dataset);
     let (train_pairs, eval_pairs) = match &cfg.reward.eval_dataset {
         Some(path) => {
             let rows = data::load_preferences(path, &cfg.reward.dataset_test_split, &hub)?;
+            let template = match template {
+                Some(_) => template.clone(),
+                None => crate::chat::when_needed(needs_template(&rows), &model_dir, user_template)?,
+            };
             let (eval, eval_report) =
-                data::tokenize_pairs(&rows, &tok, cfg.reward.max_length, cfg.reward.truncate)?;
+                data::tokenize_pairs(&rows, &tok, template.as_ref(), r.max_length, r.truncate)?;
             tracing::info!("{path}: {eval_report}");
             (pairs, eval)
         }
@@ -374,6 +382,7 @@ pub fn calibration(margins: &[f64], bins: usize) -> Vec<(f64, f64, usize, f64, f
 /// rejected_score) to `out`, and reports.
 pub fn score_pairs(
     scorer: &crate::models::reward_model::RewardScorer,
+    template: Option<&crate::chat::ChatTemplate>,
     rows: &[data::PreferenceRow],
     out: &Path,
     batch: usize,
@@ -381,15 +390,15 @@ pub fn score_pairs(
     let mut lines = String::new();
     let mut margins = Vec::new();
     for chunk in rows.chunks(batch.max(1)) {
-        let seqs = chunk
+        let sides = chunk
             .iter()
-            .map(|r| data::encode_with_eos(&scorer.tokenizer, &r.prompt, &r.chosen))
-            .chain(
-                chunk
-                    .iter()
-                    .map(|r| data::encode_with_eos(&scorer.tokenizer, &r.prompt, &r.rejected)),
-            )
+            .map(|r| data::preference::encode_sides(r, &scorer.tokenizer, template))
             .collect::<Result<Vec<_>>>()?;
+        let seqs: Vec<Vec<u32>> = sides
+            .iter()
+            .map(|(c, _)| c.clone())
+            .chain(sides.iter().map(|(_, r)| r.clone()))
+            .collect();
         let s = scorer.score_ids(&seqs)?;
         for (i, row) in chunk.iter().enumerate() {
             let (c, r) = (s[i], s[chunk.len() + i]);

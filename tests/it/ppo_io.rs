@@ -8,6 +8,7 @@ use std::process::Command;
 
 use candle_core::{DType, Tensor};
 use candle_rlhf::app::fixtures;
+use candle_rlhf::chat::TemplateSource;
 use candle_rlhf::data::prompts::load_prompts;
 use candle_rlhf::hub::HubSettings;
 use candle_rlhf::signal::StopSignal;
@@ -30,14 +31,24 @@ fn gpt2_tokenizer() -> Tokenizer {
 #[test]
 fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops() {
     let tok = gpt2_tokenizer();
+    let gpt2 = model_dir("tiny-gpt2");
+    let tpl = TemplateSource::new(&gpt2, None);
     let jsonl = fixtures_root().join(fixtures::PREFERENCES);
     let rows = fixtures::synthetic_preferences(0, 600);
     let lengths: Vec<usize> = rows
         .iter()
         .map(|r| tok.encode(r["prompt"].as_str().unwrap()).unwrap().len())
         .collect();
-    let (all, report) =
-        load_prompts(&jsonl.to_string_lossy(), "train", &tok, 64, false, &local()).unwrap();
+    let (all, report) = load_prompts(
+        &jsonl.to_string_lossy(),
+        "train",
+        &tok,
+        &tpl,
+        64,
+        false,
+        &local(),
+    )
+    .unwrap();
     assert_eq!((report.rows, report.kept, all.len()), (600, 600, 600));
 
     // The hub dataset's train split is rows 100.. of the same pairs, as Parquet.
@@ -45,6 +56,7 @@ fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops()
         fixtures::PREFERENCE_DATASET,
         "train",
         &tok,
+        &tpl,
         64,
         false,
         &local(),
@@ -65,6 +77,7 @@ fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops()
         &parquet.to_string_lossy(),
         "train",
         &tok,
+        &tpl,
         64,
         false,
         &local(),
@@ -80,6 +93,7 @@ fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops()
         &jsonl.to_string_lossy(),
         "train",
         &tok,
+        &tpl,
         limit,
         false,
         &local(),
@@ -94,6 +108,7 @@ fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops()
         &jsonl.to_string_lossy(),
         "train",
         &tok,
+        &tpl,
         limit,
         true,
         &local(),
@@ -107,25 +122,42 @@ fn prompts_from_parquet_and_hub_splits_equal_the_jsonl_ones_with_counted_drops()
         assert_eq!(ids.as_slice(), &full[full.len().saturating_sub(limit)..]);
     }
 
-    // Conversational prompts and a missing column: one error naming file and row.
+    // Text and conversational rows mixed in one file, and a missing column:
+    // one error naming file and row.
     let chat = tmp.path().join("chat.jsonl");
     std::fs::write(
         &chat,
         "{\"prompt\": \"fine\"}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
     )
     .unwrap();
-    let err = load_prompts(&chat.to_string_lossy(), "train", &tok, 64, false, &local())
-        .unwrap_err()
-        .to_string();
+    let err = load_prompts(
+        &chat.to_string_lossy(),
+        "train",
+        &tok,
+        &tpl,
+        64,
+        false,
+        &local(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
-        err.contains("chat.jsonl") && err.contains("line 2") && err.contains("chat template"),
+        err.contains("chat.jsonl") && err.contains("line 2") && err.contains("one kind of row"),
         "{err}"
     );
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"question\": \"x\"}\n").unwrap();
-    let err = load_prompts(&bad.to_string_lossy(), "train", &tok, 64, false, &local())
-        .unwrap_err()
-        .to_string();
+    let err = load_prompts(
+        &bad.to_string_lossy(),
+        "train",
+        &tok,
+        &tpl,
+        64,
+        false,
+        &local(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("bad.jsonl") && err.contains("`prompt`") && err.contains("question"),
         "{err}"

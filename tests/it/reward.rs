@@ -182,6 +182,7 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     let data = fixtures_root().join(fixtures::PREFERENCES);
     let report = score_pairs(
         &scorer,
+        None,
         &read_preferences(&data).unwrap(),
         &tmp.path().join("scores.jsonl"),
         64,
@@ -196,7 +197,7 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     assert_eq!(scorer.score(&texts).unwrap(), again.score(&texts).unwrap());
     let rows = read_preferences(&data).unwrap();
     let tok = Tokenizer::from_dir(&out.checkpoint).unwrap();
-    let (pairs, _) = tokenize_pairs(&rows, &tok, 64, false).unwrap();
+    let (pairs, _) = tokenize_pairs(&rows, &tok, None, 64, false).unwrap();
     let chosen: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.clone()).collect();
     let mean = scorer.score_ids(&chosen).unwrap().iter().sum::<f32>() / chosen.len() as f32;
     assert!(
@@ -314,7 +315,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
         b"{\"chosen\": \"good\", \"rejected\": \"good\"}\n{\"chosen\": \" \", \"rejected\": \"bad\"}\n{\"prompt\": \"the movie was\", \"chosen\": \" great.\", \"rejected\": \" dull.\"}\n",
     ))
     .unwrap();
-    let (pairs, report) = tokenize_pairs(&rows, &tok, 64, false).unwrap();
+    let (pairs, report) = tokenize_pairs(&rows, &tok, None, 64, false).unwrap();
     assert_eq!(
         (pairs.len(), report.skipped_identical, report.skipped_empty),
         (1, 1, 1)
@@ -322,7 +323,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
     assert_eq!(*pairs[0].chosen.last().unwrap(), tok.eos_id, "EOS appended");
     // max_length smaller than the prompt: dropped (drop mode) or, when truncating, still dropped.
     for truncate in [false, true] {
-        let e = tokenize_pairs(&rows[2..], &tok, 2, truncate)
+        let e = tokenize_pairs(&rows[2..], &tok, None, 2, truncate)
             .unwrap_err()
             .to_string();
         assert!(
@@ -331,7 +332,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
         );
     }
     // Truncation keeps a pair whose prompt fits.
-    let (pairs, report) = tokenize_pairs(&rows[2..], &tok, 5, true).unwrap();
+    let (pairs, report) = tokenize_pairs(&rows[2..], &tok, None, 5, true).unwrap();
     assert_eq!((report.truncated, pairs[0].chosen.len()), (1, 5));
 }
 
