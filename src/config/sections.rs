@@ -266,6 +266,8 @@ dataset_section! {
         pub max_length: usize = 1024,
         /// Loss on completion tokens only for prompt/completion rows (TRL's default); false trains on the prompt too.
         pub completion_only_loss: bool = true,
+        /// Conversational `messages` rows: loss on assistant turns only, as the chat template's `{% generation %}` blocks mark them (TRL's name; false: every token).
+        pub assistant_only_loss: bool = false,
         /// Pack whole sequences into rows of max_length (best-fit decreasing, TRL's "bfd"); each attends only within itself, positions restart.
         pub packing: bool = false,
     }

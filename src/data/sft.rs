@@ -3,6 +3,9 @@
 //! max_length; optionally packed several to a row (best-fit decreasing,
 //! TRL's "bfd"), each sequence attending only to itself.
 
+use serde_json::Value;
+
+use crate::chat::TemplateSource;
 use crate::config::SftConfig;
 use crate::data::{self, Record};
 use crate::tokenizer::Tokenizer;
@@ -41,17 +44,61 @@ impl std::fmt::Display for SftDataReport {
 
 /// Tokenizes SFT records: `prompt` + `completion`, or the text field; EOS
 /// appended; cut to `max_length` (counted); rows with no trained token skipped.
+/// Conversational rows are rendered by the chat template, as TRL 1.12 does:
+/// `prompt`/`completion` message lists train on what the completion adds to
+/// the prompt rendered with the generation prompt; `messages` rows train on
+/// every token, or on the `{% generation %}` spans with
+/// `assistant_only_loss`. No EOS is appended to them.
 pub fn tokenize_rows(
     records: &[Record],
     tok: &Tokenizer,
+    template: &TemplateSource,
     cfg: &SftConfig,
 ) -> Result<(Vec<SftRow>, SftDataReport)> {
     let mut report = SftDataReport {
         rows: records.len(),
         ..Default::default()
     };
+    let conversational = |v: &Value| {
+        ["prompt", "completion", "messages"]
+            .iter()
+            .any(|c| v.get(*c).is_some_and(Value::is_array))
+    };
+    crate::data::preference::check_one_kind(
+        records.iter().map(|(v, s)| (conversational(v), s.as_str())),
+    )?;
+    if cfg.assistant_only_loss && !records.iter().any(|(v, _)| conversational(v)) {
+        return Err(Error::InvalidConfig {
+            field: "sft.assistant_only_loss".into(),
+            value: "true".into(),
+            reason: format!(
+                "{}: applies to conversational `messages` rows, and these rows are text",
+                cfg.dataset
+            ),
+        });
+    }
     let mut rows = Vec::new();
     for (value, source) in records {
+        if conversational(value) {
+            let in_row = |e: Error| Error::Msg(format!("{source}: {e}"));
+            let (mut ids, mut trained) =
+                conversation_row(value, tok, template, cfg).map_err(in_row)?;
+            if ids.len() > cfg.max_length {
+                ids.truncate(cfg.max_length);
+                trained.truncate(cfg.max_length);
+                report.truncated += 1;
+            }
+            if !trained.contains(&1) {
+                report.skipped_empty += 1;
+                continue;
+            }
+            rows.push(SftRow {
+                segments: vec![1; ids.len()],
+                ids,
+                trained,
+            });
+            continue;
+        }
         let prompt = data::text_column(value, "prompt", source)?;
         let completion = data::text_column(value, "completion", source)?;
         let text = data::text_column(value, &cfg.dataset_text_field, source)?;
@@ -104,6 +151,60 @@ pub fn tokenize_rows(
         )));
     }
     Ok((rows, report))
+}
+
+/// The ids and trained-token mask of a conversational row (before truncation).
+fn conversation_row(
+    value: &Value,
+    tok: &Tokenizer,
+    template: &TemplateSource,
+    cfg: &SftConfig,
+) -> Result<(Vec<u32>, Vec<u8>)> {
+    let list = |c: &str| value.get(c).and_then(Value::as_array).cloned();
+    let t = template.get()?;
+    if let (Some(prompt), Some(completion)) = (list("prompt"), list("completion")) {
+        // TRL: prompt ids from the prompt with the generation prompt, the
+        // completion is what the whole conversation adds after them.
+        let prompt_ids = tok.encode_plain(&t.render(&prompt, true)?)?;
+        let all = [prompt, completion].concat();
+        let ids = tok.encode_plain(&t.render(&all, false)?)?;
+        let first = if cfg.completion_only_loss {
+            prompt_ids.len().max(1)
+        } else {
+            1
+        };
+        let trained = (0..ids.len()).map(|i| u8::from(i >= first)).collect();
+        return Ok((ids, trained));
+    }
+    let Some(messages) = list("messages") else {
+        return Err(Error::Msg(
+            "a conversational SFT row needs `prompt` and `completion` message lists, or `messages`"
+                .into(),
+        ));
+    };
+    let (text, spans) = t.render_spans(&messages, false)?;
+    let (ids, offsets) = tok.encode_plain_with_offsets(&text)?;
+    let trained = if cfg.assistant_only_loss {
+        if !t.has_generation_blocks {
+            return Err(Error::InvalidConfig {
+                field: "sft.assistant_only_loss".into(),
+                value: "true".into(),
+                reason: format!(
+                    "the chat template {} marks no assistant turns ({{% generation %}} blocks)",
+                    t.origin
+                ),
+            });
+        }
+        // A token is trained when it starts inside an assistant span.
+        offsets
+            .iter()
+            .enumerate()
+            .map(|(i, (start, _))| u8::from(i > 0 && spans.iter().any(|s| s.contains(start))))
+            .collect()
+    } else {
+        (0..ids.len()).map(|i| u8::from(i >= 1)).collect()
+    };
+    Ok((ids, trained))
 }
 
 /// Packs whole rows into rows of at most `max_length` tokens, best-fit

@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{json, Value};
 
+use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::batch::position_ids;
@@ -134,11 +135,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     // 2. Data: tokenized, split, packed.
     s.data().train()?;
     let records = data::load_records(&s.dataset, &s.dataset_train_split, &hub)?;
-    let (rows, mut report) = tokenize_rows(&records, &tok, s)?;
+    let template = TemplateSource::new(&model_dir, cfg.model.chat_template.as_deref());
+    let (rows, mut report) = tokenize_rows(&records, &tok, &template, s)?;
     let (mut train_rows, mut eval_rows) = match &s.eval_dataset {
         Some(spec) => {
             let records = data::load_records(spec, &s.dataset_test_split, &hub)?;
-            let (eval, r) = tokenize_rows(&records, &tok, s)?;
+            let (eval, r) = tokenize_rows(&records, &tok, &template, s)?;
             tracing::info!("{spec}: {r}");
             (rows, eval)
         }

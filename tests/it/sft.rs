@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use candle_rlhf::app::task::Task;
+use candle_rlhf::chat::TemplateSource;
 use candle_rlhf::config::{Config, SftConfig};
 use candle_rlhf::data::sft::{pack, tokenize_rows, SftRow};
 use candle_rlhf::models::{load_dir_frozen, CausalLm};
@@ -23,13 +24,15 @@ fn records(rows: &[serde_json::Value]) -> Vec<(serde_json::Value, String)> {
 
 #[test]
 fn completion_tokens_train_and_prompt_tokens_do_not() {
-    let tok = Tokenizer::from_dir(&model_dir("tiny-gpt2")).unwrap();
+    let gpt2 = model_dir("tiny-gpt2");
+    let tok = Tokenizer::from_dir(&gpt2).unwrap();
+    let tpl = TemplateSource::new(&gpt2, None);
     let rows = records(&[
         serde_json::json!({"prompt": "overall the movie was", "completion": " really great."}),
         serde_json::json!({"text": "the cast was dull."}),
     ]);
     let cfg = SftConfig::default();
-    let (out, report) = tokenize_rows(&rows, &tok, &cfg).unwrap();
+    let (out, report) = tokenize_rows(&rows, &tok, &tpl, &cfg).unwrap();
     assert_eq!(report.kept, 2);
     let prompt_len = tok.encode("overall the movie was").unwrap().len();
     let full = tok.encode("overall the movie was really great.").unwrap();
@@ -47,19 +50,21 @@ fn completion_tokens_train_and_prompt_tokens_do_not() {
         completion_only_loss: false,
         ..SftConfig::default()
     };
-    let (out, _) = tokenize_rows(&rows, &tok, &all).unwrap();
+    let (out, _) = tokenize_rows(&rows, &tok, &tpl, &all).unwrap();
     assert!(out[0].trained[1..].iter().all(|&t| t == 1));
     // Cut to max_length and counted.
     let short = SftConfig {
         max_length: prompt_len + 1,
         ..SftConfig::default()
     };
-    let (out, report) = tokenize_rows(&rows, &tok, &short).unwrap();
+    let (out, report) = tokenize_rows(&rows, &tok, &tpl, &short).unwrap();
     assert_eq!(out[0].ids.len(), prompt_len + 1);
     assert!(report.truncated >= 1);
     // A row with neither shape: one error naming the line and the columns.
     let bad = records(&[serde_json::json!({"question": "x", "answer": "y"})]);
-    let err = tokenize_rows(&bad, &tok, &cfg).unwrap_err().to_string();
+    let err = tokenize_rows(&bad, &tok, &tpl, &cfg)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("line 1") && err.contains("`completion`") && err.contains("question"),
         "{err}"
@@ -72,8 +77,9 @@ fn packed_rows_give_the_same_loss_as_separate_ones() {
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let (arch, vb, _) = load_dir_frozen(&dir, DType::F32, &Device::Cpu).unwrap();
     let lm = CausalLm::load(vb, &arch, true).unwrap();
+    let tpl = TemplateSource::new(&dir, None);
     let rows = Task::new(5, "sft").sft_rows(6);
-    let (rows, _) = tokenize_rows(&records(&rows), &tok, &SftConfig::default()).unwrap();
+    let (rows, _) = tokenize_rows(&records(&rows), &tok, &tpl, &SftConfig::default()).unwrap();
     let packed = pack(&rows, 64);
     assert!(packed.len() < rows.len(), "several sequences share a row");
     let total = |rs: &[SftRow]| {
