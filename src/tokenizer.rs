@@ -23,6 +23,9 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// A token's byte range (start, end) in the text it came from.
+pub type Offsets = (usize, usize);
+
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     /// The EOS appended where a sequence must end with one (reward scoring).
@@ -131,7 +134,7 @@ impl Tokenizer {
     }
 
     /// [`Self::encode_plain`] with each token's byte range in `text`.
-    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Offsets>)> {
         let enc = self
             .inner
             .encode(text, false)

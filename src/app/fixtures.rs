@@ -126,6 +126,10 @@ pub const SFT_ROWS: &str = "data/sft.jsonl";
 /// The sentiment pairs for a pretrained encoder (app::sentiment): training
 /// words, and held-out words for evaluation.
 pub const SENTIMENT_TRAIN: &str = "data/sentiment-train.jsonl";
+/// The synthetic preference pairs as conversations (prompt, chosen and
+/// rejected message lists), and as SFT `messages` rows.
+pub const CHAT_PREFERENCES: &str = "data/chat-preferences.jsonl";
+pub const CHAT_SFT: &str = "data/chat-sft.jsonl";
 pub const SENTIMENT_EVAL: &str = "data/sentiment-eval.jsonl";
 
 /// `n` preference pairs with a hidden rule: the same prompt completed with a
@@ -299,6 +303,25 @@ fn write_padded_copy(from: &Path, to: &Path) -> Result<()> {
     tok.save(to, true).map_err(fail)
 }
 
+/// The instruct fixture's turn markers.
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+/// The instruct fixture's chat template: ChatML, assistant turns marked with
+/// generation blocks (as templates made for `assistant_only_loss` are).
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Copies the BPE tokenizer at `from` to `to` with ChatML's turn markers
+/// added as special tokens.
+fn write_chat_copy(from: &Path, to: &Path) -> Result<()> {
+    let fail = tokenizer_error(to);
+    let mut tok = tokenizers::Tokenizer::from_file(from).map_err(&fail)?;
+    tok.add_special_tokens(&[
+        tokenizers::AddedToken::from(IM_START, true),
+        tokenizers::AddedToken::from(IM_END, true),
+    ]);
+    tok.save(to, true).map_err(fail)
+}
+
 /// One fixture model: its directory name, tokenizer and config.json.
 struct Spec {
     name: &'static str,
@@ -312,6 +335,10 @@ struct Spec {
 enum TokenizerKind {
     Bpe(PadStyle),
     WordPiece,
+    /// The BPE tokenizer with ChatML's `<|im_start|>` and `<|im_end|>` as
+    /// special tokens, a chat template and `<|im_end|>` as EOS: an
+    /// instruct model's tokenizer (Qwen2.5-Instruct's layout).
+    BpeChat,
     /// The WordPiece tokenizer with the `padding` (Fixed 128) and
     /// `truncation` (128) sections that sentence-transformers' tokenizer.json
     /// files carry, which a loader must ignore as transformers does.
@@ -409,6 +436,22 @@ fn specs(vocab: usize, wp_vocab: usize, eos: u32) -> Vec<Spec> {
                 }),
             ),
         },
+        // An instruct model (Qwen2.5-Instruct's layout): ChatML turn markers as
+        // special tokens, a chat template, <|im_end|> as EOS and in
+        // generation_config.json's eos_token_id beside <|endoftext|>.
+        Spec {
+            name: "tiny-chat",
+            tokenizer: TokenizerKind::BpeChat,
+            strip_prefix: false,
+            config: extend(
+                llama_common("qwen2"),
+                json!({
+                    "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": true,
+                    "rope_theta": 1000000.0, "use_sliding_window": false, "sliding_window": null,
+                    "max_window_layers": 2, "torch_dtype": "float32",
+                }),
+            ),
+        },
         // Pythia: no pad token, rotary on a quarter of each head, parallel residual.
         Spec {
             name: "tiny-pythia",
@@ -458,6 +501,7 @@ pub const MODEL_NAMES: &[&str] = &[
     "tiny-mistral",
     "tiny-qwen2",
     "tiny-qwen3",
+    "tiny-chat",
     "tiny-pythia",
     "tiny-bert",
     "tiny-distilbert",
@@ -484,6 +528,7 @@ impl Tokenizers {
             &dir.join("wordpiece.json"),
             &dir.join("wordpiece-padded.json"),
         )?;
+        write_chat_copy(&dir.join("bpe.json"), &dir.join("bpe-chat.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -495,6 +540,7 @@ impl Tokenizers {
             TokenizerKind::Bpe(_) => "bpe.json",
             TokenizerKind::WordPiece => "wordpiece.json",
             TokenizerKind::WordPiecePadded => "wordpiece-padded.json",
+            TokenizerKind::BpeChat => "bpe-chat.json",
         })
     }
 
@@ -526,6 +572,11 @@ impl Tokenizers {
                 }
                 c
             }
+            TokenizerKind::BpeChat => json!({
+                "tokenizer_class": "GPT2Tokenizer", "bos_token": null, "eos_token": IM_END,
+                "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "model_max_length": 128,
+                "add_prefix_space": false, "chat_template": CHAT_TEMPLATE,
+            }),
             TokenizerKind::WordPiece | TokenizerKind::WordPiecePadded => json!({
                 "tokenizer_class": "BertTokenizer", "do_lower_case": true, "cls_token": "[CLS]",
                 "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]",
@@ -559,6 +610,18 @@ fn write_model(dir: &Path, spec: &Spec, tokenizers: &Tokenizers, seed: u64) -> R
     )?;
     let tok = tokenizers.file(spec.tokenizer);
     std::fs::copy(&tok, dir.join("tokenizer.json")).with_path(&tok)?;
+    if let TokenizerKind::BpeChat = spec.tokenizer {
+        // An instruct model stops on its end-of-turn token and on the base EOS.
+        let t = tokenizers::Tokenizer::from_file(&tok).map_err(tokenizer_error(&tok))?;
+        let ids: Vec<u32> = [IM_END, EOS_TOKEN]
+            .iter()
+            .filter_map(|s| t.token_to_id(s))
+            .collect();
+        write_json(
+            &dir.join("generation_config.json"),
+            &json!({"eos_token_id": ids, "pad_token_id": ids[1], "do_sample": true}),
+        )?;
+    }
     Ok(())
 }
 
@@ -746,8 +809,9 @@ pub fn write_reward_model(model_dir: &Path, out: &Path, seed: u64) -> Result<()>
         &out.join("config.json"),
         &model.checkpoint_config(&base, tok.pad_id),
     )?;
-    for name in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(model_dir.join(name), out.join(name)).with_path(model_dir.join(name))?;
+    for file in crate::checkpoint::tokenizer_files(model_dir) {
+        let name = file.file_name().expect("a file");
+        std::fs::copy(&file, out.join(name)).with_path(&file)?;
     }
     Ok(())
 }
@@ -760,12 +824,21 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
     let (vocab, eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::Distinct))?;
     let (wp_vocab, _) = tokenizers.vocab_and_eos(TokenizerKind::WordPiece)?;
     let (nopad_vocab, nopad_eos) = tokenizers.vocab_and_eos(TokenizerKind::Bpe(PadStyle::None))?;
+    let (chat_vocab, _) = tokenizers.vocab_and_eos(TokenizerKind::BpeChat)?;
+    let chat_eos = tokenizers::Tokenizer::from_file(tokenizers.file(TokenizerKind::BpeChat))
+        .ok()
+        .and_then(|t| t.token_to_id(IM_END))
+        .unwrap_or(eos);
     let mut dirs = Vec::new();
     for mut spec in specs(vocab, wp_vocab, eos) {
         if matches!(spec.tokenizer, TokenizerKind::Bpe(PadStyle::None)) {
             spec.config["vocab_size"] = json!(nopad_vocab);
             spec.config["bos_token_id"] = json!(nopad_eos);
             spec.config["eos_token_id"] = json!(nopad_eos);
+        }
+        if matches!(spec.tokenizer, TokenizerKind::BpeChat) {
+            spec.config["vocab_size"] = json!(chat_vocab);
+            spec.config["eos_token_id"] = json!(chat_eos);
         }
         let dir = out.join("models").join(spec.name);
         write_model(&dir, &spec, &tokenizers, seed)?;
@@ -780,6 +853,20 @@ pub fn make_all(out: &Path, seed: u64) -> Result<Vec<PathBuf>> {
         &crate::app::task::Task::new(seed, "sft").sft_rows(1000),
     )?;
     write_preference_dataset(&out.join("hub"), &preferences)?;
+    // The same pairs and prompts as conversations, for the instruct fixture.
+    let user =
+        |text: &Value| json!([{"role": "user", "content": text.as_str().unwrap_or("").trim()}]);
+    let assistant = |text: &Value| json!([{"role": "assistant", "content": text.as_str().unwrap_or("").trim()}]);
+    let chat_pairs: Vec<Value> = preferences
+        .iter()
+        .map(|r| json!({"prompt": user(&r["prompt"]), "chosen": assistant(&r["chosen"]), "rejected": assistant(&r["rejected"])}))
+        .collect();
+    write_jsonl(&out.join(CHAT_PREFERENCES), &chat_pairs)?;
+    let chat_sft: Vec<Value> = chat_pairs
+        .iter()
+        .map(|r| json!({"messages": [r["prompt"][0].clone(), r["chosen"][0].clone()]}))
+        .collect();
+    write_jsonl(&out.join(CHAT_SFT), &chat_sft)?;
     // The sentiment task of configs/reward-minilm.toml: held-out words in eval.
     use crate::app::sentiment::{sentiment_pairs, Split};
     write_jsonl(

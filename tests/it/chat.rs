@@ -84,3 +84,248 @@ fn real_templates_render_as_transformers_renders_them() {
         "{rendered} rendered, {refused} refused"
     );
 }
+
+mod conversational {
+    use candle_rlhf::app::fixtures::{self, IM_END};
+    use candle_rlhf::chat::{ChatTemplate, TemplateSource};
+    use candle_rlhf::config::SftConfig;
+    use candle_rlhf::data::prompts::load_prompts;
+    use candle_rlhf::data::sft::tokenize_rows;
+    use candle_rlhf::data::{read_preferences, read_records, tokenize_pairs};
+    use candle_rlhf::hub::HubSettings;
+    use candle_rlhf::tokenizer::Tokenizer;
+
+    use crate::models::{fixtures_root, model_dir};
+
+    fn chatml(turns: &[(&str, &str)], generation_prompt: bool) -> String {
+        let mut s: String = turns
+            .iter()
+            .map(|(role, content)| format!("<|im_start|>{role}\n{content}<|im_end|>\n"))
+            .collect();
+        if generation_prompt {
+            s.push_str("<|im_start|>assistant\n");
+        }
+        s
+    }
+
+    #[test]
+    fn the_instruct_fixture_has_a_template_stop_tokens_and_special_turn_markers() {
+        let dir = model_dir("tiny-chat");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let im_end = tok.inner.token_to_id(IM_END).unwrap();
+        let endoftext = tok.inner.token_to_id(fixtures::EOS_TOKEN).unwrap();
+        assert_eq!(tok.eos_id, im_end);
+        assert_eq!(
+            tok.stop_ids,
+            vec![im_end, endoftext],
+            "generation_config.json's list"
+        );
+        // The turn markers are single tokens, not split by the BPE.
+        let ids = tok.encode_plain("<|im_start|>user\nhi<|im_end|>").unwrap();
+        assert_eq!(ids[0], tok.inner.token_to_id(fixtures::IM_START).unwrap());
+        assert_eq!(*ids.last().unwrap(), im_end);
+        let t = ChatTemplate::resolve(&dir, None)
+            .unwrap()
+            .expect("tokenizer_config.json has one");
+        assert!(t.has_generation_blocks);
+    }
+
+    #[test]
+    fn conversational_pairs_are_the_rendered_conversations_without_an_added_eos() {
+        let dir = model_dir("tiny-chat");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let t = ChatTemplate::resolve(&dir, None).unwrap().unwrap();
+        let rows = read_preferences(&fixtures_root().join(fixtures::CHAT_PREFERENCES)).unwrap();
+        let m = rows[0].messages.as_ref().expect("message lists");
+        let (p, c) = (
+            m.prompt[0]["content"].as_str().unwrap(),
+            m.chosen[0]["content"].as_str().unwrap(),
+        );
+        let (pairs, report) = tokenize_pairs(&rows[..8], &tok, Some(&t), 64, false).unwrap();
+        assert_eq!(report.kept, 8);
+        let want = tok
+            .encode_plain(&chatml(&[("user", p), ("assistant", c)], false))
+            .unwrap();
+        assert_eq!(
+            pairs[0].chosen, want,
+            "prompt + response rendered, no special tokens added"
+        );
+        assert_eq!(
+            pairs[0].chosen[0],
+            tok.inner.token_to_id(fixtures::IM_START).unwrap(),
+            "no BOS added before the template's text"
+        );
+        // Without a template: one error naming the model and --chat-template.
+        let gpt2 = model_dir("tiny-gpt2");
+        let err = candle_rlhf::chat::require(&gpt2, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tiny-gpt2") && err.contains("--chat-template"),
+            "{err}"
+        );
+        // A user template wins: here the fixture's own, given to a model without one.
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("chatml.jinja");
+        std::fs::write(&file, fixtures::CHAT_TEMPLATE).unwrap();
+        let user = ChatTemplate::resolve(&gpt2, Some(&file)).unwrap().unwrap();
+        assert_eq!(
+            user.render(&m.prompt, true).unwrap(),
+            chatml(&[("user", p)], true)
+        );
+    }
+
+    #[test]
+    fn conversational_prompts_end_with_the_generation_prompt() {
+        let dir = model_dir("tiny-chat");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let src = TemplateSource::new(&dir, None);
+        let file = fixtures_root().join(fixtures::CHAT_PREFERENCES);
+        let (prompts, report) = load_prompts(
+            &file.to_string_lossy(),
+            "train",
+            &tok,
+            &src,
+            64,
+            false,
+            &HubSettings::from_vars(|_| None),
+        )
+        .unwrap();
+        assert_eq!(report.kept, 600);
+        let rows = read_preferences(&file).unwrap();
+        let p = rows[0].messages.as_ref().unwrap().prompt[0]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            prompts[0],
+            tok.encode_plain(&chatml(&[("user", &p)], true)).unwrap()
+        );
+        // A model without a template: the error names it.
+        let gpt2 = model_dir("tiny-gpt2");
+        let err = load_prompts(
+            &file.to_string_lossy(),
+            "train",
+            &Tokenizer::from_dir(&gpt2).unwrap(),
+            &TemplateSource::new(&gpt2, None),
+            64,
+            false,
+            &HubSettings::from_vars(|_| None),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tiny-gpt2") && err.contains("--chat-template"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn assistant_only_loss_trains_exactly_the_assistant_turns() {
+        let dir = model_dir("tiny-chat");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let src = TemplateSource::new(&dir, None);
+        let records = read_records(&fixtures_root().join(fixtures::CHAT_SFT)).unwrap();
+        let cfg = SftConfig {
+            assistant_only_loss: true,
+            max_length: 128,
+            ..Default::default()
+        };
+        let (rows, _) = tokenize_rows(&records[..4], &tok, &src, &cfg).unwrap();
+        for (row, (value, _)) in rows.iter().zip(&records) {
+            let content = value["messages"][1]["content"].as_str().unwrap();
+            let trained: Vec<u32> = row
+                .ids
+                .iter()
+                .zip(&row.trained)
+                .filter(|(_, &t)| t == 1)
+                .map(|(&i, _)| i)
+                .collect();
+            assert_eq!(
+                tok.decode(&trained).unwrap(),
+                content,
+                "the assistant content and <|im_end|>"
+            );
+            assert_eq!(
+                *trained.last().unwrap(),
+                tok.eos_id,
+                "<|im_end|> is trained"
+            );
+        }
+        // Every token (but the first) by default, TRL's assistant_only_loss = false.
+        let (all, _) = tokenize_rows(&records[..1], &tok, &src, &SftConfig::default()).unwrap();
+        assert!(all[0].trained[1..].iter().all(|&t| t == 1));
+        // A template without generation blocks refuses assistant_only_loss.
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = tmp.path().join("plain.jinja");
+        std::fs::write(
+            &plain,
+            fixtures::CHAT_TEMPLATE
+                .replace("{% generation %}", "")
+                .replace("{% endgeneration %}", ""),
+        )
+        .unwrap();
+        let src = TemplateSource::new(&dir, Some(&plain));
+        let err = tokenize_rows(&records[..1], &tok, &src, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("assistant_only_loss") && err.contains("plain.jinja"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_conversational_configs_train_end_to_end() {
+        let root = fixtures_root();
+        let quoted = |p: std::path::PathBuf| format!("{:?}", p.to_string_lossy());
+        for (cmd, config, sets) in [
+            (
+                "reward",
+                "reward-chat-tiny.toml",
+                vec!["train.max_steps=6".to_string()],
+            ),
+            (
+                "sft",
+                "sft-chat-tiny.toml",
+                vec!["train.max_steps=6".to_string()],
+            ),
+            (
+                "ppo",
+                "ppo-chat-tiny.toml",
+                vec![
+                    "ppo.total_episodes=16".to_string(),
+                    format!("ppo.reward_model={}", quoted(root.join("reward/tiny-chat"))),
+                ],
+            ),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut c = std::process::Command::new(crate::bin());
+            c.env_remove("RUST_BACKTRACE")
+                .arg(cmd)
+                .arg("--config")
+                .arg(crate::repo().join("configs").join(config))
+                .args(["--out", &tmp.path().join("run").to_string_lossy()])
+                .args([
+                    "--set",
+                    &format!("model.name_or_path={}", quoted(model_dir("tiny-chat"))),
+                ])
+                .args(["--set", &crate::device_setting()]);
+            let dataset = match cmd {
+                "sft" => root.join(fixtures::CHAT_SFT),
+                _ => root.join(fixtures::CHAT_PREFERENCES),
+            };
+            c.args(["--set", &format!("{cmd}.dataset={}", quoted(dataset))]);
+            for s in &sets {
+                c.args(["--set", s]);
+            }
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(tmp.path().join("run/metrics.jsonl").is_file(), "{cmd}");
+        }
+    }
+}
