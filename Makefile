@@ -20,6 +20,7 @@ golden: fixtures
 	.venv-golden/bin/python scripts/make_golden.py fixtures tests
 	.venv-golden/bin/python scripts/make_golden_tokenizers.py fixtures tests
 	.venv-golden/bin/python scripts/make_golden_chat.py tests
+	.venv-golden/bin/python scripts/make_golden_render.py tests
 
 fmt:
 	cargo fmt --all

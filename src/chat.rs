@@ -165,6 +165,34 @@ impl ChatTemplate {
         Ok(self.render_spans(messages, add_generation_prompt)?.0)
     }
 
+    /// A prompt as TRL renders one: with the generation prompt after a user
+    /// (or tool) turn; after an assistant turn, continuing that message
+    /// (transformers' `continue_final_message`: the text is cut after the
+    /// final message's content).
+    pub fn render_prompt(&self, prompt: &[Value]) -> Result<String> {
+        let last = prompt.last().and_then(|m| m["role"].as_str()).unwrap_or("");
+        match last {
+            "user" | "tool" => self.render(prompt, true),
+            "assistant" => {
+                let text = self.render(prompt, false)?;
+                let content = prompt
+                    .last()
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or("");
+                let cut = |c: &str| text.rfind(c).map(|at| text[..at + c.len()].to_string());
+                cut(content).or_else(|| cut(content.trim())).ok_or_else(|| {
+                    Error::Msg(format!(
+                        "chat template {}: the final message's content does not appear in the rendered text, so it cannot be continued",
+                        self.origin
+                    ))
+                })
+            }
+            other => Err(Error::Msg(format!(
+                "invalid role in the prompt's last message: `{other}` (user, tool or assistant)"
+            ))),
+        }
+    }
+
     /// The rendered text and the byte ranges of its `{% generation %}`
     /// blocks (the assistant turns, where the template marks them).
     pub fn render_spans(

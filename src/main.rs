@@ -44,6 +44,38 @@ struct Common {
     /// CPU threads for the tensor ops (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// A chat template file (Jinja) for conversational data, over the model's own.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
+}
+
+/// Options of `render`.
+#[derive(Args, Clone, Debug)]
+struct RenderArgs {
+    /// TOML config file (its [model] chat_template and [sft] settings apply).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Override a config key (repeatable; applied in order).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    set: Vec<String>,
+    /// A chat template file (Jinja) over the model's own.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
+    /// The model whose tokenizer and chat template render the rows (a directory or hub id).
+    #[arg(long)]
+    model: String,
+    /// A data file (.jsonl, .jsonl.gz, .json, .parquet), or a dataset directory or hub id read at --split.
+    #[arg(long)]
+    data: String,
+    /// The split of a dataset given to --data.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Where the JSON lines go (default: standard output).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Also write the token ids (and the loss mask of SFT rows).
+    #[arg(long)]
+    ids: bool,
 }
 
 /// Options of `bench`.
@@ -198,6 +230,10 @@ enum Command {
     Ppo(TrainArgs),
     /// Score texts or preference pairs with a reward model.
     Score(ScoreArgs),
+    /// Show what the model will see of a data file: one JSON line per row
+    /// with TRL's text columns (chat template applied) and, with --ids, the
+    /// token ids and loss mask the trainers feed the model.
+    Render(RenderArgs),
     /// Sample a policy on held-out prompts: mean reward, KL to the reference,
     /// length and EOS rate; the completions go to RUN_DIR/completions.jsonl.
     /// Sampling settings are the config's [ppo] ones (pass a PPO run's
@@ -295,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => bench(b),
+        Command::Render(r) => render(r),
     }
 }
 
@@ -548,6 +585,39 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn render(a: RenderArgs) -> anyhow::Result<()> {
+    use candle_rlhf::chat::TemplateSource;
+    let cfg = resolve_config(&Common {
+        config: a.config.clone(),
+        set: a.set.clone(),
+        device: None,
+        dtype: None,
+        seed: None,
+        out: None,
+        threads: None,
+        chat_template: a.chat_template.clone(),
+    })?;
+    let hub = candle_rlhf::hub::HubSettings::from_env();
+    let dir = candle_rlhf::hub::resolve_model(&a.model, &hub)?;
+    let tok = candle_rlhf::tokenizer::Tokenizer::from_dir(&dir)?;
+    let template = TemplateSource::new(&dir, cfg.model.chat_template.as_deref());
+    let records = candle_rlhf::data::load_records(&a.data, &a.split, &hub)?;
+    let mut lines = String::new();
+    for (value, source) in &records {
+        let row =
+            candle_rlhf::data::render::render_row(value, source, &template, &tok, a.ids, &cfg.sft)?;
+        lines.push_str(&format!("{row}\n"));
+    }
+    match &a.out {
+        Some(path) => {
+            candle_rlhf::io::atomic_write(path, lines.as_bytes())?;
+            eprintln!("{} rows: {}", records.len(), path.display());
+        }
+        None => print!("{lines}"),
+    }
+    Ok(())
+}
+
 fn bench(b: BenchArgs) -> anyhow::Result<()> {
     let config = resolve_config(&b.common)?;
     let mut shape = candle_rlhf::app::bench::Shape::load(&b.model)?;
@@ -603,6 +673,12 @@ fn resolve_config(c: &Common) -> candle_rlhf::Result<Config> {
     }
     if let Some(n) = c.threads {
         sets.push(format!("run.threads={n}"));
+    }
+    if let Some(f) = &c.chat_template {
+        sets.push(format!(
+            "model.chat_template={}",
+            quoted(&f.to_string_lossy())
+        ));
     }
     let cfg = Config::load(c.config.as_deref(), &sets)?;
     candle_rlhf::device::set_threads(cfg.run.threads);

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod preference;
 pub mod prompts;
 pub mod records;
+pub mod render;
 pub mod sft;
 
 pub use preference::{

@@ -62,7 +62,8 @@ pub fn check_one_kind<'a>(mut kinds: impl Iterator<Item = (bool, &'a str)>) -> R
     Ok(())
 }
 
-fn parse_all(records: &[super::Record]) -> Result<Vec<PreferenceRow>> {
+/// Preference rows of records, refusing a mix of text and conversational rows.
+pub fn parse_all(records: &[super::Record]) -> Result<Vec<PreferenceRow>> {
     let rows: Vec<PreferenceRow> = records
         .iter()
         .map(|(value, source)| parse_row(value, source.clone()))
@@ -239,7 +240,7 @@ fn prompt_length(
         Some(m) if m.prompt.is_empty() => Ok(0),
         Some(m) => {
             let t = conversation_template(row, template)?;
-            let text = t.render(&m.prompt, true).map_err(|e| in_row(row, e))?;
+            let text = t.render_prompt(&m.prompt).map_err(|e| in_row(row, e))?;
             Ok(tok.encode_plain(&text)?.len())
         }
     }

@@ -62,7 +62,7 @@ pub fn load_prompts(
             }
             let text = template
                 .get()?
-                .render(&messages, true)
+                .render_prompt(&messages)
                 .map_err(|e| Error::Msg(format!("{source}: {e}")))?;
             let ids = tok.encode_plain(&text)?;
             prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));

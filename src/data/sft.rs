@@ -165,7 +165,7 @@ fn conversation_row(
     if let (Some(prompt), Some(completion)) = (list("prompt"), list("completion")) {
         // TRL: prompt ids from the prompt with the generation prompt, the
         // completion is what the whole conversation adds after them.
-        let prompt_ids = tok.encode_plain(&t.render(&prompt, true)?)?;
+        let prompt_ids = tok.encode_plain(&t.render_prompt(&prompt)?)?;
         let all = [prompt, completion].concat();
         let ids = tok.encode_plain(&t.render(&all, false)?)?;
         let first = if cfg.completion_only_loss {

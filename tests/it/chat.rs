@@ -329,3 +329,67 @@ mod conversational {
         }
     }
 }
+
+#[test]
+fn render_gives_trls_text_columns_byte_for_byte() {
+    // tests/golden_render: TRL 1.12's maybe_extract_prompt then
+    // maybe_apply_chat_template (scripts/make_golden_render.py).
+    use candle_rlhf::chat::TemplateSource;
+    use candle_rlhf::data::{read_records, render::render_row};
+    let root = crate::repo().join("tests");
+    let minilm = root.join("data/all-MiniLM-L6-v2");
+    let tok = candle_rlhf::tokenizer::Tokenizer::from_dir(&minilm).unwrap();
+    let records = read_records(&root.join("data/conversational.jsonl")).unwrap();
+    let mut checked = 0;
+    for name in ["chatml", "smollm2"] {
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join(format!("golden_render/{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let file = root.join(format!("data/chat_templates/{name}.jinja"));
+        let template = TemplateSource::new(&minilm, Some(&file));
+        let want = golden["rows"].as_array().unwrap();
+        assert_eq!(want.len(), records.len());
+        for ((value, source), want) in records.iter().zip(want) {
+            let got =
+                render_row(value, source, &template, &tok, false, &Default::default()).unwrap();
+            for (key, text) in want.as_object().unwrap() {
+                let (ours, theirs) = (
+                    got[key].as_str().unwrap_or("(missing)"),
+                    text.as_str().unwrap(),
+                );
+                if let Some(diff) = first_difference(ours, theirs) {
+                    panic!("{name}, {source}, `{key}`: {diff}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 11, "every text column of both templates");
+}
+
+#[test]
+fn render_cli_writes_one_line_per_row_with_ids() {
+    let root = crate::models::fixtures_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rendered.jsonl");
+    let status = std::process::Command::new(crate::bin())
+        .args(["render", "--ids", "--model"])
+        .arg(crate::models::model_dir("tiny-chat"))
+        .arg("--data")
+        .arg(root.join(candle_rlhf::app::fixtures::CHAT_PREFERENCES))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 600);
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["kind"], "preference");
+    assert!(first["prompt"]
+        .as_str()
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n"));
+    assert!(first["chosen_ids"].as_array().unwrap().len() > 5);
+}

@@ -276,7 +276,9 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
     );
     // Conversational rows are read; a row mixing a message list with text is not.
     assert!(
-        e.contains("e.jsonl: line 1") && e.contains("`rejected` is text") && e.contains("message lists"),
+        e.contains("e.jsonl: line 1")
+            && e.contains("`rejected` is text")
+            && e.contains("message lists"),
         "{e}"
     );
     let e = err(
