@@ -15,6 +15,9 @@ pub struct Completion<'a> {
     pub query_ids: &'a [u32],
     /// The response's ids, ending with the stop token when it was produced.
     pub response_ids: &'a [u32],
+    /// The prompt's messages when it was conversational: a reward model with
+    /// a chat template of its own re-renders them with the response.
+    pub prompt_messages: Option<&'a [serde_json::Value]>,
 }
 
 /// A reward: one score per completion, batched. Closures

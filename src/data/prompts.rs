@@ -43,6 +43,23 @@ pub fn load_prompts(
     truncate: bool,
     hub: &HubSettings,
 ) -> Result<(Vec<Vec<u32>>, PromptReport)> {
+    let (rows, report) = load_prompt_rows(spec, split, tok, template, max_len, truncate, hub)?;
+    Ok((rows.into_iter().map(|(ids, _)| ids).collect(), report))
+}
+
+/// A prompt's token ids, and its messages when it was conversational.
+pub type PromptRow = (Vec<u32>, Option<Vec<Value>>);
+
+/// [`load_prompts`], keeping each conversational prompt's messages.
+pub fn load_prompt_rows(
+    spec: &str,
+    split: &str,
+    tok: &Tokenizer,
+    template: &TemplateSource,
+    max_len: usize,
+    truncate: bool,
+    hub: &HubSettings,
+) -> Result<(Vec<PromptRow>, PromptReport)> {
     let records = crate::data::load_records(spec, split, hub)?;
     let mut report = PromptReport {
         rows: records.len(),
@@ -65,14 +82,16 @@ pub fn load_prompts(
                 .render_prompt(&messages)
                 .map_err(|e| Error::Msg(format!("{source}: {e}")))?;
             let ids = tok.encode_plain(&text)?;
-            prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
+            prompts.extend(
+                fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, Some(messages))),
+            );
             continue;
         }
         if let Some(ids) = input_ids(value, source)? {
             if ids.is_empty() {
                 report.skipped_empty += 1;
             } else {
-                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
+                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, None)));
             }
             continue;
         }
@@ -91,7 +110,7 @@ pub fn load_prompts(
             report.skipped_empty += 1;
             continue;
         }
-        prompts.extend(fit_prompt(ids, max_len, truncate, &mut report));
+        prompts.extend(fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, None)));
     }
     report.kept = prompts.len();
     if prompts.is_empty() {

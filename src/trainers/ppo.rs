@@ -17,7 +17,7 @@ use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{Config, PpoConfig, StopToken, ValueModel};
 use crate::data::batch::position_ids;
-use crate::data::prompts::{load_prompts, PromptReport};
+use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
 use crate::generate::{generate, Sampling};
 use crate::hub::{resolve_model, HubSettings};
 use crate::io;
@@ -38,12 +38,17 @@ use crate::{Error, HostRng, IoContext, Result};
 
 pub use crate::rewards::{Completion, Reward, SumOfRewards};
 
-/// A reward model as a reward. With the policy's tokenizer, token ids pass
-/// straight through (prompt + response, EOS appended when missing, as in
-/// reward training); otherwise the text is re-tokenized with its own.
+/// A reward model as a reward. A conversational prompt, when the reward
+/// model has a chat template of its own, is re-rendered with the response as
+/// an assistant message by that template and scored as the reward model was
+/// trained. Otherwise, with the policy's tokenizer, token ids pass straight
+/// through (prompt + response, EOS appended when missing, as in reward
+/// training); with another tokenizer the text is re-tokenized with its own.
 pub struct RewardModelReward {
     pub scorer: RewardScorer,
     pub same_tokenizer: bool,
+    /// The reward model's own chat template, if it has one.
+    pub template: Option<crate::chat::ChatTemplate>,
     /// The resolved directory (a critic may start from it).
     pub dir: PathBuf,
 }
@@ -54,6 +59,7 @@ impl RewardModelReward {
         let scorer = RewardScorer::load(&dir.to_string_lossy(), device)?;
         Ok(Self {
             scorer,
+            template: crate::chat::ChatTemplate::resolve(&dir, None)?,
             same_tokenizer: same_tokenizer(&dir, policy_dir),
             dir,
         })
@@ -73,6 +79,19 @@ pub fn same_tokenizer(a: &Path, b: &Path) -> bool {
 
 impl Reward for RewardModelReward {
     fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
+        if let Some(t) = &self.template {
+            if !batch.is_empty() && batch.iter().all(|c| c.prompt_messages.is_some()) {
+                let seqs = batch
+                    .iter()
+                    .map(|c| {
+                        let mut conv = c.prompt_messages.unwrap_or_default().to_vec();
+                        conv.push(serde_json::json!({"role": "assistant", "content": c.response}));
+                        self.scorer.tokenizer.encode_plain(&t.render(&conv, false)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return self.scorer.score_ids(&seqs);
+            }
+        }
         if self.same_tokenizer {
             // EOS appended when the sequence does not end with a stop token.
             let tok = &self.scorer.tokenizer;
@@ -395,9 +414,31 @@ impl std::ops::AddAssign for PhaseTimes {
 }
 
 /// The frozen models a rollout reads.
+/// The messages of conversational prompts, by their token ids: what a
+/// reward model with a chat template of its own re-renders.
+#[derive(Default)]
+struct PromptMessages(std::collections::HashMap<Vec<u32>, Vec<Value>>);
+
+impl PromptMessages {
+    fn of(rows: &[PromptRow]) -> Self {
+        let mut m = Self::default();
+        m.extend(rows);
+        m
+    }
+
+    fn extend(&mut self, rows: &[PromptRow]) {
+        for (ids, messages) in rows {
+            if let Some(msgs) = messages {
+                self.0.insert(ids.clone(), msgs.clone());
+            }
+        }
+    }
+}
+
 struct Models<'a> {
     sampler: &'a CausalLm,
     reference: &'a CausalLm,
+    messages: &'a PromptMessages,
     /// None when only evaluating.
     critic: Option<&'a Critic>,
     tok: &'a Tokenizer,
@@ -452,6 +493,7 @@ fn score(
         .zip(responses)
         .zip(&texts)
         .map(|((q, r), (pt, rt))| Completion {
+            prompt_messages: m.messages.0.get(q).map(Vec::as_slice),
             prompt: pt,
             response: rt,
             query_ids: q,
@@ -755,7 +797,7 @@ pub fn evaluate_policy(
     let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
     let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
-    let (ids, report) = load_prompts(
+    let (rows, report) = load_prompt_rows(
         prompts,
         split,
         &tok,
@@ -764,9 +806,12 @@ pub fn evaluate_policy(
         p.truncate_prompts,
         &hub,
     )?;
+    let messages = PromptMessages::of(&rows);
+    let ids: Vec<Vec<u32>> = rows.into_iter().map(|(ids, _)| ids).collect();
     let models = Models {
         sampler: &sampler,
         reference: &reference,
+        messages: &messages,
         critic: None,
         tok: &tok,
         reward,
@@ -892,7 +937,7 @@ pub fn train_with_reward(
     // 2. Prompts.
     p.data().train()?;
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
-    let (prompts, report) = load_prompts(
+    let (prompt_rows, report) = load_prompt_rows(
         &p.dataset,
         &p.dataset_train_split,
         &tok,
@@ -902,9 +947,11 @@ pub fn train_with_reward(
         &hub,
     )?;
     tracing::info!("{}: {report}", p.dataset);
+    let mut messages = PromptMessages::of(&prompt_rows);
+    let prompts: Vec<Vec<u32>> = prompt_rows.into_iter().map(|(ids, _)| ids).collect();
     let eval_prompts = match &p.eval_dataset {
         Some(spec) => {
-            let (e, r) = load_prompts(
+            let (e, r) = load_prompt_rows(
                 spec,
                 &p.dataset_test_split,
                 &tok,
@@ -914,7 +961,8 @@ pub fn train_with_reward(
                 &hub,
             )?;
             tracing::info!("{spec}: {r}");
-            e
+            messages.extend(&e);
+            e.into_iter().map(|(ids, _)| ids).collect()
         }
         None => Vec::new(),
     };
@@ -1014,6 +1062,7 @@ pub fn train_with_reward(
     let models = Models {
         sampler: &sampler,
         reference: &reference,
+        messages: &messages,
         critic: Some(&critic),
         tok: &tok,
         reward,

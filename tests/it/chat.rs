@@ -393,3 +393,50 @@ fn render_cli_writes_one_line_per_row_with_ids() {
         .ends_with("<|im_start|>assistant\n"));
     assert!(first["chosen_ids"].as_array().unwrap().len() > 5);
 }
+
+#[test]
+fn a_reward_model_with_a_template_rerenders_conversational_prompts() {
+    use candle_rlhf::rewards::{Completion, Reward};
+    use candle_rlhf::trainers::ppo::RewardModelReward;
+    let root = crate::models::fixtures_root();
+    let policy = crate::models::model_dir("tiny-chat");
+    let rm = RewardModelReward::load(
+        &root.join("reward/tiny-chat").to_string_lossy(),
+        &policy,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let t = rm
+        .template
+        .as_ref()
+        .expect("the reward model carries the chat template");
+    let prompt = vec![serde_json::json!({"role": "user", "content": "overall the movie was"})];
+    let tok = &rm.scorer.tokenizer;
+    let query = tok.encode_plain(&t.render(&prompt, true).unwrap()).unwrap();
+    let response_ids = tok.encode_plain("truly superb.<|im_end|>").unwrap();
+    let completion = |messages| Completion {
+        prompt: "user\noverall the movie was\nassistant\n",
+        response: "truly superb.",
+        query_ids: &query,
+        response_ids: &response_ids,
+        prompt_messages: messages,
+    };
+    let rendered = rm.score(&[completion(Some(&prompt))]).unwrap()[0];
+    let mut conv = prompt.clone();
+    conv.push(serde_json::json!({"role": "assistant", "content": "truly superb."}));
+    let want = rm
+        .scorer
+        .score_ids(&[tok.encode_plain(&t.render(&conv, false).unwrap()).unwrap()])
+        .unwrap()[0];
+    assert_eq!(
+        rendered, want,
+        "prompt messages + the response as an assistant turn, rendered"
+    );
+    // Without messages (a text prompt) the ids pass through as before.
+    let through = rm.score(&[completion(None)]).unwrap()[0];
+    let mut ids = [query.clone(), response_ids.clone()].concat();
+    if !tok.is_stop(*ids.last().unwrap()) {
+        ids.push(tok.eos_id);
+    }
+    assert_eq!(through, rm.scorer.score_ids(&[ids]).unwrap()[0]);
+}

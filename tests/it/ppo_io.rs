@@ -187,6 +187,7 @@ fn score_with(reward: &RewardModelReward, pairs: &[(String, String)], tok: &Toke
             response: r,
             query_ids: q,
             response_ids: s,
+            prompt_messages: None,
         })
         .collect();
     use candle_rlhf::trainers::ppo::Reward;
