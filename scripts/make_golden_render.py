@@ -29,6 +29,13 @@ def main(tests: Path) -> None:
         tok = AutoTokenizer.from_pretrained(tests / "data" / "all-MiniLM-L6-v2")
         tok.chat_template = (tests / "data" / "chat_templates" / f"{name}.jinja").read_text()
         rendered = [maybe_apply_chat_template(maybe_extract_prompt(dict(r)), tok) for r in rows]
+        # The ids TRL 1.12's RewardTrainer feeds the model for a preference
+        # row: apply_chat_template(prompt + side, tokenize=True).
+        for row, done in zip(rows, rendered):
+            if "chosen" in row:
+                for side in ("chosen", "rejected"):
+                    conv = row.get("prompt", []) + row[side]
+                    done[f"{side}_ids"] = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         golden = {
             "template": name,
             "made_by": f"trl {trl.__version__}, transformers {transformers.__version__}",

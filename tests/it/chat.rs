@@ -341,6 +341,7 @@ fn render_gives_trls_text_columns_byte_for_byte() {
     let tok = candle_rlhf::tokenizer::Tokenizer::from_dir(&minilm).unwrap();
     let records = read_records(&root.join("data/conversational.jsonl")).unwrap();
     let mut checked = 0;
+    let mut ids_checked = 0;
     for name in ["chatml", "smollm2"] {
         let golden: Value = serde_json::from_str(
             &std::fs::read_to_string(root.join(format!("golden_render/{name}.json"))).unwrap(),
@@ -352,8 +353,14 @@ fn render_gives_trls_text_columns_byte_for_byte() {
         assert_eq!(want.len(), records.len());
         for ((value, source), want) in records.iter().zip(want) {
             let got =
-                render_row(value, source, &template, &tok, false, &Default::default()).unwrap();
+                render_row(value, source, &template, &tok, true, &Default::default()).unwrap();
             for (key, text) in want.as_object().unwrap() {
+                if key.ends_with("_ids") {
+                    // The ids TRL's RewardTrainer tokenizes for the same row.
+                    assert_eq!(got[key], *text, "{name}, {source}, `{key}`");
+                    ids_checked += 1;
+                    continue;
+                }
                 let (ours, theirs) = (
                     got[key].as_str().unwrap_or("(missing)"),
                     text.as_str().unwrap(),
@@ -366,6 +373,11 @@ fn render_gives_trls_text_columns_byte_for_byte() {
         }
     }
     assert_eq!(checked, 2 * 11, "every text column of both templates");
+    assert_eq!(
+        ids_checked,
+        2 * 4,
+        "chosen and rejected ids of both preference rows"
+    );
 }
 
 #[test]
