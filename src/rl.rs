@@ -165,6 +165,131 @@ pub fn gae(
     Ok((advantages, returns))
 }
 
+/// Explained variance of the values over real tokens, 1 - Var(R - V) / Var(R)
+/// (as CleanRL and TRL log it; the ratio is the same with or without
+/// Bessel's correction); NaN when the returns do not vary.
+pub fn explained_variance(returns: &Tensor, values: &Tensor, mask: &Tensor) -> Result<f64> {
+    let var = |x: &Tensor| -> Result<f64> {
+        Ok(masked_var(x, mask, false)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    };
+    let var_r = var(returns)?;
+    let var_e = var(&(returns - values)?)?;
+    Ok(if var_r > 0.0 {
+        1.0 - var_e / var_r
+    } else {
+        f64::NAN
+    })
+}
+
+// ---------------------------------------------------------------- critic-free advantages
+
+/// How GRPO scales its group-relative advantages (TRL GRPOConfig's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleRewards {
+    /// By the standard deviation of the prompt's group (the GRPO paper).
+    Group,
+    /// By the standard deviation of the whole batch (Liu et al., "Understanding R1-Zero-Like Training").
+    Batch,
+    /// Not at all (Dr. GRPO).
+    None,
+}
+
+/// Mean and unbiased standard deviation (torch's `std`, TRL's `nanstd`); 0 for one value.
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    if x.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+fn check_groups(rewards: &[f64], group: usize) -> Result<()> {
+    if group == 0 || rewards.is_empty() || !rewards.len().is_multiple_of(group) {
+        return Err(Error::Msg(format!(
+            "{} rewards do not split into groups of {group} (one group per prompt)",
+            rewards.len()
+        )));
+    }
+    Ok(())
+}
+
+/// GRPO's group-relative advantages (TRL GRPOTrainer): each completion's
+/// reward minus its group's mean, divided by the group's (or the batch's)
+/// standard deviation + 1e-4 unless `scale` is None. `rewards` holds the
+/// groups one after another, `group` completions per prompt.
+pub fn grpo_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Result<Vec<f64>> {
+    check_groups(rewards, group)?;
+    let batch_std = mean_std(rewards).1;
+    let mut out = Vec::with_capacity(rewards.len());
+    for g in rewards.chunks(group) {
+        let (mean, group_std) = mean_std(g);
+        let centred = g.iter().map(|r| r - mean);
+        match scale {
+            ScaleRewards::Group => out.extend(centred.map(|a| a / (group_std + 1e-4))),
+            ScaleRewards::Batch => out.extend(centred.map(|a| a / (batch_std + 1e-4))),
+            ScaleRewards::None => out.extend(centred),
+        }
+    }
+    Ok(out)
+}
+
+/// RLOO's leave-one-out advantages (TRL RLOOTrainer; Ahmadian et al.,
+/// 2024): each reward minus the mean of its group's other rewards; with
+/// `normalize`, then whitened over the batch (unbiased std + 1e-4).
+pub fn rloo_advantages(rewards: &[f64], group: usize, normalize: bool) -> Result<Vec<f64>> {
+    check_groups(rewards, group)?;
+    let mut out = Vec::with_capacity(rewards.len());
+    for g in rewards.chunks(group) {
+        let sum: f64 = g.iter().sum();
+        out.extend(g.iter().map(|r| {
+            if group > 1 {
+                r - (sum - r) / (group - 1) as f64
+            } else {
+                0.0
+            }
+        }));
+    }
+    if normalize {
+        let (mean, std) = mean_std(&out);
+        out.iter_mut().for_each(|a| *a = (*a - mean) / (std + 1e-4));
+    }
+    Ok(out)
+}
+
+/// REINFORCE++-baseline's first step (OpenRLHF `reinforce_baseline`): each
+/// sequence reward minus its group's mean.
+pub fn group_baseline(rewards: &[f64], group: usize) -> Result<Vec<f64>> {
+    check_groups(rewards, group)?;
+    Ok(rewards
+        .chunks(group)
+        .flat_map(|g| {
+            let mean = g.iter().sum::<f64>() / g.len() as f64;
+            g.iter().map(move |r| r - mean)
+        })
+        .collect())
+}
+
+/// REINFORCE++ advantages (OpenRLHF `reinforce`): the discounted returns of
+/// the per-token rewards (B, T), R_t = r_t + gamma R_(t+1) over real tokens,
+/// whitened over every real token of the batch; 0 on padding.
+pub fn reinforce_pp_advantages(rewards: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor> {
+    let (b, t) = rewards.dims2()?;
+    let rewards = (rewards * mask)?;
+    let mut running = Tensor::zeros(b, rewards.dtype(), rewards.device())?;
+    let mut reversed = Vec::with_capacity(t);
+    for i in (0..t).rev() {
+        running = (rewards.narrow(1, i, 1)?.squeeze(1)? + (running * gamma)?)?;
+        reversed.push(running.clone());
+    }
+    reversed.reverse();
+    let returns = (Tensor::stack(&reversed, 1)? * mask)?;
+    Ok((masked_whiten(&returns, mask, true)? * mask)?)
+}
+
 /// `a` where `pick_a`, else `b`; the gradient flows only to the picked side
 /// (candle's `maximum` splits it 50/50 on ties, which would halve the
 /// unclipped PPO gradient whenever the ratio is inside the clip range).
@@ -479,6 +604,108 @@ mod tests {
         let total: f64 = want0.iter().sum();
         assert!((total - (0.5 + 0.004)).abs() < 1e-12, "{total}");
         close(&non_score.to_vec2::<f64>().unwrap()[0], &penalty, 1e-12);
+    }
+
+    fn close_f(got: &[f64], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < tol, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn explained_variance_by_hand() {
+        // Returns 1, 2, 3 (pad ignored), values 1, 2, 2: residuals 0, 0, 1.
+        let r = t2(&[&[1.0, 2.0, 3.0, 9.0]]);
+        let v = t2(&[&[1.0, 2.0, 2.0, 0.0]]);
+        let m = t2(&[&[1.0, 1.0, 1.0, 0.0]]);
+        // masked_var(.., unbiased = false) as the PPO loop used it: Var(R) =
+        // 2/3, Var(R - V) = (1/9 + 1/9 + 4/9) / 3 = 2/9; 1 - (2/9)/(2/3) = 2/3.
+        let ev = explained_variance(&r, &v, &m).unwrap();
+        assert!((ev - 2.0 / 3.0).abs() < 1e-12, "{ev}");
+        assert_eq!(explained_variance(&r, &r, &m).unwrap(), 1.0);
+        assert!(explained_variance(&t2(&[&[1.0, 1.0, 1.0, 1.0]]), &v, &m)
+            .unwrap()
+            .is_nan());
+    }
+
+    #[test]
+    fn grpo_advantages_by_hand() {
+        // Group 1: 1, 2, 3, 4: mean 2.5, deviations -1.5 -0.5 0.5 1.5, unbiased
+        // variance 5/3, std 1.2909944; group 2: all 0, std 0.
+        let r = [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0];
+        let s = 1.290_994_448_7 + 1e-4;
+        let g = grpo_advantages(&r, 4, ScaleRewards::Group).unwrap();
+        close_f(
+            &g,
+            &[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0.0, 0.0, 0.0, 0.0],
+            1e-9,
+        );
+        // Batch: the group means, divided by the std of all eight: mean 1.25,
+        // squared deviations sum 17.5, variance 2.5, std 1.5811388.
+        let s = 1.581_138_830_1 + 1e-4;
+        let b = grpo_advantages(&r, 4, ScaleRewards::Batch).unwrap();
+        close_f(
+            &b,
+            &[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0.0, 0.0, 0.0, 0.0],
+            1e-9,
+        );
+        let n = grpo_advantages(&r, 4, ScaleRewards::None).unwrap();
+        close_f(&n, &[-1.5, -0.5, 0.5, 1.5, 0.0, 0.0, 0.0, 0.0], 1e-12);
+        assert!(
+            grpo_advantages(&r, 3, ScaleRewards::Group).is_err(),
+            "8 is not groups of 3"
+        );
+    }
+
+    #[test]
+    fn rloo_advantages_by_hand() {
+        // Baselines (10 - r) / 3: 3, 8/3, 7/3, 2; advantages -2, -2/3, 2/3, 2.
+        let r = [1.0, 2.0, 3.0, 4.0];
+        let a = rloo_advantages(&r, 4, false).unwrap();
+        close_f(&a, &[-2.0, -2.0 / 3.0, 2.0 / 3.0, 2.0], 1e-12);
+        // Normalized: mean 0, unbiased variance (4 + 4/9 + 4/9 + 4) / 3 = 80/27.
+        let s = (80.0f64 / 27.0).sqrt() + 1e-4;
+        let n = rloo_advantages(&r, 4, true).unwrap();
+        close_f(
+            &n,
+            &[-2.0 / s, -2.0 / 3.0 / s, 2.0 / 3.0 / s, 2.0 / s],
+            1e-9,
+        );
+        // Groups of two: each is the other's baseline.
+        close_f(
+            &rloo_advantages(&[1.0, 3.0], 2, false).unwrap(),
+            &[-2.0, 2.0],
+            1e-12,
+        );
+        close_f(
+            &group_baseline(&[1.0, 3.0, 5.0, 5.0], 2).unwrap(),
+            &[-1.0, 1.0, 0.0, 0.0],
+            1e-12,
+        );
+    }
+
+    #[test]
+    fn reinforce_pp_returns_are_whitened_over_real_tokens() {
+        // Row 0: reward 1 on its last token; row 1: reward 2 on its second of
+        // two real tokens. gamma 1: returns 1 1 1 and 2 2 (pad 0); over the
+        // five real values mean 1.4, unbiased variance (3 * 0.16 + 2 * 0.36) / 4 = 0.3.
+        let rewards = t2(&[&[0.0, 0.0, 1.0], &[0.0, 2.0, 0.0]]);
+        let mask = t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
+        let a: Vec<Vec<f64>> = reinforce_pp_advantages(&rewards, &mask, 1.0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let s = (0.3f64 + 1e-8).sqrt();
+        let (lo, hi) = ((1.0 - 1.4) / s, (2.0 - 1.4) / s);
+        close(&a[0], &[lo, lo, lo], 1e-9);
+        close(&a[1], &[hi, hi, 0.0], 1e-9);
+        // gamma 0.5 discounts: row 0's returns are 0.25, 0.5, 1.
+        let g: Vec<Vec<f64>> = reinforce_pp_advantages(&rewards, &mask, 0.5)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(g[0][0] < g[0][1] && g[0][1] < g[0][2], "{g:?}");
     }
 
     #[test]

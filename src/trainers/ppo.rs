@@ -618,17 +618,7 @@ fn roll_out(
         .iter()
         .filter(|r| r.last().is_some_and(|l| stop.contains(l)))
         .count();
-    // Explained variance of the values over real tokens: 1 - Var(R - V) / Var(R).
-    let ev = {
-        let var_r = rl::masked_var(&returns, &mask, false)?.to_scalar::<f32>()? as f64;
-        let resid = (&returns - &values)?;
-        let var_e = rl::masked_var(&resid, &mask, false)?.to_scalar::<f32>()? as f64;
-        if var_r > 0.0 {
-            1.0 - var_e / var_r
-        } else {
-            f64::NAN
-        }
-    };
+    let ev = rl::explained_variance(&returns, &values, &mask)?;
     let tokens: usize = lengths.iter().sum();
     let figures = vec![
         ("objective/kl".into(), kl_seq),
