@@ -177,3 +177,108 @@ mod tests {
         }
     }
 }
+
+/// The CPU's model name, the vector extensions it reports that matter to the
+/// matrix products (from /proc/cpuinfo), and which product path Candle's
+/// CPU matmuls take on it: a BLAS when the build has one, else the gemm
+/// crate's kernels for the widest extension the CPU has (chosen at run time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuInfo {
+    pub model: String,
+    pub vector_extensions: Vec<String>,
+    pub product_path: String,
+}
+
+/// The extensions reported, in this order, when the CPU has them.
+const VECTOR_FLAGS: &[&str] = &[
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_tile",
+];
+
+/// What this machine is, for benchmark reports.
+pub fn cpu_info() -> CpuInfo {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags: Vec<String> = field("flags")
+        .map(|f| f.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let vector_extensions = VECTOR_FLAGS
+        .iter()
+        .filter(|f| flags.iter().any(|g| g == *f))
+        .map(|f| f.to_string())
+        .collect();
+    CpuInfo {
+        model,
+        vector_extensions,
+        product_path: product_path(),
+    }
+}
+
+/// Which kernels Candle's CPU matmuls run here.
+fn product_path() -> String {
+    if cfg!(feature = "mkl") {
+        return "BLAS (MKL)".into();
+    }
+    if cfg!(feature = "accelerate") {
+        return "BLAS (Accelerate)".into();
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // gemm-f32 is built with its x86-v4 kernels (Cargo.toml) and picks the
+        // widest the CPU runs, as these checks do.
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "gemm AVX-512".into();
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "gemm AVX2+FMA".into();
+        }
+        "gemm SSE2".into()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        format!("gemm ({})", std::env::consts::ARCH)
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn the_product_path_follows_the_cpus_extensions() {
+        let info = cpu_info();
+        assert!(!info.model.is_empty());
+        let has = |f: &str| info.vector_extensions.iter().any(|e| e == f);
+        if cfg!(any(feature = "mkl", feature = "accelerate")) {
+            assert!(info.product_path.starts_with("BLAS"));
+        } else if cfg!(target_arch = "x86_64") && std::path::Path::new("/proc/cpuinfo").exists() {
+            let want = if has("avx512f") {
+                "gemm AVX-512"
+            } else if has("avx2") && has("fma") {
+                "gemm AVX2+FMA"
+            } else {
+                "gemm SSE2"
+            };
+            assert_eq!(info.product_path, want, "{info:?}");
+        }
+    }
+}

@@ -213,6 +213,10 @@ pub struct BenchReport {
     pub dtype: String,
     pub threads: usize,
     pub cpu: String,
+    /// The CPU's vector extensions that matter to the products.
+    pub cpu_vector_extensions: Vec<String>,
+    /// Which kernels the CPU matmuls ran (gemm AVX2 / AVX-512, or a BLAS).
+    pub product_path: String,
     pub date: String,
     pub commit: String,
     pub iters: usize,
@@ -231,13 +235,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let dtype = cfg.run.dtype.dtype();
     let model_dir = opts.work_dir.join("model");
     prepare_model(&opts.shape, &model_dir, cfg.run.seed)?;
+    let cpu = crate::device::cpu_info();
     let mut report = BenchReport {
         shape: opts.shape.name.clone(),
         parameters: count_parameters(&model_dir)?,
         device: device_name,
         dtype: format!("{dtype:?}").to_lowercase(),
         threads: crate::device::threads(),
-        cpu: cpu_model(),
+        cpu: cpu.model,
+        cpu_vector_extensions: cpu.vector_extensions,
+        product_path: cpu.product_path,
         date: today_utc(),
         commit: git_commit(),
         iters: opts.iters,
@@ -613,13 +620,15 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} ({:.1}M parameters), {} {}, {} threads, {} | {} | {}",
+            "{} ({:.1}M parameters), {} {}, {} threads, {} ({}; products: {}) | {} | {}",
             self.shape,
             self.parameters as f64 / 1e6,
             self.device,
             self.dtype,
             self.threads,
             self.cpu,
+            self.cpu_vector_extensions.join(" "),
+            self.product_path,
             self.date,
             self.commit
         )?;
@@ -677,18 +686,6 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// The checkout's commit, or `CANDLE_RLHF_COMMIT` away from one (the GPU
