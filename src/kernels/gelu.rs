@@ -14,39 +14,62 @@ const GELU_A: f32 = 0.044_715;
 /// `gelu`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if fused_path(&[x]) {
-        Ok(x.contiguous()?.apply_op1(GeluTanh)?)
+        Ok(x.contiguous()?.apply_op1(Gelu(Variant::Tanh))?)
     } else {
         Ok(x.gelu()?)
     }
 }
 
-struct GeluTanh;
+/// Which GELU an op computes.
+#[derive(Clone, Copy)]
+enum Variant {
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    Tanh,
+    /// x Phi(x), Phi the normal CDF.
+    Erf,
+}
 
-impl CustomOp1 for GeluTanh {
+/// GELU's forward on the CPU; its backward is [`GeluGrad`].
+struct Gelu(Variant);
+
+impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "fused-gelu-tanh"
+        match self.0 {
+            Variant::Tanh => "fused-gelu-tanh",
+            Variant::Erf => "fused-gelu-erf",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
-        for_chunks(&mut out, |at, o| gelu_chunk(&x[at..at + o.len()], o));
+        for_chunks(&mut out, |at, o| {
+            let x = &x[at..at + o.len()];
+            match self.0 {
+                Variant::Tanh => gelu_chunk(x, o),
+                Variant::Erf => gelu_erf_chunk(x, o),
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhGrad)?,
-        ))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GeluGrad(self.0),
+        )?))
     }
 }
 
 /// d gelu / dx times the incoming gradient: (x, dy) -> dx.
-struct GeluTanhGrad;
+struct GeluGrad(Variant);
 
-impl CustomOp2 for GeluTanhGrad {
+impl CustomOp2 for GeluGrad {
     fn name(&self) -> &'static str {
-        "fused-gelu-tanh-grad"
+        match self.0 {
+            Variant::Tanh => "fused-gelu-tanh-grad",
+            Variant::Erf => "fused-gelu-erf-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -60,8 +83,11 @@ impl CustomOp2 for GeluTanhGrad {
         let dy = f32_data(s2, l2, self.name())?;
         let mut out = vec![0f32; x.len()];
         for_chunks(&mut out, |at, o| {
-            let n = o.len();
-            gelu_grad_chunk(&x[at..at + n], &dy[at..at + n], o)
+            let (x, dy) = (&x[at..at + o.len()], &dy[at..at + o.len()]);
+            match self.0 {
+                Variant::Tanh => gelu_grad_chunk(x, dy, o),
+                Variant::Erf => gelu_erf_grad_chunk(x, dy, o),
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -117,7 +143,7 @@ const ERF_A: [f32; 5] = [
 /// Phi(x) = 0.5 (1 + erf(x / sqrt 2)), as Candle's `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if fused_path(&[x]) {
-        Ok(x.contiguous()?.apply_op1(GeluErf)?)
+        Ok(x.contiguous()?.apply_op1(Gelu(Variant::Erf))?)
     } else {
         Ok(x.gelu_erf()?)
     }
@@ -134,53 +160,6 @@ fn normal_cdf_and_exp(x: f32) -> (f32, f32) {
     let e = fast_math::exp(-z * z);
     let tail = 0.5 * poly * e; // 0.5 erfc(z)
     (if x >= 0.0 { 1.0 - tail } else { tail }, e)
-}
-
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "fused-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_data(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        for_chunks(&mut out, |at, o| gelu_erf_chunk(&x[at..at + o.len()], o));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
-        ))
-    }
-}
-
-/// d gelu_erf / dx times the incoming gradient: (x, dy) -> dx.
-struct GeluErfGrad;
-
-impl CustomOp2 for GeluErfGrad {
-    fn name(&self) -> &'static str {
-        "fused-gelu-erf-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let dy = f32_data(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        for_chunks(&mut out, |at, o| {
-            let n = o.len();
-            gelu_erf_grad_chunk(&x[at..at + n], &dy[at..at + n], o)
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
 }
 
 wide_simd_fn! {
