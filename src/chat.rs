@@ -43,8 +43,9 @@ pub struct ChatTemplate {
     pub special_tokens: BTreeMap<String, String>,
     /// Whether it marks assistant turns with `{% generation %}` blocks.
     pub has_generation_blocks: bool,
-    /// The source with generation blocks replaced by span markers.
-    prepared: String,
+    /// The compiled template (generation blocks replaced by span markers),
+    /// built once: rendering runs per data row and per scored completion.
+    env: minijinja::Environment<'static>,
 }
 
 /// The special-token names transformers passes to a template.
@@ -119,46 +120,45 @@ impl ChatTemplate {
         special_tokens: BTreeMap<String, String>,
     ) -> Result<Self> {
         let (prepared, has_generation_blocks) = mark_generation_blocks(&source);
-        let t = Self {
-            source,
-            origin,
-            special_tokens,
-            has_generation_blocks,
-            prepared,
-        };
-        t.environment()?;
-        Ok(t)
-    }
-
-    fn environment(&self) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| template_error(&origin, e))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template("chat", &self.prepared)
-            .map_err(|e| self.error(e))?;
-        Ok(env)
+        env.add_template_owned("chat", prepared)
+            .map_err(|e| template_error(&origin, e))?;
+        Ok(Self {
+            source,
+            origin,
+            special_tokens,
+            has_generation_blocks,
+            env,
+        })
     }
 
     fn error(&self, e: minijinja::Error) -> Error {
-        // raise_exception's message, as the template wrote it.
-        if e.kind() == minijinja::ErrorKind::InvalidOperation {
-            if let Some(detail) = e.detail() {
-                if let Some(msg) = detail.strip_prefix("raise_exception: ") {
-                    return Error::Msg(format!("chat template {}: {msg}", self.origin));
-                }
-            }
-        }
-        let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
-        Error::Msg(format!("chat template {}{line}: {e:#}", self.origin))
+        template_error(&self.origin, e)
     }
+}
 
+/// A minijinja error as one line naming the template; `raise_exception`'s
+/// message as the template wrote it.
+fn template_error(origin: &str, e: minijinja::Error) -> Error {
+    if e.kind() == minijinja::ErrorKind::InvalidOperation {
+        if let Some(msg) = e.detail().and_then(|d| d.strip_prefix("raise_exception: ")) {
+            return Error::Msg(format!("chat template {origin}: {msg}"));
+        }
+    }
+    let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
+    Error::Msg(format!("chat template {origin}{line}: {e:#}"))
+}
+
+impl ChatTemplate {
     /// The text `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` gives.
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
@@ -200,8 +200,7 @@ impl ChatTemplate {
         messages: &[Value],
         add_generation_prompt: bool,
     ) -> Result<(String, Vec<Range<usize>>)> {
-        let env = self.environment()?;
-        let tmpl = env.get_template("chat").map_err(|e| self.error(e))?;
+        let tmpl = self.env.get_template("chat").map_err(|e| self.error(e))?;
         let mut ctx: BTreeMap<String, minijinja::Value> = self
             .special_tokens
             .iter()
