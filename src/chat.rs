@@ -435,20 +435,6 @@ impl<'a> TemplateSource<'a> {
     }
 }
 
-/// The template for data that `needs` one (some row is conversational):
-/// [`require`]d then, None otherwise.
-pub fn when_needed(
-    needs: bool,
-    model_dir: &Path,
-    user: Option<&Path>,
-) -> Result<Option<ChatTemplate>> {
-    if needs {
-        require(model_dir, user).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
 /// The template of a model directory, or the error conversational data gets
 /// without one.
 pub fn require(model_dir: &Path, user: Option<&Path>) -> Result<ChatTemplate> {

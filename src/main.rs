@@ -567,14 +567,12 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         let hub = candle_rlhf::hub::HubSettings::from_env();
         let rows = candle_rlhf::data::load_preferences(data, &a.split, &hub)?;
         // Conversational pairs are rendered with the reward model's template.
-        let template = candle_rlhf::chat::when_needed(
-            rows.iter().any(|r| r.messages.is_some()),
-            &candle_rlhf::hub::resolve_model(&a.model, &hub)?,
-            cfg.model.chat_template.as_deref(),
-        )?;
+        let model_dir = candle_rlhf::hub::resolve_model(&a.model, &hub)?;
+        let template =
+            candle_rlhf::chat::TemplateSource::new(&model_dir, cfg.model.chat_template.as_deref());
         let report = candle_rlhf::trainers::reward::score_pairs(
             &scorer,
-            template.as_ref(),
+            &template,
             &rows,
             &out,
             cfg.train.per_device_eval_batch_size,

@@ -225,7 +225,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let gold_pairs = crate::data::read_preferences(Path::new(&pairs_gold))?;
     let agreement = reward::score_pairs(
         &scorer,
-        None,
+        &crate::chat::TemplateSource::new(&rm_run.checkpoint, None),
         &gold_pairs,
         &out.join("reward/gold-pairs.scores.jsonl"),
         64,

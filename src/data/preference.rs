@@ -15,7 +15,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::records::{load_records, read_records};
-use crate::chat::{is_conversation, ChatTemplate};
+use crate::chat::{is_conversation, TemplateSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -210,7 +210,7 @@ pub fn encode_with_eos(tok: &Tokenizer, prompt: &str, response: &str) -> Result<
 pub fn encode_sides(
     row: &PreferenceRow,
     tok: &Tokenizer,
-    template: Option<&ChatTemplate>,
+    template: &TemplateSource,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let Some(m) = &row.messages else {
         return Ok((
@@ -218,7 +218,7 @@ pub fn encode_sides(
             encode_with_eos(tok, &row.prompt, &row.rejected)?,
         ));
     };
-    let t = conversation_template(row, template)?;
+    let t = template.get().map_err(|e| in_row(row, e))?;
     let side = |resp: &[Value]| -> Result<Vec<u32>> {
         let conv = [m.prompt.as_slice(), resp].concat();
         let text = t.render(&conv, false).map_err(|e| in_row(row, e))?;
@@ -229,33 +229,17 @@ pub fn encode_sides(
 
 /// Tokens of a row's prompt alone (0 without one); a conversational prompt
 /// is rendered with the generation prompt, as TRL's prompt column is.
-fn prompt_length(
-    row: &PreferenceRow,
-    tok: &Tokenizer,
-    template: Option<&ChatTemplate>,
-) -> Result<usize> {
+fn prompt_length(row: &PreferenceRow, tok: &Tokenizer, template: &TemplateSource) -> Result<usize> {
     match &row.messages {
         None if row.prompt.is_empty() => Ok(0),
         None => Ok(tok.encode(&row.prompt)?.len()),
         Some(m) if m.prompt.is_empty() => Ok(0),
         Some(m) => {
-            let t = conversation_template(row, template)?;
+            let t = template.get().map_err(|e| in_row(row, e))?;
             let text = t.render_prompt(&m.prompt).map_err(|e| in_row(row, e))?;
             Ok(tok.encode_plain(&text)?.len())
         }
     }
-}
-
-fn conversation_template<'t>(
-    row: &PreferenceRow,
-    template: Option<&'t ChatTemplate>,
-) -> Result<&'t ChatTemplate> {
-    template.ok_or_else(|| {
-        Error::Msg(format!(
-            "{}: a conversational row, and no chat template to render it",
-            row.source
-        ))
-    })
 }
 
 fn in_row(row: &PreferenceRow, e: Error) -> Error {
@@ -265,11 +249,11 @@ fn in_row(row: &PreferenceRow, e: Error) -> Error {
 /// Tokenizes rows; pairs longer than `max_length` are dropped, or cut to it
 /// when `truncate` (a prompt that alone fills max_length is still dropped).
 /// Errors when nothing is left.
-/// Conversational rows need `template` (see `chat::require`).
+/// Conversational rows are rendered by `template` (resolved only if one is).
 pub fn tokenize_pairs(
     rows: &[PreferenceRow],
     tok: &Tokenizer,
-    template: Option<&ChatTemplate>,
+    template: &TemplateSource,
     max_length: usize,
     truncate: bool,
 ) -> Result<(Vec<TokenizedPair>, DataReport)> {

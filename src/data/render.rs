@@ -180,12 +180,7 @@ pub fn render_row(
         match kind {
             "preference" => {
                 let rows = super::preference::parse_all(std::slice::from_ref(&record))?;
-                let t = if conversational {
-                    Some(template.get()?)
-                } else {
-                    None
-                };
-                let (c, r) = super::preference::encode_sides(&rows[0], tok, t)?;
+                let (c, r) = super::preference::encode_sides(&rows[0], tok, template)?;
                 out.insert("chosen_ids".into(), json!(c));
                 out.insert("rejected_ids".into(), json!(r));
             }

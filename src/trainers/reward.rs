@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{json, Value};
 
+use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::{self, TokenizedPair};
@@ -161,21 +162,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     cfg.reward.data().train()?;
     let rows = data::load_preferences(&cfg.reward.dataset, &cfg.reward.dataset_train_split, &hub)?;
     // Conversational rows are rendered with the model's chat template (or the user's).
-    let user_template = cfg.model.chat_template.as_deref();
-    let needs_template = |rows: &[data::PreferenceRow]| rows.iter().any(|r| r.messages.is_some());
-    let template = crate::chat::when_needed(needs_template(&rows), &model_dir, user_template)?;
-    let (r, t) = (&cfg.reward, template.as_ref());
-    let (pairs, report) = data::tokenize_pairs(&rows, &tok, t, r.max_length, r.truncate)?;
+    let template = TemplateSource::new(&model_dir, cfg.model.chat_template.as_deref());
+    let r = &cfg.reward;
+    let (pairs, report) = data::tokenize_pairs(&rows, &tok, &template, r.max_length, r.truncate)?;
     tracing::info!("{}: {report}", cfg.reward.dataset);
     let (train_pairs, eval_pairs) = match &cfg.reward.eval_dataset {
         Some(path) => {
             let rows = data::load_preferences(path, &cfg.reward.dataset_test_split, &hub)?;
-            let template = match template {
-                Some(_) => template.clone(),
-                None => crate::chat::when_needed(needs_template(&rows), &model_dir, user_template)?,
-            };
             let (eval, eval_report) =
-                data::tokenize_pairs(&rows, &tok, template.as_ref(), r.max_length, r.truncate)?;
+                data::tokenize_pairs(&rows, &tok, &template, r.max_length, r.truncate)?;
             tracing::info!("{path}: {eval_report}");
             (pairs, eval)
         }
@@ -382,7 +377,7 @@ pub fn calibration(margins: &[f64], bins: usize) -> Vec<(f64, f64, usize, f64, f
 /// rejected_score) to `out`, and reports.
 pub fn score_pairs(
     scorer: &crate::models::reward_model::RewardScorer,
-    template: Option<&crate::chat::ChatTemplate>,
+    template: &TemplateSource,
     rows: &[data::PreferenceRow],
     out: &Path,
     batch: usize,

@@ -134,14 +134,14 @@ mod conversational {
     fn conversational_pairs_are_the_rendered_conversations_without_an_added_eos() {
         let dir = model_dir("tiny-chat");
         let tok = Tokenizer::from_dir(&dir).unwrap();
-        let t = ChatTemplate::resolve(&dir, None).unwrap().unwrap();
+        let src = TemplateSource::new(&dir, None);
         let rows = read_preferences(&fixtures_root().join(fixtures::CHAT_PREFERENCES)).unwrap();
         let m = rows[0].messages.as_ref().expect("message lists");
         let (p, c) = (
             m.prompt[0]["content"].as_str().unwrap(),
             m.chosen[0]["content"].as_str().unwrap(),
         );
-        let (pairs, report) = tokenize_pairs(&rows[..8], &tok, Some(&t), 64, false).unwrap();
+        let (pairs, report) = tokenize_pairs(&rows[..8], &tok, &src, 64, false).unwrap();
         assert_eq!(report.kept, 8);
         let want = tok
             .encode_plain(&chatml(&[("user", p), ("assistant", c)], false))

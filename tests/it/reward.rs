@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use candle_rlhf::app::fixtures;
+use candle_rlhf::chat::TemplateSource;
 use candle_rlhf::data::batch::{left_pad, right_pad};
 use candle_rlhf::data::{load_preferences, read_preferences, tokenize_pairs, PreferenceRow};
 use candle_rlhf::models::reward_model::{RewardModel, RewardScorer};
@@ -15,6 +16,11 @@ use candle_rlhf::trainers::reward::{score_pairs, train};
 use candle_rlhf::{Config, Error};
 
 use crate::models::{assert_every_var_has_a_gradient, fixtures_root, model_dir, CAUSAL, ENCODERS};
+
+/// Text rows never ask for a template: a source whose model has none.
+fn no_template() -> TemplateSource<'static> {
+    TemplateSource::new(fixtures_root(), None)
+}
 
 fn reward_model(name: &str) -> (RewardModel, candle_nn::VarMap) {
     RewardModel::from_dir(&model_dir(name), DType::F32, &crate::dev(), 0).unwrap()
@@ -182,7 +188,7 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     let data = fixtures_root().join(fixtures::PREFERENCES);
     let report = score_pairs(
         &scorer,
-        None,
+        &TemplateSource::new(&out.checkpoint, None),
         &read_preferences(&data).unwrap(),
         &tmp.path().join("scores.jsonl"),
         64,
@@ -197,7 +203,7 @@ fn trains_to_high_eval_accuracy_then_reloads_with_the_same_scores() {
     assert_eq!(scorer.score(&texts).unwrap(), again.score(&texts).unwrap());
     let rows = read_preferences(&data).unwrap();
     let tok = Tokenizer::from_dir(&out.checkpoint).unwrap();
-    let (pairs, _) = tokenize_pairs(&rows, &tok, None, 64, false).unwrap();
+    let (pairs, _) = tokenize_pairs(&rows, &tok, &no_template(), 64, false).unwrap();
     let chosen: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.clone()).collect();
     let mean = scorer.score_ids(&chosen).unwrap().iter().sum::<f32>() / chosen.len() as f32;
     assert!(
@@ -318,7 +324,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
         b"{\"chosen\": \"good\", \"rejected\": \"good\"}\n{\"chosen\": \" \", \"rejected\": \"bad\"}\n{\"prompt\": \"the movie was\", \"chosen\": \" great.\", \"rejected\": \" dull.\"}\n",
     ))
     .unwrap();
-    let (pairs, report) = tokenize_pairs(&rows, &tok, None, 64, false).unwrap();
+    let (pairs, report) = tokenize_pairs(&rows, &tok, &no_template(), 64, false).unwrap();
     assert_eq!(
         (pairs.len(), report.skipped_identical, report.skipped_empty),
         (1, 1, 1)
@@ -326,7 +332,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
     assert_eq!(*pairs[0].chosen.last().unwrap(), tok.eos_id, "EOS appended");
     // max_length smaller than the prompt: dropped (drop mode) or, when truncating, still dropped.
     for truncate in [false, true] {
-        let e = tokenize_pairs(&rows[2..], &tok, None, 2, truncate)
+        let e = tokenize_pairs(&rows[2..], &tok, &no_template(), 2, truncate)
             .unwrap_err()
             .to_string();
         assert!(
@@ -335,7 +341,7 @@ fn bad_preference_data_gives_clear_errors_or_counted_skips() {
         );
     }
     // Truncation keeps a pair whose prompt fits.
-    let (pairs, report) = tokenize_pairs(&rows[2..], &tok, None, 5, true).unwrap();
+    let (pairs, report) = tokenize_pairs(&rows[2..], &tok, &no_template(), 5, true).unwrap();
     assert_eq!((report.truncated, pairs[0].chosen.len()), (1, 5));
 }
 
