@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::records::{load_records, read_records};
+use super::records::{check_one_kind, load_records, read_records};
 use crate::chat::{is_conversation, TemplateSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -41,25 +41,6 @@ pub struct PairMessages {
     pub prompt: Vec<Value>,
     pub chosen: Vec<Value>,
     pub rejected: Vec<Value>,
-}
-
-/// Refuses a file that mixes text rows and conversational rows, naming the
-/// first row whose kind differs from the first row's.
-pub fn check_one_kind<'a>(mut kinds: impl Iterator<Item = (bool, &'a str)>) -> Result<()> {
-    let Some((first, first_source)) = kinds.next() else {
-        return Ok(());
-    };
-    if let Some((_, source)) = kinds.find(|(conv, _)| *conv != first) {
-        let (a, b) = if first {
-            ("message lists (conversational)", "text")
-        } else {
-            ("text", "message lists (conversational)")
-        };
-        return Err(Error::Msg(format!(
-            "{source}: this row is {b} but the rows before it ({first_source} on) are {a}; a file holds one kind of row"
-        )));
-    }
-    Ok(())
 }
 
 /// Preference rows of records, refusing a mix of text and conversational rows.

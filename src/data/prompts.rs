@@ -66,7 +66,7 @@ pub fn load_prompt_rows(
         ..Default::default()
     };
     let conversational = |v: &Value| v.get("prompt").is_some_and(Value::is_array);
-    crate::data::preference::check_one_kind(
+    crate::data::records::check_one_kind(
         records.iter().map(|(v, s)| (conversational(v), s.as_str())),
     )?;
     let mut prompts = Vec::new();

@@ -44,6 +44,25 @@ pub fn text_column<'a>(value: &'a Value, column: &str, source: &str) -> Result<O
     }
 }
 
+/// Refuses a file that mixes text rows and conversational rows, naming the
+/// first row whose kind differs from the first row's.
+pub fn check_one_kind<'a>(mut kinds: impl Iterator<Item = (bool, &'a str)>) -> Result<()> {
+    let Some((first, first_source)) = kinds.next() else {
+        return Ok(());
+    };
+    if let Some((_, source)) = kinds.find(|(conv, _)| *conv != first) {
+        let (a, b) = if first {
+            ("message lists (conversational)", "text")
+        } else {
+            ("text", "message lists (conversational)")
+        };
+        return Err(Error::Msg(format!(
+            "{source}: this row is {b} but the rows before it ({first_source} on) are {a}; a file holds one kind of row"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the records of a data file; the format follows the extension
 /// (.jsonl, .jsonl.gz / .json.gz, .json, .parquet).
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {

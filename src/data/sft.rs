@@ -64,7 +64,7 @@ pub fn tokenize_rows(
             .iter()
             .any(|c| v.get(*c).is_some_and(Value::is_array))
     };
-    crate::data::preference::check_one_kind(
+    crate::data::records::check_one_kind(
         records.iter().map(|(v, s)| (conversational(v), s.as_str())),
     )?;
     if cfg.assistant_only_loss && !records.iter().any(|(v, _)| conversational(v)) {
