@@ -185,16 +185,7 @@ pub fn explained_variance(returns: &Tensor, values: &Tensor, mask: &Tensor) -> R
 
 // ---------------------------------------------------------------- critic-free advantages
 
-/// How GRPO scales its group-relative advantages (TRL GRPOConfig's `scale_rewards`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScaleRewards {
-    /// By the standard deviation of the prompt's group (the GRPO paper).
-    Group,
-    /// By the standard deviation of the whole batch (Liu et al., "Understanding R1-Zero-Like Training").
-    Batch,
-    /// Not at all (Dr. GRPO).
-    None,
-}
+pub use crate::config::ScaleRewards;
 
 /// Mean and unbiased standard deviation (torch's `std`, TRL's `nanstd`); 0 for one value.
 fn mean_std(x: &[f64]) -> (f64, f64) {
@@ -412,6 +403,76 @@ impl AdaptiveKl {
         let error = (current_kl / self.target - 1.0).clamp(-0.2, 0.2);
         self.value *= 1.0 + error * n_steps as f64 / self.horizon;
     }
+}
+
+// ---------------------------------------------------------------- critic-free losses
+
+/// The clipped surrogate of GRPO and RLOO and its clip indicators.
+pub struct ClippedSurrogate {
+    /// -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), the shape of the log-ratio.
+    pub loss: Tensor,
+    /// 1 where the ratio fell below 1 - eps_low with A < 0 (TRL's `is_low_clipped`), detached.
+    pub low: Tensor,
+    /// 1 where the ratio rose above 1 + eps_high with A > 0 (`is_high_clipped`), detached.
+    pub high: Tensor,
+}
+
+/// The clipped surrogate on `log_ratio` (log pi - log pi_old, per token or
+/// per sequence) with `advantages` broadcast to its shape. The gradient of
+/// the min goes to the unclipped side on ties (see [`select`]).
+pub fn clipped_surrogate(
+    log_ratio: &Tensor,
+    advantages: &Tensor,
+    eps_low: f64,
+    eps_high: f64,
+) -> Result<ClippedSurrogate> {
+    let ratio = log_ratio.exp()?;
+    let a = advantages.broadcast_as(ratio.shape())?;
+    let unclipped = (&ratio * &a)?;
+    let clipped = (ratio.clamp(1.0 - eps_low, 1.0 + eps_high)? * &a)?;
+    let loss = select(&unclipped.le(&clipped)?, &unclipped, &clipped)?.neg()?;
+    let zero = a.zeros_like()?;
+    let flag = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(ratio.dtype())?.detach()) };
+    let low = flag((ratio.lt(1.0 - eps_low)?.to_dtype(DType::U8)? * a.lt(&zero)?)?)?;
+    let high = flag((ratio.gt(1.0 + eps_high)?.to_dtype(DType::U8)? * a.gt(&zero)?)?)?;
+    Ok(ClippedSurrogate { loss, low, high })
+}
+
+/// GSPO's sequence-level log importance weight (TRL's
+/// `importance_sampling_level = "sequence"`): the mean of the token
+/// log-ratios over real tokens, (B, 1).
+pub fn sequence_log_ratio(log_ratio: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let n = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
+    Ok((log_ratio * mask)?.sum_keepdim(1)?.div(&n)?)
+}
+
+/// GRPO's reduction of a per-token loss (B, T) to one number (TRL's
+/// `loss_type`): grpo, each sequence's mean then the batch mean; bnpo, the
+/// mean over the batch's real tokens; dr_grpo, the sum over B x
+/// `max_completion_length`; dapo, the sum over `step_tokens`, the real
+/// tokens of the whole optimizer step.
+pub fn reduce_token_loss(
+    per_token: &Tensor,
+    mask: &Tensor,
+    loss_type: crate::config::GrpoLossType,
+    max_completion_length: usize,
+    step_tokens: f64,
+) -> Result<Tensor> {
+    use crate::config::GrpoLossType as L;
+    let per_token = per_token.broadcast_as(mask.shape())?;
+    let masked = (per_token * mask)?;
+    let b = mask.dim(0)? as f64;
+    Ok(match loss_type {
+        L::Grpo => {
+            let n = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            masked.sum(1)?.div(&n)?.mean_all()?
+        }
+        L::Bnpo => masked
+            .sum_all()?
+            .div(&mask.sum_all()?.clamp(1.0, f64::INFINITY)?)?,
+        L::DrGrpo => (masked.sum_all()? / (b * max_completion_length as f64))?,
+        L::Dapo => (masked.sum_all()? / step_tokens.max(1.0))?,
+    })
 }
 
 #[cfg(test)]
@@ -826,5 +887,45 @@ mod tests {
         assert!((kl.value - before * (1.0 - 0.2 * 0.01)).abs() < 1e-15);
         kl.update(6.0, 100); // on target: unchanged
         assert!((kl.value - before * 0.998).abs() < 1e-15);
+    }
+
+    #[test]
+    fn clipped_surrogate_by_hand() {
+        // Ratios 1, 1.5, 0.5, 1.1 with advantages 1, 1, -1, -2; eps 0.2:
+        // min(1, 1) = 1; min(1.5, 1.2) = 1.2 (high clip); min(-0.5, -0.8) =
+        // -0.8 (low clip); min(-2.2, -2.2) = -2.2. The loss is the negation.
+        let ratios = [1.0f64, 1.5, 0.5, 1.1];
+        let lr = Var::new(&ratios.map(f64::ln)[..], &Device::Cpu).unwrap();
+        let a = Tensor::new(&[1.0f64, 1.0, -1.0, -2.0], &Device::Cpu).unwrap();
+        let s = clipped_surrogate(lr.as_tensor(), &a, 0.2, 0.2).unwrap();
+        close(&values(&s.loss), &[-1.0, -1.2, 0.8, 2.2], 1e-12);
+        assert_eq!(values(&s.low), vec![0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(values(&s.high), vec![0.0, 1.0, 0.0, 0.0]);
+        // d/dlog_ratio of -ratio * A where unclipped: -1 and 2.2; 0 where clipped.
+        let g = s.loss.sum_all().unwrap().backward().unwrap();
+        close(&values(g.get(&lr).unwrap()), &[-1.0, 0.0, 0.0, 2.2], 1e-12);
+        // An asymmetric range (DAPO's clip-higher): 1.5 is inside [0.8, 1.6].
+        let s = clipped_surrogate(lr.as_tensor(), &a, 0.2, 0.6).unwrap();
+        close(&values(&s.loss), &[-1.0, -1.5, 0.8, 2.2], 1e-12);
+    }
+
+    #[test]
+    fn token_loss_reductions_by_hand() {
+        use crate::config::GrpoLossType as L;
+        let l = t2(&[&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]]);
+        let m = t2(&[&[1.0, 1.0, 0.0], &[1.0, 0.0, 0.0]]);
+        let r = |t| values(&reduce_token_loss(&l, &m, t, 4, 10.0).unwrap())[0];
+        // grpo: (3/2 + 4/1) / 2; bnpo: 7 / 3; dr_grpo: 7 / (2 x 4); dapo: 7 / 10.
+        close(&[r(L::Grpo)], &[2.75], 1e-12);
+        close(&[r(L::Bnpo)], &[7.0 / 3.0], 1e-6);
+        close(&[r(L::DrGrpo)], &[0.875], 1e-12);
+        close(&[r(L::Dapo)], &[0.7], 1e-12);
+        // GSPO's sequence weight: the mean log-ratio over real tokens.
+        let lr = t2(&[&[0.2, 0.4, 9.0], &[-0.3, 9.0, 9.0]]);
+        close(
+            &values(&sequence_log_ratio(&lr, &m).unwrap()),
+            &[0.3, -0.3],
+            1e-12,
+        );
     }
 }

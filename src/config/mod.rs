@@ -21,8 +21,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use sections::{
-    DatasetConfig, GenerateConfig, KlEstimator, LrSchedulerType, ModelConfig, ModelInit, PpoConfig,
-    RewardConfig, RunConfig, SftConfig, StopToken, TrainConfig, ValueModel,
+    DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator,
+    LrSchedulerType, ModelConfig, ModelInit, PpoConfig, RewardConfig, RewardFuncConfig,
+    RewardFuncType, RlooConfig, RunConfig, ScaleRewards, SftConfig, StopToken, TrainConfig,
+    ValueModel,
 };
 
 use crate::{Error, Result};
@@ -47,6 +49,12 @@ pub struct Config {
     pub reward: RewardConfig,
     /// PPO (TRL's PPOConfig).
     pub ppo: PpoConfig,
+    /// GRPO (TRL's GRPOConfig).
+    pub grpo: GrpoConfig,
+    /// RLOO (TRL's RLOOConfig).
+    pub rloo: RlooConfig,
+    /// The reward functions of ppo, grpo and rloo, one `[[reward_funcs]]` table each.
+    pub reward_funcs: Vec<RewardFuncConfig>,
 }
 
 impl Config {

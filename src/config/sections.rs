@@ -398,3 +398,171 @@ impl PpoConfig {
         train.effective_batch_size()
     }
 }
+
+/// What a `[[reward_funcs]]` table computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardFuncType {
+    /// A reward model (a directory or hub id in `model`).
+    Model,
+    /// 1.0 when `pattern` matches somewhere in the completion, else 0.0.
+    Regex,
+    /// 1.0 when `pattern`'s first capture group equals the row's `column`, trimmed.
+    ExactMatch,
+    /// -|completion tokens - target| / target.
+    Length,
+    /// An external program: JSON lines in on stdin, one number per line out.
+    Command,
+    /// An OpenRLHF-style remote reward model: POST `{query, prompts, labels}`, read `{rewards}`.
+    Http,
+}
+
+section! {
+    /// One reward function (TRL's `reward_funcs`, one table each); the run's
+    /// reward is their weighted sum.
+    pub struct RewardFuncConfig {
+        /// Its name in the metrics (`rewards/<name>/mean`); unique.
+        pub name: String = String::new(),
+        /// model | regex | exact_match | length | command | http.
+        #[serde(rename = "type")]
+        pub kind: RewardFuncType = RewardFuncType::Regex,
+        /// Weight in the sum of rewards (TRL's `reward_weights`).
+        pub weight: f64 = 1.0,
+        /// type = model: the reward model, a directory or hub id.
+        pub model: Option<String> = None,
+        /// type = regex: the pattern to find; exact_match: the pattern whose first capture group is the answer (unset: the whole completion).
+        pub pattern: Option<String> = None,
+        /// type = exact_match: the row's column holding the expected answer; http: the column sent as `labels` (default `label` when the rows have it).
+        pub column: Option<String> = None,
+        /// type = length: the target length in completion tokens.
+        pub target: Option<usize> = None,
+        /// type = command: the program and its arguments.
+        pub command: Vec<String> = Vec::new(),
+        /// type = http: the URL to POST to.
+        pub url: Option<String> = None,
+        /// type = command or http: seconds before the scorer counts as failed.
+        pub timeout_s: f64 = 60.0,
+    }
+}
+
+/// How GRPO normalizes a token's loss (TRL GRPOConfig's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpoLossType {
+    /// Each sequence's token mean, then the mean over sequences (the GRPO paper).
+    Grpo,
+    /// Sum over tokens / (sequences x max_completion_length) (Dr. GRPO).
+    DrGrpo,
+    /// Sum over tokens / the tokens of the whole optimizer step (DAPO).
+    Dapo,
+    /// Sum over tokens / the tokens of the micro-batch.
+    Bnpo,
+}
+
+/// How GRPO scales its group-relative advantages (TRL GRPOConfig's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// By the standard deviation of the prompt's group (the GRPO paper).
+    Group,
+    /// By the standard deviation of the whole batch (Liu et al., "Understanding R1-Zero-Like Training").
+    Batch,
+    /// Not at all (Dr. GRPO).
+    None,
+}
+
+/// Token-level ratios (GRPO) or one ratio per sequence from the mean log-ratio (GSPO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSamplingLevel {
+    Token,
+    Sequence,
+}
+
+dataset_section! {
+    /// GRPO (TRL's GRPOConfig, with its defaults unless a line says
+    /// otherwise). Rows have `prompt` (text or messages); their other
+    /// columns go to the reward functions. Optimizer, batch sizes, steps and
+    /// schedule come from `[train]`.
+    pub struct GrpoConfig("grpo") {
+        /// Completions sampled per prompt (the group).
+        pub num_generations: usize = 8,
+        /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts`.
+        pub max_prompt_length: usize = 512,
+        /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
+        pub truncate_prompts: bool = false,
+        /// Tokens sampled per completion at most.
+        pub max_completion_length: usize = 256,
+        /// Sampling temperature (> 0).
+        pub temperature: f64 = 1.0,
+        /// Nucleus sampling threshold in (0, 1].
+        pub top_p: f64 = 1.0,
+        /// Keep only the k most likely tokens (unset: all; TRL's 0).
+        pub top_k: Option<usize> = None,
+        /// Weight of the k3 KL to the reference in the loss; 0 loads no reference model.
+        pub beta: f64 = 0.0,
+        /// Lower clipping range of the importance ratio.
+        pub epsilon: f64 = 0.2,
+        /// Upper clipping range (unset: epsilon; DAPO uses 0.28).
+        pub epsilon_high: Option<f64> = None,
+        /// Optimization passes over each generation batch (mu in the paper).
+        pub num_iterations: usize = 1,
+        /// Micro-batches per generation batch (unset: train.gradient_accumulation_steps).
+        pub steps_per_generation: Option<usize> = None,
+        /// grpo | dr_grpo | dapo | bnpo.
+        pub loss_type: GrpoLossType = GrpoLossType::Dapo,
+        /// group | batch | none: what divides the reward minus its group mean.
+        pub scale_rewards: ScaleRewards = ScaleRewards::Group,
+        /// token (GRPO) | sequence (GSPO).
+        pub importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel::Token,
+        /// Completions cut at max_completion_length without a stop token are left out of the loss.
+        pub mask_truncated_completions: bool = false,
+        /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
+        pub ref_model: Option<String> = None,
+        /// How many times over the run a few completions go to samples.jsonl.
+        pub num_sample_generations: usize = 10,
+    }
+}
+
+dataset_section! {
+    /// RLOO (TRL's RLOOConfig, with its defaults unless a line says
+    /// otherwise). Rows have `prompt` (text or messages); their other
+    /// columns go to the reward functions. Optimizer, batch sizes, steps and
+    /// schedule come from `[train]`.
+    pub struct RlooConfig("rloo") {
+        /// Completions sampled per prompt (the group; at least 2).
+        pub num_generations: usize = 2,
+        /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts`.
+        pub max_prompt_length: usize = 512,
+        /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
+        pub truncate_prompts: bool = false,
+        /// Tokens sampled per completion at most.
+        pub max_completion_length: usize = 256,
+        /// Sampling temperature (> 0).
+        pub temperature: f64 = 1.0,
+        /// Nucleus sampling threshold in (0, 1].
+        pub top_p: f64 = 1.0,
+        /// Keep only the k most likely tokens (unset: all; TRL's 0).
+        pub top_k: Option<usize> = None,
+        /// Weight of the sequence KL (summed k1) subtracted from the reward; 0 loads no reference model.
+        pub beta: f64 = 0.05,
+        /// Lower clipping range of the sequence importance ratio.
+        pub epsilon: f64 = 0.2,
+        /// Upper clipping range (unset: epsilon).
+        pub epsilon_high: Option<f64> = None,
+        /// Optimization passes over each generation batch.
+        pub num_iterations: usize = 1,
+        /// Micro-batches per generation batch (unset: train.gradient_accumulation_steps).
+        pub steps_per_generation: Option<usize> = None,
+        /// Whiten the advantages over the generation batch.
+        pub normalize_advantages: bool = false,
+        /// Clamp the summed reward to [min, max] before the KL penalty (unset: no clamp).
+        pub reward_clip_range: Option<[f64; 2]> = None,
+        /// Completions cut at max_completion_length without a stop token are left out of the loss.
+        pub mask_truncated_completions: bool = false,
+        /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
+        pub ref_model: Option<String> = None,
+        /// How many times over the run a few completions go to samples.jsonl.
+        pub num_sample_generations: usize = 10,
+    }
+}

@@ -2,21 +2,24 @@
 //! One table of rules per section: the field, its value, whether it holds,
 //! and what it must be. The first rule that fails is the error.
 
-use super::{Config, GenerateConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig};
+use super::{
+    Config, GenerateConfig, GrpoConfig, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType,
+    RlooConfig, SftConfig, TrainConfig,
+};
 use crate::{Error, Result};
 
 /// One rule: the field's full key, its value as written, whether it holds,
 /// and the reason given when it does not.
 struct Rule {
-    field: &'static str,
+    field: String,
     value: String,
     ok: bool,
     reason: String,
 }
 
-fn rule(field: &'static str, value: impl std::fmt::Display, ok: bool, reason: &str) -> Rule {
+fn rule(field: impl Into<String>, value: impl std::fmt::Display, ok: bool, reason: &str) -> Rule {
     Rule {
-        field,
+        field: field.into(),
         value: value.to_string(),
         ok,
         reason: reason.to_string(),
@@ -25,7 +28,7 @@ fn rule(field: &'static str, value: impl std::fmt::Display, ok: bool, reason: &s
 
 /// A rule on an optional value: holds when unset.
 fn rule_opt<T: std::fmt::Display + Copy>(
-    field: &'static str,
+    field: impl Into<String>,
     value: Option<T>,
     holds: impl Fn(T) -> bool,
     reason: &str,
@@ -142,6 +145,169 @@ fn ppo_rules(p: &PpoConfig, t: &TrainConfig, threads: usize) -> Vec<Rule> {
     ]
 }
 
+/// What GRPO and RLOO share: the group, sampling, clipping and batching keys.
+struct OnlineKeys {
+    num_generations: usize,
+    max_prompt_length: usize,
+    max_completion_length: usize,
+    temperature: f64,
+    top_p: f64,
+    top_k: Option<usize>,
+    beta: f64,
+    epsilon: f64,
+    epsilon_high: Option<f64>,
+    num_iterations: usize,
+    steps_per_generation: Option<usize>,
+}
+
+#[rustfmt::skip]
+fn online_rules(s: &str, o: &OnlineKeys, t: &TrainConfig) -> Vec<Rule> {
+    let key = |k: &str| format!("{s}.{k}");
+    let ga = t.gradient_accumulation_steps;
+    vec![
+        rule(key("num_generations"), o.num_generations, o.num_generations >= 2, "must be at least 2: the advantage compares a prompt's completions"),
+        rule(key("max_prompt_length"), o.max_prompt_length, o.max_prompt_length >= 1, AT_LEAST_1),
+        rule(key("max_completion_length"), o.max_completion_length, o.max_completion_length >= 1, AT_LEAST_1),
+        rule(key("temperature"), o.temperature, positive(o.temperature), "must be > 0: completions are sampled"),
+        rule(key("top_p"), o.top_p, o.top_p > 0.0 && o.top_p <= 1.0, PROBABILITY),
+        rule_opt(key("top_k"), o.top_k, |k| k >= 1, "must be at least 1 (leave it unset for no top-k)"),
+        rule(key("beta"), o.beta, non_negative(o.beta), NON_NEGATIVE),
+        rule(key("epsilon"), o.epsilon, positive(o.epsilon), POSITIVE),
+        rule_opt(key("epsilon_high"), o.epsilon_high, positive, POSITIVE),
+        rule(key("num_iterations"), o.num_iterations, o.num_iterations >= 1, AT_LEAST_1),
+        rule_opt(key("steps_per_generation"), o.steps_per_generation, |n| n >= 1 && n.is_multiple_of(ga), &format!("must be a multiple of train.gradient_accumulation_steps ({ga})")),
+    ]
+}
+
+fn grpo_rules(g: &GrpoConfig, t: &TrainConfig) -> Vec<Rule> {
+    let keys = OnlineKeys {
+        num_generations: g.num_generations,
+        max_prompt_length: g.max_prompt_length,
+        max_completion_length: g.max_completion_length,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        beta: g.beta,
+        epsilon: g.epsilon,
+        epsilon_high: g.epsilon_high,
+        num_iterations: g.num_iterations,
+        steps_per_generation: g.steps_per_generation,
+    };
+    online_rules("grpo", &keys, t)
+}
+
+#[rustfmt::skip]
+fn rloo_rules(r: &RlooConfig, t: &TrainConfig) -> Vec<Rule> {
+    let keys = OnlineKeys {
+        num_generations: r.num_generations,
+        max_prompt_length: r.max_prompt_length,
+        max_completion_length: r.max_completion_length,
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        beta: r.beta,
+        epsilon: r.epsilon,
+        epsilon_high: r.epsilon_high,
+        num_iterations: r.num_iterations,
+        steps_per_generation: r.steps_per_generation,
+    };
+    let mut rules = online_rules("rloo", &keys, t);
+    if let Some([lo, hi]) = r.reward_clip_range {
+        rules.push(rule("rloo.reward_clip_range", format!("[{lo}, {hi}]"), lo.is_finite() && hi.is_finite() && lo <= hi, "must be [min, max] with min <= max"));
+    }
+    rules
+}
+
+/// The `[[reward_funcs]]` tables: a unique name each and the keys its type needs.
+fn check_reward_funcs(funcs: &[RewardFuncConfig]) -> Result<()> {
+    let bad = |i: usize, key: &str, value: String, reason: String| Error::InvalidConfig {
+        field: format!("reward_funcs[{i}].{key}"),
+        value,
+        reason,
+    };
+    for (i, f) in funcs.iter().enumerate() {
+        if f.name.trim().is_empty() {
+            return Err(bad(
+                i,
+                "name",
+                String::new(),
+                "every reward function needs a name (its metrics are rewards/<name>/mean)".into(),
+            ));
+        }
+        if funcs[..i].iter().any(|g| g.name == f.name) {
+            return Err(bad(
+                i,
+                "name",
+                f.name.clone(),
+                "is used by an earlier reward function".into(),
+            ));
+        }
+        if !f.weight.is_finite() {
+            return Err(bad(
+                i,
+                "weight",
+                f.weight.to_string(),
+                "must be finite".into(),
+            ));
+        }
+        if !(f.timeout_s.is_finite() && f.timeout_s > 0.0) {
+            return Err(bad(
+                i,
+                "timeout_s",
+                f.timeout_s.to_string(),
+                POSITIVE.into(),
+            ));
+        }
+        let need = |key: &str, present: bool| -> Result<()> {
+            match present {
+                true => Ok(()),
+                false => Err(bad(
+                    i,
+                    key,
+                    String::new(),
+                    format!("is required by type = \"{}\"", type_name(f.kind)),
+                )),
+            }
+        };
+        match f.kind {
+            RewardFuncType::Model => need("model", f.model.is_some())?,
+            RewardFuncType::Regex => need("pattern", f.pattern.is_some())?,
+            RewardFuncType::ExactMatch => need("column", f.column.is_some())?,
+            RewardFuncType::Length => {
+                need("target", f.target.is_some())?;
+                if f.target == Some(0) {
+                    return Err(bad(i, "target", "0".into(), AT_LEAST_1.into()));
+                }
+            }
+            RewardFuncType::Command => need("command", !f.command.is_empty())?,
+            RewardFuncType::Http => need("url", f.url.is_some())?,
+        }
+        if let Some(p) = &f.pattern {
+            if let Err(e) = regex::Regex::new(p) {
+                return Err(bad(
+                    i,
+                    "pattern",
+                    p.clone(),
+                    format!("is not a valid regular expression: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The name a reward function type is written with.
+pub fn type_name(t: RewardFuncType) -> &'static str {
+    match t {
+        RewardFuncType::Model => "model",
+        RewardFuncType::Regex => "regex",
+        RewardFuncType::ExactMatch => "exact_match",
+        RewardFuncType::Length => "length",
+        RewardFuncType::Command => "command",
+        RewardFuncType::Http => "http",
+    }
+}
+
 /// Checks every section; the first rule that fails is the error, naming its field.
 pub fn validate(c: &Config) -> Result<()> {
     crate::device::parse_spec(&c.run.device).map_err(|e| Error::InvalidConfig {
@@ -155,10 +321,20 @@ pub fn validate(c: &Config) -> Result<()> {
         sft_rules(&c.sft),
         reward_rules(&c.reward),
         ppo_rules(&c.ppo, &c.train, c.run.threads),
+        grpo_rules(&c.grpo, &c.train),
+        rloo_rules(&c.rloo, &c.train),
     ];
+    check_reward_funcs(&c.reward_funcs)?;
+    if c.ppo.reward_model.is_some() && !c.reward_funcs.is_empty() {
+        return Err(Error::InvalidConfig {
+            field: "ppo.reward_model".into(),
+            value: c.ppo.reward_model.clone().unwrap_or_default(),
+            reason: "is a shorthand for one [[reward_funcs]] table of type = \"model\"; set one or the other, not both".into(),
+        });
+    }
     match rules.into_iter().flatten().find(|r| !r.ok) {
         Some(r) => Err(Error::InvalidConfig {
-            field: r.field.into(),
+            field: r.field,
             value: r.value,
             reason: r.reason,
         }),

@@ -2,7 +2,7 @@
 //! dataset split, tokenized, or TRL's pre-tokenized `input_ids`; too-long
 //! prompts dropped or cut. The PPO trainer and `eval` both read them here.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::chat::TemplateSource;
 use crate::hub::HubSettings;
@@ -44,11 +44,25 @@ pub fn load_prompts(
     hub: &HubSettings,
 ) -> Result<(Vec<Vec<u32>>, PromptReport)> {
     let (rows, report) = load_prompt_rows(spec, split, tok, template, max_len, truncate, hub)?;
-    Ok((rows.into_iter().map(|(ids, _)| ids).collect(), report))
+    Ok((rows.into_iter().map(|r| r.ids).collect(), report))
 }
 
-/// A prompt's token ids, and its messages when it was conversational.
-pub type PromptRow = (Vec<u32>, Option<Vec<Value>>);
+/// A prompt: its token ids, its messages when it was conversational, and
+/// the row's other columns (what verifiers compare with, e.g. `answer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRow {
+    pub ids: Vec<u32>,
+    pub messages: Option<Vec<Value>>,
+    pub columns: Map<String, Value>,
+}
+
+/// A row's columns other than the prompt itself.
+fn other_columns(value: &Value) -> Map<String, Value> {
+    let mut m = value.as_object().cloned().unwrap_or_default();
+    m.remove("prompt");
+    m.remove("input_ids");
+    m
+}
 
 /// [`load_prompts`], keeping each conversational prompt's messages.
 pub fn load_prompt_rows(
@@ -83,7 +97,11 @@ pub fn load_prompt_rows(
                 .map_err(|e| Error::Msg(format!("{source}: {e}")))?;
             let ids = tok.encode_plain(&text)?;
             prompts.extend(
-                fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, Some(messages))),
+                fit_prompt(ids, max_len, truncate, &mut report).map(|ids| PromptRow {
+                    ids,
+                    messages: Some(messages),
+                    columns: other_columns(value),
+                }),
             );
             continue;
         }
@@ -91,7 +109,13 @@ pub fn load_prompt_rows(
             if ids.is_empty() {
                 report.skipped_empty += 1;
             } else {
-                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, None)));
+                prompts.extend(fit_prompt(ids, max_len, truncate, &mut report).map(|ids| {
+                    PromptRow {
+                        ids,
+                        messages: None,
+                        columns: other_columns(value),
+                    }
+                }));
             }
             continue;
         }
@@ -110,7 +134,13 @@ pub fn load_prompt_rows(
             report.skipped_empty += 1;
             continue;
         }
-        prompts.extend(fit_prompt(ids, max_len, truncate, &mut report).map(|p| (p, None)));
+        prompts.extend(
+            fit_prompt(ids, max_len, truncate, &mut report).map(|ids| PromptRow {
+                ids,
+                messages: None,
+                columns: other_columns(value),
+            }),
+        );
     }
     report.kept = prompts.len();
     if prompts.is_empty() {

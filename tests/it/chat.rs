@@ -432,6 +432,7 @@ fn a_reward_model_with_a_template_rerenders_conversational_prompts() {
         query_ids: &query,
         response_ids: &response_ids,
         prompt_messages: messages,
+        columns: None,
     };
     let rendered = rm.score(&[completion(Some(&prompt))]).unwrap()[0];
     let mut conv = prompt.clone();

@@ -188,6 +188,7 @@ fn score_with(reward: &RewardModelReward, pairs: &[(String, String)], tok: &Toke
             query_ids: q,
             response_ids: s,
             prompt_messages: None,
+            columns: None,
         })
         .collect();
     use candle_rlhf::trainers::ppo::Reward;

@@ -16,16 +16,13 @@ use serde_json::{json, Value};
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{Config, PpoConfig, StopToken, ValueModel};
-use crate::data::batch::position_ids;
-use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
-use crate::generate::{generate, Sampling};
+use crate::data::prompts::{load_prompt_rows, PromptReport};
+use crate::generate::Sampling;
 use crate::hub::{resolve_model, HubSettings};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::reward_model::{RewardModel, RewardScorer};
-use crate::models::{
-    attention_bias, frozen_builder, load_dir, load_dir_frozen, project, ArchConfig, CausalLm,
-};
+use crate::models::reward_model::RewardModel;
+use crate::models::{frozen_builder, load_dir, load_dir_frozen, project, ArchConfig, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{LossPart, StepOutcome, TrainCore};
 use crate::rl;
@@ -36,160 +33,10 @@ use crate::{Error, HostRng, IoContext, Result};
 
 // ---------------------------------------------------------------- rewards
 
-pub use crate::rewards::{Completion, Reward, SumOfRewards};
+use crate::rewards::RewardFuncs;
+pub use crate::rewards::{same_tokenizer, Completion, Reward, RewardModelReward, SumOfRewards};
 
-/// A reward model as a reward. A conversational prompt, when the reward
-/// model has a chat template of its own, is re-rendered with the response as
-/// an assistant message by that template and scored as the reward model was
-/// trained. Otherwise, with the policy's tokenizer, token ids pass straight
-/// through (prompt + response, EOS appended when missing, as in reward
-/// training); with another tokenizer the text is re-tokenized with its own.
-pub struct RewardModelReward {
-    pub scorer: RewardScorer,
-    pub same_tokenizer: bool,
-    /// The reward model's own chat template, if it has one.
-    pub template: Option<crate::chat::ChatTemplate>,
-    /// The resolved directory (a critic may start from it).
-    pub dir: PathBuf,
-}
-
-impl RewardModelReward {
-    pub fn load(model: &str, policy_dir: &Path, device: &Device) -> Result<Self> {
-        let dir = resolve_model(model, &HubSettings::from_env())?;
-        let scorer = RewardScorer::load(&dir.to_string_lossy(), device)?;
-        Ok(Self {
-            scorer,
-            template: crate::chat::ChatTemplate::resolve(&dir, None)?,
-            same_tokenizer: same_tokenizer(&dir, policy_dir),
-            dir,
-        })
-    }
-}
-
-/// Whether two model directories ship byte-identical tokenizer.json files.
-pub fn same_tokenizer(a: &Path, b: &Path) -> bool {
-    match (
-        std::fs::read(a.join("tokenizer.json")),
-        std::fs::read(b.join("tokenizer.json")),
-    ) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
-impl Reward for RewardModelReward {
-    fn score(&self, batch: &[Completion]) -> Result<Vec<f32>> {
-        if let Some(t) = &self.template {
-            if !batch.is_empty() && batch.iter().all(|c| c.prompt_messages.is_some()) {
-                let seqs = batch
-                    .iter()
-                    .map(|c| {
-                        let mut conv = c.prompt_messages.unwrap_or_default().to_vec();
-                        conv.push(serde_json::json!({"role": "assistant", "content": c.response}));
-                        self.scorer.tokenizer.encode_plain(&t.render(&conv, false)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                return self.scorer.score_ids(&seqs);
-            }
-        }
-        if self.same_tokenizer {
-            // EOS appended when the sequence does not end with a stop token.
-            let tok = &self.scorer.tokenizer;
-            let seqs: Vec<Vec<u32>> = batch
-                .iter()
-                .map(|c| {
-                    let mut s = [c.query_ids, c.response_ids].concat();
-                    if !s.last().is_some_and(|&l| tok.is_stop(l)) {
-                        s.push(tok.eos_id);
-                    }
-                    s
-                })
-                .collect();
-            self.scorer.score_ids(&seqs)
-        } else {
-            let texts: Vec<String> = batch
-                .iter()
-                .map(|c| format!("{}{}", c.prompt, c.response))
-                .collect();
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            self.scorer.score(&refs)
-        }
-    }
-}
-
-// ---------------------------------------------------------------- model inputs
-
-/// Queries and responses as one batch: each row is the left-padded query
-/// (width q) followed by its response, right-padded to r tokens.
-#[derive(Clone)]
-struct Batch {
-    ids: Tensor,
-    mask: Vec<Vec<u8>>,
-    positions: Tensor,
-    bias: Tensor,
-    /// (B, r) u32: the response tokens (pad after the end).
-    responses: Tensor,
-    /// (B, r) f32: 1 on real response tokens.
-    response_mask: Tensor,
-    q: usize,
-    r: usize,
-}
-
-impl Batch {
-    fn new(
-        queries: &[&[u32]],
-        responses: &[&[u32]],
-        r: usize,
-        pad: u32,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let b = queries.len();
-        let q = queries.iter().map(|x| x.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(b * (q + r));
-        let mut mask = Vec::with_capacity(b);
-        let mut resp = Vec::with_capacity(b * r);
-        let mut resp_mask = Vec::with_capacity(b * r);
-        for (query, response) in queries.iter().zip(responses) {
-            let (lp, rp) = (q - query.len(), r - response.len());
-            ids.extend(std::iter::repeat_n(pad, lp));
-            ids.extend_from_slice(query);
-            ids.extend_from_slice(response);
-            ids.extend(std::iter::repeat_n(pad, rp));
-            let mut m = vec![0u8; lp];
-            m.extend(std::iter::repeat_n(1u8, query.len() + response.len()));
-            m.extend(std::iter::repeat_n(0u8, rp));
-            mask.push(m);
-            resp.extend_from_slice(response);
-            resp.extend(std::iter::repeat_n(pad, rp));
-            resp_mask.extend(std::iter::repeat_n(1f32, response.len()));
-            resp_mask.extend(std::iter::repeat_n(0f32, rp));
-        }
-        let positions: Vec<u32> = position_ids(&mask).concat();
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (b, q + r), device)?,
-            positions: Tensor::from_vec(positions, (b, q + r), device)?,
-            bias: attention_bias(&mask, q + r, dtype, device)?,
-            mask,
-            responses: Tensor::from_vec(resp, (b, r), device)?,
-            response_mask: Tensor::from_vec(resp_mask, (b, r), device)?,
-            q,
-            r,
-        })
-    }
-}
-
-/// Per response token: log-probs of the sampled tokens and entropies, with
-/// logits divided by (temperature + 1e-7) as TRL does, and the hidden
-/// states that predicted them (B, r, E). Position ids come from the mask.
-fn policy_outputs(lm: &CausalLm, b: &Batch, temperature: f64) -> Result<(Tensor, Tensor, Tensor)> {
-    let hidden = lm.forward(&b.ids, &b.positions, &b.bias, None)?;
-    let h = hidden.narrow(1, b.q - 1, b.r)?;
-    let logits = lm.lm_logits(&h)?.to_dtype(DType::F32)?;
-    let (logprobs, entropy) =
-        crate::rl::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
-    Ok((logprobs, entropy, h))
-}
+use super::rollout::{self, policy_outputs, Batch, PromptAndResponse, PromptInfo};
 
 /// Where values come from.
 enum Critic {
@@ -414,108 +261,39 @@ impl std::ops::AddAssign for PhaseTimes {
 }
 
 /// The frozen models a rollout reads.
-/// The messages of conversational prompts, by their token ids: what a
-/// reward model with a chat template of its own re-renders.
-#[derive(Default)]
-struct PromptMessages(std::collections::HashMap<Vec<u32>, Vec<Value>>);
-
-impl PromptMessages {
-    fn of(rows: &[PromptRow]) -> Self {
-        let mut m = Self::default();
-        m.extend(rows);
-        m
-    }
-
-    fn extend(&mut self, rows: &[PromptRow]) {
-        for (ids, messages) in rows {
-            if let Some(msgs) = messages {
-                self.0.insert(ids.clone(), msgs.clone());
-            }
-        }
-    }
-}
-
 struct Models<'a> {
     sampler: &'a CausalLm,
     reference: &'a CausalLm,
-    messages: &'a PromptMessages,
+    prompts: &'a PromptInfo,
     /// None when only evaluating.
     critic: Option<&'a Critic>,
     tok: &'a Tokenizer,
-    reward: &'a dyn Reward,
+    rewards: &'a RewardFuncs<'a>,
     device: &'a Device,
 }
 
-/// Samples one response per query in chunks, cut after the stop token.
-fn sample(
-    m: &Models,
-    queries: &[Vec<u32>],
-    sampling: &Sampling,
-    chunk: usize,
-    rng: &mut HostRng,
-) -> Result<Vec<Vec<u32>>> {
-    let mut responses = Vec::with_capacity(queries.len());
-    for part in queries.chunks(chunk.max(1)) {
-        responses.extend(generate(
-            m.sampler,
-            part,
-            m.tok.pad_id,
-            sampling,
-            rng,
-            m.device,
-        )?);
-    }
-    Ok(responses)
-}
-
-/// Decoded (prompt, response) text.
-type PromptAndResponse = (String, String);
-
-/// Scores completions with the reward; subtracts missing_eos_penalty from
-/// those without the stop token.
+/// Scores completions with the reward functions; subtracts
+/// missing_eos_penalty from those without the stop token. Returns the
+/// total scores, each function's, and the texts.
 fn score(
     m: &Models,
     queries: &[Vec<u32>],
     responses: &[Vec<u32>],
     stop: &[u32],
     missing_eos_penalty: Option<f64>,
-) -> Result<(Vec<f32>, Vec<PromptAndResponse>)> {
-    let mut texts = Vec::with_capacity(queries.len());
-    for (q, r) in queries.iter().zip(responses) {
-        let shown: &[u32] = match r.last() {
-            Some(l) if stop.contains(l) => &r[..r.len() - 1],
-            _ => r,
-        };
-        texts.push((m.tok.decode(q)?, m.tok.decode(shown)?));
-    }
-    let batch: Vec<Completion> = queries
-        .iter()
-        .zip(responses)
-        .zip(&texts)
-        .map(|((q, r), (pt, rt))| Completion {
-            prompt_messages: m.messages.0.get(q).map(Vec::as_slice),
-            prompt: pt,
-            response: rt,
-            query_ids: q,
-            response_ids: r,
-        })
-        .collect();
-    let mut scores = m.reward.score(&batch)?;
-    if scores.len() != batch.len() {
-        return Err(Error::Msg(format!(
-            "the reward returned {} scores for {} completions",
-            scores.len(),
-            batch.len()
-        )));
-    }
+) -> Result<(Vec<f32>, Vec<Vec<f32>>, Vec<PromptAndResponse>)> {
+    let texts = rollout::decode(m.tok, queries, responses, stop)?;
+    let rows: Vec<_> = queries.iter().map(|q| m.prompts.get(q)).collect();
+    let each = rollout::score_each(m.rewards, queries, responses, &texts, &rows)?;
+    let mut scores = m.rewards.combine(&each);
     if let Some(pen) = missing_eos_penalty {
         for (s, r) in scores.iter_mut().zip(responses) {
-            if !r.last().is_some_and(|l| stop.contains(l)) {
+            if !rollout::stopped(r, stop) {
                 *s -= pen as f32;
             }
         }
     }
-    Ok((scores, texts))
+    Ok((scores, each, texts))
 }
 
 /// Log-probs under policy and reference, and values (with a critic), for
@@ -580,7 +358,7 @@ fn roll_out(
     let started = Instant::now();
     let chunk = p.local_rollout_forward_batch_size;
     // 1. Sample responses with the KV cache, no autograd graph.
-    let responses = sample(m, &queries, sampling, chunk, rng)?;
+    let responses = rollout::sample(m.sampler, m.tok, m.device, &queries, sampling, chunk, rng)?;
     let generate_s = started.elapsed().as_secs_f64();
     // 2. Log-probs of the sampled tokens under policy and reference, values:
     //    computed once per rollout and reused by every PPO epoch.
@@ -593,7 +371,7 @@ fn roll_out(
     // 3. Scores from the reward (with the missing-EOS penalty).
     let started = Instant::now();
     let stop = &sampling.stop_token_ids;
-    let (scores, texts) = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
+    let (scores, each, texts) = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
     let score_s = started.elapsed().as_secs_f64();
     let scores_t = Tensor::new(scores.as_slice(), m.device)?;
     // 4. Per-token rewards: -kl_coef * KL on every token, the score on the last real one.
@@ -620,7 +398,7 @@ fn roll_out(
         .count();
     let ev = rl::explained_variance(&returns, &values, &mask)?;
     let tokens: usize = lengths.iter().sum();
-    let figures = vec![
+    let mut figures = vec![
         ("objective/kl".into(), kl_seq),
         (
             "objective/entropy".into(),
@@ -637,6 +415,10 @@ fn roll_out(
             tokens as f64 / lengths.len() as f64,
         ),
     ];
+    for (name, scores) in m.rewards.names().into_iter().zip(&each) {
+        let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / scores.len() as f64;
+        figures.push((format!("rewards/{name}/mean"), mean));
+    }
     Ok((
         Rollouts {
             queries,
@@ -707,7 +489,9 @@ fn evaluate(
 ) -> Result<EvalReport> {
     let mut rng = HostRng::stream(seed, "eval");
     let chunk = p.local_rollout_forward_batch_size;
-    let responses = sample(m, prompts, sampling, chunk, &mut rng)?;
+    let responses = rollout::sample(
+        m.sampler, m.tok, m.device, prompts, sampling, chunk, &mut rng,
+    )?;
     let (logprobs, ref_logprobs, _, mask) = forward_rollouts(
         m,
         prompts,
@@ -719,7 +503,7 @@ fn evaluate(
     let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, crate::config::KlEstimator::K1)? * mask)?;
     let kl = mean_f(&kl.sum(1)?)?;
     let stop = &sampling.stop_token_ids;
-    let (scores, texts) = score(m, prompts, &responses, stop, None)?;
+    let (scores, _, texts) = score(m, prompts, &responses, stop, None)?;
     let n = prompts.len() as f64;
     let eos = responses
         .iter()
@@ -796,15 +580,16 @@ pub fn evaluate_policy(
         p.truncate_prompts,
         &hub,
     )?;
-    let messages = PromptMessages::of(&rows);
-    let ids: Vec<Vec<u32>> = rows.into_iter().map(|(ids, _)| ids).collect();
+    let info = PromptInfo::of(&rows);
+    let ids: Vec<Vec<u32>> = rows.into_iter().map(|r| r.ids).collect();
+    let rewards = RewardFuncs::single("reward", reward);
     let models = Models {
         sampler: &sampler,
         reference: &reference,
-        messages: &messages,
+        prompts: &info,
         critic: None,
         tok: &tok,
-        reward,
+        rewards: &rewards,
         device: &device,
     };
     let sampling = sampling_of(p, &tok);
@@ -859,32 +644,54 @@ fn sampling_of(p: &PpoConfig, tok: &Tokenizer) -> Sampling {
     }
 }
 
-/// Trains with the reward model of `ppo.reward_model` (see [`train_with_reward`]).
+/// Trains with the config's `[[reward_funcs]]`, or the reward model of its
+/// `ppo.reward_model` shorthand (see [`train_with_rewards`]).
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> Result<PpoRun> {
     let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
-    let Some(rm) = &cfg.ppo.reward_model else {
+    let policy_dir = resolve_model(&cfg.model.resolved_name()?, &HubSettings::from_env())?;
+    let funcs = match &cfg.ppo.reward_model {
+        Some(rm) => vec![crate::config::RewardFuncConfig {
+            name: "reward_model".into(),
+            kind: crate::config::RewardFuncType::Model,
+            model: Some(rm.clone()),
+            ..Default::default()
+        }],
+        None => cfg.reward_funcs.clone(),
+    };
+    if funcs.is_empty() {
         return Err(Error::InvalidConfig {
             field: "ppo.reward_model".into(),
             value: String::new(),
-            reason:
-                "a reward model directory or hub id is required (library users may pass any Reward)"
-                    .into(),
+            reason: "a reward model directory or hub id, or [[reward_funcs]] tables, are required (library users may pass any Reward)".into(),
         });
-    };
-    let policy_dir = resolve_model(&cfg.model.resolved_name()?, &HubSettings::from_env())?;
-    let reward = RewardModelReward::load(rm, &policy_dir, &device)?;
-    let dir = reward.dir.clone();
-    train_with_reward(cfg, run_dir, resume, stop, &reward, Some(&dir))
+    }
+    let (rewards, first_model) = crate::rewards::from_config(&funcs, &policy_dir, &device)?;
+    train_with_rewards(cfg, run_dir, resume, stop, &rewards, first_model.as_deref())
 }
 
-/// Trains (or resumes) a policy with PPO against `reward`; `reward_dir`, the
-/// reward model's directory when there is one, may initialize the critic.
+/// Trains (or resumes) a policy with PPO against one `reward` (see
+/// [`train_with_rewards`]); its metrics are `rewards/reward/mean`.
 pub fn train_with_reward(
     cfg: &Config,
     run_dir: &Path,
     resume: bool,
     stop: &StopSignal,
     reward: &dyn Reward,
+    reward_dir: Option<&Path>,
+) -> Result<PpoRun> {
+    let rewards = RewardFuncs::single("reward", reward);
+    train_with_rewards(cfg, run_dir, resume, stop, &rewards, reward_dir)
+}
+
+/// Trains (or resumes) a policy with PPO against the weighted sum of
+/// `rewards`; `reward_dir`, the first reward model's directory when there
+/// is one, may initialize the critic.
+pub fn train_with_rewards(
+    cfg: &Config,
+    run_dir: &Path,
+    resume: bool,
+    stop: &StopSignal,
+    rewards: &RewardFuncs,
     reward_dir: Option<&Path>,
 ) -> Result<PpoRun> {
     if cfg.model.init != crate::config::ModelInit::Pretrained {
@@ -937,8 +744,8 @@ pub fn train_with_reward(
         &hub,
     )?;
     tracing::info!("{}: {report}", p.dataset);
-    let mut messages = PromptMessages::of(&prompt_rows);
-    let prompts: Vec<Vec<u32>> = prompt_rows.into_iter().map(|(ids, _)| ids).collect();
+    let mut info = PromptInfo::of(&prompt_rows);
+    let prompts: Vec<Vec<u32>> = prompt_rows.into_iter().map(|r| r.ids).collect();
     let eval_prompts = match &p.eval_dataset {
         Some(spec) => {
             let (e, r) = load_prompt_rows(
@@ -951,8 +758,8 @@ pub fn train_with_reward(
                 &hub,
             )?;
             tracing::info!("{spec}: {r}");
-            messages.extend(&e);
-            e.into_iter().map(|(ids, _)| ids).collect()
+            info.extend(&e);
+            e.into_iter().map(|r| r.ids).collect()
         }
         None => Vec::new(),
     };
@@ -1052,10 +859,10 @@ pub fn train_with_reward(
     let models = Models {
         sampler: &sampler,
         reference: &reference,
-        messages: &messages,
+        prompts: &info,
         critic: Some(&critic),
         tok: &tok,
-        reward,
+        rewards,
         device: &device,
     };
     let eval_now = |m: &Models| -> Result<Option<EvalReport>> {
