@@ -228,6 +228,12 @@ enum Command {
     Reward(TrainArgs),
     /// PPO against a reward model with a KL penalty to a reference (stage 3).
     Ppo(TrainArgs),
+    /// GRPO: groups of completions per prompt, advantages against the group,
+    /// no critic (TRL's GRPOTrainer; [grpo] and [[reward_funcs]]).
+    Grpo(TrainArgs),
+    /// RLOO: leave-one-out baselines, no critic (TRL's RLOOTrainer; [rloo]
+    /// and [[reward_funcs]]).
+    Rloo(TrainArgs),
     /// Score texts or preference pairs with a reward model.
     Score(ScoreArgs),
     /// Show what the model will see of a data file: one JSON line per row
@@ -311,6 +317,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(t) => sft(t),
         Command::Reward(t) => reward(t),
         Command::Ppo(t) => ppo(t),
+        Command::Grpo(t) => online(t, candle_rlhf::trainers::online::grpo::Algo::Grpo),
+        Command::Rloo(t) => online(t, candle_rlhf::trainers::online::grpo::Algo::Rloo),
         Command::Score(a) => score(a),
         Command::Eval(a) => eval(a),
         Command::Demo {
@@ -470,6 +478,50 @@ fn reward(t: TrainArgs) -> anyhow::Result<()> {
         out.data,
         out.run_dir.display()
     );
+    Ok(())
+}
+
+fn online(t: TrainArgs, algo: candle_rlhf::trainers::online::grpo::Algo) -> anyhow::Result<()> {
+    let cfg = resolve_config(&t.common)?;
+    let data = match algo {
+        candle_rlhf::trainers::online::grpo::Algo::Grpo => &cfg.grpo.dataset,
+        candle_rlhf::trainers::online::grpo::Algo::Rloo => &cfg.rloo.dataset,
+    };
+    let models: Vec<&str> = cfg
+        .reward_funcs
+        .iter()
+        .filter_map(|f| f.model.as_deref())
+        .collect();
+    let mut paths = vec![cfg.model.name_or_path.as_str(), data.as_str()];
+    paths.extend(models);
+    check_fixtures(&paths)?;
+    let stop = candle_rlhf::signal::install()?;
+    let dir = run_dir(algo.name(), &t, &cfg);
+    let out =
+        candle_rlhf::trainers::online::grpo::train(&cfg, algo, &dir, t.resume.is_some(), &stop)?;
+    println!(
+        "policy: {}\niterations: {} ({} optimizer steps), {:.3} s/iteration\nprompts: {}",
+        out.checkpoint.display(),
+        out.iterations,
+        out.optimizer_steps,
+        out.seconds_per_iteration,
+        out.prompts
+    );
+    let show = |label: &str, e: &candle_rlhf::trainers::online::grpo::EvalFigures| {
+        let parts: Vec<String> = e
+            .figures
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        println!("{label} {}", parts.join(", "));
+    };
+    if let Some(e) = &out.eval_before {
+        show("eval before:", e);
+    }
+    if let Some(e) = &out.eval_after {
+        show("eval after: ", e);
+    }
+    println!("run: {}", out.run_dir.display());
     Ok(())
 }
 

@@ -267,3 +267,13 @@ pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// The Vars of a map as (name, var), sorted by name, for an optimizer.
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<(String, candle_core::Var)> = lock(varmap)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -5,6 +5,7 @@ mod chat;
 mod checkpoint;
 mod cli;
 mod config;
+mod grpo;
 mod hub;
 mod layout;
 mod mixed_precision;

@@ -24,7 +24,7 @@ pub fn low_half(batch: &[Completion]) -> Result<Vec<f32>> {
 }
 
 /// 32 held-out prompts (another seed than the training prompts).
-fn eval_prompts() -> PathBuf {
+pub fn eval_prompts() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
         let path = fixtures_root().join("data/eval-prompts.jsonl");

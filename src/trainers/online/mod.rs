@@ -3,5 +3,6 @@
 //! RLOO) share the rollout (`rollout.rs`) and the reward functions
 //! (`crate::rewards`).
 
+pub mod grpo;
 pub mod ppo;
 pub(crate) mod rollout;

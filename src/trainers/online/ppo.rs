@@ -36,7 +36,7 @@ use crate::{Error, HostRng, IoContext, Result};
 use crate::rewards::RewardFuncs;
 pub use crate::rewards::{same_tokenizer, Completion, Reward, RewardModelReward, SumOfRewards};
 
-use super::rollout::{self, policy_outputs, Batch, PromptAndResponse, PromptInfo};
+use super::rollout::{self, policy_outputs, Batch, PromptInfo, Scored};
 
 /// Where values come from.
 enum Critic {
@@ -281,19 +281,19 @@ fn score(
     responses: &[Vec<u32>],
     stop: &[u32],
     missing_eos_penalty: Option<f64>,
-) -> Result<(Vec<f32>, Vec<Vec<f32>>, Vec<PromptAndResponse>)> {
+) -> Result<Scored> {
     let texts = rollout::decode(m.tok, queries, responses, stop)?;
     let rows: Vec<_> = queries.iter().map(|q| m.prompts.get(q)).collect();
     let each = rollout::score_each(m.rewards, queries, responses, &texts, &rows)?;
-    let mut scores = m.rewards.combine(&each);
+    let mut total = m.rewards.combine(&each);
     if let Some(pen) = missing_eos_penalty {
-        for (s, r) in scores.iter_mut().zip(responses) {
+        for (s, r) in total.iter_mut().zip(responses) {
             if !rollout::stopped(r, stop) {
                 *s -= pen as f32;
             }
         }
     }
-    Ok((scores, each, texts))
+    Ok(Scored { total, each, texts })
 }
 
 /// Log-probs under policy and reference, and values (with a critic), for
@@ -371,7 +371,11 @@ fn roll_out(
     // 3. Scores from the reward (with the missing-EOS penalty).
     let started = Instant::now();
     let stop = &sampling.stop_token_ids;
-    let (scores, each, texts) = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
+    let Scored {
+        total: scores,
+        each,
+        texts,
+    } = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
     let score_s = started.elapsed().as_secs_f64();
     let scores_t = Tensor::new(scores.as_slice(), m.device)?;
     // 4. Per-token rewards: -kl_coef * KL on every token, the score on the last real one.
@@ -503,7 +507,11 @@ fn evaluate(
     let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, crate::config::KlEstimator::K1)? * mask)?;
     let kl = mean_f(&kl.sum(1)?)?;
     let stop = &sampling.stop_token_ids;
-    let (scores, _, texts) = score(m, prompts, &responses, stop, None)?;
+    let Scored {
+        total: scores,
+        texts,
+        ..
+    } = score(m, prompts, &responses, stop, None)?;
     let n = prompts.len() as f64;
     let eos = responses
         .iter()

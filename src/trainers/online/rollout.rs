@@ -179,6 +179,13 @@ pub(crate) fn score_each(
     rewards.score_each(&batch)
 }
 
+/// A batch's scores: the weighted total, each function's, and the texts.
+pub(crate) struct Scored {
+    pub total: Vec<f32>,
+    pub each: Vec<Vec<f32>>,
+    pub texts: Vec<PromptAndResponse>,
+}
+
 /// Whether a response ended with a stop token.
 pub(crate) fn stopped(response: &[u32], stop: &[u32]) -> bool {
     response.last().is_some_and(|l| stop.contains(l))

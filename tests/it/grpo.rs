@@ -1,0 +1,229 @@
+//! GRPO and RLOO on the fixtures: a rule the tiny policy can learn,
+//! TRL's metric names, bit-identical resume, and the reward functions of a
+//! config (a failing scorer stops the run before any update).
+
+use std::path::Path;
+
+use candle_rlhf::app::fixtures;
+use candle_rlhf::config::Config;
+use candle_rlhf::rewards::RewardFuncs;
+use candle_rlhf::signal::StopSignal;
+use candle_rlhf::trainers::online::grpo::{train, train_with_rewards, Algo, OnlineRun};
+
+use crate::models::{fixtures_root, model_dir};
+use crate::ppo::low_half;
+
+fn config(algo: Algo, run: &Path, extra: &[&str]) -> Config {
+    let quoted = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let s = algo.name();
+    let mut sets = vec![
+        format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
+        format!(
+            "{s}.dataset={}",
+            quoted(&fixtures_root().join(fixtures::PREFERENCES))
+        ),
+        format!("{s}.eval_dataset={}", quoted(&crate::ppo::eval_prompts())),
+        format!("run.out={}", quoted(run)),
+        crate::device_setting(),
+        "train.learning_rate=3e-3".into(),
+        "train.per_device_train_batch_size=16".into(),
+        "train.max_steps=30".into(),
+        "train.save_steps=10".into(),
+        "train.logging_steps=1".into(),
+        format!("{s}.num_generations=4"),
+        format!("{s}.max_completion_length=8"),
+        format!("{s}.max_prompt_length=64"),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(None, &sets).unwrap()
+}
+
+fn run(
+    algo: Algo,
+    dir: &Path,
+    extra: &[&str],
+    stop: &StopSignal,
+    resume: bool,
+) -> candle_rlhf::Result<OnlineRun> {
+    let rewards = RewardFuncs::single("low_half", &low_half);
+    train_with_rewards(&config(algo, dir, extra), algo, dir, resume, stop, &rewards)
+}
+
+#[test]
+fn grpo_and_rloo_raise_a_learnable_reward() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (algo, extra) in [
+        (Algo::Grpo, vec![]),
+        (
+            Algo::Grpo,
+            vec![
+                "grpo.beta=0.04",
+                "grpo.loss_type=grpo",
+                "grpo.num_iterations=2",
+            ],
+        ),
+        (Algo::Rloo, vec![]),
+    ] {
+        let dir = tmp.path().join(format!("{}-{}", algo.name(), extra.len()));
+        let out = run(algo, &dir, &extra, &StopSignal::new(), false).unwrap();
+        let (b, a) = (out.eval_before.unwrap(), out.eval_after.unwrap());
+        let (rb, ra) = (b.get("reward").unwrap(), a.get("reward").unwrap());
+        eprintln!(
+            "{} {extra:?}: eval reward {rb:.3} -> {ra:.3}, kl {:?}, {:.3} s/iteration, {} iterations, {} steps",
+            algo.name(),
+            a.get("kl"),
+            out.seconds_per_iteration,
+            out.iterations,
+            out.optimizer_steps
+        );
+        // max_steps counts optimizer steps, with num_iterations = 2 too.
+        assert_eq!(out.optimizer_steps, 30);
+        // Measured: 0.488 -> 0.633 (GRPO), 0.488 -> 0.562 (GRPO with beta
+        // 0.04 and two iterations per generation, 15 generations).
+        let gain = if extra.is_empty() { 0.1 } else { 0.05 };
+        assert!(ra > rb + gain, "{} {extra:?}: {rb} -> {ra}", algo.name());
+        let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+        let mut names = vec![
+            "reward",
+            "reward_std",
+            "rewards/low_half/mean",
+            "frac_reward_zero_std",
+            "completions/mean_length",
+            "completions/clipped_ratio",
+            "entropy",
+            "clip_ratio/low_mean",
+            "clip_ratio/high_mean",
+            "clip_ratio/region_mean",
+            "eval/reward",
+            "eval/rewards/low_half/mean",
+        ];
+        if algo == Algo::Rloo || !extra.is_empty() {
+            names.extend(["kl", "eval/kl"]);
+        }
+        for name in names {
+            assert!(metrics.contains(&format!("\"{name}\"")), "{name} missing");
+        }
+        assert!(out.run_dir.join("samples.jsonl").is_file());
+    }
+}
+
+#[test]
+fn an_interrupted_grpo_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let short = [
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "grpo.num_iterations=2",
+    ];
+    let dir = tmp.path().join("stopped");
+    let stop = StopSignal::new();
+    stop.request(); // as Ctrl-C: checkpoint after the first iteration, then stop
+    let err = run(Algo::Grpo, &dir, &short, &stop, false).unwrap_err();
+    assert!(
+        matches!(err, candle_rlhf::Error::Interrupted { step: 1, .. }),
+        "{err}"
+    );
+    let resumed = run(Algo::Grpo, &dir, &short, &StopSignal::new(), true).unwrap();
+    let straight_dir = tmp.path().join("straight");
+    let straight = run(Algo::Grpo, &straight_dir, &short, &StopSignal::new(), false).unwrap();
+    assert_eq!((resumed.iterations, resumed.optimizer_steps), (2, 4));
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(
+        read(&resumed.checkpoint),
+        read(&straight.checkpoint),
+        "resumed run differs from an uninterrupted one"
+    );
+}
+
+#[test]
+fn reward_funcs_from_the_config_and_a_failing_scorer() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A regex and a command (a shell loop: no Python), weighted.
+    let funcs = |script: &str, arg: &str| {
+        format!(
+            r#"
+[[reward_funcs]]
+name = "has_e"
+type = "regex"
+pattern = "e"
+weight = 0.5
+
+[[reward_funcs]]
+name = "judge"
+type = "command"
+command = ['sh', '-c', '{script}', '{arg}']
+"#
+        )
+    };
+    let with = |funcs: &str, base: Config| {
+        let text = base
+            .to_toml_string()
+            .unwrap()
+            .replace("reward_funcs = []\n", "");
+        Config::from_toml_str("test.toml", &format!("{text}\n{funcs}")).unwrap()
+    };
+    let echo = "while IFS= read -r l; do echo 1; done";
+    let dir = tmp.path().join("ok");
+    let cfg = with(
+        &funcs(echo, "x"),
+        config(Algo::Rloo, &dir, &["train.max_steps=2"]),
+    );
+    let out = train(&cfg, Algo::Rloo, &dir, false, &StopSignal::new()).unwrap();
+    let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains("\"rewards/has_e/mean\"") && metrics.contains("\"rewards/judge/mean\"")
+    );
+    let train_line = metrics
+        .lines()
+        .find(|l| l.contains("\"rewards/judge/mean\""))
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_str(train_line).unwrap();
+    assert_eq!(line["rewards/judge/mean"], 1.0, "{line}");
+
+    // A scorer that fails from its fourth call on (the evaluation before
+    // training is the first): the third iteration's scoring stops the run
+    // with the scorer's name, and the checkpoint of iteration 2 is kept.
+    let counter = tmp.path().join("calls");
+    let failing = format!(
+        "n=$(cat \"$0\" 2>/dev/null || echo 0); echo $((n+1)) > \"$0\"; [ $n -lt 3 ] || {{ echo scorer down >&2; exit 4; }}; {echo}"
+    );
+    let dir = tmp.path().join("failing");
+    let base = config(
+        Algo::Rloo,
+        &dir,
+        &["train.max_steps=4", "train.save_steps=2"],
+    );
+    let cfg = with(&funcs(&failing, &counter.to_string_lossy()), base);
+    let err = train(&cfg, Algo::Rloo, &dir, false, &StopSignal::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reward function `judge`")
+            && err.contains("scorer down")
+            && err.contains("iteration 3"),
+        "{err}"
+    );
+    assert!(
+        dir.join("checkpoints/2/model.safetensors").is_file(),
+        "the checkpoint before the failure is kept"
+    );
+    assert!(!dir.join("checkpoints/3").exists());
+
+    // Both the ppo shorthand and [[reward_funcs]]: refused, naming the key.
+    let e = Config::from_toml_str(
+        "t.toml",
+        &format!("{}\n[ppo]\nreward_model = \"x\"\n", funcs(echo, "x")),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("ppo.reward_model"), "{e}");
+    // GRPO without reward functions: refused, naming the key.
+    let e = train(
+        &config(Algo::Grpo, &tmp.path().join("none"), &[]),
+        Algo::Grpo,
+        &tmp.path().join("none"),
+        false,
+        &StopSignal::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("reward_funcs"), "{e}");
+}
