@@ -20,7 +20,8 @@ fn help_lists_every_subcommand() {
     let (code, out, _) = run(bin().arg("--help"));
     assert_eq!(code, 0);
     for sub in [
-        "generate", "sft", "reward", "ppo", "score", "eval", "plot", "demo", "bench",
+        "generate", "sft", "reward", "ppo", "grpo", "rloo", "score", "eval", "plot", "demo",
+        "bench",
     ] {
         assert!(out.contains(sub), "{sub} missing from:\n{out}");
     }
@@ -205,5 +206,57 @@ fn a_config_pointing_into_missing_fixtures_says_how_to_make_them() {
     assert!(
         !dir.path().join("fixtures").exists(),
         "nothing was generated"
+    );
+}
+
+#[test]
+fn grpo_and_rloo_run_from_the_preset_and_save_a_loadable_policy() {
+    use crate::models::{fixtures_root, model_dir};
+    use candle_rlhf::app::fixtures;
+    let tmp = tempfile::tempdir().unwrap();
+    let quoted = |p: &std::path::Path| format!("{:?}", p.to_string_lossy());
+    let data = quoted(&fixtures_root().join(fixtures::PREFERENCES));
+    for algo in ["grpo", "rloo"] {
+        let out = tmp.path().join(algo);
+        let (code, stdout, err) = run(bin()
+            .arg(algo)
+            .arg("--config")
+            .arg(crate::repo().join("configs/grpo-tiny.toml"))
+            .args([
+                "--set",
+                &format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
+            ])
+            .args(["--set", &format!("{algo}.dataset={data}")])
+            .args(["--set", &format!("{algo}.num_generations=4")])
+            .args(["--set", "train.max_steps=2"])
+            .args(["--out", &out.to_string_lossy()]));
+        assert_eq!(code, 0, "{algo}: {err}{stdout}");
+        assert!(
+            stdout.contains("iterations: 2 (2 optimizer steps)"),
+            "{stdout}"
+        );
+        let ckpt = out.join("checkpoints/2");
+        for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+            assert!(ckpt.join(f).is_file(), "{algo}: {f}");
+        }
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert!(
+            metrics.contains("\"rewards/mentions_movie/mean\"")
+                && metrics.contains("\"rewards/length/mean\"")
+        );
+    }
+    // A reward function without the key its type needs: one line, exit 2.
+    let (code, _, err) = run(bin()
+        .arg("grpo")
+        .arg("--config")
+        .arg(crate::repo().join("configs/grpo-tiny.toml"))
+        .args([
+            "--set",
+            "reward_funcs=[{name = \"x\", type = \"exact_match\"}]",
+        ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("reward_funcs[0].column") && err.lines().count() == 1,
+        "{err}"
     );
 }

@@ -524,7 +524,8 @@ pub fn train_with_rewards(
         if state.step.is_multiple_of(sample_every) || state.step == total_iterations {
             write_samples(&run.path, state.step, &gen.scored, &gen.advantages)?;
         }
-        let reward = gen.figures
+        let reward = gen
+            .figures
             .iter()
             .find(|(k, _)| k == "reward")
             .map_or(0.0, |x| x.1);
