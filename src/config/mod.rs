@@ -21,10 +21,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use sections::{
-    DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator,
-    LrSchedulerType, ModelConfig, ModelInit, PpoConfig, RewardConfig, RewardFuncConfig,
-    RewardFuncType, RlooConfig, RunConfig, ScaleRewards, SftConfig, StopToken, TrainConfig,
-    ValueModel,
+    AdvantageEstimator, DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType,
+    ImportanceSamplingLevel, KlEstimator, LrSchedulerType, ModelConfig, ModelInit, PpoConfig,
+    RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig, RunConfig, ScaleRewards, SftConfig,
+    StopToken, TrainConfig, ValueModel,
 };
 
 use crate::{Error, Result};

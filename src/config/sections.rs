@@ -308,6 +308,18 @@ pub enum ValueModel {
     Head,
 }
 
+/// How PPO turns rewards into advantages (OpenRLHF's `advantage_estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageEstimator {
+    /// GAE with a critic (PPO).
+    Gae,
+    /// REINFORCE++: the per-token rewards' returns, whitened over the batch; no critic.
+    Reinforce,
+    /// REINFORCE++-baseline: each score minus its prompt group's mean, then as reinforce; no critic.
+    ReinforceBaseline,
+}
+
 /// Where a sampled response is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -384,6 +396,10 @@ dataset_section! {
         pub lam: f64 = 0.95,
         /// Whiten the per-token rewards before GAE.
         pub whiten_rewards: bool = false,
+        /// gae (with the critic) | reinforce | reinforce_baseline (OpenRLHF's names; no critic is built for the last two).
+        pub advantage_estimator: AdvantageEstimator = AdvantageEstimator::Gae,
+        /// Responses sampled per prompt in a rollout batch (OpenRLHF's name); reinforce_baseline's group.
+        pub n_samples_per_prompt: usize = 1,
     }
 }
 

@@ -142,6 +142,13 @@ fn ppo_rules(p: &PpoConfig, t: &TrainConfig, threads: usize) -> Vec<Rule> {
         ),
         rule_opt("ppo.critic_learning_rate", p.critic_learning_rate, positive, POSITIVE),
         rule_opt("ppo.missing_eos_penalty", p.missing_eos_penalty, f64::is_finite, "must be finite"),
+        rule("ppo.n_samples_per_prompt", p.n_samples_per_prompt, p.n_samples_per_prompt >= 1 && batch.is_multiple_of(p.n_samples_per_prompt.max(1)), &format!("must be at least 1 and divide the rollout batch of {batch}")),
+        rule(
+            "ppo.n_samples_per_prompt",
+            p.n_samples_per_prompt,
+            p.advantage_estimator != super::AdvantageEstimator::ReinforceBaseline || p.n_samples_per_prompt >= 2,
+            "must be at least 2 with advantage_estimator = \"reinforce_baseline\" (the baseline is the group's mean)",
+        ),
     ]
 }
 

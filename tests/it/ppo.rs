@@ -253,3 +253,35 @@ fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
         "{err}"
     );
 }
+
+#[test]
+fn reinforce_pp_estimators_learn_without_a_critic() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        ("reinforce", vec!["ppo.advantage_estimator=reinforce"]),
+        (
+            "reinforce_baseline",
+            vec![
+                "ppo.advantage_estimator=reinforce_baseline",
+                "ppo.n_samples_per_prompt=4",
+            ],
+        ),
+    ] {
+        let out = run(&tmp.path().join(name), &extra);
+        let (b, a) = (out.eval_before.unwrap(), out.eval_after.unwrap());
+        eprintln!("{name}: reward {:.3} -> {:.3}, KL {:.3}", b.mean_score, a.mean_score, a.kl);
+        assert!(a.mean_score > b.mean_score + 0.08, "{name}: {b} -> {a}");
+        // No critic was built: the checkpoint holds the policy alone.
+        assert!(out.checkpoint.join("model.safetensors").is_file());
+        for f in ["value_head.safetensors", "critic.safetensors"] {
+            assert!(!out.checkpoint.join(f).exists(), "{name}: {f}");
+        }
+    }
+    // The baseline needs a group.
+    let e = Config::load(
+        None,
+        &["ppo.advantage_estimator=reinforce_baseline".to_string()],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("ppo.n_samples_per_prompt"), "{e}");
+}

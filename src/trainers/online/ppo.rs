@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
-use crate::config::{Config, PpoConfig, StopToken, ValueModel};
+use crate::config::{AdvantageEstimator, Config, PpoConfig, StopToken, ValueModel};
 use crate::data::prompts::{load_prompt_rows, PromptReport};
 use crate::generate::Sampling;
 use crate::hub::{resolve_model, HubSettings};
@@ -377,7 +377,23 @@ fn roll_out(
         texts,
     } = score(m, &queries, &responses, stop, p.missing_eos_penalty)?;
     let score_s = started.elapsed().as_secs_f64();
-    let scores_t = Tensor::new(scores.as_slice(), m.device)?;
+    // REINFORCE++-baseline: each score minus the mean of its prompt's group
+    // (the batch holds n_samples_per_prompt responses per prompt, in a row).
+    let scores_t = match p.advantage_estimator {
+        AdvantageEstimator::ReinforceBaseline => {
+            let s64: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+            let centred = rl::group_baseline(&s64, p.n_samples_per_prompt)?;
+            Tensor::new(
+                centred
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                m.device,
+            )?
+        }
+        _ => Tensor::new(scores.as_slice(), m.device)?,
+    };
     // 4. Per-token rewards: -kl_coef * KL on every token, the score on the last real one.
     let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, p.kl_estimator)? * &mask)?;
     let (mut rewards, non_score) = rl::per_token_rewards(&kl, &mask, &scores_t, kl_coef)?;
@@ -385,11 +401,27 @@ fn roll_out(
     if p.whiten_rewards {
         rewards = (rl::masked_whiten(&rewards, &mask, false)? * &mask)?;
     }
-    // 6. GAE over response tokens; returns = advantages + values; then the
-    //    advantages are whitened over real tokens.
-    let values = (values.ok_or_else(|| Error::Msg("PPO rollouts need a critic".into()))? * &mask)?;
-    let (advantages, returns) = rl::gae(&rewards, &values, &mask, p.gamma, p.lam)?;
-    let advantages = (rl::masked_whiten(&advantages, &mask, true)? * &mask)?;
+    // 6. Advantages. gae: GAE over response tokens with the critic's
+    //    values, returns = advantages + values, then the advantages are
+    //    whitened over real tokens. reinforce(_baseline): REINFORCE++, the
+    //    discounted returns of the per-token rewards whitened over the
+    //    batch; no critic, so values and returns stay 0.
+    let (advantages, returns, values) = match (p.advantage_estimator, values) {
+        (AdvantageEstimator::Gae, Some(values)) => {
+            let values = (values * &mask)?;
+            let (advantages, returns) = rl::gae(&rewards, &values, &mask, p.gamma, p.lam)?;
+            let advantages = (rl::masked_whiten(&advantages, &mask, true)? * &mask)?;
+            (advantages, returns, values)
+        }
+        (AdvantageEstimator::Gae, None) => {
+            return Err(Error::Msg("PPO rollouts need a critic".into()))
+        }
+        _ => {
+            let advantages = rl::reinforce_pp_advantages(&rewards, &mask, p.gamma)?;
+            let zeros = mask.zeros_like()?;
+            (advantages, zeros.clone(), zeros)
+        }
+    };
 
     let per_seq = |t: &Tensor| -> Result<f64> { mean_f(&t.sum(1)?) };
     let kl_seq = per_seq(&kl)?;
@@ -400,7 +432,10 @@ fn roll_out(
         .iter()
         .filter(|r| r.last().is_some_and(|l| stop.contains(l)))
         .count();
-    let ev = rl::explained_variance(&returns, &values, &mask)?;
+    let ev = match m.critic {
+        Some(_) => rl::explained_variance(&returns, &values, &mask)?,
+        None => 0.0,
+    };
     let tokens: usize = lengths.iter().sum();
     let mut figures = vec![
         ("objective/kl".into(), kl_seq),
@@ -730,14 +765,18 @@ pub fn train_with_rewards(
     let ref_dtype = p.ref_dtype.map_or(dtype, |d| d.dtype());
     let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
     let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
-    let critic = build_critic(
-        p,
-        reward_dir,
-        &policy_dir,
-        arch.hidden_size(),
-        dtype,
-        &device,
-    )?;
+    // The critic, for GAE only (REINFORCE++ needs none).
+    let critic = match p.advantage_estimator {
+        AdvantageEstimator::Gae => Some(build_critic(
+            p,
+            reward_dir,
+            &policy_dir,
+            arch.hidden_size(),
+            dtype,
+            &device,
+        )?),
+        _ => None,
+    };
 
     // 2. Prompts.
     p.data().train()?;
@@ -796,7 +835,7 @@ pub fn train_with_rewards(
         .iter()
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
-    let critic_vars = critic.vars();
+    let critic_vars = critic.as_ref().map(Critic::vars).unwrap_or_default();
     let critic_names: Vec<String> = critic_vars.iter().map(|(n, _)| n.clone()).collect();
     vars.extend(critic_vars);
     let mut core = TrainCore::new(
@@ -837,7 +876,9 @@ pub fn train_with_rewards(
                 .map(|(n, v)| (n.as_str(), v)),
             &device,
         )?;
-        critic.restore(&point.checkpoint, &device)?;
+        if let Some(critic) = &critic {
+            critic.restore(&point.checkpoint, &device)?;
+        }
         checkpoint::load_optimizer(
             &point.checkpoint,
             &mut core.optimizer,
@@ -849,7 +890,7 @@ pub fn train_with_rewards(
     let tokenizer_files = checkpoint::tokenizer_files(&policy_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
         let weights = crate::models::weights::named_tensors(&policy_vars);
-        let extra = [critic.checkpoint_file()];
+        let extra: Vec<_> = critic.iter().map(Critic::checkpoint_file).collect();
         checkpoint::save(
             &run.path,
             &Checkpoint {
@@ -868,7 +909,7 @@ pub fn train_with_rewards(
         sampler: &sampler,
         reference: &reference,
         prompts: &info,
-        critic: Some(&critic),
+        critic: critic.as_ref(),
         tok: &tok,
         rewards,
         device: &device,
@@ -905,10 +946,12 @@ pub fn train_with_rewards(
     while state.step < total_updates {
         let update_started = Instant::now();
         // Prompts: a seeded shuffle, reshuffled each pass; position checkpointed.
+        //          Each prompt n_samples_per_prompt times, in a row.
+        let n = p.n_samples_per_prompt;
         let queries: Vec<Vec<u32>> = state
-            .next_items(prompts.len(), batch)
+            .next_items(prompts.len(), batch / n)
             .into_iter()
-            .map(|i| prompts[i].clone())
+            .flat_map(|i| std::iter::repeat_n(prompts[i].clone(), n))
             .collect();
         let kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(p.kl_coef);
         let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))?;
@@ -1191,7 +1234,13 @@ fn micro_batch_backward(
     acc: &mut UpdateStats,
 ) -> Result<()> {
     let mb = MicroBatch::new(m, policy, p, ro, rows)?;
-    let critic = m.critic.expect("training has a critic");
+    let Some(critic) = m.critic else {
+        // REINFORCE++: the policy's loss alone.
+        let (loss, stats, _) = policy_part(policy, p, &mb)?;
+        core.backward(&loss)?;
+        acc.absorb(stats);
+        return Ok(());
+    };
     let side_by_side =
         p.critic_on_own_thread && matches!(critic, Critic::Model { .. }) && m.device.is_cpu();
     if side_by_side {
