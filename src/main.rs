@@ -268,6 +268,9 @@ enum Command {
         /// PPO's kl_coef.
         #[arg(long)]
         kl_coef: Option<f64>,
+        /// The RL stage: ppo, grpo, rloo, or all (the three, side by side).
+        #[arg(long, default_value = "ppo", value_parser = ["ppo", "grpo", "rloo", "all"])]
+        algo: String,
     },
     /// Measure reward-step, generation and PPO-iteration speed on a model shape.
     Bench(BenchArgs),
@@ -327,13 +330,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kl_sweep,
             seed,
             kl_coef,
+            algo,
         } => {
-            let report = candle_rlhf::app::demo::run(&candle_rlhf::app::demo::DemoOptions {
+            use candle_rlhf::app::demo;
+            let report = demo::run(&demo::DemoOptions {
                 out,
                 fast,
                 kl_sweep,
                 seed,
                 kl_coef,
+                algos: demo::DemoAlgo::parse(&algo)?,
             })?;
             println!("{report}");
             Ok(())

@@ -6,11 +6,13 @@
 //! 1. SFT on prompt/completion rows (the base policy);
 //! 2. a reward model from the SFT model on preference pairs labelled by the
 //!    hidden gold reward with flipped labels;
-//! 3. PPO from the SFT policy against the learned reward model, the SFT
-//!    policy as the frozen reference;
-//! 4. evaluation of both policies on held-out prompts with the gold reward,
+//! 3. PPO, GRPO and/or RLOO (`--algo`) from the SFT policy against the
+//!    learned reward model, the SFT policy as the frozen reference, each on
+//!    the same number of completions;
+//! 4. evaluation of every policy on held-out prompts with the gold reward,
 //!    the reward model, KL to the reference, length and EOS rate;
-//!    optionally a sweep over kl_coef (reward hacking without the KL term).
+//!    optionally a sweep over PPO's kl_coef (reward hacking without the KL
+//!    term).
 //!
 //! Everything lands in the output directory with a Markdown report.
 
@@ -19,8 +21,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::app::task::{self, Task};
-use crate::config::Config;
+use crate::config::{Config, RewardFuncConfig, RewardFuncType};
 use crate::signal::StopSignal;
+use crate::trainers::online::grpo::{self, Algo};
 use crate::trainers::ppo::{self, RewardModelReward};
 use crate::trainers::{reward, sft};
 use crate::{Error, IoContext, Result};
@@ -36,6 +39,41 @@ pub struct DemoOptions {
     pub seed: u64,
     /// PPO's kl_coef (default [`KL_COEF`]).
     pub kl_coef: Option<f64>,
+    /// The RL algorithms to train and compare, in order.
+    pub algos: Vec<DemoAlgo>,
+}
+
+/// An RL algorithm of the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoAlgo {
+    Ppo,
+    Grpo,
+    Rloo,
+}
+
+impl DemoAlgo {
+    /// `ppo`, `grpo`, `rloo`, or `all` (the three).
+    pub fn parse(s: &str) -> Result<Vec<DemoAlgo>> {
+        Ok(match s {
+            "ppo" => vec![DemoAlgo::Ppo],
+            "grpo" => vec![DemoAlgo::Grpo],
+            "rloo" => vec![DemoAlgo::Rloo],
+            "all" => vec![DemoAlgo::Ppo, DemoAlgo::Grpo, DemoAlgo::Rloo],
+            other => {
+                return Err(Error::Msg(format!(
+                    "--algo {other}: expected ppo, grpo, rloo or all"
+                )))
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DemoAlgo::Ppo => "PPO",
+            DemoAlgo::Grpo => "GRPO",
+            DemoAlgo::Rloo => "RLOO",
+        }
+    }
 }
 
 /// The sizes of one demo.
@@ -80,6 +118,13 @@ pub const FLIP_RATE: f64 = 0.27;
 /// kl_coef 0 shows outright reward hacking.
 pub const KL_COEF: f64 = 0.2;
 pub const LARGE_KL_COEF: f64 = 2.0;
+/// GRPO's beta in the demo: the weight of the k3 KL to the SFT policy in
+/// the loss. At 0.04 (TRL's former default) the policy learns to run on
+/// past the period, which the reward model over-rates (`--fast`: gold
+/// -1.07, KL 27.9); at 0.2 seed 1 of the full demo drifts the same way
+/// (gold -0.54, KL 18.2); 0.5 beats SFT by 12-15 standard errors on seeds
+/// 0-2 at KL 0.8-3.4.
+pub const GRPO_BETA: f64 = 0.5;
 
 /// One policy evaluated on the held-out prompts.
 #[derive(Debug, Clone)]
@@ -94,6 +139,8 @@ pub struct PolicyEval {
     pub eos_rate: f64,
     /// (prompt, response, gold) for the first prompts.
     pub samples: Vec<(String, String, f64)>,
+    /// Wall time of its training (0 for the SFT policy, trained before).
+    pub train_s: f64,
 }
 
 /// What the demo measured.
@@ -105,7 +152,8 @@ pub struct DemoReport {
     /// Reward-model agreement with the gold reward on held-out pairs (no flips).
     pub gold_agreement: f64,
     pub sft: PolicyEval,
-    pub ppo: PolicyEval,
+    /// One per algorithm of `--algo`, in order (named PPO, GRPO, RLOO).
+    pub trained: Vec<PolicyEval>,
     /// (kl_coef, evaluation) of the sweep's extra runs.
     pub sweep: Vec<(f64, PolicyEval)>,
     /// (stage, seconds)
@@ -114,10 +162,15 @@ pub struct DemoReport {
 }
 
 impl DemoReport {
-    /// PPO's gold reward over the SFT policy's, in standard errors of the difference.
-    pub fn margin_in_se(&self) -> f64 {
-        let se = (self.sft.gold_se.powi(2) + self.ppo.gold_se.powi(2)).sqrt();
-        (self.ppo.gold - self.sft.gold) / se.max(1e-12)
+    /// A policy's gold reward over the SFT policy's, in standard errors of the difference.
+    pub fn margin_in_se(&self, p: &PolicyEval) -> f64 {
+        let se = (self.sft.gold_se.powi(2) + p.gold_se.powi(2)).sqrt();
+        (p.gold - self.sft.gold) / se.max(1e-12)
+    }
+
+    /// The evaluation of the policy named `name` (PPO, GRPO, RLOO).
+    pub fn policy(&self, name: &str) -> Option<&PolicyEval> {
+        self.trained.iter().find(|p| p.name == name)
     }
 }
 
@@ -255,11 +308,45 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         let dir = out.join(name);
         ppo::train(&ppo_config(kl_coef, &dir)?, &dir, false, &stop)
     };
+    // GRPO and RLOO on PPO's budget: the same completions in all
+    // (ppo_episodes), in batches of 32 (8 prompts x 4), each batch serving
+    // 8 optimizer steps as PPO's 4 epochs x 2 mini-batches do; the same
+    // learning rate, sampling and reward model.
     let kl_coef = opts.kl_coef.unwrap_or(KL_COEF);
-    let ppo_run = train_ppo(kl_coef, "ppo")?;
-    lap("PPO", &mut timings);
-
-    // 4. Both policies on the held-out prompts.
+    let critic_free_config = |algo: Algo, dir: &Path| -> Result<Config> {
+        let mut c = base_config(opts, &sft_run.checkpoint, dir);
+        c.reward_funcs = vec![RewardFuncConfig {
+            name: "reward_model".into(),
+            kind: RewardFuncType::Model,
+            model: Some(rm_run.checkpoint.to_string_lossy().into_owned()),
+            ..Default::default()
+        }];
+        c.train.learning_rate = 1e-3;
+        c.train.per_device_train_batch_size = 16;
+        c.train.max_steps = Some(plan.ppo_episodes / 32 * 8);
+        c.train.save_steps = plan.ppo_episodes;
+        match algo {
+            Algo::Grpo => {
+                let g = &mut c.grpo;
+                g.dataset = prompts.clone();
+                (g.max_prompt_length, g.max_completion_length) = (16, 16);
+                (g.num_generations, g.steps_per_generation, g.num_iterations) = (4, Some(2), 4);
+                g.beta = GRPO_BETA;
+                g.num_sample_generations = 8;
+            }
+            Algo::Rloo => {
+                let r = &mut c.rloo;
+                r.dataset = prompts.clone();
+                (r.max_prompt_length, r.max_completion_length) = (16, 16);
+                (r.num_generations, r.steps_per_generation, r.num_iterations) = (4, Some(2), 4);
+                // The same penalty as PPO's: kl_coef x the summed k1 KL off the reward.
+                r.beta = kl_coef;
+                r.num_sample_generations = 8;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    };
     let eval_cfg = ppo_config(kl_coef, &out.join("eval"))?;
     let evaluate = |name: &str, policy: &Path| -> Result<PolicyEval> {
         evaluate_with_gold(
@@ -272,8 +359,36 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
             out,
         )
     };
+    let mut trained = Vec::new();
+    let mut ppo_run = None;
+    for algo in &opts.algos {
+        let started = Instant::now();
+        let checkpoint = match algo {
+            DemoAlgo::Ppo => {
+                let r = train_ppo(kl_coef, "ppo")?;
+                let c = r.checkpoint.clone();
+                ppo_run = Some(r);
+                c
+            }
+            DemoAlgo::Grpo | DemoAlgo::Rloo => {
+                let a = if *algo == DemoAlgo::Grpo {
+                    Algo::Grpo
+                } else {
+                    Algo::Rloo
+                };
+                let dir = out.join(a.name());
+                grpo::train(&critic_free_config(a, &dir)?, a, &dir, false, &stop)?.checkpoint
+            }
+        };
+        let train_s = started.elapsed().as_secs_f64();
+        lap(algo.name(), &mut timings);
+        let mut e = evaluate(algo.name(), &checkpoint)?;
+        e.train_s = train_s;
+        trained.push(e);
+    }
+
+    // 4. The SFT policy on the held-out prompts (the trained ones above).
     let sft_eval = evaluate("SFT", &sft_run.checkpoint)?;
-    let ppo_eval = evaluate("PPO", &ppo_run.checkpoint)?;
     lap("evaluation", &mut timings);
 
     let mut sweep = Vec::new();
@@ -291,12 +406,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         reward_eval_accuracy: rm_run.eval_accuracy,
         gold_agreement: agreement.accuracy,
         sft: sft_eval,
-        ppo: ppo_eval,
+        trained,
         sweep,
         timings,
         report: out.join("report.md"),
     };
-    let text = markdown(&report, &sft_run, &rm_run, &ppo_run);
+    let text = markdown(&report, &sft_run, &rm_run, ppo_run.as_ref());
     crate::io::atomic_write(&report.report, text.as_bytes())?;
     Ok(report)
 }
@@ -362,6 +477,7 @@ fn evaluate_with_gold(
         mean_length: e.mean_length,
         eos_rate: e.eos_rate,
         samples,
+        train_s: 0.0,
     })
 }
 
@@ -375,14 +491,17 @@ impl std::fmt::Display for DemoReport {
             self.gold_agreement
         )?;
         f.write_str(&policy_table(self))?;
-        writeln!(
-            f,
-            "PPO - SFT gold reward: {:+.3} = {:.1} standard errors",
-            self.ppo.gold - self.sft.gold,
-            self.margin_in_se()
-        )?;
-        for (p, label) in [(&self.sft, "before (SFT)"), (&self.ppo, "after (PPO)")] {
-            writeln!(f, "completions {label}:")?;
+        for p in &self.trained {
+            writeln!(
+                f,
+                "{} - SFT gold reward: {:+.3} = {:.1} standard errors",
+                p.name,
+                p.gold - self.sft.gold,
+                self.margin_in_se(p)
+            )?;
+        }
+        for p in std::iter::once(&self.sft).chain(&self.trained) {
+            writeln!(f, "completions of {}:", p.name)?;
             for (prompt, response, g) in p.samples.iter().take(3) {
                 writeln!(f, "  [{g:+.1}] {prompt} |{response}")?;
             }
@@ -400,15 +519,19 @@ impl std::fmt::Display for DemoReport {
 /// The policies' table (plain text and Markdown alike).
 fn policy_table(r: &DemoReport) -> String {
     let mut s = String::from(
-        "| policy | gold reward (± s.e.) | reward model | KL to SFT | mean length | EOS rate |\n|---|---|---|---|---|---|\n",
+        "| policy | gold reward (± s.e.) | reward model | KL to SFT | mean length | EOS rate | training time |\n|---|---|---|---|---|---|---|\n",
     );
-    let rows = [&r.sft, &r.ppo]
-        .into_iter()
+    let rows = std::iter::once(&r.sft)
+        .chain(&r.trained)
         .chain(r.sweep.iter().map(|(_, e)| e));
     for p in rows {
+        let time = match p.train_s > 0.0 {
+            true => format!("{:.0} s", p.train_s),
+            false => "-".into(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {:.3} ± {:.3} | {:.3} | {:.3} | {:.1} | {:.2} |",
+            "| {} | {:.3} ± {:.3} | {:.3} | {:.3} | {:.1} | {:.2} | {time} |",
             p.name, p.gold, p.gold_se, p.reward_model, p.kl, p.mean_length, p.eos_rate
         );
     }
@@ -420,7 +543,7 @@ fn markdown(
     r: &DemoReport,
     sft_run: &sft::SftRun,
     rm: &reward::RewardRun,
-    ppo_run: &ppo::PpoRun,
+    ppo_run: Option<&ppo::PpoRun>,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# candle-rlhf demo\n");
@@ -438,12 +561,16 @@ fn markdown(
         r.sft.samples.len()
     );
     s.push_str(&policy_table(r));
-    let _ = writeln!(
-        s,
-        "\nPPO - SFT gold reward: {:+.3} ({:.1} standard errors of the difference).\n",
-        r.ppo.gold - r.sft.gold,
-        r.margin_in_se()
-    );
+    s.push('\n');
+    for p in &r.trained {
+        let _ = writeln!(
+            s,
+            "{} - SFT gold reward: {:+.3} ({:.1} standard errors of the difference).\n",
+            p.name,
+            p.gold - r.sft.gold,
+            r.margin_in_se(p)
+        );
+    }
     let _ = writeln!(
         s,
         "Reward model: eval accuracy {:.3} on pairs with {:.0}% of labels flipped; agreement with the gold reward on 200 unflipped held-out pairs {:.3}.\n",
@@ -459,8 +586,8 @@ fn markdown(
         );
     }
     let _ = writeln!(s, "## Completions\n");
-    for p in [&r.sft, &r.ppo]
-        .into_iter()
+    for p in std::iter::once(&r.sft)
+        .chain(&r.trained)
         .chain(r.sweep.iter().map(|(_, e)| e))
     {
         let _ = writeln!(s, "{}:\n", p.name);
@@ -480,13 +607,15 @@ fn markdown(
         "- Reward model: {} steps, eval accuracy {:.3}, eval loss {:.3}.",
         rm.steps, rm.eval_accuracy, rm.eval_loss
     );
-    let _ = writeln!(
-        s,
-        "- PPO: {} updates, {:.2} s/update ({} in all).",
-        ppo_run.updates,
-        ppo_run.seconds_per_update,
-        ppo_run.total_times()
-    );
+    if let Some(ppo_run) = ppo_run {
+        let _ = writeln!(
+            s,
+            "- PPO: {} updates, {:.2} s/update ({} in all).",
+            ppo_run.updates,
+            ppo_run.seconds_per_update,
+            ppo_run.total_times()
+        );
+    }
     let times: Vec<String> = r
         .timings
         .iter()
@@ -494,7 +623,15 @@ fn markdown(
         .collect();
     let _ = writeln!(s, "- Wall time: {}.\n", times.join(", "));
     let _ = writeln!(s, "## Curves\n");
-    for stage in ["sft", "reward", "ppo", "ppo-kl0", "ppo-kl-large"] {
+    for stage in [
+        "sft",
+        "reward",
+        "ppo",
+        "grpo",
+        "rloo",
+        "ppo-kl0",
+        "ppo-kl-large",
+    ] {
         let dir = r.out.join(stage).join("plots");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -512,6 +649,9 @@ fn markdown(
                     "policy",
                     "val",
                     "mean_response_length",
+                    "reward",
+                    "rewards",
+                    "completions",
                 ]
                 .contains(&family)
             })

@@ -269,7 +269,10 @@ fn reinforce_pp_estimators_learn_without_a_critic() {
     ] {
         let out = run(&tmp.path().join(name), &extra);
         let (b, a) = (out.eval_before.unwrap(), out.eval_after.unwrap());
-        eprintln!("{name}: reward {:.3} -> {:.3}, KL {:.3}", b.mean_score, a.mean_score, a.kl);
+        eprintln!(
+            "{name}: reward {:.3} -> {:.3}, KL {:.3}",
+            b.mean_score, a.mean_score, a.kl
+        );
         assert!(a.mean_score > b.mean_score + 0.08, "{name}: {b} -> {a}");
         // No critic was built: the checkpoint holds the policy alone.
         assert!(out.checkpoint.join("model.safetensors").is_file());
