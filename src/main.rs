@@ -268,6 +268,10 @@ enum Command {
         /// PPO's kl_coef.
         #[arg(long)]
         kl_coef: Option<f64>,
+        /// The task: reviews (the RLHF pipeline with a reward model) or
+        /// arithmetic (GRPO with a verifiable exact-match reward).
+        #[arg(long, default_value = "reviews", value_parser = ["reviews", "arithmetic"])]
+        task: String,
         /// The RL stage: ppo, grpo, rloo, or all (the three, side by side).
         #[arg(long, default_value = "ppo", value_parser = ["ppo", "grpo", "rloo", "all"])]
         algo: String,
@@ -331,7 +335,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             kl_coef,
             algo,
+            task,
         } => {
+            if task == "arithmetic" {
+                println!("{}", candle_rlhf::app::arith::run(&out, fast, seed)?);
+                return Ok(());
+            }
             use candle_rlhf::app::demo;
             let report = demo::run(&demo::DemoOptions {
                 out,

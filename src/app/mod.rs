@@ -3,6 +3,7 @@
 //! fixtures (tiny models, tokenizers, data, a hub cache) that tests and the
 //! demo train on, and the sentiment task for a real pretrained encoder. The pipeline modules never import this one; tests may.
 
+pub mod arith;
 pub mod bench;
 pub mod demo;
 pub mod fixtures;
