@@ -279,3 +279,72 @@ fn the_fast_arithmetic_demo_raises_held_out_exact_match_accuracy() {
     let right = rows.iter().filter(|r| r["reward"] == 1.0).count();
     assert_eq!(right as f64 / rows.len() as f64, grpo);
 }
+
+/// `candle-rlhf grpo` on the preset, with the fixture paths and `sets`.
+fn grpo_cmd(out: &Path, sets: &[&str]) -> std::process::Command {
+    let quoted = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let mut c = std::process::Command::new(crate::bin());
+    c.env_remove("RUST_BACKTRACE")
+        .arg("grpo")
+        .arg("--config")
+        .arg(crate::repo().join("configs/grpo-tiny.toml"))
+        .args([
+            "--set",
+            &format!("model.name_or_path={}", quoted(&model_dir("tiny-gpt2"))),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "grpo.dataset={}",
+                quoted(&fixtures_root().join(fixtures::PREFERENCES))
+            ),
+        ])
+        .args(["--out", &out.to_string_lossy()]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c
+}
+
+#[test]
+fn a_killed_grpo_run_resumes_to_the_same_weights_as_one_never_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = ["train.max_steps=12", "train.save_steps=1", "grpo.beta=0.1"];
+    let killed = tmp.path().join("killed");
+    let mut child = grpo_cmd(&killed, &sets)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = killed.join("checkpoints/3/trainer_state.json");
+    let started = std::time::Instant::now();
+    while !marker.exists() {
+        assert!(started.elapsed().as_secs() < 300, "no checkpoint 3");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to write anything more
+    child.wait().unwrap();
+    let ok = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{}{out}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let resumed = ok(grpo_cmd(&killed, &sets).arg("--resume").arg(&killed));
+    assert!(resumed.contains("iterations: 12"), "{resumed}");
+    let straight = tmp.path().join("straight");
+    ok(&mut grpo_cmd(&straight, &sets));
+    let read = |d: &Path| std::fs::read(d.join("checkpoints/12/model.safetensors")).unwrap();
+    assert!(
+        read(&killed) == read(&straight),
+        "resumed after a kill differs"
+    );
+}
