@@ -3,6 +3,7 @@
 //! RLOO) share the rollout (`rollout.rs`) and the reward functions
 //! (`crate::rewards`).
 
+mod critic;
 pub mod grpo;
 pub mod ppo;
 pub(crate) mod rollout;

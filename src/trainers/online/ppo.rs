@@ -1,28 +1,37 @@
-//! PPO, stage 3 of RLHF, read top to bottom as in CleanRL: for each batch of
-//! prompts, (1) roll out responses with the KV cache and no autograd graph,
-//! (2) score them, (3) compute log-probs under policy and reference, values,
-//! per-token KL rewards, GAE advantages, (4) run PPO epochs of clipped policy
-//! and value losses over shuffled mini-batches. Semantics and names follow
-//! TRL's PPOTrainer and "The N+ Implementation Details of RLHF with PPO"
-//! (Huang et al., 2024); the formulas live in [`crate::rl`].
+//! PPO, stage 3 of RLHF, read top to bottom as in CleanRL. Each update
+//! (one batch of prompts) takes the steps every online trainer numbers the
+//! same way (GRPO and RLOO: `grpo.rs`):
+//!
+//! 1. sample responses with the KV cache and no autograd graph;
+//! 2. log-probs of the sampled tokens under policy and reference, and the
+//!    critic's values;
+//! 3. score them with the reward functions (missing-EOS penalty);
+//! 4. rewards: -kl_coef x KL on every token, the score on the last real one
+//!    (optionally whitened);
+//! 5. advantages: GAE with the critic's values, or REINFORCE++ without one;
+//! 6. PPO epochs x mini-batches of the clipped policy and value losses;
+//! 7. adaptive KL control;
+//! 8. log, samples, evaluation, checkpoint.
+//!
+//! Semantics and names follow TRL's PPOTrainer and "The N+ Implementation
+//! Details of RLHF with PPO" (Huang et al., 2024); the formulas live in
+//! [`crate::rl`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
 use serde_json::{json, Value};
 
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
-use crate::config::{AdvantageEstimator, Config, PpoConfig, StopToken, ValueModel};
+use crate::config::{AdvantageEstimator, Config, PpoConfig, StopToken};
 use crate::data::prompts::{load_prompt_rows, PromptReport};
 use crate::generate::Sampling;
 use crate::hub::{resolve_model, HubSettings};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::reward_model::RewardModel;
-use crate::models::{frozen_builder, load_dir, load_dir_frozen, project, ArchConfig, CausalLm};
+use crate::models::{frozen_builder, load_dir, load_dir_frozen, ArchConfig, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{LossPart, StepOutcome, TrainCore};
 use crate::rl;
@@ -31,173 +40,11 @@ use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, HostRng, IoContext, Result};
 
-// ---------------------------------------------------------------- rewards
-
 use crate::rewards::RewardFuncs;
 pub use crate::rewards::{same_tokenizer, Completion, Reward, RewardModelReward, SumOfRewards};
 
+use super::critic::{build_critic, Critic};
 use super::rollout::{self, policy_outputs, Batch, PromptInfo, Scored};
-
-/// Where values come from.
-enum Critic {
-    /// `v_head` (hidden -> 1, zero-initialized) on the policy's last hidden
-    /// states, detached.
-    Head { weight: Var, bias: Var },
-    /// A separate model initialized from the reward model (its `score` head
-    /// read at every position), trained alongside the policy.
-    Model {
-        model: Box<RewardModel>,
-        frozen: Box<RewardModel>,
-        varmap: VarMap,
-    },
-}
-
-impl Critic {
-    /// Values (B, r) in f32 of the states predicting each response token;
-    /// `h` the policy's hidden states there (a value head needs them, a
-    /// critic model reads the batch); `grad` records the graph.
-    fn values(&self, b: &Batch, h: Option<&Tensor>, grad: bool) -> Result<Tensor> {
-        match self {
-            Critic::Head { weight, bias } => {
-                // The head reads detached hidden states: value-loss gradients
-                // train the head only and never move the policy (a shared
-                // trunk lets a large value loss wreck the policy early on).
-                let h = h
-                    .ok_or_else(|| {
-                        Error::Msg("a value head needs the policy's hidden states".into())
-                    })?
-                    .detach();
-                let h = &h;
-                let (w, c) = if grad {
-                    (weight.as_tensor().clone(), bias.as_tensor().clone())
-                } else {
-                    (weight.as_detached_tensor(), bias.as_detached_tensor())
-                };
-                let v = project(h, &w.to_dtype(h.dtype())?)?.squeeze(2)?;
-                Ok(v.to_dtype(DType::F32)?.broadcast_add(&c)?)
-            }
-            Critic::Model { model, frozen, .. } => {
-                let m = if grad { model } else { frozen };
-                Ok(m.values(&b.ids, &b.mask)?.narrow(1, b.q - 1, b.r)?)
-            }
-        }
-    }
-
-    /// (name, Var) pairs for the optimizer, prefixed apart from the policy's.
-    fn vars(&self) -> Vec<(String, Var)> {
-        match self {
-            Critic::Head { weight, bias } => vec![
-                ("v_head.weight".into(), weight.clone()),
-                ("v_head.bias".into(), bias.clone()),
-            ],
-            Critic::Model { varmap, .. } => {
-                let data = varmap.data().lock().expect("varmap lock");
-                data.iter()
-                    .map(|(n, v)| (format!("critic.{n}"), v.clone()))
-                    .collect()
-            }
-        }
-    }
-
-    /// The file a checkpoint stores it in, with its tensors.
-    fn checkpoint_file(&self) -> (&'static str, Vec<(String, Tensor)>) {
-        match self {
-            Critic::Head { weight, bias } => (
-                "value_head.safetensors",
-                vec![
-                    ("v_head.weight".into(), weight.as_tensor().clone()),
-                    ("v_head.bias".into(), bias.as_tensor().clone()),
-                ],
-            ),
-            Critic::Model { varmap, .. } => (
-                "critic.safetensors",
-                crate::models::weights::named_tensors(varmap),
-            ),
-        }
-    }
-
-    fn restore(&self, dir: &Path, device: &Device) -> Result<()> {
-        let (file, _) = self.checkpoint_file();
-        let path = dir.join(file);
-        match self {
-            Critic::Head { weight, bias } => checkpoint::load_file_into_vars(
-                &path,
-                [("v_head.weight", weight), ("v_head.bias", bias)].into_iter(),
-                device,
-            ),
-            Critic::Model { varmap, .. } => {
-                let data = varmap.data().lock().expect("varmap lock");
-                checkpoint::load_file_into_vars(
-                    &path,
-                    data.iter().map(|(n, v)| (n.as_str(), v)),
-                    device,
-                )
-            }
-        }
-    }
-}
-
-/// Builds the critic the config asks for.
-fn build_critic(
-    p: &PpoConfig,
-    reward_dir: Option<&Path>,
-    policy_dir: &Path,
-    hidden: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Critic> {
-    let head = || -> Result<Critic> {
-        if p.critic_on_own_thread {
-            tracing::warn!("ppo.critic_on_own_thread: the critic is a value head on the policy's hidden states, so it runs on the policy's thread");
-        }
-        Ok(Critic::Head {
-            weight: Var::zeros((1, hidden), DType::F32, device)?,
-            bias: Var::zeros(1, DType::F32, device)?,
-        })
-    };
-    if p.value_model == ValueModel::Head {
-        return head();
-    }
-    let why_not = match reward_dir {
-        None => Some("no reward model directory (a programmatic reward)".to_string()),
-        Some(dir) if !same_tokenizer(dir, policy_dir) => Some(format!(
-            "the reward model {} has another tokenizer than the policy",
-            dir.display()
-        )),
-        Some(_) => None,
-    };
-    if let Some(why) = why_not {
-        if p.value_model == ValueModel::Reward {
-            return Err(Error::InvalidConfig {
-                field: "ppo.value_model".into(),
-                value: "reward".into(),
-                reason: format!("a critic cannot start from the reward model: {why}; use value_model = \"head\" (or \"auto\" to fall back)"),
-            });
-        }
-        tracing::info!("value head on the policy: {why}");
-        return head();
-    }
-    let dir = reward_dir.expect("checked above");
-    let (model, varmap) = RewardModel::from_dir(dir, dtype, device, 0)?;
-    if !model.is_decoder() {
-        if p.value_model == ValueModel::Reward {
-            return Err(Error::InvalidConfig {
-                field: "ppo.value_model".into(),
-                value: "reward".into(),
-                reason: "an encoder reward model gives no per-token values".into(),
-            });
-        }
-        return head();
-    }
-    let cfg = model.config.clone();
-    let frozen = RewardModel::load(frozen_builder(&varmap, dtype, device), &varmap, &cfg, 0)?;
-    tracing::info!("critic initialized from the reward model {}", dir.display());
-    Ok(Critic::Model {
-        model: Box::new(model),
-        frozen: Box::new(frozen),
-        varmap,
-    })
-}
 
 // ---------------------------------------------------------------- rollouts
 
@@ -346,7 +193,7 @@ fn mean_f(x: &Tensor) -> Result<f64> {
     Ok(x.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
 }
 
-/// Steps 1-3: sample, score, and turn the scores into advantages.
+/// Steps 1-5: sample, log-probs, score, rewards, advantages.
 fn roll_out(
     m: &Models,
     p: &PpoConfig,
@@ -368,7 +215,7 @@ fn roll_out(
         forward_rollouts(m, &queries, &responses, r, p.temperature, chunk)?;
     m.device.synchronize()?; // GPU work is queued: wait for it before reading the clock
     let forward_s = started.elapsed().as_secs_f64();
-    // 3. Scores from the reward (with the missing-EOS penalty).
+    // 3. Scores from the reward functions (with the missing-EOS penalty).
     let started = Instant::now();
     let stop = &sampling.stop_token_ids;
     let Scored {
@@ -397,11 +244,11 @@ fn roll_out(
     // 4. Per-token rewards: -kl_coef * KL on every token, the score on the last real one.
     let kl = (rl::kl_per_token(&logprobs, &ref_logprobs, p.kl_estimator)? * &mask)?;
     let (mut rewards, non_score) = rl::per_token_rewards(&kl, &mask, &scores_t, kl_coef)?;
-    // 5. Optional reward whitening (shift_mean = false, as TRL).
+    //    Optional reward whitening (shift_mean = false, as TRL).
     if p.whiten_rewards {
         rewards = (rl::masked_whiten(&rewards, &mask, false)? * &mask)?;
     }
-    // 6. Advantages. gae: GAE over response tokens with the critic's
+    // 5. Advantages. gae: GAE over response tokens with the critic's
     //    values, returns = advantages + values, then the advantages are
     //    whitened over real tokens. reinforce(_baseline): REINFORCE++, the
     //    discounted returns of the per-token rewards whitened over the
@@ -751,7 +598,7 @@ pub fn train_with_rewards(
     let (p, t, seed) = (&cfg.ppo, &cfg.train, cfg.run.seed);
     let hub = HubSettings::from_env();
 
-    // 1. Policy (trainable), its detached twin for sampling, the frozen reference.
+    // Setup: the policy (trainable), its detached twin for sampling, the frozen reference.
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
@@ -778,7 +625,7 @@ pub fn train_with_rewards(
         _ => None,
     };
 
-    // 2. Prompts.
+    // Setup: prompts.
     p.data().train()?;
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
     let (prompt_rows, report) = load_prompt_rows(
@@ -822,7 +669,7 @@ pub fn train_with_rewards(
         });
     }
 
-    // 3. Batch sizes (TRL's names) and the schedule over optimizer steps.
+    // Setup: batch sizes (TRL's names) and the schedule over optimizer steps.
     let batch = p.local_batch_size(t);
     let mini_batch = p.local_mini_batch_size(t);
     let episodes = p.total_episodes.unwrap_or(prompts.len() as u64).max(1);
@@ -859,12 +706,13 @@ pub fn train_with_rewards(
     }
     let sampling = sampling_of(p, &tok);
 
-    // 4. State: fresh, or the newest checkpoint's.
-    let mut state = TrainerState::fresh(
-        seed,
-        &["data", "sample", "ppo"],
-        json!({"kl_coef": p.kl_coef, "episode": 0}),
-    );
+    // Setup: state, fresh or the newest checkpoint's.
+    let mut state = TrainerState::fresh(seed, &["data", "sample", "ppo"], json!({}));
+    PpoState {
+        kl_coef: p.kl_coef,
+        episode: 0,
+    }
+    .store(&mut state);
     if let Some(point) = &run.resume {
         checkpoint::load_into_vars(
             &point.checkpoint,
@@ -935,7 +783,7 @@ pub fn train_with_rewards(
         }
     }
 
-    // 5. The loop: one update per batch of prompts.
+    // The loop: one update per batch of prompts, steps 1-8.
     let progress = Progress::new(total_updates, "ppo");
     let sample_every = (total_updates / p.num_sample_generations.max(1) as u64).max(1);
     let mut update_times = Vec::new();
@@ -953,10 +801,12 @@ pub fn train_with_rewards(
             .into_iter()
             .flat_map(|i| std::iter::repeat_n(prompts[i].clone(), n))
             .collect();
-        let kl_coef = state.extra["kl_coef"].as_f64().unwrap_or(p.kl_coef);
+        let mut ppo_state = PpoState::of(&state, p)?;
+        let kl_coef = ppo_state.kl_coef;
+        // Steps 1-5.
         let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))?;
 
-        // PPO epochs over shuffled mini-batches, accumulating micro-batches.
+        // 6. PPO epochs over shuffled mini-batches, accumulating micro-batches.
         let update_phase = Instant::now();
         let mut acc = UpdateStats::default();
         let mut lr = 0.0;
@@ -975,9 +825,9 @@ pub fn train_with_rewards(
         models.device.synchronize()?;
         let this_update_s = update_phase.elapsed().as_secs_f64();
         state.step += 1;
-        let episode = state.extra["episode"].as_u64().unwrap_or(0) + batch as u64;
-        state.extra["episode"] = json!(episode);
-        // Adaptive KL control updates the coefficient from this batch's KL.
+        ppo_state.episode += batch as u64;
+        let episode = ppo_state.episode;
+        // 7. Adaptive KL control updates the coefficient from this batch's KL.
         if p.adap_kl_ctrl {
             let mut ctl = rl::AdaptiveKl {
                 value: kl_coef,
@@ -985,10 +835,11 @@ pub fn train_with_rewards(
                 horizon: p.horizon,
             };
             ctl.update(stats.kl_per_sequence, batch);
-            state.extra["kl_coef"] = json!(ctl.value);
+            ppo_state.kl_coef = ctl.value;
         }
+        ppo_state.store(&mut state);
 
-        // Metrics (means over every micro-batch of the update), samples, eval.
+        // 8. Metrics (means over every micro-batch of the update), samples, eval, checkpoint.
         let elapsed = update_started.elapsed().as_secs_f64();
         update_times.push(PhaseTimes {
             generate_s: stats.generate_s,
@@ -1054,6 +905,38 @@ pub fn train_with_rewards(
         seconds_per_update: started.elapsed().as_secs_f64() / updates_run as f64,
         update_times,
     })
+}
+
+/// What PPO keeps in a checkpoint beside the weights, the optimizer, the
+/// RNG streams and the data position (`trainer_state.json`'s `extra`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct PpoState {
+    /// The KL coefficient now (adaptive KL control moves it).
+    kl_coef: f64,
+    /// Prompts rolled out so far (TRL's `episode`).
+    episode: u64,
+}
+
+impl PpoState {
+    fn of(state: &TrainerState, p: &PpoConfig) -> Result<Self> {
+        // A checkpoint from before this field set: the config's coefficient.
+        if state.extra.get("kl_coef").is_none() {
+            return Ok(Self {
+                kl_coef: p.kl_coef,
+                episode: state
+                    .extra
+                    .get("episode")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+            });
+        }
+        serde_json::from_value(state.extra.clone())
+            .map_err(|e| Error::Msg(format!("trainer_state.json: PPO's state: {e}")))
+    }
+
+    fn store(self, state: &mut TrainerState) {
+        state.extra = serde_json::to_value(self).expect("plain numbers serialize");
+    }
 }
 
 /// A policy must be a causal LM.
