@@ -28,7 +28,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use super::eval::log_eval;
+pub use super::eval::EvalFigures;
 use super::rollout::{self, policy_outputs, Batch, Scored};
+use super::stats::{mean, std, LossStats};
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{
@@ -189,25 +192,6 @@ pub struct OnlineRun {
     pub eval_before: Option<EvalFigures>,
     pub eval_after: Option<EvalFigures>,
     pub seconds_per_iteration: f64,
-}
-
-/// One evaluation: TRL's metric names under `eval/`, and the completions.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalFigures {
-    pub figures: Vec<(String, f64)>,
-    /// {prompt, completion, reward} per prompt.
-    pub completions: Vec<Value>,
-}
-
-impl EvalFigures {
-    /// The value of `eval/<name>`.
-    pub fn get(&self, name: &str) -> Option<f64> {
-        let key = format!("eval/{name}");
-        self.figures
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-    }
 }
 
 /// The models an iteration reads.
@@ -431,19 +415,11 @@ pub fn train_with_rewards(
             false => evaluate(m, &s, &eval_prompts, &sampling, seed, micro).map(Some),
         }
     };
-    let log_eval = |run: &mut RunDir, step: u64, e: &EvalFigures| -> Result<()> {
-        run.metrics.log(step, &e.figures)?;
-        let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
-        io::atomic_write(
-            &run.path.join(format!("eval-{step}.jsonl")),
-            text.as_bytes(),
-        )
-    };
     let mut eval_before = None;
     if state.step == 0 {
         eval_before = eval_now(&m)?;
         if let Some(e) = &eval_before {
-            log_eval(&mut run, 0, e)?;
+            log_eval(&mut run, 0, &e.figures, &e.completions)?;
         }
     }
 
@@ -537,7 +513,7 @@ pub fn train_with_rewards(
             || state.step == total_iterations;
         if eval_due {
             if let Some(e) = eval_now(&m)? {
-                log_eval(&mut run, state.step, &e)?;
+                log_eval(&mut run, state.step, &e.figures, &e.completions)?;
                 eval_after = Some(e);
             }
         }
@@ -593,19 +569,6 @@ fn completion_mask(responses: &[Vec<u32>], t: usize, device: &Device) -> Result<
         .flat_map(|r| (0..t).map(move |i| (i < r.len()) as u8 as f32))
         .collect();
     Ok(Tensor::from_vec(flat, (responses.len(), t), device)?)
-}
-
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len().max(1) as f64
-}
-
-/// Unbiased standard deviation (torch's `std`); 0 for one value.
-fn std(x: &[f64]) -> f64 {
-    if x.len() < 2 {
-        return 0.0;
-    }
-    let m = mean(x);
-    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
 }
 
 /// Steps 2-5 on a sampled generation batch: the log-probs the loss needs,
@@ -776,47 +739,6 @@ fn token_count(mask: &Tensor, rows: &[usize]) -> Result<f64> {
         .sum_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?)
-}
-
-/// Sums of the per-micro-batch loss diagnostics of one iteration.
-#[derive(Default)]
-struct LossStats {
-    n: usize,
-    loss: f64,
-    entropy: f64,
-    kl: f64,
-    has_kl: bool,
-    low: f64,
-    high: f64,
-    region: f64,
-}
-
-impl LossStats {
-    fn absorb(&mut self, o: LossStats) {
-        self.n += o.n;
-        self.loss += o.loss;
-        self.entropy += o.entropy;
-        self.kl += o.kl;
-        self.has_kl |= o.has_kl;
-        self.low += o.low;
-        self.high += o.high;
-        self.region += o.region;
-    }
-
-    fn figures(&self) -> Vec<(String, f64)> {
-        let n = self.n.max(1) as f64;
-        let mut f = vec![
-            ("loss".into(), self.loss / n),
-            ("entropy".into(), self.entropy / n),
-            ("clip_ratio/low_mean".into(), self.low / n),
-            ("clip_ratio/high_mean".into(), self.high / n),
-            ("clip_ratio/region_mean".into(), self.region / n),
-        ];
-        if self.has_kl {
-            f.push(("kl".into(), self.kl / n));
-        }
-        f
-    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -44,7 +44,11 @@ use crate::rewards::RewardFuncs;
 pub use crate::rewards::{same_tokenizer, Completion, Reward, RewardModelReward, SumOfRewards};
 
 use super::critic::{build_critic, Critic};
+use super::eval::log_eval;
+pub use super::eval::EvalReport;
 use super::rollout::{self, policy_outputs, Batch, PromptInfo, Scored};
+pub use super::stats::PhaseTimes;
+use super::stats::UpdateStats;
 
 // ---------------------------------------------------------------- rollouts
 
@@ -70,41 +74,6 @@ struct RolloutStats {
     forward_s: f64,
     score_s: f64,
     tokens: usize,
-}
-
-/// Wall-clock seconds of one PPO update's phases (or their sums).
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct PhaseTimes {
-    /// Sampling the responses (KV-cached decoding).
-    pub generate_s: f64,
-    /// Policy, reference and value forwards over the rollouts.
-    pub forward_s: f64,
-    /// The reward: decoding and the reward model's forward.
-    pub score_s: f64,
-    /// num_ppo_epochs of forward, backward and optimizer steps.
-    pub update_s: f64,
-    /// The whole update, including advantages and bookkeeping.
-    pub total_s: f64,
-}
-
-impl std::fmt::Display for PhaseTimes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "generation {:.2} s, forwards {:.2} s, scoring {:.2} s, updates {:.2} s",
-            self.generate_s, self.forward_s, self.score_s, self.update_s
-        )
-    }
-}
-
-impl std::ops::AddAssign for PhaseTimes {
-    fn add_assign(&mut self, o: Self) {
-        self.generate_s += o.generate_s;
-        self.forward_s += o.forward_s;
-        self.score_s += o.score_s;
-        self.update_s += o.update_s;
-        self.total_s += o.total_s;
-    }
 }
 
 /// The frozen models a rollout reads.
@@ -329,40 +298,6 @@ fn roll_out(
 }
 
 // ---------------------------------------------------------------- evaluation
-
-/// What `eval` and the periodic evaluation report.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalReport {
-    pub prompts: usize,
-    pub mean_score: f64,
-    /// Mean over prompts of the summed per-token k1 KL to the reference.
-    pub kl: f64,
-    pub mean_length: f64,
-    pub eos_rate: f64,
-    /// {prompt, response, score} per prompt.
-    pub completions: Vec<Value>,
-}
-
-impl EvalReport {
-    pub fn figures(&self) -> Vec<(String, f64)> {
-        vec![
-            ("eval/scores".into(), self.mean_score),
-            ("eval/kl".into(), self.kl),
-            ("eval/mean_response_length".into(), self.mean_length),
-            ("eval/eos_rate".into(), self.eos_rate),
-        ]
-    }
-}
-
-impl std::fmt::Display for EvalReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} prompts: mean reward {:.4}, KL to reference {:.4}, mean length {:.1}, EOS rate {:.3}",
-            self.prompts, self.mean_score, self.kl, self.mean_length, self.eos_rate
-        )
-    }
-}
 
 /// Samples one completion per prompt (seeded, the same draws every call) and
 /// reports reward, KL to the reference, length and EOS rate.
@@ -768,18 +703,11 @@ pub fn train_with_rewards(
         }
         evaluate(m, p, &eval_prompts, &sampling, seed).map(Some)
     };
-    let log_eval = |run: &mut RunDir, step: u64, e: &EvalReport| -> Result<()> {
-        let f = e.figures();
-        run.metrics.log(step, &f)?;
-        let path = run.path.join(format!("eval-{step}.jsonl"));
-        let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
-        io::atomic_write(&path, text.as_bytes())
-    };
     let mut eval_before = None;
     if state.step == 0 {
         eval_before = eval_now(&models)?;
         if let Some(e) = &eval_before {
-            log_eval(&mut run, 0, e)?;
+            log_eval(&mut run, 0, &e.figures(), &e.completions)?;
         }
     }
 
@@ -878,7 +806,7 @@ pub fn train_with_rewards(
             || state.step == total_updates;
         if eval_due {
             if let Some(e) = eval_now(&models)? {
-                log_eval(&mut run, state.step, &e)?;
+                log_eval(&mut run, state.step, &e.figures(), &e.completions)?;
                 eval_after = Some(e);
             }
         }
@@ -947,54 +875,6 @@ fn causal(lm: Result<CausalLm>, arch: &ArchConfig) -> Result<CausalLm> {
             arch.model_type()
         ))
     })
-}
-
-/// Sums of the per-micro-batch diagnostics of one update.
-#[derive(Default)]
-struct UpdateStats {
-    n: usize,
-    approxkl: f64,
-    clipfrac: f64,
-    pg_loss: f64,
-    vf_loss: f64,
-    vf_clipfrac: f64,
-    entropy: f64,
-    ratios: Vec<f64>,
-}
-
-impl UpdateStats {
-    /// Adds another micro-batch's (or part's) figures.
-    fn absorb(&mut self, other: UpdateStats) {
-        self.n += other.n;
-        self.approxkl += other.approxkl;
-        self.clipfrac += other.clipfrac;
-        self.pg_loss += other.pg_loss;
-        self.vf_loss += other.vf_loss;
-        self.vf_clipfrac += other.vf_clipfrac;
-        self.entropy += other.entropy;
-        self.ratios.extend(other.ratios);
-    }
-
-    fn figures(&self) -> Vec<(String, f64)> {
-        let n = self.n.max(1) as f64;
-        let ratio = self.ratios.iter().sum::<f64>() / n;
-        let ratio_var = if self.ratios.len() > 1 {
-            self.ratios.iter().map(|r| (r - ratio).powi(2)).sum::<f64>()
-                / (self.ratios.len() - 1) as f64
-        } else {
-            0.0
-        };
-        vec![
-            ("policy/approxkl_avg".into(), self.approxkl / n),
-            ("policy/clipfrac_avg".into(), self.clipfrac / n),
-            ("loss/policy_avg".into(), self.pg_loss / n),
-            ("loss/value_avg".into(), self.vf_loss / n),
-            ("val/clipfrac_avg".into(), self.vf_clipfrac / n),
-            ("policy/entropy_avg".into(), self.entropy / n),
-            ("val/ratio".into(), ratio),
-            ("val/ratio_var".into(), ratio_var),
-        ]
-    }
 }
 
 /// One micro-batch (rows `rows` of the rollouts) gathered for the loss.
