@@ -47,9 +47,10 @@ pub fn bradley_terry(
     Ok(loss)
 }
 
-/// sum(x * mask) / sum(mask), a scalar.
+/// sum(x * mask) / max(sum(mask), 1), a scalar (0, not NaN, for an empty mask).
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    Ok((x * mask)?.sum_all()?.broadcast_div(&mask.sum_all()?)?)
+    let n = mask.sum_all()?.clamp(1.0, f64::INFINITY)?;
+    Ok((x * mask)?.sum_all()?.broadcast_div(&n)?)
 }
 
 /// The variance of x over the real positions, with Bessel's correction when
@@ -887,6 +888,15 @@ mod tests {
         assert!((kl.value - before * (1.0 - 0.2 * 0.01)).abs() < 1e-15);
         kl.update(6.0, 100); // on target: unchanged
         assert!((kl.value - before * 0.998).abs() < 1e-15);
+    }
+
+    #[test]
+    fn masked_mean_of_an_empty_mask_is_zero_not_nan() {
+        let x = t2(&[&[1.0, 2.0], &[3.0, 4.0]]);
+        let m = t2(&[&[1.0, 0.0], &[1.0, 1.0]]);
+        close(&values(&masked_mean(&x, &m).unwrap()), &[8.0 / 3.0], 1e-12);
+        let none = m.zeros_like().unwrap();
+        assert_eq!(values(&masked_mean(&x, &none).unwrap()), vec![0.0]);
     }
 
     #[test]

@@ -368,6 +368,7 @@ pub fn train_with_rewards(
 
     // State: fresh, or the newest checkpoint's.
     let mut state = TrainerState::fresh(seed, &["data", "sample", algo.name()], json!({}));
+    OnlineState::default().store(&mut state);
     if let Some(point) = &run.resume {
         checkpoint::load_into_vars(
             &point.checkpoint,
@@ -456,6 +457,15 @@ pub fn train_with_rewards(
         // 2.-5. Log-probs, scores, rewards, advantages.
         let gen = prepare(&m, &s, t, queries, responses, &rows, state.step)?;
 
+        let mut online_state = OnlineState::of(&state)?;
+        online_state.num_tokens += gen
+            .queries
+            .iter()
+            .zip(&gen.responses)
+            .map(|(q, r)| (q.len() + r.len()) as u64)
+            .sum::<u64>();
+        online_state.store(&mut state);
+
         // 6. num_iterations passes over shuffled micro-batches; one optimizer
         //    step per gradient_accumulation_steps micro-batches.
         let update_started = Instant::now();
@@ -486,6 +496,7 @@ pub fn train_with_rewards(
             let mut f = gen.figures.clone();
             f.extend(acc.figures());
             f.extend([
+                ("num_tokens".into(), online_state.num_tokens as f64),
                 ("learning_rate".into(), last.1),
                 ("grad_norm".into(), last.0),
                 ("time/generate".into(), generate_s),
@@ -509,14 +520,6 @@ pub fn train_with_rewards(
             state.step,
             &[("reward", reward), ("loss", acc.loss / acc.n.max(1) as f64)],
         );
-        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_iterations;
-        if eval_due {
-            if let Some(e) = eval_now(&m)? {
-                log_eval(&mut run, state.step, &e.figures, &e.completions)?;
-                eval_after = Some(e);
-            }
-        }
         let stopping = stop.requested();
         checkpoint_if_due(
             state.step,
@@ -526,6 +529,21 @@ pub fn train_with_rewards(
             &mut last_checkpoint,
             || save(&run, &core, &state),
         )?;
+        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
+            || state.step == total_iterations;
+        if eval_due {
+            // After the checkpoint: a failing evaluation loses no training.
+            let evaluated = eval_now(&m).map_err(|e| {
+                Error::Msg(format!(
+                    "evaluating after iteration {}: {e} (the checkpoint of this iteration, when due, is written)",
+                    state.step
+                ))
+            })?;
+            if let Some(e) = evaluated {
+                log_eval(&mut run, state.step, &e.figures, &e.completions)?;
+                eval_after = Some(e);
+            }
+        }
     }
     progress.finish();
     let ran = (state.step - first).max(1);
@@ -540,6 +558,26 @@ pub fn train_with_rewards(
         eval_after,
         seconds_per_iteration: started.elapsed().as_secs_f64() / ran as f64,
     })
+}
+
+/// What GRPO and RLOO keep in a checkpoint beside the weights, the
+/// optimizer, the RNG streams and the data position (`trainer_state.json`'s
+/// `extra`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct OnlineState {
+    /// Prompt and completion tokens processed so far (TRL's `num_tokens`).
+    num_tokens: u64,
+}
+
+impl OnlineState {
+    fn of(state: &TrainerState) -> Result<Self> {
+        serde_json::from_value(state.extra.clone())
+            .map_err(|e| Error::Msg(format!("trainer_state.json: the trainer's state: {e}")))
+    }
+
+    fn store(self, state: &mut TrainerState) {
+        state.extra = serde_json::to_value(self).expect("plain numbers serialize");
+    }
 }
 
 /// Per-token log-probs of `responses` under `lm`, `chunk` rows at a time, (B, T).
@@ -647,7 +685,9 @@ fn prepare(
     // 4. Rewards: RLOO clamps, then subtracts beta x the summed k1 KL.
     let mut seq_kl = None;
     if let (Some(old), Some(reference)) = (&old_logprobs, &ref_logprobs) {
-        let kl = (rl::kl_per_token(old, reference, KlEstimator::K1)? * &full_mask)?;
+        // Over the tokens that count in the loss (a masked truncated
+        // completion takes no penalty, as in TRL).
+        let kl = (rl::kl_per_token(old, reference, KlEstimator::K1)? * &mask)?;
         seq_kl = Some(kl.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
     }
     if s.algo == Algo::Rloo {
@@ -670,7 +710,21 @@ fn prepare(
 
     // Metrics, TRL's names: the reward before any KL or clipping.
     let total64: Vec<f64> = total.iter().map(|&x| x as f64).collect();
-    let zero_std = total64.chunks(s.group).filter(|g| std(g) < 1e-6).count();
+    // Groups whose rewards all agree (no learning signal): GRPO's raw
+    // rewards; RLOO's after clipping and the KL penalty, as TRL counts them.
+    let signal = match s.algo {
+        Algo::Grpo => &total64,
+        Algo::Rloo => &rewards,
+    };
+    let zero_std = signal.chunks(s.group).filter(|g| std(g) < 1e-6).count();
+    // reward_std: the mean of the groups' stds (GRPO unless scaled by the
+    // batch), else the batch's.
+    let group_std =
+        total64.chunks(s.group).map(std).sum::<f64>() / (total64.len() / s.group) as f64;
+    let reward_std = match (s.algo, s.scale_rewards) {
+        (Algo::Grpo, ScaleRewards::Group | ScaleRewards::None) => group_std,
+        _ => std(&total64),
+    };
     let lengths: Vec<f64> = responses.iter().map(|r| r.len() as f64).collect();
     let terminated: Vec<f64> = responses
         .iter()
@@ -680,7 +734,7 @@ fn prepare(
         .collect();
     let mut figures: Vec<(String, f64)> = vec![
         ("reward".into(), mean(&total64)),
-        ("reward_std".into(), std(&total64)),
+        ("reward_std".into(), reward_std),
         (
             "frac_reward_zero_std".into(),
             zero_std as f64 / (total64.len() / s.group) as f64,
@@ -702,7 +756,6 @@ fn prepare(
             "completions/mean_terminated_length".into(),
             mean(&terminated),
         ),
-        ("num_tokens".into(), lengths.iter().sum::<f64>()),
     ];
     for (name, scores) in m.rewards.names().into_iter().zip(&each) {
         let x: Vec<f64> = scores.iter().map(|&v| v as f64).collect();
@@ -805,10 +858,11 @@ fn micro_batch_loss(
                 s.max_completion_length,
                 step_tokens,
             )?;
-            // DAPO's normalizer already spans the optimizer step.
+            // The optimizer step averages its micro-batches' gradients; DAPO's
+            // normalizer already spans the whole step, so undo that mean.
             let loss = match s.loss_type {
-                GrpoLossType::Dapo => loss,
-                _ => (loss / ga)?,
+                GrpoLossType::Dapo => (loss * ga)?,
+                _ => loss,
             };
             (loss, clip)
         }
@@ -816,21 +870,23 @@ fn micro_batch_loss(
             // One ratio per sequence, from the summed log-probs.
             let seq = (log_ratio * &mask)?.sum_keepdim(1)?;
             let clip = rl::clipped_surrogate(&seq, &adv, s.eps_low, s.eps_high)?;
-            ((clip.loss.mean_all()? / ga)?, clip)
+            (clip.loss.mean_all()?, clip)
         }
     };
+    // Clip fractions: over real tokens for token ratios; over sequences for
+    // one ratio per sequence (GSPO, RLOO), as TRL counts them.
     let frac = |x: &Tensor| -> Result<f64> {
+        if x.dims().iter().product::<usize>() == rows.len() {
+            return scalar(&x.mean_all()?);
+        }
         let x = x.broadcast_as(mask.shape())?.contiguous()?;
         scalar(&rl::masked_mean(&x, &mask)?)
     };
     stats.low = frac(&clip.low)?;
     stats.high = frac(&clip.high)?;
     stats.region = frac(&(&clip.low + &clip.high)?)?;
-    stats.loss = scalar(&loss)?
-        * match (s.algo, s.loss_type) {
-            (Algo::Grpo, GrpoLossType::Dapo) => 1.0,
-            _ => ga,
-        };
+    // The micro-batches' mean of this is the step's loss.
+    stats.loss = scalar(&loss)?;
     Ok((loss, stats))
 }
 

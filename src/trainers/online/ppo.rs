@@ -607,7 +607,11 @@ pub fn train_with_rewards(
     // Setup: batch sizes (TRL's names) and the schedule over optimizer steps.
     let batch = p.local_batch_size(t);
     let mini_batch = p.local_mini_batch_size(t);
-    let episodes = p.total_episodes.unwrap_or(prompts.len() as u64).max(1);
+    // Episodes count responses: one pass samples each prompt n_samples_per_prompt times.
+    let episodes = p
+        .total_episodes
+        .unwrap_or(prompts.len() as u64 * p.n_samples_per_prompt as u64)
+        .max(1);
     let total_updates = episodes.div_ceil(batch as u64);
     let total_steps = total_updates * (p.num_ppo_epochs * p.num_mini_batches) as u64;
     let mut vars: Vec<(String, Var)> = policy_vars
@@ -732,7 +736,13 @@ pub fn train_with_rewards(
         let mut ppo_state = PpoState::of(&state, p)?;
         let kl_coef = ppo_state.kl_coef;
         // Steps 1-5.
-        let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))?;
+        let update = state.step + 1;
+        let (ro, stats) = roll_out(&models, p, queries, &sampling, kl_coef, state.rng("sample"))
+            .map_err(|e| {
+                Error::Msg(format!(
+                    "update {update}: {e} (no update was applied; the last checkpoint is intact)"
+                ))
+            })?;
 
         // 6. PPO epochs over shuffled mini-batches, accumulating micro-batches.
         let update_phase = Instant::now();
@@ -802,14 +812,6 @@ pub fn train_with_rewards(
                 ("kl", stats.kl_per_sequence),
             ],
         );
-        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_updates;
-        if eval_due {
-            if let Some(e) = eval_now(&models)? {
-                log_eval(&mut run, state.step, &e.figures(), &e.completions)?;
-                eval_after = Some(e);
-            }
-        }
         let stopping = stop.requested();
         checkpoint_if_due(
             state.step,
@@ -819,6 +821,21 @@ pub fn train_with_rewards(
             &mut last_checkpoint,
             || save(&run, &core, &state),
         )?;
+        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
+            || state.step == total_updates;
+        if eval_due {
+            // After the checkpoint: a failing evaluation loses no training.
+            let evaluated = eval_now(&models).map_err(|e| {
+                Error::Msg(format!(
+                    "evaluating after update {}: {e} (the checkpoint of this update, when due, is written)",
+                    state.step
+                ))
+            })?;
+            if let Some(e) = evaluated {
+                log_eval(&mut run, state.step, &e.figures(), &e.completions)?;
+                eval_after = Some(e);
+            }
+        }
     }
     progress.finish();
     let updates_run = (state.step - first_update).max(1);
