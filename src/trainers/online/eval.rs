@@ -74,3 +74,23 @@ pub(crate) fn log_eval(
         text.as_bytes(),
     )
 }
+
+/// Evaluates after `step` of `total` when due (every `eval_steps`, and at
+/// the end). Called after the step's checkpoint, so a failing evaluation
+/// (a scorer that fails) loses no training; its error names the step.
+pub(crate) fn evaluate_if_due<E>(
+    eval_steps: Option<u64>,
+    step: u64,
+    total: u64,
+    unit: &str,
+    evaluate: impl FnOnce() -> Result<Option<E>>,
+) -> Result<Option<E>> {
+    if !(eval_steps.is_some_and(|n| step.is_multiple_of(n)) || step == total) {
+        return Ok(None);
+    }
+    evaluate().map_err(|e| {
+        crate::Error::Msg(format!(
+            "evaluating after {unit} {step}: {e} (the checkpoint of this {unit}, when due, is written)"
+        ))
+    })
+}

@@ -28,8 +28,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::eval::log_eval;
 pub use super::eval::EvalFigures;
+use super::eval::{evaluate_if_due, log_eval};
 use super::rollout::{self, policy_outputs, Batch, Scored};
 use super::stats::{mean, std, LossStats};
 use crate::chat::TemplateSource;
@@ -529,20 +529,16 @@ pub fn train_with_rewards(
             &mut last_checkpoint,
             || save(&run, &core, &state),
         )?;
-        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_iterations;
-        if eval_due {
-            // After the checkpoint: a failing evaluation loses no training.
-            let evaluated = eval_now(&m).map_err(|e| {
-                Error::Msg(format!(
-                    "evaluating after iteration {}: {e} (the checkpoint of this iteration, when due, is written)",
-                    state.step
-                ))
-            })?;
-            if let Some(e) = evaluated {
-                log_eval(&mut run, state.step, &e.figures, &e.completions)?;
-                eval_after = Some(e);
-            }
+        let evaluated = evaluate_if_due(
+            t.eval_steps,
+            state.step,
+            total_iterations,
+            "iteration",
+            || eval_now(&m),
+        )?;
+        if let Some(e) = evaluated {
+            log_eval(&mut run, state.step, &e.figures, &e.completions)?;
+            eval_after = Some(e);
         }
     }
     progress.finish();

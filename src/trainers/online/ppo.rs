@@ -44,8 +44,8 @@ use crate::rewards::RewardFuncs;
 pub use crate::rewards::{same_tokenizer, Completion, Reward, RewardModelReward, SumOfRewards};
 
 use super::critic::{build_critic, Critic};
-use super::eval::log_eval;
 pub use super::eval::EvalReport;
+use super::eval::{evaluate_if_due, log_eval};
 use super::rollout::{self, policy_outputs, Batch, PromptInfo, Scored};
 pub use super::stats::PhaseTimes;
 use super::stats::UpdateStats;
@@ -821,20 +821,12 @@ pub fn train_with_rewards(
             &mut last_checkpoint,
             || save(&run, &core, &state),
         )?;
-        let eval_due = t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n))
-            || state.step == total_updates;
-        if eval_due {
-            // After the checkpoint: a failing evaluation loses no training.
-            let evaluated = eval_now(&models).map_err(|e| {
-                Error::Msg(format!(
-                    "evaluating after update {}: {e} (the checkpoint of this update, when due, is written)",
-                    state.step
-                ))
-            })?;
-            if let Some(e) = evaluated {
-                log_eval(&mut run, state.step, &e.figures(), &e.completions)?;
-                eval_after = Some(e);
-            }
+        let evaluated = evaluate_if_due(t.eval_steps, state.step, total_updates, "update", || {
+            eval_now(&models)
+        })?;
+        if let Some(e) = evaluated {
+            log_eval(&mut run, state.step, &e.figures(), &e.completions)?;
+            eval_after = Some(e);
         }
     }
     progress.finish();
