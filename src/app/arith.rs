@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::config::{Config, RewardFuncConfig, RewardFuncType};
+use crate::config::{RewardFuncConfig, RewardFuncType};
 use crate::rng::HostRng;
 use crate::signal::StopSignal;
 use crate::trainers::online::grpo::{self, Algo};
@@ -149,16 +149,7 @@ pub fn run(out: &Path, fast: bool, seed: u64) -> Result<ArithReport> {
     crate::app::fixtures::write_jsonl(&eval_path, &eval)?;
     let base = out.join("base");
     crate::app::fixtures::write_tiny_gpt2(&base, seed)?;
-    let common = |model: &Path, dir: &Path| {
-        let mut c = Config::default();
-        c.run.seed = seed;
-        c.run.device = "cpu".into();
-        c.run.out = Some(dir.to_path_buf());
-        c.model.name_or_path = model.to_string_lossy().into_owned();
-        c.train.logging_steps = 5;
-        c.train.save_total_limit = Some(1);
-        c
-    };
+    let common = |model: &Path, dir: &Path| crate::app::demo::base_config(seed, model, dir);
     lap("data and base model", &mut timings);
 
     // 1. SFT: the format and some sums.

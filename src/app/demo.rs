@@ -180,9 +180,9 @@ fn write_rows(path: &Path, rows: &[serde_json::Value]) -> Result<String> {
 }
 
 /// The common part of every stage's config.
-fn base_config(opts: &DemoOptions, model: &Path, out: &Path) -> Config {
+pub(crate) fn base_config(seed: u64, model: &Path, out: &Path) -> Config {
     let mut c = Config::default();
-    c.run.seed = opts.seed;
+    c.run.seed = seed;
     c.run.device = "cpu".into();
     c.run.out = Some(out.to_path_buf());
     c.model.name_or_path = model.to_string_lossy().into_owned();
@@ -243,7 +243,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     lap("data and base model", &mut timings);
 
     // 1. SFT.
-    let mut c = base_config(opts, &base, &out.join("sft"));
+    let mut c = base_config(opts.seed, &base, &out.join("sft"));
     c.sft.dataset = sft_data;
     c.sft.max_length = 32;
     c.sft.eval_ratio = 0.05;
@@ -261,7 +261,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     lap("SFT", &mut timings);
 
     // 2. The reward model, from the SFT model.
-    let mut c = base_config(opts, &sft_run.checkpoint, &out.join("reward"));
+    let mut c = base_config(opts.seed, &sft_run.checkpoint, &out.join("reward"));
     c.reward.dataset = pairs;
     c.reward.eval_dataset = Some(pairs_eval);
     c.reward.max_length = 32;
@@ -287,7 +287,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
 
     // 3. PPO from the SFT policy against the reward model.
     let ppo_config = |kl_coef: f64, dir: &Path| -> Result<Config> {
-        let mut c = base_config(opts, &sft_run.checkpoint, dir);
+        let mut c = base_config(opts.seed, &sft_run.checkpoint, dir);
         c.ppo.dataset = prompts.clone();
         c.ppo.reward_model = Some(rm_run.checkpoint.to_string_lossy().into_owned());
         c.ppo.kl_coef = kl_coef;
@@ -314,7 +314,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     // learning rate, sampling and reward model.
     let kl_coef = opts.kl_coef.unwrap_or(KL_COEF);
     let critic_free_config = |algo: Algo, dir: &Path| -> Result<Config> {
-        let mut c = base_config(opts, &sft_run.checkpoint, dir);
+        let mut c = base_config(opts.seed, &sft_run.checkpoint, dir);
         c.reward_funcs = vec![RewardFuncConfig {
             name: "reward_model".into(),
             kind: RewardFuncType::Model,

@@ -36,7 +36,6 @@ use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{
     Config, DatasetConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator, ScaleRewards,
-    StopToken,
 };
 use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
 use crate::generate::Sampling;
@@ -170,9 +169,7 @@ impl<'a> Settings<'a> {
             top_p: self.top_p,
             // Completions stop on every stop token of the model
             // (generation_config.json's EOS ids and the tokenizer's EOS).
-            stop_token_ids: match StopToken::Eos {
-                StopToken::Eos => tok.stop_ids.clone(),
-            },
+            stop_token_ids: tok.stop_ids.clone(),
             keep_stop_token: true,
             draw: Default::default(),
         }
@@ -367,24 +364,12 @@ pub fn train_with_rewards(
     let sampling = s.sampling(&tok);
 
     // State: fresh, or the newest checkpoint's.
-    let mut state = TrainerState::fresh(seed, &["data", "sample", algo.name()], json!({}));
-    OnlineState::default().store(&mut state);
-    if let Some(point) = &run.resume {
-        checkpoint::load_into_vars(
-            &point.checkpoint,
-            crate::models::weights::named_vars(&policy_vars)
-                .iter()
-                .map(|(n, v)| (n.as_str(), v)),
-            &device,
-        )?;
-        checkpoint::load_optimizer(
-            &point.checkpoint,
-            &mut core.optimizer,
-            &point.state,
-            &device,
-        )?;
-        state = point.state.clone();
-    }
+    let fresh = TrainerState::fresh(
+        seed,
+        &["data", "sample", algo.name()],
+        serde_json::to_value(OnlineState::default()).expect("plain numbers serialize"),
+    );
+    let mut state = run.restore(fresh, &mut core.optimizer, &device)?;
     let tokenizer_files = checkpoint::tokenizer_files(&policy_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
         let weights = crate::models::weights::named_tensors(&policy_vars);
@@ -679,8 +664,9 @@ fn prepare(
     let mut rewards: Vec<f64> = total.iter().map(|&x| x as f64).collect();
 
     // 4. Rewards: RLOO clamps, then subtracts beta x the summed k1 KL.
+    // (RLOO's sequence KL; GRPO's KL is a loss term, measured in step 6.)
     let mut seq_kl = None;
-    if let (Some(old), Some(reference)) = (&old_logprobs, &ref_logprobs) {
+    if let (Algo::Rloo, Some(old), Some(reference)) = (s.algo, &old_logprobs, &ref_logprobs) {
         // Over the tokens that count in the loss (a masked truncated
         // completion takes no penalty, as in TRL).
         let kl = (rl::kl_per_token(old, reference, KlEstimator::K1)? * &mask)?;
@@ -758,7 +744,7 @@ fn prepare(
         figures.push((format!("rewards/{name}/mean"), mean(&x)));
         figures.push((format!("rewards/{name}/std"), std(&x)));
     }
-    if let (Some(kl), Algo::Rloo) = (&seq_kl, s.algo) {
+    if let Some(kl) = &seq_kl {
         // RLOO's kl: the mean per-token k1 over real tokens.
         let tokens: f64 = lengths.iter().sum::<f64>().max(1.0);
         figures.push(("kl".into(), kl.iter().sum::<f64>() / tokens));
