@@ -28,6 +28,16 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const MODEL_CONFIG_FILE: &str = "config.json";
+/// A LoRA run's weights and settings, in peft's layout (see `models::lora`).
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// The config.json a LoRA checkpoint's merged model gets (a reward model's
+/// head, pad id and offset differ from the base's).
+pub const MERGED_CONFIG_FILE: &str = "merged_config.json";
+/// Where a LoRA checkpoint keeps its merged model, when asked to.
+pub const MERGED_DIR: &str = "merged";
+/// The prefix peft gives every tensor name of an adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// What a trainer needs, beyond weights and optimizer, to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -179,21 +189,44 @@ pub struct Checkpoint<'a> {
     pub optimizer: Option<&'a AdamW>,
     pub state: &'a TrainerState,
     pub manifest: &'a Manifest,
+    /// A LoRA run: `weights` are the adapter's (peft's names), written to
+    /// adapter_model.safetensors with this adapter_config.json, and
+    /// `model_config` goes to merged_config.json.
+    pub lora: Option<&'a LoraParts>,
+}
+
+/// What a LoRA checkpoint holds beyond the adapter's tensors.
+pub struct LoraParts {
+    pub adapter_config: serde_json::Value,
+    /// The merged model, written to `merged/` with config.json and the
+    /// tokenizer files (`lora.save_merged`).
+    pub merged: Option<Vec<(String, Tensor)>>,
 }
 
 /// Writes `ckpt` as `run_dir/checkpoints/<step>/` and keeps the newest
 /// `keep_last` checkpoints. Returns the checkpoint directory.
 pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Result<PathBuf> {
     let dir = write_atomically(run_dir, ckpt.state.step, |tmp| {
-        save_safetensors(ckpt.weights, &tmp.join(WEIGHTS_FILE))?;
+        let (weights_file, config_file) = match ckpt.lora {
+            None => (WEIGHTS_FILE, MODEL_CONFIG_FILE),
+            Some(_) => (ADAPTER_WEIGHTS_FILE, MERGED_CONFIG_FILE),
+        };
+        save_safetensors(ckpt.weights, &tmp.join(weights_file))?;
         if let Some(cfg) = ckpt.model_config {
-            write_json(&tmp.join(MODEL_CONFIG_FILE), cfg)?;
+            write_json(&tmp.join(config_file), cfg)?;
         }
-        for file in ckpt.tokenizer_files {
-            let name = file
-                .file_name()
-                .ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
-            fs::copy(file, tmp.join(name)).with_path(file)?;
+        copy_files(ckpt.tokenizer_files, tmp)?;
+        if let Some(lora) = ckpt.lora {
+            write_json(&tmp.join(ADAPTER_CONFIG_FILE), &lora.adapter_config)?;
+            if let Some(merged) = &lora.merged {
+                let dir = tmp.join(MERGED_DIR);
+                fs::create_dir(&dir).with_path(&dir)?;
+                save_safetensors(merged, &dir.join(WEIGHTS_FILE))?;
+                if let Some(cfg) = ckpt.model_config {
+                    write_json(&dir.join(MODEL_CONFIG_FILE), cfg)?;
+                }
+                copy_files(ckpt.tokenizer_files, &dir)?;
+            }
         }
         for (file, tensors) in ckpt.extra_weights {
             save_safetensors(tensors, &tmp.join(file))?;
@@ -209,6 +242,17 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Resu
         prune(run_dir, k)?;
     }
     Ok(dir)
+}
+
+/// Copies `files` into `dir` under their own names.
+fn copy_files(files: &[PathBuf], dir: &Path) -> Result<()> {
+    for file in files {
+        let name = file
+            .file_name()
+            .ok_or_else(|| Error::Msg(format!("{} is not a file", file.display())))?;
+        fs::copy(file, dir.join(name)).with_path(file)?;
+    }
+    Ok(())
 }
 
 /// Fills a temporary directory with `fill`, syncs it, and renames it to
@@ -315,12 +359,25 @@ pub fn load_optimizer(
         })
 }
 
-/// Copies checkpoint weights into existing variables of the same names and shapes.
+/// Copies checkpoint weights into existing variables of the same names and
+/// shapes: model.safetensors, or a LoRA run's adapter file (its names less
+/// peft's prefix).
 pub fn load_into_vars<'a>(
     dir: &Path,
     vars: impl Iterator<Item = (&'a str, &'a candle_core::Var)>,
     device: &Device,
 ) -> Result<()> {
+    let adapter = dir.join(ADAPTER_WEIGHTS_FILE);
+    if adapter.is_file() {
+        let renamed: Vec<(String, &candle_core::Var)> = vars
+            .map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v))
+            .collect();
+        return load_file_into_vars(
+            &adapter,
+            renamed.iter().map(|(n, v)| (n.as_str(), *v)),
+            device,
+        );
+    }
     load_file_into_vars(&dir.join(WEIGHTS_FILE), vars, device)
 }
 

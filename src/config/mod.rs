@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 pub use sections::{
     AdvantageEstimator, DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType,
-    ImportanceSamplingLevel, KlEstimator, LrSchedulerType, ModelConfig, ModelInit, PpoConfig,
-    RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig, RunConfig, ScaleRewards, SftConfig,
-    StopToken, TrainConfig, ValueModel,
+    ImportanceSamplingLevel, InitLoraWeights, KlEstimator, LoraConfig, LrSchedulerType,
+    ModelConfig, ModelInit, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig,
+    RunConfig, ScaleRewards, SftConfig, StopToken, TargetModules, TrainConfig, ValueModel,
 };
 
 use crate::{Error, Result};
@@ -55,6 +55,8 @@ pub struct Config {
     pub rloo: RlooConfig,
     /// The reward functions of ppo, grpo and rloo, one `[[reward_funcs]]` table each.
     pub reward_funcs: Vec<RewardFuncConfig>,
+    /// LoRA adapters on the trained model (peft's LoraConfig); absent: full fine-tuning.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Config {

@@ -582,3 +582,49 @@ dataset_section! {
         pub num_sample_generations: usize = 10,
     }
 }
+
+/// Which modules get adapters (peft's `target_modules`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names: a module matches when its full name equals one or ends with `.` and one.
+    Names(Vec<String>),
+    /// "all-linear" (every linear layer but the output layer), or a regular
+    /// expression the full module name must match whole.
+    Pattern(String),
+}
+
+/// How adapters start (peft's `init_lora_weights`): `true` (A Kaiming-uniform,
+/// B = 0) or "gaussian" (A ~ N(0, 1/r^2), B = 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Flag(bool),
+    Name(String),
+}
+
+section! {
+    /// LoRA adapters (peft's LoraConfig, its names and defaults) on the model
+    /// the subcommand trains: the policy of sft, ppo, grpo and rloo, the
+    /// reward model of reward. The section's presence turns LoRA on.
+    pub struct LoraConfig {
+        /// Rank of the update B A.
+        pub r: usize = 8,
+        /// The update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+        pub lora_alpha: f64 = 8.0,
+        /// Dropout on the adapter's input, in [0, 1), drawn from the seeded host RNG.
+        pub lora_dropout: f64 = 0.0,
+        /// Module names, "all-linear", or a regex (unset: peft's default for the architecture).
+        pub target_modules: Option<TargetModules> = None,
+        /// Modules trained in full and saved beside the adapter (e.g. `score`, `v_head`).
+        pub modules_to_save: Vec<String> = Vec::new(),
+        /// Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski, 2023).
+        pub use_rslora: bool = false,
+        /// true (A Kaiming-uniform, B = 0) or "gaussian".
+        pub init_lora_weights: InitLoraWeights = InitLoraWeights::Flag(true),
+        /// PPO: the critic gets adapters of its own (same settings) instead of training in full.
+        pub critic: bool = false,
+        /// Also write the merged model into each checkpoint (`merged/`).
+        pub save_merged: bool = false,
+    }
+}

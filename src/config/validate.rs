@@ -3,8 +3,8 @@
 //! and what it must be. The first rule that fails is the error.
 
 use super::{
-    Config, GenerateConfig, GrpoConfig, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType,
-    RlooConfig, SftConfig, TrainConfig,
+    Config, GenerateConfig, GrpoConfig, InitLoraWeights, LoraConfig, PpoConfig, RewardConfig,
+    RewardFuncConfig, RewardFuncType, RlooConfig, SftConfig, TargetModules, TrainConfig,
 };
 use crate::{Error, Result};
 
@@ -93,6 +93,29 @@ fn sft_rules(s: &SftConfig) -> Vec<Rule> {
     vec![
         rule("sft.max_length", s.max_length, s.max_length >= 2, "must be at least 2 tokens"),
         rule("sft.eval_ratio", s.eval_ratio, (0.0..1.0).contains(&s.eval_ratio), UNIT_HALF_OPEN),
+    ]
+}
+
+#[rustfmt::skip]
+fn lora_rules(l: Option<&LoraConfig>) -> Vec<Rule> {
+    let Some(l) = l else { return vec![] };
+    let init_ok = matches!(&l.init_lora_weights, InitLoraWeights::Flag(true))
+        || matches!(&l.init_lora_weights, InitLoraWeights::Name(n) if n == "gaussian");
+    let init = match &l.init_lora_weights {
+        InitLoraWeights::Flag(b) => b.to_string(),
+        InitLoraWeights::Name(n) => format!("\"{n}\""),
+    };
+    let pattern_ok = match &l.target_modules {
+        Some(TargetModules::Pattern(p)) => p == "all-linear" || regex::Regex::new(p).is_ok(),
+        Some(TargetModules::Names(n)) => !n.is_empty(),
+        None => true,
+    };
+    vec![
+        rule("lora.r", l.r, l.r >= 1, AT_LEAST_1),
+        rule("lora.lora_alpha", l.lora_alpha, l.lora_alpha > 0.0 && l.lora_alpha.is_finite(), "must be positive"),
+        rule("lora.lora_dropout", l.lora_dropout, (0.0..1.0).contains(&l.lora_dropout), UNIT_HALF_OPEN),
+        rule("lora.init_lora_weights", init, init_ok, "must be true or \"gaussian\" (peft's other initialisations are not supported)"),
+        rule("lora.target_modules", format!("{:?}", l.target_modules), pattern_ok, "must be a non-empty list of module names, \"all-linear\", or a valid regular expression"),
     ]
 }
 
@@ -330,6 +353,7 @@ pub fn validate(c: &Config) -> Result<()> {
         ppo_rules(&c.ppo, &c.train, c.run.threads),
         grpo_rules(&c.grpo, &c.train),
         rloo_rules(&c.rloo, &c.train),
+        lora_rules(c.lora.as_ref()),
     ];
     check_reward_funcs(&c.reward_funcs)?;
     if c.ppo.reward_model.is_some() && !c.reward_funcs.is_empty() {

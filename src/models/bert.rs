@@ -64,6 +64,20 @@ pub(crate) struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The layer's six linear modules.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_output,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+}
+
+impl EncoderLayer {
     pub fn forward(
         &self,
         x: &Tensor,
@@ -91,6 +105,15 @@ impl EncoderLayer {
             .output
             .forward(&act.forward(&self.intermediate.forward(&a)?)?)?;
         self.output_norm.forward(&(f + a)?)
+    }
+}
+
+impl super::layers::Linears for Bert {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(EncoderLayer::linears_mut)
+            .collect()
     }
 }
 

@@ -35,6 +35,15 @@ pub struct DistilBertConfig {
     pub max_position_embeddings: usize,
 }
 
+impl super::layers::Linears for DistilBert {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(EncoderLayer::linears_mut)
+            .collect()
+    }
+}
+
 /// DistilBertModel.
 pub struct DistilBert {
     pub config: DistilBertConfig,

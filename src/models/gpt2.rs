@@ -9,7 +9,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm};
+use super::layers::{
+    attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm, Linear, Linears,
+};
 use super::KvCache;
 use crate::kernels::attention::{packed_attention, Packing};
 use crate::Result;
@@ -42,30 +44,9 @@ pub struct Gpt2Config {
     pub tie_word_embeddings: bool,
 }
 
-/// GPT-2's Conv1D: y = x W + b with W stored [in, out].
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((d_in, d_out), "weight")?,
-            bias: vb.get(d_out, "bias")?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d_in) = x.dims3()?;
-        let x = x.reshape((b * t, d_in))?;
-        let y = crate::kernels::linear(&x, &self.weight, &self.bias, false)?;
-        Ok(y.reshape((b, t, ()))?)
-    }
-}
-
 struct Attention {
-    c_attn: Conv1D,
-    c_proj: Conv1D,
+    c_attn: Linear,
+    c_proj: Linear,
     n_head: usize,
 }
 
@@ -73,8 +54,8 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
         let e = cfg.n_embd;
         Ok(Self {
-            c_attn: Conv1D::load(vb.pp("c_attn"), e, 3 * e)?,
-            c_proj: Conv1D::load(vb.pp("c_proj"), e, e)?,
+            c_attn: Linear::load_conv1d(vb.pp("c_attn"), e, 3 * e)?,
+            c_proj: Linear::load_conv1d(vb.pp("c_proj"), e, e)?,
             n_head: cfg.n_head,
         })
     }
@@ -100,8 +81,8 @@ impl Attention {
 }
 
 struct Mlp {
-    c_fc: Conv1D,
-    c_proj: Conv1D,
+    c_fc: Linear,
+    c_proj: Linear,
 }
 
 impl Mlp {
@@ -127,8 +108,8 @@ impl Block {
             attn: Attention::load(vb.pp("attn"), cfg)?,
             ln_2: LayerNorm::load(vb.pp("ln_2"), cfg.n_embd, cfg.layer_norm_epsilon)?,
             mlp: Mlp {
-                c_fc: Conv1D::load(vb.pp("mlp.c_fc"), cfg.n_embd, inner)?,
-                c_proj: Conv1D::load(vb.pp("mlp.c_proj"), inner, cfg.n_embd)?,
+                c_fc: Linear::load_conv1d(vb.pp("mlp.c_fc"), cfg.n_embd, inner)?,
+                c_proj: Linear::load_conv1d(vb.pp("mlp.c_proj"), inner, cfg.n_embd)?,
             },
         })
     }
@@ -136,6 +117,22 @@ impl Block {
     fn forward(&self, x: &Tensor, bias: &Tensor, cache: Option<&mut KvSlot>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, bias, cache)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    }
+}
+
+impl Linears for Gpt2 {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| {
+                [
+                    &mut b.attn.c_attn,
+                    &mut b.attn.c_proj,
+                    &mut b.mlp.c_fc,
+                    &mut b.mlp.c_proj,
+                ]
+            })
+            .collect()
     }
 }
 

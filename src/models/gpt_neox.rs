@@ -60,6 +60,22 @@ struct Layer {
     dense_4h_to_h: Linear,
 }
 
+impl super::layers::Linears for GptNeoX {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.query_key_value,
+                    &mut l.dense,
+                    &mut l.dense_h_to_4h,
+                    &mut l.dense_4h_to_h,
+                ]
+            })
+            .collect()
+    }
+}
+
 /// GPTNeoXForCausalLM.
 pub struct GptNeoX {
     pub config: GptNeoXConfig,

@@ -47,10 +47,19 @@ impl RmsNorm {
     }
 }
 
-/// y = x W^T + b with W stored [out, in] (torch's nn.Linear), on (B, T, in).
+/// y = x W^T + b with W stored [out, in] (torch's nn.Linear), or y = x W + b
+/// with W stored [in, out] (GPT-2's Conv1D, peft's `fan_in_fan_out`), on
+/// (B, T, in); plus a LoRA adapter's update when one is attached
+/// ([`super::lora`]).
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The module's name in the checkpoint (`model.layers.0.self_attn.q_proj`):
+    /// what peft's `target_modules` match and its adapter tensors are named by.
+    name: String,
+    /// W is stored [in, out] (GPT-2's Conv1D).
+    fan_in_fan_out: bool,
+    lora: Option<super::lora::Adapter>,
 }
 
 impl Linear {
@@ -62,22 +71,86 @@ impl Linear {
             } else {
                 None
             },
+            name: vb.prefix(),
+            fan_in_fan_out: false,
+            lora: None,
         })
     }
 
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// GPT-2's Conv1D: W stored [in, out], always with a bias.
+    pub fn load_conv1d(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((d_in, d_out), "weight")?,
+            bias: Some(vb.get(d_out, "bias")?),
+            name: vb.prefix(),
+            fan_in_fan_out: true,
+            lora: None,
+        })
+    }
+
+    /// A layer named `name` from its tensors, W stored [out, in].
+    pub fn from_parts(name: &str, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            name: name.to_string(),
+            fan_in_fan_out: false,
+            lora: None,
+        }
+    }
+
+    /// The module's checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (in, out) features.
+    pub fn features(&self) -> Result<(usize, usize)> {
+        let (r, c) = self.weight.dims2()?;
+        Ok(if self.fan_in_fan_out { (r, c) } else { (c, r) })
+    }
+
+    /// Whether W is stored [in, out] (peft's `fan_in_fan_out`).
+    pub fn fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
+    }
+
+    /// Whether the weight is trained in full (a Var that records gradients),
+    /// as a module of `modules_to_save` or a new head is: such a module gets no adapter.
+    pub fn weight_is_trainable(&self) -> bool {
+        self.weight.is_variable()
+    }
+
+    /// The weight's dtype and device (an adapter's are the same).
+    pub fn weight_dtype_device(&self) -> (DType, candle_core::Device) {
+        (self.weight.dtype(), self.weight.device().clone())
+    }
+
+    /// Attaches (or, with None, removes) a LoRA adapter.
+    pub fn set_adapter(&mut self, adapter: Option<super::lora::Adapter>) {
+        self.lora = adapter;
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;
-        let y = match &self.bias {
-            Some(bias) => crate::kernels::linear(&x, &self.weight, bias, true)?,
-            None => matmul_weight_t(&x, &self.weight)?,
+        let mut y = match (&self.bias, self.fan_in_fan_out) {
+            (Some(bias), fan_in_fan_out) => {
+                crate::kernels::linear(&x, &self.weight, bias, !fan_in_fan_out)?
+            }
+            (None, false) => matmul_weight_t(&x, &self.weight)?,
+            (None, true) => x.matmul(&self.weight)?,
         };
+        if let Some(adapter) = &self.lora {
+            y = (y + adapter.delta(&x)?)?;
+        }
         Ok(y.reshape((b, t, ()))?)
     }
+}
+
+/// Every Linear of a model, in a fixed order: what LoRA attaches adapters to.
+pub trait Linears {
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
 }
 
 /// The activations of the supported configs, by their transformers names.

@@ -221,6 +221,25 @@ struct Layer {
     mlp: Mlp,
 }
 
+impl super::layers::Linears for Llama {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.self_attn.q_proj,
+                    &mut l.self_attn.k_proj,
+                    &mut l.self_attn.v_proj,
+                    &mut l.self_attn.o_proj,
+                    &mut l.mlp.gate_proj,
+                    &mut l.mlp.up_proj,
+                    &mut l.mlp.down_proj,
+                ]
+            })
+            .collect()
+    }
+}
+
 /// LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 pub struct Llama {
     pub config: LlamaConfig,

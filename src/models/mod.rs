@@ -9,6 +9,7 @@ pub mod gpt_neox;
 pub mod hf_config;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod reward_model;
 pub mod weights;
 
@@ -19,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 pub use hf_config::{ArchConfig, SUPPORTED_MODEL_TYPES};
+pub use layers::Linears;
 
 use crate::{Error, Result};
 
@@ -106,6 +108,16 @@ impl CausalLm {
     }
 }
 
+impl Linears for CausalLm {
+    fn linears_mut(&mut self) -> Vec<&mut layers::Linear> {
+        match self {
+            Self::Gpt2(m) => m.linears_mut(),
+            Self::Llama(m) => m.linears_mut(),
+            Self::GptNeoX(m) => m.linears_mut(),
+        }
+    }
+}
+
 /// An encoder: BERT or DistilBERT.
 pub enum Encoder {
     Bert(bert::Bert),
@@ -125,6 +137,24 @@ impl Encoder {
         match self {
             Self::Bert(m) => m.dtype(),
             Self::DistilBert(m) => m.dtype(),
+        }
+    }
+}
+
+impl Linears for Encoder {
+    fn linears_mut(&mut self) -> Vec<&mut layers::Linear> {
+        match self {
+            Self::Bert(m) => m.linears_mut(),
+            Self::DistilBert(m) => m.linears_mut(),
+        }
+    }
+}
+
+impl Linears for Backbone {
+    fn linears_mut(&mut self) -> Vec<&mut layers::Linear> {
+        match self {
+            Self::Causal(m) => m.linears_mut(),
+            Self::Encoder(m) => m.linears_mut(),
         }
     }
 }

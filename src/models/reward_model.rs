@@ -78,9 +78,24 @@ impl HeadInit<'_> {
 
     fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
         Ok(Linear::from_parts(
+            prefix,
             self.get((d_out, d_in), &format!("{prefix}.weight"))?,
             Some(self.bias(d_out, &format!("{prefix}.bias"))?),
         ))
+    }
+}
+
+impl super::Linears for RewardModel {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut all = self.backbone.linears_mut();
+        if let Head::Pooled {
+            dense, classifier, ..
+        } = &mut self.head
+        {
+            all.push(dense);
+            all.push(classifier);
+        }
+        all
     }
 }
 

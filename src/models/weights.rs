@@ -19,7 +19,8 @@ struct CheckpointBackend {
     tensors: HashMap<String, Tensor>,
     varmap: VarMap,
     source: PathBuf,
-    trainable: bool,
+    /// Which tensors become Vars (all, none, or LoRA's modules_to_save).
+    trainable: Box<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 fn lock(varmap: &VarMap) -> std::sync::MutexGuard<'_, HashMap<String, Var>> {
@@ -59,7 +60,7 @@ impl CheckpointBackend {
             }
         }
         let t = t.to_dtype(dtype)?.to_device(dev)?;
-        if self.trainable {
+        if (self.trainable)(name) {
             add_var(&self.varmap, name, &t)
         } else {
             Ok(t)
@@ -183,16 +184,27 @@ pub fn checkpoint_builder(
     trainable: bool,
 ) -> (VarBuilder<'static>, VarMap) {
     let varmap = VarMap::new();
+    let vb = selective_builder(tensors, source, dtype, device, &varmap, move |_| trainable);
+    (vb, varmap)
+}
+
+/// A VarBuilder over checkpoint tensors where the tensors `trainable` names
+/// become Vars of `varmap` and the others are served as they are.
+pub fn selective_builder(
+    tensors: HashMap<String, Tensor>,
+    source: &Path,
+    dtype: DType,
+    device: &Device,
+    varmap: &VarMap,
+    trainable: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> VarBuilder<'static> {
     let backend = CheckpointBackend {
         tensors,
         varmap: varmap.clone(),
         source: source.to_path_buf(),
-        trainable,
+        trainable: Box::new(trainable),
     };
-    (
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-        varmap,
-    )
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
 /// A VarBuilder that draws each requested tensor from the RNG stream

@@ -7,5 +7,6 @@
 pub mod online;
 pub mod reward;
 pub mod sft;
+pub mod trained;
 
 pub use online::ppo;

@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
 use serde_json::{json, Value};
 
+use super::trained::Trained;
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::{self, TokenizedPair};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::reward_model::RewardModel;
+use crate::models::reward_model::{RewardModel, OFFSET_KEY};
 use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::rl::bradley_terry;
 use crate::run::{checkpoint_if_due, RunDir};
@@ -155,8 +155,31 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
-    let (mut model, varmap): (RewardModel, VarMap) =
-        RewardModel::from_dir_init(&model_dir, dtype, &device, cfg.model.init, seed)?;
+    let (mut model, params) = match cfg.lora {
+        None => {
+            let (model, varmap) =
+                RewardModel::from_dir_init(&model_dir, dtype, &device, cfg.model.init, seed)?;
+            (model, Trained::Full(varmap))
+        }
+        Some(_) => {
+            // peft's SEQ_CLS task: the head (`score` / `classifier`) trains in full.
+            let (arch, vb, mut params) = Trained::load(
+                &model_dir,
+                &super::trained::base_name(&cfg.model.resolved_name()?),
+                cfg.lora.as_ref(),
+                "SEQ_CLS",
+                cfg.model.init,
+                dtype,
+                &device,
+                seed,
+            )?;
+            let mut model = RewardModel::load(vb, params.varmap(), &arch, seed)?;
+            model.offset = base_config[OFFSET_KEY].as_f64().unwrap_or(0.0);
+            params.attach(&mut model)?;
+            (model, params)
+        }
+    };
+    let varmap = params.varmap().clone();
 
     // 2. Data: tokenized, filtered, split.
     cfg.reward.data().train()?;
@@ -197,7 +220,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                 state: &TrainerState,
                 model: &RewardModel|
      -> Result<PathBuf> {
-        let weights = crate::models::weights::named_tensors(&varmap);
+        let (weights, lora) = params.checkpoint_parts()?;
         let config = model.checkpoint_config(&base_config, tok.pad_id);
         checkpoint::save(
             &run.path,
@@ -209,6 +232,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,
+                lora: lora.as_ref(),
             },
             t.save_total_limit,
         )
@@ -224,6 +248,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     while state.step < total {
         let step = state.step;
         let mut stats = PairStats::default();
+        params.begin_step(step);
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
             let chunk: Vec<&TokenizedPair> = state
@@ -268,6 +293,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         let eval_now =
             t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total;
         if eval_now && !eval_pairs.is_empty() {
+            params.set_training(false);
             eval_figures =
                 eval_stats(&model, &eval_pairs, cfg, tok.pad_id, &device)?.figures("eval_");
             run.metrics.log(state.step, &eval_figures)?;

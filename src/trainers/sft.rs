@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{json, Value};
 
+use super::trained::Trained;
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::Config;
@@ -19,7 +20,7 @@ use crate::data::sft::{pack, tokenize_rows, SftDataReport, SftRow};
 use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{attention_bias, load_dir_init, CausalLm};
+use crate::models::{attention_bias, CausalLm};
 use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
 use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
@@ -117,13 +118,24 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
-    let (arch, vb, varmap) = load_dir_init(&model_dir, dtype, &device, cfg.model.init, seed)?;
-    let lm = CausalLm::load(vb, &arch, true).map_err(|e| {
+    let (arch, vb, mut params) = Trained::load(
+        &model_dir,
+        &super::trained::base_name(&cfg.model.resolved_name()?),
+        cfg.lora.as_ref(),
+        "CAUSAL_LM",
+        cfg.model.init,
+        dtype,
+        &device,
+        seed,
+    )?;
+    let mut lm = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
             "SFT needs a causal LM; {} cannot be one: {e}",
             arch.model_type()
         ))
     })?;
+    params.attach(&mut lm)?;
+    let varmap = params.varmap().clone();
     if s.max_length > lm.max_positions() {
         return Err(Error::InvalidConfig {
             field: "sft.max_length".into(),
@@ -169,7 +181,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     )?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
-        let weights = crate::models::weights::named_tensors(&varmap);
+        let (weights, lora) = params.checkpoint_parts()?;
         checkpoint::save(
             &run.path,
             &Checkpoint {
@@ -180,6 +192,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,
+                lora: lora.as_ref(),
             },
             t.save_total_limit,
         )
@@ -195,6 +208,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     while state.step < total {
         let step = state.step;
         let (mut loss_sum, mut correct, mut trained) = (0.0, 0, 0);
+        params.begin_step(step);
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
             let chunk: Vec<&SftRow> = state
@@ -237,6 +251,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total;
         if eval_now && !eval_rows.is_empty() {
             let batch = t.per_device_eval_batch_size;
+            params.set_training(false);
             eval_figures = eval_loss(&lm, &eval_rows, batch, tok.pad_id, &device)?;
             run.metrics.log(
                 state.step,

@@ -30,6 +30,7 @@ fn save_step(run_dir: &Path, step: u64, value: f32, keep: Option<usize>) -> std:
             optimizer: None,
             state: &state,
             manifest: &manifest,
+            lora: None,
         },
         keep,
     )

@@ -8,6 +8,7 @@ mod config;
 mod grpo;
 mod hub;
 mod layout;
+mod lora;
 mod mixed_precision;
 mod models;
 mod ppo;

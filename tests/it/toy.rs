@@ -165,6 +165,7 @@ pub fn train(
                     optimizer: Some(&core.optimizer),
                     state: &state,
                     manifest: &run.manifest,
+                    lora: None,
                 },
                 cfg.train.save_total_limit,
             )?;

@@ -688,6 +688,7 @@ pub fn train_with_rewards(
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,
+                lora: None,
             },
             t.save_total_limit,
         )

@@ -1,0 +1,189 @@
+//! LoRA: adapters start at the base model, train alone, merge to the same
+//! model, save in peft's layout, and load where a model is expected.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use candle_rlhf::config::LoraConfig;
+use candle_rlhf::models::lora::LoraWeights;
+use candle_rlhf::models::reward_model::RewardModel;
+use candle_rlhf::models::{load_dir_frozen, Backbone};
+use candle_rlhf::optim::{AdamW, AdamWParams, ParamGrads};
+
+use crate::models::{model_dir, outputs};
+
+/// The largest absolute difference of two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `[lora]` from TOML lines.
+pub fn lora_config(toml_lines: &str) -> LoraConfig {
+    toml::from_str(toml_lines).unwrap()
+}
+
+fn rows() -> Vec<Vec<u32>> {
+    vec![vec![5, 9, 2, 7, 3], vec![11, 4, 8]]
+}
+
+fn snapshot(varmap: &candle_nn::VarMap) -> HashMap<String, Vec<f32>> {
+    candle_rlhf::models::weights::named_tensors(varmap)
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// One AdamW step (lr 0.05) on the squared outputs of `model`.
+fn step(model: &Backbone, optimizer: &mut AdamW) {
+    let (out, _) = outputs(model, &rows());
+    let loss = out.sqr().unwrap().mean_all().unwrap();
+    let grads = ParamGrads::from_store(&loss.backward().unwrap(), optimizer);
+    optimizer.step(&grads.0, 0.05).unwrap();
+}
+
+#[test]
+fn adapters_start_at_the_base_train_alone_and_merge_to_the_adapted_model() {
+    let dev = crate::dev();
+    for name in [
+        "tiny-gpt2",
+        "tiny-llama",
+        "tiny-pythia",
+        "tiny-qwen3",
+        "tiny-bert",
+    ] {
+        let dir = model_dir(name);
+        let cfg = lora_config("r = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"");
+        let w = LoraWeights::read(&dir, DType::F32, &dev, &cfg, 0).unwrap();
+        let arch = w.arch.clone();
+        let mut adapted = Backbone::load(w.builder(), &arch).unwrap();
+        let names = w.attach_trainable(&mut adapted).unwrap();
+        let reference = Backbone::load(w.base_builder(), &arch).unwrap();
+        let (_, vb, _) = load_dir_frozen(&dir, DType::F32, &dev).unwrap();
+        let plain = Backbone::load(vb, &arch).unwrap();
+        let (base_out, _) = outputs(&plain, &rows());
+
+        // 1. At initialisation (B = 0) the adapted model is the base, exactly.
+        let (start, _) = outputs(&adapted, &rows());
+        assert_eq!(max_diff(&start, &base_out), 0.0, "{name}: adapted at init");
+        // Every linear layer of the trunk is adapted under all-linear.
+        let per_layer = match name {
+            "tiny-gpt2" | "tiny-pythia" => 4,
+            "tiny-bert" => 6,
+            _ => 7,
+        };
+        assert_eq!(names.len() % per_layer, 0, "{name}: {names:?}");
+
+        // 2. Only adapters are Vars; after one step B has moved and A not yet
+        // (B = 0 gives A a zero gradient), after two both have.
+        let mut optimizer = AdamW::from_varmap(&w.varmap, AdamWParams::default()).unwrap();
+        let before = snapshot(&w.varmap);
+        assert!(
+            before
+                .keys()
+                .all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")),
+            "{name}: {:?}",
+            before.keys()
+        );
+        assert_eq!(before.len(), 2 * names.len());
+        step(&adapted, &mut optimizer);
+        let after_one = snapshot(&w.varmap);
+        for (k, v) in &after_one {
+            let moved = v != &before[k];
+            assert_eq!(moved, k.contains(".lora_B."), "{name}: {k} after one step");
+        }
+        step(&adapted, &mut optimizer);
+        let after_two = snapshot(&w.varmap);
+        assert!(
+            after_two.iter().all(|(k, v)| v != &before[k]),
+            "{name}: every A and B trains"
+        );
+
+        // 3. The base weights did not move: the reference (no adapter, the
+        // same tensors) still gives the base model's outputs exactly.
+        let (ref_out, _) = outputs(&reference, &rows());
+        assert_eq!(
+            max_diff(&ref_out, &base_out),
+            0.0,
+            "{name}: reference = base"
+        );
+
+        // 4. The merged model equals the adapted one within f32 rounding.
+        let (trained_out, _) = outputs(&adapted, &rows());
+        assert!(
+            max_diff(&trained_out, &base_out) > 1e-4,
+            "{name}: training changed nothing"
+        );
+        let merged: HashMap<String, Tensor> = w.merged().unwrap().into_iter().collect();
+        let merged =
+            Backbone::load(VarBuilder::from_tensors(merged, DType::F32, &dev), &arch).unwrap();
+        let (merged_out, _) = outputs(&merged, &rows());
+        let scale = trained_out
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_diff(&merged_out, &trained_out);
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "{name}: merged differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn a_reward_model_trains_its_head_in_full_and_adapters_elsewhere() {
+    let dev = crate::dev();
+    for name in ["tiny-gpt2", "tiny-bert"] {
+        let cfg = lora_config(
+            "r = 2\ntarget_modules = \"all-linear\"\nmodules_to_save = [\"score\", \"classifier\"]",
+        );
+        let w = LoraWeights::read(&model_dir(name), DType::F32, &dev, &cfg, 0).unwrap();
+        let mut model = RewardModel::load(w.builder(), &w.varmap, &w.arch, 0).unwrap();
+        let adapted = w.attach_trainable(&mut model).unwrap();
+        let saved = candle_rlhf::models::lora::saved_modules(&w.varmap);
+        let want: &[&str] = if name == "tiny-bert" {
+            // The fixture has no pooler: a new head, trained in full beside
+            // the classifier, and no adapter on it.
+            assert!(!adapted.iter().any(|n| n.contains("pooler")), "{adapted:?}");
+            &["bert.pooler.dense", "classifier"]
+        } else {
+            &["score"]
+        };
+        assert_eq!(saved, want, "{name}");
+    }
+}
+
+#[test]
+fn bad_lora_settings_are_refused_naming_the_key() {
+    for (set, key) in [
+        ("lora.r=0", "lora.r"),
+        ("lora.lora_dropout=1.0", "lora.lora_dropout"),
+        ("lora.init_lora_weights=\"pissa\"", "lora.init_lora_weights"),
+        ("lora.init_lora_weights=false", "lora.init_lora_weights"),
+        ("lora.target_modules=\"(\"", "lora.target_modules"),
+    ] {
+        let err = candle_rlhf::config::Config::load(None, &[set.to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{set}: {err}");
+    }
+    // No module matches: one error naming target_modules.
+    let cfg = lora_config("target_modules = [\"no_such_proj\"]");
+    let w =
+        LoraWeights::read(&model_dir("tiny-llama"), DType::F32, &crate::dev(), &cfg, 0).unwrap();
+    let mut m = Backbone::load(w.builder(), &w.arch).unwrap();
+    let err = w.attach_trainable(&mut m).unwrap_err().to_string();
+    assert!(err.contains("lora.target_modules"), "{err}");
+}
