@@ -1,7 +1,7 @@
 //! The `candle-rlhf` command line. Each subcommand resolves its config, then
 //! calls into the library; errors are printed once, on one line, here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -245,6 +245,21 @@ enum Command {
     /// Sampling settings are the config's [ppo] ones (pass a PPO run's
     /// RUN_DIR/config.toml to sample as it did).
     Eval(EvalArgs),
+    /// Merge a LoRA adapter (peft's adapter_model.safetensors +
+    /// adapter_config.json) into its base model and write a Hugging Face
+    /// model directory.
+    Merge {
+        /// The base model: a directory or hub id (default: the adapter's
+        /// base_model_name_or_path).
+        #[arg(long)]
+        base: Option<String>,
+        /// The adapter directory (a LoRA checkpoint, a LoRA run directory, or peft's output).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Draw every metric of RUN_DIR/metrics.jsonl to SVG files in RUN_DIR/plots/.
     Plot {
         /// A run directory holding metrics.jsonl.
@@ -315,6 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Merge { base, adapter, out } => merge(base, &adapter, &out),
         Command::Fixtures { out, seed } => {
             for dir in candle_rlhf::app::fixtures::make_all(&out, seed)? {
                 println!("{}", dir.display());
@@ -363,7 +379,8 @@ const DEFAULT_FIXTURES: &str = "fixtures";
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use candle_rlhf::generate::{generate, Sampling};
-    use candle_rlhf::hub::{resolve_model, HubSettings};
+    use candle_rlhf::hub::HubSettings;
+    use candle_rlhf::models::resolve_model;
     use candle_rlhf::models::{load_dir_frozen, CausalLm};
     use candle_rlhf::tokenizer::Tokenizer;
 
@@ -566,7 +583,8 @@ fn ppo(t: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    use candle_rlhf::hub::{resolve_model, HubSettings};
+    use candle_rlhf::hub::HubSettings;
+    use candle_rlhf::models::resolve_model;
     use candle_rlhf::trainers::ppo::{evaluate_policy, RewardModelReward};
     let cfg = resolve_config(&a.common)?;
     let (device, _) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
@@ -634,7 +652,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         let hub = candle_rlhf::hub::HubSettings::from_env();
         let rows = candle_rlhf::data::load_preferences(data, &a.split, &hub)?;
         // Conversational pairs are rendered with the reward model's template.
-        let model_dir = candle_rlhf::hub::resolve_model(&a.model, &hub)?;
+        let model_dir = candle_rlhf::models::resolve_model(&a.model, &hub)?;
         let template =
             candle_rlhf::chat::TemplateSource::new(&model_dir, cfg.model.chat_template.as_deref());
         let report = candle_rlhf::trainers::reward::score_pairs(
@@ -663,7 +681,7 @@ fn render(a: RenderArgs) -> anyhow::Result<()> {
         chat_template: a.chat_template.clone(),
     })?;
     let hub = candle_rlhf::hub::HubSettings::from_env();
-    let dir = candle_rlhf::hub::resolve_model(&a.model, &hub)?;
+    let dir = candle_rlhf::models::resolve_model(&a.model, &hub)?;
     let tok = candle_rlhf::tokenizer::Tokenizer::from_dir(&dir)?;
     let template = TemplateSource::new(&dir, cfg.model.chat_template.as_deref());
     let records = candle_rlhf::data::load_records(&a.data, &a.split, &hub)?;
@@ -748,4 +766,26 @@ fn resolve_config(c: &Common) -> candle_rlhf::Result<Config> {
     let cfg = Config::load(c.config.as_deref(), &sets)?;
     candle_rlhf::device::set_threads(cfg.run.threads);
     Ok(cfg)
+}
+
+fn merge(base: Option<String>, adapter: &Path, out: &Path) -> anyhow::Result<()> {
+    use candle_rlhf::models::lora;
+    let hub = candle_rlhf::hub::HubSettings::from_env();
+    // A run directory stands for its newest checkpoint.
+    let adapter = candle_rlhf::hub::resolve_model(&adapter.to_string_lossy(), &hub)?;
+    if !lora::is_adapter_dir(&adapter) {
+        anyhow::bail!(
+            "{}: not a LoRA adapter (no {} or it holds a full model's config.json)",
+            adapter.display(),
+            lora::ADAPTER_CONFIG_FILE
+        );
+    }
+    let base = match base {
+        Some(b) => b,
+        None => lora::adapter_base(&adapter)?,
+    };
+    let base_dir = candle_rlhf::models::resolve_model(&base, &hub)?;
+    lora::write_merged(&adapter, &base_dir, out)?;
+    println!("{}", out.display());
+    Ok(())
 }

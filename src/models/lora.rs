@@ -553,6 +553,127 @@ impl AdapterDir {
     }
 }
 
+/// Writes the model `base_dir` with the adapter of `adapter_dir` merged into
+/// `out` (a Hugging Face model directory): model.safetensors, config.json
+/// (the adapter's merged_config.json when it has one, else the base's), and
+/// the tokenizer and generation files (the adapter's where it has them,
+/// else the base's). Written under a temporary name and renamed into place.
+pub fn write_merged(adapter_dir: &Path, base_dir: &Path, out: &Path) -> Result<()> {
+    use crate::IoContext;
+    let cpu = Device::Cpu;
+    let arch = ArchConfig::load(&base_dir.join("config.json"))?;
+    let mut adapter = AdapterDir::read(adapter_dir, &cpu)?;
+    adapter.rename(|n| arch.canonical_name(n));
+    let mut weights =
+        super::weights::read_safetensors_dir(base_dir, &cpu, |n| arch.canonical_name(n))?;
+    adapter.merge_into(&mut weights)?;
+    let mut sorted: Vec<(String, Tensor)> = weights.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_path(parent)?;
+    let name = out
+        .file_name()
+        .map_or("merged".into(), |n| n.to_string_lossy().to_string());
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_path(&tmp)?;
+    }
+    std::fs::create_dir(&tmp).with_path(&tmp)?;
+    let fill = || -> Result<()> {
+        crate::io::save_safetensors(&sorted, &tmp.join("model.safetensors"))?;
+        let merged_config = adapter_dir.join(MERGED_CONFIG_FILE);
+        let config = match merged_config.is_file() {
+            true => merged_config,
+            false => base_dir.join("config.json"),
+        };
+        std::fs::copy(&config, tmp.join("config.json")).with_path(&config)?;
+        let own = crate::checkpoint::tokenizer_files(adapter_dir);
+        let files = match own.iter().any(|f| {
+            f.ends_with("tokenizer.json") || f.ends_with("vocab.txt") || f.ends_with("vocab.json")
+        }) {
+            true => own,
+            false => crate::checkpoint::tokenizer_files(base_dir),
+        };
+        for f in files {
+            let name = f.file_name().expect("a file");
+            std::fs::copy(&f, tmp.join(name)).with_path(&f)?;
+        }
+        crate::io::sync_dir_files(&tmp)
+    };
+    if let Err(e) = fill() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_path(out)?;
+    }
+    std::fs::rename(&tmp, out).with_path(out)?;
+    Ok(())
+}
+
+/// The merged model of an adapter directory, made once in the cache
+/// `cache/candle-rlhf-merged/<hash of the adapter's files and the base's path>`:
+/// what an adapter directory stands for wherever a model is expected.
+pub fn merged_in_cache(adapter_dir: &Path, base_dir: &Path, cache: &Path) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in [
+        ADAPTER_CONFIG_FILE,
+        ADAPTER_WEIGHTS_FILE,
+        MERGED_CONFIG_FILE,
+    ] {
+        let path = adapter_dir.join(f);
+        if path.is_file() {
+            h.update(
+                std::fs::read(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?,
+            );
+        }
+    }
+    h.update(
+        base_dir
+            .canonicalize()
+            .unwrap_or(base_dir.to_path_buf())
+            .display()
+            .to_string(),
+    );
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = cache.join("candle-rlhf-merged").join(key);
+    if out.join("model.safetensors").is_file() && out.join("config.json").is_file() {
+        return Ok(out);
+    }
+    tracing::info!(
+        "merging the adapter {} into {} ({})",
+        adapter_dir.display(),
+        base_dir.display(),
+        out.display()
+    );
+    write_merged(adapter_dir, base_dir, &out)?;
+    Ok(out)
+}
+
+/// The base model named by an adapter directory's adapter_config.json.
+pub fn adapter_base(adapter_dir: &Path) -> Result<String> {
+    let path = adapter_dir.join(ADAPTER_CONFIG_FILE);
+    let v: Value = crate::io::read_json(&path)?;
+    v["base_model_name_or_path"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Parse {
+            path,
+            message: "no `base_model_name_or_path`: the base model is unknown".into(),
+        })
+}
+
 /// A model's weights under LoRA training: the base tensors, converted once
 /// to the run's dtype and shared by every model built over them (trained
 /// model, rollout copy, reference), and the Vars the optimizer trains

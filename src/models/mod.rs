@@ -222,6 +222,20 @@ impl Backbone {
     }
 }
 
+/// The local directory of a model argument ([`crate::hub::resolve_model`]:
+/// a directory, a run directory's newest checkpoint, or a hub snapshot). A
+/// peft adapter directory (adapter_config.json and no config.json) stands
+/// for its base model (`base_model_name_or_path`, itself resolved so) with
+/// the adapter merged, made once in the hub cache.
+pub fn resolve_model(arg: &str, settings: &crate::hub::HubSettings) -> Result<std::path::PathBuf> {
+    let dir = crate::hub::resolve_model(arg, settings)?;
+    if !lora::is_adapter_dir(&dir) {
+        return Ok(dir);
+    }
+    let base = resolve_model(&lora::adapter_base(&dir)?, settings)?;
+    lora::merged_in_cache(&dir, &base, &settings.cache)
+}
+
 /// Reads a model directory's config.json and safetensors weights (tensor
 /// names made canonical, see [`ArchConfig::canonical_name`]) into a
 /// VarBuilder whose tensors become trainable Vars of the returned map,

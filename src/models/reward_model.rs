@@ -278,7 +278,7 @@ pub struct RewardScorer {
 impl RewardScorer {
     /// Loads a reward model from a directory or hub id (f32).
     pub fn load(model: &str, device: &Device) -> Result<Self> {
-        let dir = crate::hub::resolve_model(model, &crate::hub::HubSettings::from_env())?;
+        let dir = super::resolve_model(model, &crate::hub::HubSettings::from_env())?;
         let tokenizer = crate::tokenizer::Tokenizer::from_dir(&dir)?;
         let (cfg, vb, varmap) = load_dir(&dir, DType::F32, device)?;
         // Build on detached weights: scoring records no graph.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use super::{Completion, Reward};
-use crate::hub::{resolve_model, HubSettings};
+use crate::hub::HubSettings;
+use crate::models::resolve_model;
 use crate::models::reward_model::RewardScorer;
 use crate::Result;
 

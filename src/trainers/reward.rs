@@ -152,7 +152,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
 
     // 1. Model and tokenizer: any backbone, the head loaded or new.
     let hub = crate::hub::HubSettings::from_env();
-    let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
+    let model_dir = crate::models::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
     let (mut model, params) = match cfg.lora {

@@ -115,7 +115,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let hub = crate::hub::HubSettings::from_env();
 
     // 1. Model and tokenizer.
-    let model_dir = crate::hub::resolve_model(&cfg.model.resolved_name()?, &hub)?;
+    let model_dir = crate::models::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
     let (arch, vb, mut params) = Trained::load(

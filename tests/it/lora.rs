@@ -187,3 +187,166 @@ fn bad_lora_settings_are_refused_naming_the_key() {
     let err = w.attach_trainable(&mut m).unwrap_err().to_string();
     assert!(err.contains("lora.target_modules"), "{err}");
 }
+
+fn q(p: &std::path::Path) -> String {
+    format!("{:?}", p.to_string_lossy())
+}
+
+fn sft_lora_config(run: &std::path::Path, data: &std::path::Path) -> candle_rlhf::config::Config {
+    let sets = vec![
+        format!("model.name_or_path={}", q(&model_dir("tiny-gpt2"))),
+        format!("sft.dataset={}", q(data)),
+        format!("run.out={}", q(run)),
+        crate::device_setting(),
+        "sft.max_length=32".into(),
+        "train.learning_rate=1e-2".into(),
+        "train.per_device_train_batch_size=16".into(),
+        "train.max_steps=60".into(),
+        "train.save_steps=20".into(),
+        "train.warmup_ratio=0.0".into(),
+        "train.logging_steps=1".into(),
+        "lora.r=8".into(),
+        "lora.lora_alpha=16".into(),
+        "lora.lora_dropout=0.1".into(),
+        "lora.target_modules=\"all-linear\"".into(),
+        "lora.save_merged=true".into(),
+        // The fixture's embeddings are random and frozen: the final norm's
+        // scale must train for the logits to sharpen.
+        "lora.modules_to_save=[\"ln_f\"]".into(),
+    ];
+    candle_rlhf::config::Config::load(None, &sets).unwrap()
+}
+
+#[test]
+fn sft_with_lora_saves_a_peft_adapter_resumes_bit_identically_and_merges() {
+    use candle_rlhf::app::task::Task;
+    use candle_rlhf::signal::StopSignal;
+    use candle_rlhf::trainers::sft;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sft.jsonl");
+    candle_rlhf::app::fixtures::write_jsonl(&data, &Task::new(0, "sft").sft_rows(400)).unwrap();
+    let dir = tmp.path().join("straight");
+    let straight = sft::train(
+        &sft_lora_config(&dir, &data),
+        &dir,
+        false,
+        &StopSignal::new(),
+    )
+    .unwrap();
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    eprintln!(
+        "SFT with LoRA r=8 all-linear: loss {:.3} at step 1 -> eval loss {:.3}, token accuracy {:.3}",
+        first["loss"], straight.eval_loss, straight.eval_mean_token_accuracy
+    );
+    assert!(
+        straight.eval_loss < first["loss"].as_f64().unwrap() - 0.8,
+        "adapters learn"
+    );
+    assert!(straight.eval_mean_token_accuracy > 0.4);
+
+    // peft's layout: adapter files, no full model.
+    let ckpt = &straight.checkpoint;
+    assert!(!ckpt.join("model.safetensors").exists());
+    let cfg: serde_json::Value =
+        candle_rlhf::io::read_json(&ckpt.join("adapter_config.json")).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["fan_in_fan_out"], true, "GPT-2's Conv1D");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let targets = cfg["target_modules"].as_array().unwrap();
+    assert!(
+        targets.iter().any(|t| t == "transformer.h.0.attn.c_attn"),
+        "{targets:?}"
+    );
+    let base = cfg["base_model_name_or_path"].as_str().unwrap();
+    assert_eq!(
+        std::path::Path::new(base),
+        model_dir("tiny-gpt2").canonicalize().unwrap()
+    );
+    let tensors = candle_rlhf::io::load_safetensors(
+        &ckpt.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (ln_f, adapters): (Vec<_>, Vec<_>) = tensors
+        .keys()
+        .partition(|k| k.starts_with("base_model.model.transformer.ln_f."));
+    assert_eq!(ln_f.len(), 2, "modules_to_save: ln_f's weight and bias");
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["transformer.ln_f"])
+    );
+    assert!(
+        adapters
+            .iter()
+            .all(|k| k.starts_with("base_model.model.transformer.h.")
+                && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))),
+        "{adapters:?}"
+    );
+    assert_eq!(adapters.len(), 2 * targets.len());
+
+    // An interrupted run resumes to the same adapter, dropout masks included.
+    let dir2 = tmp.path().join("stopped");
+    let stop = StopSignal::new();
+    stop.request();
+    let err = sft::train(&sft_lora_config(&dir2, &data), &dir2, false, &stop).unwrap_err();
+    assert!(
+        matches!(err, candle_rlhf::Error::Interrupted { step: 1, .. }),
+        "{err}"
+    );
+    let resumed = sft::train(
+        &sft_lora_config(&dir2, &data),
+        &dir2,
+        true,
+        &StopSignal::new(),
+    )
+    .unwrap();
+    let read = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        read(&resumed.checkpoint) == read(ckpt),
+        "resumed LoRA SFT differs"
+    );
+
+    // `merge` writes the same model as the run's merged/ copy; the adapter
+    // directory loads wherever a model is expected (generate here).
+    let out = tmp.path().join("merged-cli");
+    let o = std::process::Command::new(crate::bin())
+        .args(["merge", "--adapter"])
+        .arg(ckpt)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cpu = candle_core::Device::Cpu;
+    let a = candle_rlhf::io::load_safetensors(&out.join("model.safetensors"), &cpu).unwrap();
+    let b =
+        candle_rlhf::io::load_safetensors(&ckpt.join("merged/model.safetensors"), &cpu).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(max_diff(t, &b[k]), 0.0, "{k}");
+    }
+    assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
+    let cache = tmp.path().join("hf");
+    let o = std::process::Command::new(crate::bin())
+        .env("HF_HOME", &cache)
+        .args([
+            "generate",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--prompt",
+            "the movie",
+            "--model",
+        ])
+        .arg(ckpt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        cache.join("hub/candle-rlhf-merged").is_dir(),
+        "merged once into the cache"
+    );
+}

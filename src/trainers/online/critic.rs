@@ -9,7 +9,8 @@ use candle_nn::VarMap;
 
 use super::rollout::Batch;
 use crate::checkpoint;
-use crate::config::{PpoConfig, ValueModel};
+use crate::config::{LoraConfig, PpoConfig, ValueModel};
+use crate::models::lora::{Dropout, LoraWeights};
 use crate::models::reward_model::RewardModel;
 use crate::models::{frozen_builder, project};
 use crate::rewards::same_tokenizer;
@@ -25,7 +26,10 @@ pub(crate) enum Critic {
     Model {
         model: Box<RewardModel>,
         frozen: Box<RewardModel>,
+        /// Its trained Vars: every weight, or (`lora.critic`) its adapters and `score`.
         varmap: VarMap,
+        /// The dropout of its LoRA adapters, if any.
+        dropout: Option<std::sync::Arc<Dropout>>,
     },
 }
 
@@ -57,6 +61,16 @@ impl Critic {
                 let m = if grad { model } else { frozen };
                 Ok(m.values(&b.ids, &b.mask)?.narrow(1, b.q - 1, b.r)?)
             }
+        }
+    }
+
+    /// Starts optimizer step `step` (the masks of LoRA dropout).
+    pub(crate) fn begin_step(&self, step: u64) {
+        if let Critic::Model {
+            dropout: Some(d), ..
+        } = self
+        {
+            d.begin_step(step);
         }
     }
 
@@ -120,6 +134,7 @@ pub(crate) fn build_critic(
     reward_dir: Option<&Path>,
     policy_dir: &Path,
     hidden: usize,
+    lora: Option<&LoraConfig>,
     dtype: DType,
     device: &Device,
 ) -> Result<Critic> {
@@ -155,6 +170,9 @@ pub(crate) fn build_critic(
         return head();
     }
     let dir = reward_dir.expect("checked above");
+    if let Some(l) = lora {
+        return lora_critic(dir, l, dtype, device);
+    }
     let (model, varmap) = RewardModel::from_dir(dir, dtype, device, 0)?;
     if !model.is_decoder() {
         if p.value_model == ValueModel::Reward {
@@ -173,5 +191,35 @@ pub(crate) fn build_critic(
         model: Box::new(model),
         frozen: Box::new(frozen),
         varmap,
+        dropout: None,
+    })
+}
+
+/// `lora.critic`: the reward model with adapters of its own (the policy's
+/// settings) and its `score` head trained in full, as peft's SEQ_CLS task.
+fn lora_critic(dir: &Path, l: &LoraConfig, dtype: DType, device: &Device) -> Result<Critic> {
+    let mut w = LoraWeights::read(dir, dtype, device, l, 0)?;
+    w.spec.modules_to_save.push("score".into());
+    let mut model = RewardModel::load(w.builder(), &w.varmap, &w.arch, 0)?;
+    if !model.is_decoder() {
+        return Err(Error::InvalidConfig {
+            field: "lora.critic".into(),
+            value: "true".into(),
+            reason: "an encoder reward model gives no per-token values".into(),
+        });
+    }
+    let adapted = w.attach_trainable(&mut model)?;
+    let mut frozen = RewardModel::load(w.frozen_builder(), &w.varmap, &w.arch, 0)?;
+    w.attach_frozen(&mut frozen)?;
+    tracing::info!(
+        "critic initialized from the reward model {} with LoRA on {} modules",
+        dir.display(),
+        adapted.len()
+    );
+    Ok(Critic::Model {
+        model: Box::new(model),
+        frozen: Box::new(frozen),
+        varmap: w.varmap.clone(),
+        dropout: w.dropout.clone(),
     })
 }

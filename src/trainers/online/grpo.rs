@@ -35,13 +35,14 @@ use super::stats::{mean, std, LossStats};
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
 use crate::config::{
-    Config, DatasetConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator, ScaleRewards,
+    Config, DatasetConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator, ModelInit,
+    ScaleRewards,
 };
 use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
 use crate::generate::Sampling;
-use crate::hub::{resolve_model, HubSettings};
+use crate::hub::HubSettings;
 use crate::metrics::Progress;
-use crate::models::{frozen_builder, load_dir, load_dir_frozen, CausalLm};
+use crate::models::{load_dir_frozen, resolve_model, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rewards::RewardFuncs;
@@ -49,6 +50,7 @@ use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
+use crate::trainers::trained::{base_name, Trained};
 use crate::{io, Error, HostRng, Result};
 
 /// Which member of the critic-free family.
@@ -292,26 +294,39 @@ pub fn train_with_rewards(
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
-    let (arch, vb, policy_vars) = load_dir(&policy_dir, dtype, &device)?;
-    let policy = CausalLm::load(vb, &arch, true).map_err(|e| {
+    let (arch, vb, mut params) = Trained::load(
+        &policy_dir,
+        &base_name(&cfg.model.resolved_name()?),
+        cfg.lora.as_ref(),
+        "CAUSAL_LM",
+        ModelInit::Pretrained,
+        dtype,
+        &device,
+        seed,
+    )?;
+    let mut policy = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
             "{} needs a causal LM policy; {} cannot be one: {e}",
             algo.name(),
             arch.model_type()
         ))
     })?;
-    let sampler = CausalLm::load(frozen_builder(&policy_vars, dtype, &device), &arch, true)?;
-    let reference = match s.beta > 0.0 {
-        true => {
-            let dir = match s.ref_model {
+    params.attach(&mut policy)?;
+    let sampler = params.frozen_causal(&arch, dtype, &device)?;
+    let reference = match (s.beta > 0.0, s.ref_model) {
+        (false, _) => None,
+        // LoRA: the policy with its adapters disabled, over the same base tensors.
+        (true, None) if params.lora().is_some() => params.base_causal(&arch).transpose()?,
+        (true, r) => {
+            let dir = match r {
                 Some(r) => resolve_model(r, &hub)?,
                 None => policy_dir.clone(),
             };
             let (ref_arch, ref_vb, _) = load_dir_frozen(&dir, dtype, &device)?;
             Some(CausalLm::load(ref_vb, &ref_arch, true)?)
         }
-        false => None,
     };
+    let policy_vars = params.varmap().clone();
 
     // Prompts, with their other columns for the reward functions.
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
@@ -372,7 +387,7 @@ pub fn train_with_rewards(
     let mut state = run.restore(fresh, &mut core.optimizer, &device)?;
     let tokenizer_files = checkpoint::tokenizer_files(&policy_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
-        let weights = crate::models::weights::named_tensors(&policy_vars);
+        let (weights, lora) = params.checkpoint_parts()?;
         checkpoint::save(
             &run.path,
             &Checkpoint {
@@ -383,7 +398,7 @@ pub fn train_with_rewards(
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,
-                lora: None,
+                lora: lora.as_ref(),
             },
             t.save_total_limit,
         )
@@ -462,6 +477,7 @@ pub fn train_with_rewards(
             for step_rows in order.chunks(micro * t.gradient_accumulation_steps) {
                 // DAPO divides by the real tokens of the whole optimizer step.
                 let step_tokens = token_count(&gen.mask, step_rows)?;
+                params.begin_step(state.optimizer_steps);
                 for rows in step_rows.chunks(micro) {
                     let (loss, stats) = micro_batch_loss(&m, &s, t, &gen, rows, step_tokens)?;
                     core.backward(&loss)?;

@@ -25,19 +25,20 @@ use serde_json::{json, Value};
 
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
-use crate::config::{AdvantageEstimator, Config, PpoConfig, StopToken};
+use crate::config::{AdvantageEstimator, Config, ModelInit, PpoConfig, StopToken};
 use crate::data::prompts::{load_prompt_rows, PromptReport};
 use crate::generate::Sampling;
-use crate::hub::{resolve_model, HubSettings};
+use crate::hub::HubSettings;
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{frozen_builder, load_dir, load_dir_frozen, ArchConfig, CausalLm};
+use crate::models::{load_dir_frozen, resolve_model, ArchConfig, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{LossPart, StepOutcome, TrainCore};
 use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
+use crate::trainers::trained::{base_name, Trained};
 use crate::{Error, HostRng, IoContext, Result};
 
 use crate::rewards::RewardFuncs;
@@ -537,16 +538,34 @@ pub fn train_with_rewards(
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
-    let (arch, vb, policy_vars) = load_dir(&policy_dir, dtype, &device)?;
-    let policy = causal(CausalLm::load(vb, &arch, true), &arch)?;
-    let sampler = CausalLm::load(frozen_builder(&policy_vars, dtype, &device), &arch, true)?;
-    let ref_dir = match &p.ref_model {
-        Some(r) => resolve_model(r, &hub)?,
-        None => policy_dir.clone(),
-    };
+    let (arch, vb, mut params) = Trained::load(
+        &policy_dir,
+        &base_name(&cfg.model.resolved_name()?),
+        cfg.lora.as_ref(),
+        "CAUSAL_LM",
+        ModelInit::Pretrained,
+        dtype,
+        &device,
+        seed,
+    )?;
+    let mut policy = causal(CausalLm::load(vb, &arch, true), &arch)?;
+    params.attach(&mut policy)?;
+    let policy_vars = params.varmap().clone();
+    let sampler = params.frozen_causal(&arch, dtype, &device)?;
     let ref_dtype = p.ref_dtype.map_or(dtype, |d| d.dtype());
-    let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
-    let reference = causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?;
+    let reference = match (&p.ref_model, params.base_causal(&arch)) {
+        // LoRA: the policy with its adapters disabled, over the same base
+        // tensors (no second copy), when the reference's dtype is the run's.
+        (None, Some(base)) if ref_dtype == dtype => base?,
+        (r, _) => {
+            let ref_dir = match r {
+                Some(r) => resolve_model(r, &hub)?,
+                None => policy_dir.clone(),
+            };
+            let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
+            causal(CausalLm::load(ref_vb, &ref_arch, true), &ref_arch)?
+        }
+    };
     // The critic, for GAE only (REINFORCE++ needs none).
     let critic = match p.advantage_estimator {
         AdvantageEstimator::Gae => Some(build_critic(
@@ -554,6 +573,7 @@ pub fn train_with_rewards(
             reward_dir,
             &policy_dir,
             arch.hidden_size(),
+            cfg.lora.as_ref().filter(|l| l.critic),
             dtype,
             &device,
         )?),
@@ -676,7 +696,7 @@ pub fn train_with_rewards(
     }
     let tokenizer_files = checkpoint::tokenizer_files(&policy_dir);
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
-        let weights = crate::models::weights::named_tensors(&policy_vars);
+        let (weights, lora) = params.checkpoint_parts()?;
         let extra: Vec<_> = critic.iter().map(Critic::checkpoint_file).collect();
         checkpoint::save(
             &run.path,
@@ -688,7 +708,7 @@ pub fn train_with_rewards(
                 optimizer: Some(&core.optimizer),
                 state,
                 manifest: &run.manifest,
-                lora: None,
+                lora: lora.as_ref(),
             },
             t.save_total_limit,
         )
@@ -752,6 +772,10 @@ pub fn train_with_rewards(
         for _ in 0..p.num_ppo_epochs {
             let order = state.rng("ppo").permutation(batch);
             for mb in order.chunks(mini_batch) {
+                params.begin_step(state.optimizer_steps);
+                if let Some(c) = &critic {
+                    c.begin_step(state.optimizer_steps);
+                }
                 for micro in mb.chunks(t.per_device_train_batch_size) {
                     micro_batch_backward(&mut core, &models, &policy, p, &ro, micro, &mut acc)?;
                 }
