@@ -19,6 +19,7 @@ golden: fixtures
 	.venv-golden/bin/pip install -q torch==2.15.0 transformers==5.23.0 trl==1.12.0 peft==0.21.2 safetensors
 	.venv-golden/bin/python scripts/make_golden.py fixtures tests
 	.venv-golden/bin/python scripts/make_golden_tokenizers.py fixtures tests
+	.venv-golden/bin/python scripts/make_golden_peft.py fixtures tests
 	.venv-golden/bin/python scripts/make_golden_chat.py tests
 	.venv-golden/bin/python scripts/make_golden_render.py tests
 

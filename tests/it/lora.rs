@@ -350,3 +350,67 @@ fn sft_with_lora_saves_a_peft_adapter_resumes_bit_identically_and_merges() {
         "merged once into the cache"
     );
 }
+
+#[test]
+fn adapters_made_by_peft_load_and_give_peft_logits_unmerged_and_merged() {
+    use crate::reference::{compare, Golden};
+    use candle_rlhf::models::lora::{attach, AdapterDir, Attach};
+    let dev = crate::dev();
+    let root = crate::repo().join("tests/golden_peft");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let adapter_dir = entry.unwrap().path();
+        let golden: Golden = serde_json::from_str(
+            &std::fs::read_to_string(adapter_dir.join("golden.json")).unwrap(),
+        )
+        .unwrap();
+        let base = model_dir(&golden.model);
+        let sha =
+            crate::reference::sha256_hex(&std::fs::read(base.join("model.safetensors")).unwrap());
+        assert_eq!(
+            sha, golden.model_sha256,
+            "fixture {} changed: regenerate with make golden",
+            golden.model
+        );
+        let (arch, vb, _) = load_dir_frozen(&base, DType::F32, &dev).unwrap();
+        // Unmerged: peft's A and B attached to our layers.
+        let mut adapter = AdapterDir::read(&adapter_dir, &dev).unwrap();
+        adapter.rename(|n| arch.canonical_name(n));
+        let mut model = Backbone::load(vb, &arch).unwrap();
+        let names = attach(
+            &mut model,
+            &adapter.spec,
+            &candle_nn::VarMap::new(),
+            Attach::Tensors(&adapter.tensors),
+        )
+        .unwrap();
+        assert_eq!(
+            2 * names.len(),
+            adapter.tensors.len(),
+            "{}: every adapter used",
+            golden.model
+        );
+        let unmerged = compare(&model, &golden.cases["padded"], &golden.model);
+        // Merged by `candle-rlhf merge`'s code into a model directory.
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        candle_rlhf::models::lora::write_merged(&adapter_dir, &base, &out).unwrap();
+        let (arch, vb, _) = load_dir_frozen(&out, DType::F32, &dev).unwrap();
+        let merged = compare(
+            &Backbone::load(vb, &arch).unwrap(),
+            &golden.cases["padded"],
+            &golden.model,
+        );
+        eprintln!(
+            "{}: max |ours - peft| = {unmerged:.2e} with the adapter, {merged:.2e} merged ({})",
+            golden.model, golden.made_by
+        );
+        assert!(
+            unmerged <= 1e-4 && merged <= 1e-4,
+            "{}: {unmerged} / {merged}",
+            golden.model
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 3);
+}

@@ -21,15 +21,15 @@ use crate::models::{load, max_abs_diff, model_dir, outputs, ENCODERS};
 const TOLERANCE: f32 = 1e-4;
 
 #[derive(Deserialize)]
-struct Golden {
-    model: String,
-    made_by: String,
-    model_sha256: String,
-    cases: BTreeMap<String, Case>,
+pub struct Golden {
+    pub model: String,
+    pub made_by: String,
+    pub model_sha256: String,
+    pub cases: BTreeMap<String, Case>,
 }
 
 #[derive(Deserialize)]
-struct Case {
+pub struct Case {
     input_ids: Vec<Vec<u32>>,
     attention_mask: Vec<Vec<u8>>,
     positions: Vec<[usize; 2]>,
@@ -44,7 +44,7 @@ struct Case {
 }
 
 /// Our outputs against one golden case: the largest difference seen.
-fn compare(model: &Backbone, case: &Case, what: &str) -> f32 {
+pub fn compare(model: &Backbone, case: &Case, what: &str) -> f32 {
     let (b, t) = (case.input_ids.len(), case.input_ids[0].len());
     let ids = Tensor::from_vec(case.input_ids.concat(), (b, t), &crate::dev()).unwrap();
     let hidden = model.forward(&ids, &case.attention_mask).unwrap();
@@ -81,6 +81,14 @@ fn compare(model: &Backbone, case: &Case, what: &str) -> f32 {
         }
     }
     worst
+}
+
+/// The sha256 of `bytes` in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
