@@ -379,13 +379,16 @@ pub fn evaluate_policy(
     let dtype = cfg.run.dtype.dtype();
     let p = &cfg.ppo;
     let hub = HubSettings::from_env();
+    // The checkpoint itself (its manifest names the reference), then the
+    // model it stands for (a LoRA checkpoint: its base with the adapter merged).
+    let checkpoint_dir = crate::hub::resolve_model(policy, &hub)?;
     let policy_dir = resolve_model(policy, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let (arch, vb, _) = load_dir_frozen(&policy_dir, dtype, &device)?;
     let sampler = causal(CausalLm::load(vb, &arch, true), &arch)?;
     let ref_dir = match reference
         .map(str::to_string)
-        .or_else(|| trained_reference(&policy_dir))
+        .or_else(|| trained_reference(&checkpoint_dir))
     {
         Some(r) => resolve_model(&r, &hub)?,
         None => {
