@@ -7,14 +7,19 @@
 #   scripts/bench_compare.sh [SHAPE ...]      # default: tiny gpt2
 #
 # Environment: THREADS ("1 2"), ITERS (3), WARMUP (1), PARTS
-# (reward,generate,ppo), OUT (runs/bench-compare), VENV (.venv-bench).
+# (reward,generate,ppo), OUT (runs/bench-compare, or runs/bench-compare-loraR),
+# VENV (.venv-bench), LORA (a rank R: LoRA on every linear layer, lora_alpha
+# 2R, on both sides; peft on PyTorch's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
 ITERS=${ITERS:-3}
 WARMUP=${WARMUP:-1}
 PARTS=${PARTS:-reward,generate,ppo}
-OUT=${OUT:-runs/bench-compare}
+LORA=${LORA:-}
+OUT=${OUT:-runs/bench-compare${LORA:+-lora$LORA}}
+LORA_FLAG=()
+[ -z "$LORA" ] || LORA_FLAG=(--lora "$LORA")
 VENV=${VENV:-.venv-bench}
 SHAPES=("$@")
 [ ${#SHAPES[@]} -gt 0 ] || SHAPES=(tiny gpt2)
@@ -30,11 +35,11 @@ for shape in "${SHAPES[@]}"; do
         echo "== $shape, $t thread(s): candle-rlhf" >&2
         target/release/candle-rlhf bench --model "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" >&2
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" "${LORA_FLAG[@]}" >&2
         echo "== $shape, $t thread(s): PyTorch/TRL" >&2
         "$VENV/bin/python" scripts/bench_trl.py --shape "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" > /dev/null
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" "${LORA_FLAG[@]}" > /dev/null
     done
 done
 python3 scripts/bench_table.py "$OUT" "${SHAPES[@]}"

@@ -58,6 +58,8 @@ def parse_args():
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")],
                    help="generation batch sizes instead of the shape's")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    # LoRA of rank R on every linear layer (peft, lora_alpha 2R), as `candle-rlhf bench --lora R`.
+    p.add_argument("--lora", type=int, default=None)
     return p.parse_args()
 
 
@@ -150,6 +152,15 @@ def random_ids(rng, rows, length, vocab):
     return torch.randint(0, vocab, (rows, length), generator=rng).tolist()
 
 
+def lora_config(task_type):
+    """peft's LoraConfig for --lora R: every linear layer, lora_alpha 2R."""
+    if ARGS.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=ARGS.lora, lora_alpha=2 * ARGS.lora, target_modules="all-linear", task_type=task_type)
+
+
 def bench_reward(work, w, vocab, rng):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -170,7 +181,12 @@ def bench_reward(work, w, vocab, rng):
         **common_args(work / "trl-reward"),
     )
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer]
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[timer],
+        peft_config=lora_config("SEQ_CLS"),
     )
     reset_peak_rss()
     reset_peak_device()
@@ -265,7 +281,8 @@ def bench_ppo(work, w, variant):
     tok = AutoTokenizer.from_pretrained(work / "model")
     f32, held = dict(dtype=torch.float32), dict(dtype=HELD)
     policy = AutoModelForCausalLM.from_pretrained(work / "model", **f32)
-    ref = AutoModelForCausalLM.from_pretrained(work / "model", **held)
+    # With LoRA, TRL's reference is the policy with its adapters disabled.
+    ref = None if ARGS.lora else AutoModelForCausalLM.from_pretrained(work / "model", **held)
     reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **held)
     value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, **f32)
     accumulation = w["ppo_batch_size"] // (w["ppo_num_mini_batches"] * w["per_device_train_batch_size"])
@@ -292,6 +309,7 @@ def bench_ppo(work, w, variant):
         value_model=value,
         train_dataset=ds,
         callbacks=[timer],
+        peft_config=lora_config("CAUSAL_LM"),
     )
     reset_peak_rss()
     reset_peak_device()
@@ -323,6 +341,15 @@ def trl_version():
         return None
 
 
+def peft_version():
+    try:
+        import peft
+
+        return peft.__version__
+    except ImportError:
+        return None
+
+
 def main():
     shape_path = Path(ARGS.shape)
     shape = tomllib.loads(shape_path.read_text())
@@ -339,6 +366,8 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
         "dtype": ARGS.dtype,
+        "lora_r": ARGS.lora,
+        "peft": peft_version(),
         "iters": ARGS.iters,
         "reward": None,
         "generate": [],

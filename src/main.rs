@@ -115,6 +115,10 @@ struct BenchArgs {
     /// bf16, 67 in f32): the report adds model FLOPs utilisation (MFU).
     #[arg(long, value_name = "TFLOPS")]
     peak_tflops: Option<f64>,
+    /// Train LoRA adapters of rank R on every linear layer (lora_alpha 2R)
+    /// in the reward step and the PPO iteration, instead of every weight.
+    #[arg(long, value_name = "R")]
+    lora: Option<usize>,
 }
 
 /// Options of the trainers.
@@ -702,7 +706,14 @@ fn render(a: RenderArgs) -> anyhow::Result<()> {
 }
 
 fn bench(b: BenchArgs) -> anyhow::Result<()> {
-    let config = resolve_config(&b.common)?;
+    let mut config = resolve_config(&b.common)?;
+    if let Some(r) = b.lora {
+        config = config.with_overrides(&[
+            format!("lora.r={r}"),
+            format!("lora.lora_alpha={}", 2 * r),
+            "lora.target_modules=\"all-linear\"".into(),
+        ])?;
+    }
     let mut shape = candle_rlhf::app::bench::Shape::load(&b.model)?;
     if let Some(sizes) = b.batch_sizes {
         anyhow::ensure!(

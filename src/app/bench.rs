@@ -19,7 +19,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{Config, TrainConfig};
+use crate::config::{Config, ModelInit, TrainConfig};
 use crate::error::IoContext;
 use crate::generate::{generate, Draw, Sampling};
 use crate::models::reward_model::RewardModel;
@@ -27,6 +27,7 @@ use crate::models::{load_dir_frozen, ArchConfig, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::TrainCore;
 use crate::trainers::ppo::PhaseTimes;
+use crate::trainers::trained::Trained;
 use crate::{Error, HostRng, Result};
 
 /// The work each part does, per shape (the `[workload]` table).
@@ -220,6 +221,8 @@ pub struct BenchReport {
     pub date: String,
     pub commit: String,
     pub iters: usize,
+    /// LoRA rank on every linear layer (`--lora`), or None: full fine-tuning.
+    pub lora_r: Option<usize>,
     /// The device's peak TFLOP/s in this dtype (`--peak-tflops`), against
     /// which model FLOPs utilisation (MFU) is reported.
     pub peak_tflops: Option<f64>,
@@ -248,6 +251,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         date: today_utc(),
         commit: git_commit(),
         iters: opts.iters,
+        lora_r: cfg.lora.as_ref().map(|l| l.r),
         peak_tflops: opts.peak_tflops,
         reward: None,
         generate: Vec::new(),
@@ -478,8 +482,25 @@ fn reward_steps(
 ) -> Result<f64> {
     let cfg = &opts.config;
     let w = &opts.shape.workload;
-    let (model, varmap) =
-        RewardModel::from_dir(model_dir, cfg.run.dtype.dtype(), device, cfg.run.seed)?;
+    let dtype = cfg.run.dtype.dtype();
+    let (model, varmap) = match &cfg.lora {
+        None => RewardModel::from_dir(model_dir, dtype, device, cfg.run.seed)?,
+        Some(lora) => {
+            let (arch, vb, mut params) = Trained::load(
+                model_dir,
+                "model",
+                Some(lora),
+                "SEQ_CLS",
+                ModelInit::Pretrained,
+                dtype,
+                device,
+                cfg.run.seed,
+            )?;
+            let mut model = RewardModel::load(vb, params.varmap(), &arch, cfg.run.seed)?;
+            params.attach(&mut model)?;
+            (model, params.varmap().clone())
+        }
+    };
     let train = TrainConfig {
         per_device_train_batch_size: w.reward_batch_size,
         ..cfg.train.clone()
@@ -620,9 +641,12 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} ({:.1}M parameters), {} {}, {} threads, {} ({}; products: {}) | {} | {}",
+            "{} ({:.1}M parameters{}), {} {}, {} threads, {} ({}; products: {}) | {} | {}",
             self.shape,
             self.parameters as f64 / 1e6,
+            self.lora_r.map_or(String::new(), |r| format!(
+                ", LoRA r={r} on every linear layer"
+            )),
             self.device,
             self.dtype,
             self.threads,
