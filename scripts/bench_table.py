@@ -78,8 +78,10 @@ def main():
         candle, torch = load(out, shape, "candle"), load(out, shape, "torch")
         meta = next(iter(candle.values()), {})
         tmeta = next(iter(torch.values()), {})
+        lora = meta.get("lora_r")
+        tuned = f", LoRA r={lora} on every linear layer (peft {tmeta.get('peft', '?')} on PyTorch's side)" if lora else ", full fine-tuning"
         print(
-            f"\n### {shape} ({meta.get('parameters', 0) / 1e6:.1f}M parameters): "
+            f"\n### {shape} ({meta.get('parameters', 0) / 1e6:.1f}M parameters{tuned}): "
             f"{meta.get('cpu', '?')}, {meta.get('date', '?')}, commit {meta.get('commit', '?')}; "
             f"torch {tmeta.get('torch', '?')}, transformers {tmeta.get('transformers', '?')}, "
             f"TRL {tmeta.get('trl', '?')}; threads tried: candle {sorted(candle)}, torch {sorted(torch)}\n"
