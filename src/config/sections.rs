@@ -287,6 +287,8 @@ dataset_section! {
         pub center_rewards_coefficient: Option<f64> = None,
         /// After training, store the mean score of the chosen training responses in config.json and subtract it from every reported score.
         pub normalize: bool = false,
+        /// Turn off dropout in the reward model (TRL's name and default; the only dropout here is LoRA's lora_dropout).
+        pub disable_dropout: bool = true,
     }
 }
 
@@ -537,6 +539,8 @@ dataset_section! {
         pub ref_model: Option<String> = None,
         /// How many times over the run a few completions go to samples.jsonl.
         pub num_sample_generations: usize = 10,
+        /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
+        pub disable_dropout: bool = false,
     }
 }
 
@@ -580,6 +584,8 @@ dataset_section! {
         pub ref_model: Option<String> = None,
         /// How many times over the run a few completions go to samples.jsonl.
         pub num_sample_generations: usize = 10,
+        /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
+        pub disable_dropout: bool = false,
     }
 }
 

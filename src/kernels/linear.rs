@@ -2,7 +2,7 @@
 //! product's own buffer.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result as CResult, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result as CResult, Shape, Tensor,
 };
 
 use super::fast_math::wide_simd_fn;
@@ -20,6 +20,9 @@ pub const FEW_ROWS: usize = 256;
 /// "Design measurements"). With many rows (training, prefill) the plain
 /// product is as fast and needs no copy. GPUs take W^T as it is.
 pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if frozen(x, w) {
+        return frozen_product(x, w, true);
+    }
     if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS {
         Ok(w.matmul(&x.t()?)?.t()?)
     } else {
@@ -37,11 +40,117 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Te
     if fused_path(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
         return Ok(x.apply_op3(w, b, Linear { transposed })?);
     }
-    let y = match transposed {
-        true => matmul_weight_t(x, w)?,
-        false => x.matmul(w)?,
+    let y = match (transposed, frozen(x, w)) {
+        (true, _) => matmul_weight_t(x, w)?,
+        (false, true) => frozen_product(x, w, false)?,
+        (false, false) => x.matmul(w)?,
     };
     Ok(y.broadcast_add(b)?)
+}
+
+/// Whether `x` records a graph and `w` is frozen (a LoRA base weight: no
+/// Var and no graph of its own). Candle's matmul backward computes the
+/// gradient of both operands whatever they are, so a frozen weight would
+/// cost a full weight gradient (and its memory) per product.
+fn frozen(x: &Tensor, w: &Tensor) -> bool {
+    x.track_op() && !w.track_op()
+}
+
+/// x (N, in) times W^T (W (out, in), `transposed`) or W (W (in, out)), with
+/// a backward to x alone: the product with a frozen weight.
+pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(w, FrozenProduct { transposed })?)
+}
+
+struct FrozenProduct {
+    transposed: bool,
+}
+
+impl FrozenProduct {
+    /// (batch, m, n, k) and W's layout as the right operand of x W.
+    fn plan(&self, l1: &Layout, l2: &Layout) -> CResult<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (w_layout, (k_w, n)) = match self.transposed {
+            true => (l2.transpose(0, 1)?, (l2.dims()[1], l2.dims()[0])),
+            false => (l2.clone(), (l2.dims()[0], l2.dims()[1])),
+        };
+        if k_w != k {
+            bail!(
+                "frozen product: x {:?} and weight {:?} do not fit",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        Ok(((1, m, n, k), w_layout))
+    }
+}
+
+impl CustomOp2 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-weight-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (bmnk, w_layout) = self.plan(l1, l2)?;
+        Ok((
+            s1.matmul(s2, bmnk, l1, &w_layout)?,
+            Shape::from((bmnk.1, bmnk.2)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (bmnk, w_layout) = self.plan(l1, l2)?;
+        Ok((
+            s1.matmul(s2, bmnk, l1, &w_layout)?,
+            Shape::from((bmnk.1, bmnk.2)),
+        ))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> CResult<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (bmnk, w_layout) = self.plan(l1, l2)?;
+        Ok((
+            s1.matmul(s2, bmnk, l1, &w_layout)?,
+            Shape::from((bmnk.1, bmnk.2)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        // y = x W^T: dx = g W; y = x W: dx = g W^T. No gradient to W.
+        let dx = match self.transposed {
+            true => grad.matmul(w)?,
+            false => grad.matmul(&w.t()?)?,
+        };
+        Ok((Some(dx), None))
+    }
 }
 
 struct Linear {
@@ -115,14 +224,28 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (w_tracks, b_tracks) = (w.track_op(), b.track_op());
         let (x, w, g) = (x.detach(), w.detach(), grad.detach());
         // y = x W^T + b: dx = g W, dW = g^T x; y = x W + b: dx = g W^T, dW = x^T g.
-        let (dx, dw) = match self.transposed {
-            true => (g.matmul(&w)?, g.t()?.matmul(&x)?),
-            false => (g.matmul(&w.t()?)?, x.t()?.matmul(&g)?),
+        let dx = match self.transposed {
+            true => g.matmul(&w)?,
+            false => g.matmul(&w.t()?)?,
         };
-        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
-        Ok((Some(dx), Some(dw), Some(db.reshape(b.shape())?)))
+        // A frozen weight or bias (LoRA's base) gets no gradient.
+        let dw = match (w_tracks, self.transposed) {
+            (false, _) => None,
+            (true, true) => Some(g.t()?.matmul(&x)?),
+            (true, false) => Some(x.t()?.matmul(&g)?),
+        };
+        let db = match b_tracks {
+            true => Some(
+                g.contiguous()?
+                    .apply_op1_no_bwd(&ColumnSum)?
+                    .reshape(b.shape())?,
+            ),
+            false => None,
+        };
+        Ok((Some(dx), dw, db))
     }
 }
 
@@ -195,6 +318,55 @@ mod tests {
                     composed,
                     1e-4,
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_and_x_the_same_one() {
+        use candle_core::Var;
+        // W plain (a LoRA base weight), x tracked: x's gradient equals the
+        // plain product's, and W has none, in both layouts and on both
+        // paths (few rows, many), with a bias (fused op) and without.
+        for rows in [5, FEW_ROWS + 44] {
+            for transposed in [true, false] {
+                let w_dims = if transposed { [24, 40] } else { [40, 24] };
+                let w = seeded(&w_dims, 1, 1.0);
+                let b = seeded(&[24], 4, 1.0);
+                let x = Var::from_tensor(&seeded(&[rows, 40], 2, 1.0)).unwrap();
+                let up = seeded(&[rows, 24], 3, 1.0);
+                let wt = if transposed {
+                    w.t().unwrap()
+                } else {
+                    w.clone()
+                };
+                let wv = Var::from_tensor(&wt).unwrap();
+                let plain = x.matmul(wv.as_tensor()).unwrap();
+                for with_bias in [false, true] {
+                    let ours = match (with_bias, transposed) {
+                        (true, _) => linear(&x, &w, &b, transposed).unwrap(),
+                        (false, true) => matmul_weight_t(&x, &w).unwrap(),
+                        (false, false) => frozen_product(&x, &w, false).unwrap(),
+                    };
+                    let want = match with_bias {
+                        true => plain.broadcast_add(&b).unwrap(),
+                        false => plain.clone(),
+                    };
+                    assert!(max_diff(&ours, &want) < 1e-4, "rows {rows}");
+                    let g = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g_plain = (&want * &up)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let (a, e) = (g.get(&x).unwrap(), g_plain.get(&x).unwrap());
+                    assert!(max_diff(a, e) < 1e-4, "rows {rows}: dx differs");
+                    assert!(
+                        g.get(&w).is_none() && g.get(&b).is_none(),
+                        "a frozen weight got a gradient"
+                    );
+                }
             }
         }
     }

@@ -175,6 +175,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             )?;
             let mut model = RewardModel::load(vb, params.varmap(), &arch, seed)?;
             model.offset = base_config[OFFSET_KEY].as_f64().unwrap_or(0.0);
+            if cfg.reward.disable_dropout {
+                params = params.without_dropout();
+            }
             params.attach(&mut model)?;
             (model, params)
         }

@@ -92,6 +92,14 @@ impl Trained {
         ))
     }
 
+    /// The same with LoRA's dropout off (TRL's `disable_dropout`); call before [`Self::attach`].
+    pub fn without_dropout(mut self) -> Self {
+        if let Self::Lora { weights, .. } = &mut self {
+            weights.dropout = None;
+        }
+        self
+    }
+
     /// Attaches the adapters to the model built from [`Self::load`]'s builder
     /// (nothing to do in full fine-tuning).
     pub fn attach(&mut self, model: &mut dyn Linears) -> Result<()> {

@@ -414,3 +414,78 @@ fn adapters_made_by_peft_load_and_give_peft_logits_unmerged_and_merged() {
     }
     assert_eq!(seen, 3);
 }
+
+#[test]
+fn a_lora_reward_model_trains_and_its_checkpoint_scores_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = crate::models::fixtures_root();
+    let prefs = root.join(candle_rlhf::app::fixtures::PREFERENCES);
+    let run = tmp.path().join("rm");
+    let o = std::process::Command::new(crate::bin())
+        .env_remove("RUST_BACKTRACE")
+        .args(["reward", "--config"])
+        .arg(crate::repo().join("configs/reward-tiny.toml"))
+        .args([
+            "--set",
+            &format!("model.name_or_path={}", q(&model_dir("tiny-gpt2"))),
+        ])
+        .args(["--set", &format!("reward.dataset={}", q(&prefs))])
+        .args([
+            "--set",
+            "train.learning_rate=1e-2",
+            "--set",
+            "lora.r=8",
+            "--set",
+            "lora.lora_alpha=16",
+        ])
+        .args(["--set", "lora.target_modules=\"all-linear\""])
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ckpt = run.join("checkpoints/60");
+    let cfg: serde_json::Value =
+        candle_rlhf::io::read_json(&ckpt.join("adapter_config.json")).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["score"]),
+        "the new head trains in full"
+    );
+    let merged: serde_json::Value =
+        candle_rlhf::io::read_json(&ckpt.join("merged_config.json")).unwrap();
+    assert_eq!(merged["architectures"][0], "GPT2ForSequenceClassification");
+    // `score` takes the LoRA run directory: its newest checkpoint, merged once into the cache.
+    let o = std::process::Command::new(crate::bin())
+        .env("HF_HOME", tmp.path().join("hf"))
+        .args(["score", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&prefs)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{stdout}\n{out}");
+    let accuracy: f64 = out
+        .lines()
+        .find_map(|l| l.split("accuracy").nth(1))
+        .and_then(|rest| {
+            rest.trim_start_matches([' ', ':', '='])
+                .split_whitespace()
+                .next()
+        })
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {out}"));
+    assert!(accuracy > 0.9, "{accuracy}");
+}

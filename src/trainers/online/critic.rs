@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use super::rollout::Batch;
 use crate::checkpoint;
 use crate::config::{LoraConfig, PpoConfig, ValueModel};
-use crate::models::lora::{Dropout, LoraWeights};
+use crate::models::lora::LoraWeights;
 use crate::models::reward_model::RewardModel;
 use crate::models::{frozen_builder, project};
 use crate::rewards::same_tokenizer;
@@ -28,8 +28,6 @@ pub(crate) enum Critic {
         frozen: Box<RewardModel>,
         /// Its trained Vars: every weight, or (`lora.critic`) its adapters and `score`.
         varmap: VarMap,
-        /// The dropout of its LoRA adapters, if any.
-        dropout: Option<std::sync::Arc<Dropout>>,
     },
 }
 
@@ -61,16 +59,6 @@ impl Critic {
                 let m = if grad { model } else { frozen };
                 Ok(m.values(&b.ids, &b.mask)?.narrow(1, b.q - 1, b.r)?)
             }
-        }
-    }
-
-    /// Starts optimizer step `step` (the masks of LoRA dropout).
-    pub(crate) fn begin_step(&self, step: u64) {
-        if let Critic::Model {
-            dropout: Some(d), ..
-        } = self
-        {
-            d.begin_step(step);
         }
     }
 
@@ -191,15 +179,16 @@ pub(crate) fn build_critic(
         model: Box::new(model),
         frozen: Box::new(frozen),
         varmap,
-        dropout: None,
     })
 }
 
 /// `lora.critic`: the reward model with adapters of its own (the policy's
-/// settings) and its `score` head trained in full, as peft's SEQ_CLS task.
+/// settings) and its `score` head trained in full, as peft's SEQ_CLS task;
+/// no dropout, as TRL's PPOTrainer turns it off in every model.
 fn lora_critic(dir: &Path, l: &LoraConfig, dtype: DType, device: &Device) -> Result<Critic> {
     let mut w = LoraWeights::read(dir, dtype, device, l, 0)?;
     w.spec.modules_to_save.push("score".into());
+    w.dropout = None;
     let mut model = RewardModel::load(w.builder(), &w.varmap, &w.arch, 0)?;
     if !model.is_decoder() {
         return Err(Error::InvalidConfig {
@@ -220,6 +209,5 @@ fn lora_critic(dir: &Path, l: &LoraConfig, dtype: DType, device: &Device) -> Res
         model: Box::new(model),
         frozen: Box::new(frozen),
         varmap: w.varmap.clone(),
-        dropout: w.dropout.clone(),
     })
 }

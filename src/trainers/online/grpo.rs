@@ -89,6 +89,7 @@ struct Settings<'a> {
     mask_truncated: bool,
     ref_model: Option<&'a str>,
     num_sample_generations: usize,
+    disable_dropout: bool,
     // GRPO only.
     loss_type: GrpoLossType,
     scale_rewards: ScaleRewards,
@@ -122,6 +123,7 @@ impl<'a> Settings<'a> {
                     mask_truncated: g.mask_truncated_completions,
                     ref_model: g.ref_model.as_deref(),
                     num_sample_generations: g.num_sample_generations,
+                    disable_dropout: g.disable_dropout,
                     loss_type: g.loss_type,
                     scale_rewards: g.scale_rewards,
                     level: g.importance_sampling_level,
@@ -149,6 +151,7 @@ impl<'a> Settings<'a> {
                     mask_truncated: r.mask_truncated_completions,
                     ref_model: r.ref_model.as_deref(),
                     num_sample_generations: r.num_sample_generations,
+                    disable_dropout: r.disable_dropout,
                     loss_type: GrpoLossType::Grpo,
                     scale_rewards: ScaleRewards::None,
                     level: ImportanceSamplingLevel::Sequence,
@@ -311,6 +314,9 @@ pub fn train_with_rewards(
             arch.model_type()
         ))
     })?;
+    if s.disable_dropout {
+        params = params.without_dropout();
+    }
     params.attach(&mut policy)?;
     let sampler = params.frozen_causal(&arch, dtype, &device)?;
     let reference = match (s.beta > 0.0, s.ref_model) {

@@ -552,6 +552,8 @@ pub fn train_with_rewards(
         seed,
     )?;
     let mut policy = causal(CausalLm::load(vb, &arch, true), &arch)?;
+    // TRL's PPOTrainer turns dropout off in every model: lora_dropout too.
+    params = params.without_dropout();
     params.attach(&mut policy)?;
     let policy_vars = params.varmap().clone();
     let sampler = params.frozen_causal(&arch, dtype, &device)?;
@@ -775,10 +777,6 @@ pub fn train_with_rewards(
         for _ in 0..p.num_ppo_epochs {
             let order = state.rng("ppo").permutation(batch);
             for mb in order.chunks(mini_batch) {
-                params.begin_step(state.optimizer_steps);
-                if let Some(c) = &critic {
-                    c.begin_step(state.optimizer_steps);
-                }
                 for micro in mb.chunks(t.per_device_train_batch_size) {
                     micro_batch_backward(&mut core, &models, &policy, p, &ro, micro, &mut acc)?;
                 }
