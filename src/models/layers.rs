@@ -134,16 +134,23 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;
-        let mut y = match (&self.bias, self.fan_in_fan_out) {
-            (Some(bias), fan_in_fan_out) => {
-                crate::kernels::linear(&x, &self.weight, bias, !fan_in_fan_out)?
-            }
-            (None, false) => matmul_weight_t(&x, &self.weight)?,
-            (None, true) => x.matmul(&self.weight)?,
+        let base = || -> Result<Tensor> {
+            Ok(match (&self.bias, self.fan_in_fan_out) {
+                (Some(bias), fan_in_fan_out) => {
+                    crate::kernels::linear(&x, &self.weight, bias, !fan_in_fan_out)?
+                }
+                (None, false) => matmul_weight_t(&x, &self.weight)?,
+                (None, true) => x.matmul(&self.weight)?,
+            })
         };
-        if let Some(adapter) = &self.lora {
-            y = (y + adapter.delta(&x)?)?;
-        }
+        let y = match &self.lora {
+            Some(adapter) => adapter.forward(
+                &x,
+                (&self.weight, self.bias.as_ref(), self.fan_in_fan_out),
+                base,
+            )?,
+            None => base()?,
+        };
         Ok(y.reshape((b, t, ()))?)
     }
 }

@@ -269,9 +269,11 @@ impl Dropout {
         self.active.store(active, Ordering::SeqCst);
     }
 
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// The next mask for an input like `x` (0 or 1 / (1 - p) per element),
+    /// or None when dropout is off.
+    fn mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if self.p == 0.0 || !self.active.load(Ordering::SeqCst) {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let step = self.step.load(Ordering::SeqCst);
@@ -280,8 +282,17 @@ impl Dropout {
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(Some(
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+
+    #[cfg(test)]
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.mask(x)? {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        })
     }
 }
 
@@ -297,14 +308,37 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// scaling * B A dropout(x) for x (N, in): (N, out).
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.dropout {
-            Some(d) => d.apply(x)?,
+    /// The adapted layer's output for x (N, in): the base product `base`
+    /// (W, its bias, whether W is stored (in, out)) plus scaling B A
+    /// dropout(x). One fused op on the CPU (see `kernels::lora`), else
+    /// `base_product` plus the composed update.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        base: (&Tensor, Option<&Tensor>, bool),
+        base_product: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mask = match &self.dropout {
+            Some(d) => d.mask(x)?,
+            None => None,
+        };
+        let (weight, bias, fan_in_fan_out) = base;
+        let parts = crate::kernels::LoraLinearParts {
+            weight,
+            bias,
+            fan_in_fan_out,
+            scaling: self.scaling,
+            mask: mask.clone(),
+        };
+        if let Some(y) = crate::kernels::lora_linear(x, &self.a, &self.b, parts)? {
+            return Ok(y);
+        }
+        let xd = match &mask {
+            Some(m) => (x * m)?,
             None => x.clone(),
         };
-        let h = matmul_weight_t(&x, &self.a)?;
-        Ok((matmul_weight_t(&h, &self.b)? * self.scaling)?)
+        let h = (matmul_weight_t(&xd, &self.a)? * self.scaling)?;
+        Ok((base_product()? + matmul_weight_t(&h, &self.b)?)?)
     }
 }
 
