@@ -34,10 +34,13 @@ pub fn lora_linear(
     parts: LoraLinearParts,
 ) -> Result<Option<Tensor>> {
     let frozen = !parts.weight.track_op() && parts.bias.is_none_or(|b| !b.track_op());
+    // Without a graph (rollouts, decoding) there is nothing to save, and the
+    // base product's own op is faster on few rows (see `matmul_weight_t`).
+    let training = x.track_op() || a.track_op() || b.track_op();
     let mut all = vec![x, a, b, parts.weight];
     all.extend(parts.bias);
     all.extend(parts.mask.as_ref());
-    if !frozen || !fused_path(&all) || x.rank() != 2 {
+    if !frozen || !training || !fused_path(&all) || x.rank() != 2 {
         return Ok(None);
     }
     let op = LoraLinear {

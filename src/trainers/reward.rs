@@ -163,16 +163,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         }
         Some(_) => {
             // peft's SEQ_CLS task: the head (`score` / `classifier`) trains in full.
-            let (arch, vb, mut params) = Trained::load(
-                &model_dir,
-                &super::trained::base_name(&cfg.model.resolved_name()?),
-                cfg.lora.as_ref(),
-                "SEQ_CLS",
-                cfg.model.init,
-                dtype,
-                &device,
-                seed,
-            )?;
+            let (arch, vb, mut params) =
+                Trained::for_run(cfg, &model_dir, "SEQ_CLS", cfg.model.init, &device)?;
             let mut model = RewardModel::load(vb, params.varmap(), &arch, seed)?;
             model.offset = base_config[OFFSET_KEY].as_f64().unwrap_or(0.0);
             if cfg.reward.disable_dropout {

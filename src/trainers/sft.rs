@@ -108,7 +108,6 @@ pub struct SftRun {
 /// Trains (or resumes) a causal LM on SFT rows in `run_dir` as `cfg` says.
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> Result<SftRun> {
     let (device, device_name) = crate::device::resolve_device(&cfg.run.device)?;
-    let dtype = cfg.run.dtype.dtype();
     let manifest = Manifest::new("sft", cfg, &device_name);
     let mut run = RunDir::open(run_dir, manifest, resume)?;
     let (s, t, seed) = (&cfg.sft, &cfg.train, cfg.run.seed);
@@ -118,16 +117,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let model_dir = crate::models::resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
     let base_config: Value = io::read_json(&model_dir.join("config.json"))?;
-    let (arch, vb, mut params) = Trained::load(
-        &model_dir,
-        &super::trained::base_name(&cfg.model.resolved_name()?),
-        cfg.lora.as_ref(),
-        "CAUSAL_LM",
-        cfg.model.init,
-        dtype,
-        &device,
-        seed,
-    )?;
+    let (arch, vb, mut params) =
+        Trained::for_run(cfg, &model_dir, "CAUSAL_LM", cfg.model.init, &device)?;
     let mut lm = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
             "SFT needs a causal LM; {} cannot be one: {e}",

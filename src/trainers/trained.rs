@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::checkpoint::LoraParts;
-use crate::config::{LoraConfig, ModelInit};
+use crate::config::{Config, LoraConfig, ModelInit};
 use crate::models::lora::{adapter_tensors, LoraWeights};
 use crate::models::{frozen_builder, load_dir_init, ArchConfig, CausalLm, Linears};
 use crate::{Error, Result};
@@ -25,6 +25,9 @@ pub fn base_name(arg: &str) -> String {
     }
     arg.to_string()
 }
+
+/// Tensors under their checkpoint names.
+pub type NamedTensors = Vec<(String, Tensor)>;
 
 /// The trained weights of one model.
 pub enum Trained {
@@ -98,6 +101,27 @@ impl Trained {
             weights.dropout = None;
         }
         self
+    }
+
+    /// [`Self::load`] with the run's settings: the model `cfg` names (read
+    /// from `dir`), its `[lora]`, seed, dtype and device.
+    pub fn for_run(
+        cfg: &Config,
+        dir: &Path,
+        task_type: &'static str,
+        init: ModelInit,
+        device: &Device,
+    ) -> Result<(ArchConfig, VarBuilder<'static>, Self)> {
+        Self::load(
+            dir,
+            &base_name(&cfg.model.resolved_name()?),
+            cfg.lora.as_ref(),
+            task_type,
+            init,
+            cfg.run.dtype.dtype(),
+            device,
+            cfg.run.seed,
+        )
     }
 
     /// Attaches the adapters to the model built from [`Self::load`]'s builder
@@ -178,7 +202,7 @@ impl Trained {
     }
 
     /// The tensors a checkpoint saves and, under LoRA, its adapter parts.
-    pub fn checkpoint_parts(&self) -> Result<(Vec<(String, Tensor)>, Option<LoraParts>)> {
+    pub fn checkpoint_parts(&self) -> Result<(NamedTensors, Option<LoraParts>)> {
         match self {
             Self::Full(varmap) => Ok((crate::models::weights::named_tensors(varmap), None)),
             Self::Lora {

@@ -50,7 +50,7 @@ use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
-use crate::trainers::trained::{base_name, Trained};
+use crate::trainers::trained::Trained;
 use crate::{io, Error, HostRng, Result};
 
 /// Which member of the critic-free family.
@@ -297,15 +297,12 @@ pub fn train_with_rewards(
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
-    let (arch, vb, mut params) = Trained::load(
+    let (arch, vb, mut params) = Trained::for_run(
+        cfg,
         &policy_dir,
-        &base_name(&cfg.model.resolved_name()?),
-        cfg.lora.as_ref(),
         "CAUSAL_LM",
         ModelInit::Pretrained,
-        dtype,
         &device,
-        seed,
     )?;
     let mut policy = CausalLm::load(vb, &arch, true).map_err(|e| {
         Error::Msg(format!(
