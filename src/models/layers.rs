@@ -59,7 +59,7 @@ pub struct Linear {
     name: String,
     /// W is stored [in, out] (GPT-2's Conv1D).
     fan_in_fan_out: bool,
-    lora: Option<super::lora::Adapter>,
+    lora: Option<super::adapter::Adapter>,
 }
 
 impl Linear {
@@ -127,7 +127,7 @@ impl Linear {
     }
 
     /// Attaches (or, with None, removes) a LoRA adapter.
-    pub fn set_adapter(&mut self, adapter: Option<super::lora::Adapter>) {
+    pub fn set_adapter(&mut self, adapter: Option<super::adapter::Adapter>) {
         self.lora = adapter;
     }
 

@@ -2,6 +2,7 @@
 //! (no fused softmax / layer-norm / rope, which drop gradients in Candle),
 //! and tensor names equal Hugging Face's so checkpoints are interchangeable.
 
+pub mod adapter;
 pub mod bert;
 pub mod distilbert;
 pub mod gpt2;
