@@ -365,8 +365,6 @@ pub struct AdapterDir {
     pub dir: PathBuf,
     pub spec: LoraSpec,
     pub fan_in_fan_out: bool,
-    /// `base_model_name_or_path`.
-    pub base: String,
     /// Tensors by name less [`PEFT_PREFIX`].
     pub tensors: HashMap<String, Tensor>,
 }
@@ -381,14 +379,6 @@ impl AdapterDir {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let config: Value = crate::io::read_json(&config_path)?;
         let (spec, fan_in_fan_out) = LoraSpec::from_adapter_config(&config, &config_path)?;
-        let base = config["base_model_name_or_path"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| Error::Parse {
-                path: config_path.clone(),
-                message: "no `base_model_name_or_path`: the base model is unknown".into(),
-            })?
-            .to_string();
         let weights = dir.join(ADAPTER_WEIGHTS_FILE);
         let tensors = crate::io::load_safetensors(&weights, device)?
             .into_iter()
@@ -405,7 +395,6 @@ impl AdapterDir {
             dir: dir.to_path_buf(),
             spec,
             fan_in_fan_out,
-            base,
             tensors,
         })
     }
@@ -713,7 +702,6 @@ impl LoraWeights {
             dir: self.source.clone(),
             spec: self.spec.clone(),
             fan_in_fan_out: self.fan_in_fan_out(),
-            base: String::new(),
             tensors: named_tensors(&self.varmap).into_iter().collect(),
         };
         let mut weights = self.base.clone();
@@ -805,7 +793,6 @@ mod tests {
             dir: PathBuf::from("x"),
             spec: s,
             fan_in_fan_out: false,
-            base: "b".into(),
             tensors,
         };
         let mut w: HashMap<String, Tensor> = [(
