@@ -1,4 +1,5 @@
-//! Records the git commit the binary is built from, for run manifests.
+//! Records the git commit the binary is built from, for run manifests, and
+//! checks that a `--features mkl` build has a local MKL to link.
 use std::path::Path;
 use std::process::Command;
 
@@ -9,6 +10,7 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
+    check_mkl();
     let commit = Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()
@@ -17,5 +19,25 @@ fn main() {
         .and_then(|o| String::from_utf8(o.stdout).ok());
     if let Some(commit) = commit {
         println!("cargo:rustc-env=CANDLE_RLHF_GIT_COMMIT={}", commit.trim());
+    }
+}
+
+/// Candle's `mkl` feature builds intel-mkl-src, which links the MKL it finds
+/// under $MKLROOT (or through pkg-config) and otherwise tries a download from
+/// ghcr.io that fails offline and leaves only a link error about `sgemm_`.
+/// Say what to do instead, before that happens.
+fn check_mkl() {
+    println!("cargo:rerun-if-env-changed=MKLROOT");
+    if std::env::var_os("CARGO_FEATURE_MKL").is_none() {
+        return;
+    }
+    let found = std::env::var_os("MKLROOT")
+        .map(std::path::PathBuf::from)
+        .is_some_and(|root| root.join("lib/libmkl_core.a").exists() || root.is_dir());
+    if !found {
+        panic!(
+            "--features mkl needs a local MKL: run scripts/fetch_mkl.sh, then \
+             `export MKLROOT=$PWD/.mkl` and build again (README, \"A BLAS build\")"
+        );
     }
 }

@@ -11,7 +11,19 @@ use crate::{Error, Result};
 pub fn set_threads(n: usize) {
     if n > 0 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        #[cfg(feature = "mkl")]
+        // SAFETY: sets MKL's global thread count; no MKL call runs yet.
+        unsafe {
+            MKL_Set_Num_Threads(n as std::ffi::c_int)
+        };
     }
+}
+
+#[cfg(feature = "mkl")]
+extern "C" {
+    /// MKL's thread count for its products (Intel OpenMP threads), linked
+    /// from libmkl_intel_lp64 by candle-core's `mkl` feature.
+    fn MKL_Set_Num_Threads(n: std::ffi::c_int);
 }
 
 /// The number of CPU threads the tensor ops use.

@@ -74,7 +74,15 @@ fn adapters_start_at_the_base_train_alone_and_merge_to_the_adapted_model() {
 
         // 1. At initialisation (B = 0) the adapted model is the base, exactly.
         let (start, _) = outputs(&adapted, &rows());
-        assert_eq!(max_diff(&start, &base_out), 0.0, "{name}: adapted at init");
+        // Exactly, where both run on the same product kernels; a BLAS build
+        // runs the plain layer's products in the BLAS and the LoRA op's on
+        // the gemm crate, which round differently.
+        let tolerance = if cfg!(feature = "mkl") { 1e-6 } else { 0.0 };
+        let diff = max_diff(&start, &base_out);
+        assert!(
+            diff <= tolerance,
+            "{name}: adapted at init differs by {diff}"
+        );
         // Every linear layer of the trunk is adapted under all-linear.
         let per_layer = match name {
             "tiny-gpt2" | "tiny-pythia" => 4,
