@@ -109,7 +109,9 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two allocations: the one-pass step writes m and v in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                let (exp_avg, exp_avg_sq) = (zeros()?, zeros()?);
                 let master = match var.dtype() {
                     DType::F32 => None,
                     _ => Some(var.as_tensor().detach().to_dtype(DType::F32)?),
@@ -120,8 +122,8 @@ impl AdamW {
                     lr_scale: 1.0,
                     name,
                     var,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg,
+                    exp_avg_sq,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -211,14 +213,16 @@ impl AdamW {
                 step_size: (lr / bias_correction1) as f32,
                 inv_bias_correction2_sqrt: (1.0 / bias_correction2_sqrt) as f32,
             };
-            let fused = match self.fused {
-                true => step.apply(&p.weight_f32()?, &g, &p.exp_avg, &p.exp_avg_sq)?,
-                false => None,
+            // The f32 weight the update applies to: the master, or the var's
+            // own tensor (written in place, as Var::set writes).
+            let target = match &p.master {
+                Some(m) => m.clone(),
+                None => p.var.as_tensor().clone(),
             };
-            if let Some((w, m, v)) = fused {
-                p.exp_avg = m;
-                p.exp_avg_sq = v;
-                p.set_weight(w)?;
+            if self.fused && step.apply(&target, &g, &p.exp_avg, &p.exp_avg_sq)? {
+                if p.master.is_some() {
+                    p.var.set(&target.to_dtype(p.var.dtype())?)?;
+                }
                 continue;
             }
             // m_t = b1 m + (1 - b1) g ;  v_t = b2 v + (1 - b2) g^2
@@ -239,23 +243,17 @@ impl AdamW {
 
     /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`),
     /// and the f32 master weights of bf16/f16 parameters (`master.<name>`),
-    /// for checkpoints.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .flat_map(|p| {
-                let master = p
-                    .master
-                    .as_ref()
-                    .map(|m| (format!("master.{}", p.name), m.clone()));
-                [
-                    Some((format!("exp_avg.{}", p.name), p.exp_avg.clone())),
-                    Some((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone())),
-                    master,
-                ]
-            })
-            .flatten()
-            .collect()
+    /// for checkpoints. Copies: the next step updates the originals in place.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.params.len() * 2);
+        for p in &self.params {
+            out.push((format!("exp_avg.{}", p.name), p.exp_avg.copy()?));
+            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.copy()?));
+            if let Some(m) = &p.master {
+                out.push((format!("master.{}", p.name), m.copy()?));
+            }
+        }
+        Ok(out)
     }
 
     /// Restores the moments and master weights written by
@@ -275,7 +273,10 @@ impl AdamW {
                         p.var.dims()
                     )));
                 }
-                Ok(Some(t.to_dtype(DType::F32)?.to_device(p.var.device())?))
+                // A copy of its own: the step writes the moments in place.
+                Ok(Some(
+                    t.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?,
+                ))
             };
             let missing = |prefix: &str| {
                 Error::Msg(format!(
@@ -302,9 +303,11 @@ impl AdamW {
 }
 
 /// One AdamW update of a parameter in a single pass over w, g, m and v,
-/// read in place: on the CPU the composed update below costs fourteen tensor
-/// ops, each a pass over the parameter and a new allocation. Same arithmetic,
-/// in f32, as the composed update.
+/// written in place: on the CPU the composed update below costs fourteen
+/// tensor ops, each a pass over the parameter and a new allocation, and even
+/// one pass into new buffers costs three zeroed allocations and a copy into
+/// the var (MiniLM reward step 0.45 -> 0.37 s in place; BENCHMARKS.md). Same
+/// arithmetic, in f32, as the composed update.
 struct FusedStep {
     beta1: f32,
     one_minus_beta1: f32,
@@ -344,72 +347,81 @@ impl<'a> F32View<'a> {
 }
 
 impl FusedStep {
-    /// The new (w, m, v), or None when a tensor is not a contiguous f32 CPU tensor.
-    fn apply(
-        &self,
-        w: &Tensor,
-        g: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        let views = (
-            F32View::of(w),
-            F32View::of(g),
-            F32View::of(m),
-            F32View::of(v),
-        );
-        let (Some(w_view), Some(g_view), Some(m_view), Some(v_view)) = views else {
-            return Ok(None);
+    /// Updates w, m and v in place from g, in one pass; false (nothing done)
+    /// when a tensor is not a contiguous f32 CPU tensor. w, m and v must be
+    /// three distinct storages (they are: AdamW allocates or copies each).
+    fn apply(&self, w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<bool> {
+        if [w, m, v].iter().any(|t| F32View::of(t).is_none()) {
+            return Ok(false);
+        }
+        let Some(g_view) = F32View::of(g) else {
+            return Ok(false);
         };
-        let (w0, g, m0, v0) = (
-            w_view.slice(),
-            g_view.slice(),
-            m_view.slice(),
-            v_view.slice(),
-        );
-        let n = w0.len();
-        let (mut w1, mut m1, mut v1) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        // One pass writes w; m and v are written alongside through raw parts
-        // of the same chunk (each chunk is one task of Candle's pool).
+        let g = g_view.slice();
         use crate::kernels::{for_pieces, SharedOut};
-        let (m_out, v_out) = (SharedOut(m1.as_mut_ptr()), SharedOut(v1.as_mut_ptr()));
-        for_pieces(&mut w1, 1 << 14, |i, w1| {
-            let at = i * (1 << 14);
-            // SAFETY: pieces are disjoint and at + w1.len() <= n, the length of m1 and v1.
-            let (m1, v1) = unsafe { (m_out.slice(at, w1.len()), v_out.slice(at, w1.len())) };
-            let range = at..at + w1.len();
-            let old = (
-                &w0[range.clone()],
-                &g[range.clone()],
-                &m0[range.clone()],
-                &v0[range],
-            );
-            adamw_chunk(self, old, (w1, m1, v1));
-        });
-        let shape = w.shape().clone();
-        let device = w.device().clone();
-        drop((w_view, g_view, m_view, v_view));
-        Ok(Some((
-            Tensor::from_vec(w1, shape.clone(), &device)?,
-            Tensor::from_vec(m1, shape.clone(), &device)?,
-            Tensor::from_vec(v1, shape, &device)?,
-        )))
+        write_f32(m, &mut |m| {
+            write_f32(v, &mut |v| {
+                write_f32(w, &mut |w| {
+                    if g.len() != w.len() || m.len() != w.len() || v.len() != w.len() {
+                        candle_core::bail!("AdamW: gradient and moments do not fit the weight");
+                    }
+                    // Pieces of w on Candle's pool; m and v are written at the
+                    // same places through raw parts.
+                    let (m_out, v_out) = (SharedOut(m.as_mut_ptr()), SharedOut(v.as_mut_ptr()));
+                    for_pieces(w, 1 << 14, |i, w| {
+                        let at = i * (1 << 14);
+                        // SAFETY: pieces are disjoint and at + w.len() <= the
+                        // length of m and v (checked equal above).
+                        let (m, v) =
+                            unsafe { (m_out.slice(at, w.len()), v_out.slice(at, w.len())) };
+                        adamw_chunk(self, &g[at..at + w.len()], (w, m, v));
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok(true)
+    }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor, writable in
+/// place (Candle's in-place op takes the storage's write lock).
+fn write_f32(t: &Tensor, f: &mut ElementsFn) -> candle_core::Result<()> {
+    t.inplace_op1(&WriteF32(std::cell::RefCell::new(f)))
+}
+
+/// What [`write_f32`] runs on a tensor's elements.
+type ElementsFn<'a> = dyn FnMut(&mut [f32]) -> candle_core::Result<()> + 'a;
+
+struct WriteF32<'a, 'f>(std::cell::RefCell<&'a mut ElementsFn<'f>>);
+
+impl candle_core::InplaceOp1 for WriteF32<'_, '_> {
+    fn name(&self) -> &'static str {
+        "adamw-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(data), Some((start, end))) => {
+                (self.0.borrow_mut())(&mut data[start..end])
+            }
+            _ => candle_core::bail!("AdamW: the in-place step needs a contiguous f32 tensor"),
+        }
     }
 }
 
 crate::kernels::fast_math::wide_simd_fn! {
-    /// The AdamW update of one chunk: (w, g, m, v) -> (w, m, v).
-    fn adamw_chunk(s: &FusedStep, old: (&[f32], &[f32], &[f32], &[f32]), new: (&mut [f32], &mut [f32], &mut [f32])) {
-        let (w0, g, m0, v0) = old;
-        let (w1, m1, v1) = new;
-        for k in 0..w1.len() {
-            let m = m0[k] * s.beta1 + g[k] * s.one_minus_beta1;
-            let v = v0[k] * s.beta2 + g[k] * g[k] * s.one_minus_beta2;
-            let w = s.keep.map_or(w0[k], |keep| w0[k] * keep);
-            let denom = v.sqrt() * s.inv_bias_correction2_sqrt + s.eps;
-            w1[k] = w - m / denom * s.step_size;
-            m1[k] = m;
-            v1[k] = v;
+    /// The AdamW update of one chunk, in place: (w, m, v) from (w, g, m, v).
+    fn adamw_chunk(s: &FusedStep, g: &[f32], state: (&mut [f32], &mut [f32], &mut [f32])) {
+        let (w, m, v) = state;
+        for k in 0..w.len() {
+            let mk = m[k] * s.beta1 + g[k] * s.one_minus_beta1;
+            let vk = v[k] * s.beta2 + g[k] * g[k] * s.one_minus_beta2;
+            let wk = s.keep.map_or(w[k], |keep| w[k] * keep);
+            let denom = vk.sqrt() * s.inv_bias_correction2_sqrt + s.eps;
+            w[k] = wk - mk / denom * s.step_size;
+            m[k] = mk;
+            v[k] = vk;
         }
     }
 }
@@ -477,6 +489,7 @@ mod tests {
                 .collect();
             out.extend(
                 opt.state_tensors()
+                    .unwrap()
                     .iter()
                     .map(|(_, t)| t.to_vec1::<f32>().unwrap()),
             );
@@ -550,10 +563,10 @@ mod tests {
             .to_dtype(DType::BF16)
             .unwrap();
         opt.step(&[Some(g)], 0.1).unwrap();
-        for (name, t) in opt.state_tensors() {
+        for (name, t) in opt.state_tensors().unwrap() {
             assert_eq!(t.dtype(), DType::F32, "{name}");
         }
-        let v = opt.state_tensors()[1].1.to_vec1::<f32>().unwrap();
+        let v = opt.state_tensors().unwrap()[1].1.to_vec1::<f32>().unwrap();
         assert!((v[0] - 0.00025).abs() < 1e-9, "(1 - 0.999) * 0.5^2: {v:?}");
         assert_eq!(w.dtype(), DType::BF16);
         // Adam's first step moves each weight by about lr against its gradient's sign.
@@ -586,7 +599,7 @@ mod tests {
         for _ in 0..50 {
             opt.step(&[Some(bf16(0.5))], 1e-4).unwrap();
         }
-        let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let state: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
         let master = state["master.w"].to_vec1::<f32>().unwrap()[0];
         assert!(
             (master - 0.995).abs() < 1e-5,
@@ -612,7 +625,7 @@ mod tests {
         again.load_state(state, opt.steps()).unwrap();
         opt.step(&[Some(bf16(0.5))], 1e-4).unwrap();
         again.step(&[Some(bf16(0.5))], 1e-4).unwrap();
-        let master_of = |o: &AdamW| o.state_tensors()[2].1.to_vec1::<f32>().unwrap();
+        let master_of = |o: &AdamW| o.state_tensors().unwrap()[2].1.to_vec1::<f32>().unwrap();
         assert_eq!(master_of(&opt), master_of(&again));
     }
 
@@ -635,17 +648,61 @@ mod tests {
         let mut opt = AdamW::new(vec![("a".into(), a.clone())], AdamWParams::default()).unwrap();
         let g = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
         opt.step(&[Some(g.clone())], 0.01).unwrap();
-        let saved: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let saved: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
         let b = Var::new(&[1.0f32, -2.0], &dev).unwrap();
         let mut restored = AdamW::new(vec![("a".into(), b)], AdamWParams::default()).unwrap();
         restored.load_state(saved.clone(), opt.steps()).unwrap();
         assert_eq!(restored.steps(), 1);
-        let m = restored.state_tensors()[0].1.to_vec1::<f32>().unwrap();
+        let m = restored.state_tensors().unwrap()[0]
+            .1
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(m, vec![0.05, -0.1]);
 
         let c = Var::new(&[1.0f32, 2.0, 3.0], &dev).unwrap();
         let mut wrong = AdamW::new(vec![("a".into(), c)], AdamWParams::default()).unwrap();
         let err = wrong.load_state(saved, 1).unwrap_err().to_string();
         assert!(err.contains("exp_avg.a") && err.contains("[2]"), "{err}");
+    }
+
+    /// The one-pass step writes the weight, m and v in place: every clone of
+    /// the var's tensor sees the update (as with Var::set), while saved state
+    /// and the restored moments are copies later steps leave alone.
+    #[test]
+    fn the_in_place_step_leaves_saved_state_alone() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1.0f32, -2.0], &dev).unwrap();
+        let seen_by_model = a.as_tensor().clone();
+        let mut opt = AdamW::new(vec![("a".into(), a.clone())], AdamWParams::default()).unwrap();
+        let g = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
+        opt.step(&[Some(g.clone())], 0.1).unwrap();
+        // Step 1 moves each weight by lr against the sign of its gradient.
+        let w1 = seen_by_model.to_vec1::<f32>().unwrap();
+        assert!(
+            (w1[0] - 0.9).abs() < 1e-6 && (w1[1] + 1.9).abs() < 1e-6,
+            "{w1:?}"
+        );
+        let saved: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
+        let mut restored = AdamW::new(
+            vec![("a".into(), Var::new(&[0.9f32, -1.9], &dev).unwrap())],
+            AdamWParams::default(),
+        )
+        .unwrap();
+        restored.load_state(saved.clone(), 1).unwrap();
+        opt.step(&[Some(g.clone())], 0.1).unwrap();
+        restored.step(&[Some(g)], 0.1).unwrap();
+        // m after one step is 0.1 g; the second steps did not touch the saved copy.
+        assert_eq!(
+            saved["exp_avg.a"].to_vec1::<f32>().unwrap(),
+            vec![0.05, -0.1]
+        );
+        assert_eq!(
+            opt.state_tensors().unwrap()[0].1.to_vec1::<f32>().unwrap(),
+            restored.state_tensors().unwrap()[0]
+                .1
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        assert_ne!(seen_by_model.to_vec1::<f32>().unwrap(), w1);
     }
 }
