@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod fast_math;
 pub mod gelu;
+pub mod grad_sink;
 pub mod linear;
 pub mod logprobs;
 pub mod lora;

@@ -177,6 +177,19 @@ impl AdamW {
     /// i-th variable of [`AdamW::vars`]; a `None` leaves that variable and its
     /// moments untouched (as torch does for parameters without a gradient).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first
+    /// (global-norm clipping's coefficient), inside the one-pass kernel
+    /// instead of a pass of its own: the same f32 products as scaling the
+    /// gradients, then stepping.
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(Error::Msg(format!(
                 "AdamW::step got {} gradients for {} parameters",
@@ -198,6 +211,12 @@ impl AdamW {
             let Some(grad) = grad else { continue };
             let lr = lr * p.lr_scale;
             let g = grad.detach().to_dtype(DType::F32)?;
+            let scaled = || -> Result<Tensor> {
+                Ok(match grad_scale == 1.0 {
+                    true => g.clone(),
+                    false => (&g * grad_scale)?,
+                })
+            };
             // Scalars rounded to f32 as Candle's scalar ops round them
             // (a division by a scalar is a multiplication by its inverse).
             let step = FusedStep {
@@ -212,6 +231,7 @@ impl AdamW {
                 },
                 step_size: (lr / bias_correction1) as f32,
                 inv_bias_correction2_sqrt: (1.0 / bias_correction2_sqrt) as f32,
+                grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
             };
             // The f32 weight the update applies to: the master, or the var's
             // own tensor (written in place, as Var::set writes).
@@ -225,6 +245,7 @@ impl AdamW {
                 }
                 continue;
             }
+            let g = scaled()?;
             // m_t = b1 m + (1 - b1) g ;  v_t = b2 v + (1 - b2) g^2
             p.exp_avg = ((&p.exp_avg * beta1)? + (&g * (1.0 - beta1))?)?;
             p.exp_avg_sq = ((&p.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -320,6 +341,8 @@ struct FusedStep {
     step_size: f32,
     /// 1 / sqrt(1 - beta2^t).
     inv_bias_correction2_sqrt: f32,
+    /// The clipping coefficient the gradient is multiplied by first.
+    grad_scale: Option<f32>,
 }
 
 /// A contiguous f32 CPU tensor's storage, read-locked.
@@ -415,8 +438,9 @@ crate::kernels::fast_math::wide_simd_fn! {
     fn adamw_chunk(s: &FusedStep, g: &[f32], state: (&mut [f32], &mut [f32], &mut [f32])) {
         let (w, m, v) = state;
         for k in 0..w.len() {
-            let mk = m[k] * s.beta1 + g[k] * s.one_minus_beta1;
-            let vk = v[k] * s.beta2 + g[k] * g[k] * s.one_minus_beta2;
+            let gk = s.grad_scale.map_or(g[k], |c| g[k] * c);
+            let mk = m[k] * s.beta1 + gk * s.one_minus_beta1;
+            let vk = v[k] * s.beta2 + gk * gk * s.one_minus_beta2;
             let wk = s.keep.map_or(w[k], |keep| w[k] * keep);
             let denom = vk.sqrt() * s.inv_bias_correction2_sqrt + s.eps;
             w[k] = wk - mk / denom * s.step_size;
@@ -663,6 +687,32 @@ mod tests {
         let mut wrong = AdamW::new(vec![("a".into(), c)], AdamWParams::default()).unwrap();
         let err = wrong.load_state(saved, 1).unwrap_err().to_string();
         assert!(err.contains("exp_avg.a") && err.contains("[2]"), "{err}");
+    }
+
+    /// Clipping's coefficient inside the pass equals scaling the gradient
+    /// first, exactly (on a parameter large enough for the parallel path).
+    #[test]
+    fn a_scaled_step_equals_scaling_then_stepping() {
+        let dev = Device::Cpu;
+        let w0: Vec<f32> = (0..40_000)
+            .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+            .collect();
+        let g: Vec<f32> = (0..40_000).map(|i| ((i % 13) as f32 - 6.0) * 0.3).collect();
+        let g = Tensor::from_vec(g, 40_000, &dev).unwrap();
+        let run = |scaled_inside: bool| {
+            let var =
+                Var::from_tensor(&Tensor::from_vec(w0.clone(), 40_000, &dev).unwrap()).unwrap();
+            let mut opt =
+                AdamW::new(vec![("w".into(), var.clone())], AdamWParams::default()).unwrap();
+            for _ in 0..2 {
+                match scaled_inside {
+                    true => opt.step_scaled(&[Some(g.clone())], 0.01, 0.37).unwrap(),
+                    false => opt.step(&[Some((&g * 0.37).unwrap())], 0.01).unwrap(),
+                }
+            }
+            var.to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(true), run(false));
     }
 
     /// The one-pass step writes the weight, m and v in place: every clone of

@@ -35,6 +35,31 @@ impl ParamGrads {
         )
     }
 
+    /// Backpropagates `loss` with a gradient sink open (the fused ops put
+    /// their weights' gradients there instead of Candle's store) and picks
+    /// the optimizer's variables' gradients out of both.
+    pub fn backward(loss: &Tensor, optimizer: &AdamW) -> Result<Self> {
+        let (store, deposited) = crate::kernels::grad_sink::collecting(|| loss.backward());
+        let mut grads = Self::from_store(&store?, optimizer);
+        if deposited.is_empty() {
+            return Ok(grads);
+        }
+        let slot: std::collections::HashMap<_, _> = optimizer
+            .vars()
+            .enumerate()
+            .map(|(i, (_, v))| (v.id(), i))
+            .collect();
+        for (id, g) in deposited {
+            // A variable outside the optimizer (frozen by the trainer) is dropped.
+            let Some(&i) = slot.get(&id) else { continue };
+            grads.0[i] = Some(match grads.0[i].take() {
+                Some(sum) => (sum + g)?,
+                None => g,
+            });
+        }
+        Ok(grads)
+    }
+
     /// Adds `other` element-wise (gradient accumulation).
     pub fn add(&mut self, other: ParamGrads) -> Result<()> {
         for (mine, theirs) in self.0.iter_mut().zip(other.0) {
@@ -57,6 +82,9 @@ impl ParamGrads {
     }
 
     /// The L2 norm of all gradients together, computed in f32 (one host sync).
+    /// (Summing in f64 instead changes the clipping coefficient in its last
+    /// bits, which is enough to send a sampled RL run down another path; see
+    /// BENCHMARKS.md, "Design measurements".)
     pub fn global_norm(&self) -> Result<f64> {
         let mut total: Option<Tensor> = None;
         for g in self.0.iter().flatten() {
@@ -73,15 +101,21 @@ impl ParamGrads {
     }
 
     /// Scales the gradients so their global norm is at most `max_norm`, as
-    /// torch's clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6),
-    /// capped at 1). Returns the norm before clipping.
+    /// torch's clip_grad_norm_ does. Returns the norm before clipping.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.global_norm()?;
-        let coef = max_norm / (norm + 1e-6);
-        if norm.is_finite() && coef < 1.0 {
-            self.scale(coef)?;
-        }
+        self.scale(clip_coefficient(norm, max_norm))?;
         Ok(norm)
+    }
+}
+
+/// torch's clip_grad_norm_ coefficient: max_norm / (norm + 1e-6), capped at
+/// 1; 1 (no clipping) for a non-finite norm or `max_norm` 0 (clipping off).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    let coef = max_norm / (norm + 1e-6);
+    match norm.is_finite() && max_norm > 0.0 && coef < 1.0 {
+        true => coef,
+        false => 1.0,
     }
 }
 
@@ -149,7 +183,7 @@ impl TrainCore {
                 .get_or_insert_with(|| format!("loss = {value}"));
             return Ok(value);
         }
-        let grads = ParamGrads::from_store(&loss.backward()?, &self.optimizer);
+        let grads = ParamGrads::backward(loss, &self.optimizer)?;
         match &mut self.pending {
             Some(p) => p.add(grads)?,
             None => self.pending = Some(grads),
@@ -175,7 +209,7 @@ impl TrainCore {
                         let (loss, extra) = part()?;
                         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
                         let grads = match value.is_finite() {
-                            true => Some(ParamGrads::from_store(&loss.backward()?, optimizer)),
+                            true => Some(ParamGrads::backward(&loss, optimizer)?),
                             false => None,
                         };
                         Ok((value, grads, extra))
@@ -226,14 +260,12 @@ impl TrainCore {
         if what.is_none() {
             let mut grads = pending.unwrap_or_else(|| ParamGrads(vec![None; self.optimizer.len()]));
             grads.scale(1.0 / micro_batches as f64)?;
-            let norm = if self.max_grad_norm > 0.0 {
-                grads.clip_global_norm(self.max_grad_norm)?
-            } else {
-                grads.global_norm()?
-            };
+            let norm = grads.global_norm()?;
             if norm.is_finite() {
                 let lr = self.schedule.lr(step);
-                self.optimizer.step(&grads.0, lr)?;
+                // Clipping's coefficient is applied inside AdamW's pass.
+                let coef = clip_coefficient(norm, self.max_grad_norm);
+                self.optimizer.step_scaled(&grads.0, lr, coef)?;
                 applied = Some(StepOutcome::Applied {
                     grad_norm: norm,
                     lr,
@@ -293,6 +325,35 @@ mod tests {
             small.0[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
             vec![0.3, 0.4]
         );
+    }
+
+    /// Through the sink (fused linear layers' weights and biases) the
+    /// gradients equal Candle's store's, a weight used twice included, and
+    /// a variable outside the optimizer is left out.
+    #[test]
+    fn sink_gradients_equal_the_stores() {
+        let seeded = crate::kernels::testing::seeded;
+        let w = Var::from_tensor(&seeded(&[5, 4], 1, 0.5)).unwrap();
+        let b = Var::from_tensor(&seeded(&[5], 2, 0.5)).unwrap();
+        let frozen_b = Var::from_tensor(&seeded(&[5], 3, 0.5)).unwrap();
+        let x = Var::from_tensor(&seeded(&[6, 4], 4, 1.0)).unwrap();
+        let loss = || {
+            let h = crate::kernels::linear(x.as_tensor(), &w, &b, true).unwrap();
+            let y = crate::kernels::linear(x.as_tensor(), &w, &frozen_b, true).unwrap();
+            let z = (h.sqr().unwrap() + y.tanh().unwrap()).unwrap();
+            (z.sum_all().unwrap() + w.sum_all().unwrap().exp().unwrap()).unwrap()
+        };
+        let vars = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+        let opt = AdamW::new(vars, AdamWParams::default()).unwrap();
+        let plain = ParamGrads::from_store(&loss().backward().unwrap(), &opt);
+        let (_, deposited) = crate::kernels::grad_sink::collecting(|| loss().backward().unwrap());
+        assert_eq!(deposited.len(), 4, "two uses of w, b and the frozen bias");
+        let sunk = ParamGrads::backward(&loss(), &opt).unwrap();
+        for (a, b) in plain.0.iter().zip(&sunk.0) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let diff = crate::kernels::testing::max_diff(a, b);
+            assert!(diff <= 1e-6 * crate::kernels::testing::max_abs(a), "{diff}");
+        }
     }
 
     #[test]
