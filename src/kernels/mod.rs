@@ -16,6 +16,7 @@
 //! parallel-for helpers on Candle's worker pool.
 
 pub mod attention;
+pub mod embedding;
 pub mod fast_math;
 pub mod gelu;
 pub mod grad_sink;
@@ -28,6 +29,7 @@ pub mod silu_mul;
 pub mod softmax;
 
 pub use attention::{packed_attention, split_attention, Packing};
+pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_tanh};
 pub use linear::{linear, matmul_weight_t, FEW_ROWS};
 pub use logprobs::token_logprobs_and_entropy_fused;

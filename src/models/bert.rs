@@ -7,7 +7,9 @@
 //! the usual right padding equals transformers' arange.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Embedding, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::Embedding;
 use serde::Deserialize;
 
 use super::layers::{attention, check_heads, split_heads, Activation, LayerNorm, Linear};

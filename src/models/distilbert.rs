@@ -4,7 +4,9 @@
 //! DistilBERT read at its [CLS] token.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Embedding, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::Embedding;
 use serde::Deserialize;
 
 use super::bert::EncoderLayer;

@@ -6,7 +6,9 @@
 //! always names its tensors with it, as GPT2LMHeadModel saves them.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::layers::Embedding;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{

@@ -6,7 +6,9 @@
 //! x + attn(ln1(x)) + mlp(ln2(x)).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Embedding, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::Embedding;
 use serde::Deserialize;
 
 use super::layers::RopeConfig;

@@ -7,6 +7,33 @@ use candle_nn::VarBuilder;
 use crate::kernels::matmul_weight_t;
 use crate::{Error, Result};
 
+/// A lookup table, as nn.Embedding: rows of `weight` (vocabulary, hidden)
+/// by token id, through the kernel whose backward writes the table's
+/// gradient once (`kernels::embedding`).
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    hidden: usize,
+}
+
+impl Embedding {
+    pub fn new(weight: Tensor, hidden: usize) -> Self {
+        Self { weight, hidden }
+    }
+
+    pub fn embeddings(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl candle_nn::Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        crate::kernels::embedding(&self.weight, &ids.flatten_all()?)?.reshape(dims)
+    }
+}
+
 /// LayerNorm (fused on the CPU, see `crate::kernels`).
 pub struct LayerNorm {
     weight: Tensor,

@@ -11,7 +11,9 @@
 //! window (4096 in Mistral 7B) it changes nothing.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Embedding, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::Embedding;
 use serde::Deserialize;
 
 use super::layers::RopeConfig;
