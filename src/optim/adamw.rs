@@ -327,8 +327,8 @@ impl AdamW {
 /// written in place: on the CPU the composed update below costs fourteen
 /// tensor ops, each a pass over the parameter and a new allocation, and even
 /// one pass into new buffers costs three zeroed allocations and a copy into
-/// the var (MiniLM reward step 0.45 -> 0.37 s in place; BENCHMARKS.md). Same
-/// arithmetic, in f32, as the composed update.
+/// the var (measured in BENCHMARKS.md, "The gradient path and a BLAS
+/// build"). Same arithmetic, in f32, as the composed update.
 struct FusedStep {
     beta1: f32,
     one_minus_beta1: f32,
