@@ -22,6 +22,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result as CResult, Shape, Storage, Tensor,
 };
 
+use super::product::{gemm, Mat};
 use super::rotary::rotate_row;
 use super::softmax::{softmax_grad_row, softmax_row};
 use super::{f32_data, for_units, fused_path, SharedOut};
@@ -569,71 +570,6 @@ impl Buffers {
 /// The f32 values of `x`, row-major.
 fn flat(x: &Tensor) -> Result<Vec<f32>> {
     Ok(x.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// A matrix for gemm: its first element and its row and column strides.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl Mat {
-    /// A row-major matrix of `cols` columns.
-    fn rows(data: &[f32], cols: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-
-    /// The transpose (the same memory).
-    fn t(self) -> Self {
-        Self {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
-
-/// dst (m x n, row stride dst.1) = a (m x k) b (k x n), plus dst's own
-/// values with `accumulate`; on the calling thread.
-///
-/// # Safety
-/// Every pointer addresses a matrix of the stated extent through its strides.
-unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (*mut f32, usize),
-    accumulate: bool,
-    a: Mat,
-    b: Mat,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        1,
-        dst.1 as isize,
-        accumulate,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 #[cfg(test)]

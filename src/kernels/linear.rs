@@ -6,6 +6,7 @@ use candle_core::{
 };
 
 use super::fast_math::wide_simd_fn;
+use super::product::{mm, storage_product};
 use super::{f32_data, for_pieces, fused_path};
 use crate::Result;
 
@@ -24,9 +25,9 @@ pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return frozen_product(x, w, true);
     }
     if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS {
-        Ok(w.matmul(&x.t()?)?.t()?)
+        Ok(mm(w, &x.t()?)?.t()?)
     } else {
-        Ok(x.matmul(&w.t()?)?)
+        Ok(mm(x, &w.t()?)?)
     }
 }
 
@@ -43,7 +44,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Te
     let y = match (transposed, frozen(x, w)) {
         (true, _) => matmul_weight_t(x, w)?,
         (false, true) => frozen_product(x, w, false)?,
-        (false, false) => x.matmul(w)?,
+        (false, false) => mm(x, w)?,
     };
     Ok(y.broadcast_add(b)?)
 }
@@ -97,12 +98,9 @@ impl CustomOp2 for FrozenProduct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let (bmnk, w_layout) = self.plan(l1, l2)?;
-        Ok((
-            s1.matmul(s2, bmnk, l1, &w_layout)?,
-            Shape::from((bmnk.1, bmnk.2)),
-        ))
+        let y = storage_product(s1, l1, s2, &w_layout, self.name())?;
+        Ok((CpuStorage::F32(y), Shape::from((bmnk.1, bmnk.2))))
     }
 
     #[cfg(feature = "cuda")]
@@ -146,8 +144,8 @@ impl CustomOp2 for FrozenProduct {
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         // y = x W^T: dx = g W; y = x W: dx = g W^T. No gradient to W.
         let dx = match self.transposed {
-            true => grad.matmul(w)?,
-            false => grad.matmul(&w.t()?)?,
+            true => mm(grad, w)?,
+            false => mm(grad, &w.t()?)?,
         };
         Ok((Some(dx), None))
     }
@@ -171,7 +169,6 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let (m, k) = l1.shape().dims2()?;
         let (k_w, n) = match self.transposed {
             true => (l2.dims()[1], l2.dims()[0]),
@@ -190,10 +187,7 @@ impl CustomOp3 for Linear {
         let out = if self.transposed && m <= FEW_ROWS {
             // (W x^T)^T, see matmul_weight_t: the product is (n, m), transposed
             // into the output as the bias is added.
-            let wx = s2.matmul(s1, (1, n, m, k), l2, &l1.transpose(0, 1)?)?;
-            let CpuStorage::F32(wx) = wx else {
-                bail!("{}: f32 only", self.name())
-            };
+            let wx = storage_product(s2, l2, s1, &l1.transpose(0, 1)?, self.name())?;
             let mut out = vec![0f32; m * n];
             for (j, col) in wx.chunks_exact(m.max(1)).enumerate() {
                 for (i, &v) in col.iter().enumerate() {
@@ -206,10 +200,7 @@ impl CustomOp3 for Linear {
                 true => l2.transpose(0, 1)?,
                 false => l2.clone(),
             };
-            let y = s1.matmul(s2, (1, m, n, k), l1, &w_layout)?;
-            let CpuStorage::F32(mut y) = y else {
-                bail!("{}: f32 only", self.name())
-            };
+            let mut y = storage_product(s1, l1, s2, &w_layout, self.name())?;
             for_pieces(&mut y, n, |_, row| add_in_place(row, b));
             y
         };
@@ -229,14 +220,14 @@ impl CustomOp3 for Linear {
         let (x, w, g) = (x.detach(), w.detach(), grad.detach());
         // y = x W^T + b: dx = g W, dW = g^T x; y = x W + b: dx = g W^T, dW = x^T g.
         let dx = match self.transposed {
-            true => g.matmul(&w)?,
-            false => g.matmul(&w.t()?)?,
+            true => mm(&g, &w)?,
+            false => mm(&g, &w.t()?)?,
         };
         // A frozen weight or bias (LoRA's base) gets no gradient.
         let dw = match (w_tracks, self.transposed) {
             (false, _) => None,
-            (true, true) => Some(g.t()?.matmul(&x)?),
-            (true, false) => Some(x.t()?.matmul(&g)?),
+            (true, true) => Some(mm(&g.t()?, &x)?),
+            (true, false) => Some(mm(&x.t()?, &g)?),
         };
         let db = match b_tracks {
             true => Some(

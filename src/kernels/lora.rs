@@ -8,10 +8,10 @@
 //! (N, r) product. W is stored (out, in) (nn.Linear) or, with
 //! `fan_in_fan_out`, (in, out) (GPT-2's Conv1D).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result as CResult, Shape, Storage, Tensor};
 
 use super::fast_math::wide_simd_fn;
+use super::product::{mm, storage_product};
 use super::{f32_data, for_pieces, fused_path};
 use crate::Result;
 
@@ -121,36 +121,35 @@ impl CustomOp3 for LoraLinear {
             true => lw.clone(),
             false => lw.transpose(0, 1)?,
         };
-        let CpuStorage::F32(mut y) = sx.matmul(sw, (1, m, n, k), lx, &w_layout)? else {
-            bail!("{}: f32 only", self.name())
-        };
+        let name = self.name();
+        let mut y = storage_product(sx, lx, sw, &w_layout, name)?;
         drop(w_storage);
         // h = (x * mask) A^T, (m, r).
         let h = match &self.mask {
             Some(mask) => {
                 let mask = host_f32(mask)?;
-                let x = f32_data(sx, lx, self.name())?;
+                let x = f32_data(sx, lx, name)?;
                 let xd: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
                 let xd = CpuStorage::F32(xd);
-                xd.matmul(
-                    sa,
-                    (1, m, r, k),
+                storage_product(
+                    &xd,
                     &Layout::contiguous((m, k)),
+                    sa,
                     &la.transpose(0, 1)?,
+                    name,
                 )?
             }
-            None => sx.matmul(sa, (1, m, r, k), lx, &la.transpose(0, 1)?)?,
+            None => storage_product(sx, lx, sa, &la.transpose(0, 1)?, name)?,
         };
         // d = h B^T, (m, n); y += scaling d + b.
-        let CpuStorage::F32(d) = h.matmul(
-            sb,
-            (1, m, n, r),
+        let h = CpuStorage::F32(h);
+        let d = storage_product(
+            &h,
             &Layout::contiguous((m, r)),
+            sb,
             &lb.transpose(0, 1)?,
-        )?
-        else {
-            bail!("{}: f32 only", self.name())
-        };
+            name,
+        )?;
         let bias = match &self.bias {
             Some(b) => host_f32(b)?,
             None => Vec::new(),
@@ -177,16 +176,16 @@ impl CustomOp3 for LoraLinear {
             Some(mask) => (&x * mask)?,
             None => x,
         };
-        let gb = g.matmul(&b)?; // (m, r)
-        let h = xd.matmul(&a.t()?)?; // (m, r)
-        let da = (gb.t()?.matmul(&xd)? * s)?; // (r, in)
-        let db = (g.t()?.matmul(&h)? * s)?; // (out, r)
+        let gb = mm(&g, &b)?; // (m, r)
+        let h = mm(&xd, &a.t()?)?; // (m, r)
+        let da = (mm(&gb.t()?, &xd)? * s)?; // (r, in)
+        let db = (mm(&g.t()?, &h)? * s)?; // (out, r)
         let dx = if x_tracks {
             let base = match self.fan_in_fan_out {
-                true => g.matmul(&self.weight.t()?)?,
-                false => g.matmul(&self.weight)?,
+                true => mm(&g, &self.weight.t()?)?,
+                false => mm(&g, &self.weight)?,
             };
-            let through = (gb.matmul(&a)? * s)?;
+            let through = (mm(&gb, &a)? * s)?;
             let through = match &self.mask {
                 Some(mask) => (through * mask)?,
                 None => through,

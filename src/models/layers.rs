@@ -167,7 +167,7 @@ impl Linear {
                     crate::kernels::linear(&x, &self.weight, bias, !fan_in_fan_out)?
                 }
                 (None, false) => matmul_weight_t(&x, &self.weight)?,
-                (None, true) => x.matmul(&self.weight)?,
+                (None, true) => crate::kernels::matmul(&x, &self.weight)?,
             })
         };
         let y = match &self.lora {

@@ -1,0 +1,306 @@
+//! Matrix products on Candle's worker pool: the gemm crate on each thread,
+//! the rows (or the columns) of the result split between the pool's threads.
+//!
+//! Candle's own CPU matmul hands the gemm crate rayon's pool, while Candle's
+//! elementwise ops and these kernels run on its barrier pool, whose workers
+//! spin between ops. Two pools on the same cores take turns: the barrier
+//! pool's spinning worker holds a core the product's rayon workers need
+//! (BENCHMARKS.md, "One pool for the products"). Here every product of the
+//! fused layers runs on the barrier pool, so one set of threads does all the
+//! work. With a BLAS feature (`mkl`, `accelerate`) the products go to
+//! Candle's matmul, which calls the BLAS.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result as CResult, Shape, Tensor};
+
+use super::{fused_path, grad_sink};
+use crate::Result;
+
+/// A matrix for gemm: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
+}
+
+// SAFETY: a Mat only reads; the products below read it from several threads
+// while its owner keeps the data alive (the calls block until all are done).
+unsafe impl Sync for Mat {}
+unsafe impl Send for Mat {}
+
+impl Mat {
+    /// A row-major matrix of `cols` columns.
+    pub(crate) fn rows(data: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (the same memory).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// The matrix starting at row `i`, column `j` of this one.
+    ///
+    /// # Safety
+    /// (i, j) lies within the matrix.
+    unsafe fn at(self, i: usize, j: usize) -> Self {
+        Self {
+            ptr: self.ptr.offset(i as isize * self.rs + j as isize * self.cs),
+            ..self
+        }
+    }
+
+    /// A 2-D f32 tensor's storage seen through its layout (any strides).
+    fn of(s: &CpuStorage, l: &Layout, op: &str) -> CResult<Self> {
+        let CpuStorage::F32(data) = s else {
+            bail!("{op}: f32 only")
+        };
+        let [rs, cs] = l.stride() else {
+            bail!("{op}: 2-D operands only, got {:?}", l.dims())
+        };
+        // The last element the layout reaches must lie in the buffer.
+        let (rows, cols) = l.shape().dims2()?;
+        let last = l.start_offset() + rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs;
+        if rows > 0 && cols > 0 && last >= data.len() {
+            bail!("{op}: layout {l:?} outside its buffer of {}", data.len())
+        }
+        Ok(Self {
+            ptr: data[l.start_offset().min(data.len())..].as_ptr(),
+            rs: *rs as isize,
+            cs: *cs as isize,
+        })
+    }
+}
+
+/// dst (m x n, row stride dst.1) = a (m x k) b (k x n), plus dst's own
+/// values with `accumulate`; on the calling thread.
+///
+/// # Safety
+/// Every pointer addresses a matrix of the stated extent through its strides.
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1 as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Below this many multiply-adds a product runs on the calling thread (the
+/// pool's hand-off costs more than the second thread gives back).
+const POOL_MIN: usize = 1 << 17;
+/// The smallest piece of the split dimension one thread takes.
+const MIN_PIECE: usize = 16;
+
+/// a (m x k) b (k x n) as a new row-major (m, n) buffer. The longer of m and
+/// n is cut into one piece per thread of Candle's pool; each thread runs
+/// gemm on its piece alone, reading its part of a (or of b) and all of the
+/// other operand.
+///
+/// # Safety
+/// `a` and `b` address matrices of the stated extents through their strides.
+pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
+    let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let split_rows = m >= n;
+    let long = if split_rows { m } else { n };
+    let pieces = threads.min(long / MIN_PIECE);
+    if pieces < 2 || m * n * k < POOL_MIN {
+        gemm(m, n, k, (dst.as_mut_ptr(), n), false, a, b);
+        return dst;
+    }
+    let piece = long.div_ceil(pieces);
+    let out = super::SharedOut(dst.as_mut_ptr());
+    // execute_chunked hands each index to one thread and runs inline when
+    // called from inside the pool (an attention job's product).
+    candle_core::utils::barrier_pool().execute_chunked(pieces, |range| {
+        for p in range {
+            let start = p * piece;
+            let len = piece.min(long - start);
+            // SAFETY: pieces are disjoint rows (or columns) of dst, each
+            // within the extents the caller vouched for.
+            unsafe {
+                if split_rows {
+                    gemm(len, n, k, (out.ptr(start * n), n), false, a.at(start, 0), b);
+                } else {
+                    gemm(m, len, k, (out.ptr(start), n), false, a, b.at(0, start));
+                }
+            }
+        }
+    });
+    dst
+}
+
+/// The product of two 2-D tensors' CPU storages (any strides), (m, n).
+pub(crate) fn storage_product(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    op: &str,
+) -> CResult<Vec<f32>> {
+    let (m, k) = l1.shape().dims2()?;
+    let (k2, n) = l2.shape().dims2()?;
+    if k != k2 {
+        bail!("{op}: {:?} times {:?} do not fit", l1.dims(), l2.dims())
+    }
+    #[cfg(any(feature = "mkl", feature = "accelerate"))]
+    {
+        use candle_core::backend::BackendStorage;
+        let CpuStorage::F32(y) = s1.matmul(s2, (1, m, n, k), l1, l2)? else {
+            bail!("{op}: f32 only")
+        };
+        Ok(y)
+    }
+    #[cfg(not(any(feature = "mkl", feature = "accelerate")))]
+    {
+        let (a, b) = (Mat::of(s1, l1, op)?, Mat::of(s2, l2, op)?);
+        // SAFETY: Mat::of checked both layouts against their buffers.
+        Ok(unsafe { product(m, n, k, a, b) })
+    }
+}
+
+/// a (m, k) times b (k, n). On the CPU in f32 the product runs on Candle's
+/// pool ([`product`]) and its backward too; elsewhere Candle's matmul. A
+/// trained variable's gradient goes to the trainer's sink when one is open.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(mm(a, b)?)
+}
+
+/// [`matmul`] with Candle's error type, for the kernels' backward passes.
+pub(crate) fn mm(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    if fused_path(&[a, b]) && a.rank() == 2 && b.rank() == 2 {
+        return a.apply_op2(b, Product);
+    }
+    a.matmul(b)
+}
+
+struct Product;
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "pooled-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let y = storage_product(s1, l1, s2, l2, self.name())?;
+        let (m, n) = (l1.dims()[0], l2.dims()[1]);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach();
+        // y = a b: da = g b^T, db = a^T g.
+        let da = match a.track_op() {
+            true => Some(mm(&g, &b.detach().t()?)?),
+            false => None,
+        };
+        let db = match b.track_op() {
+            true => Some(mm(&a.detach().t()?, &g)?),
+            false => None,
+        };
+        let da = da.and_then(|d| grad_sink::deposit(a, d));
+        let db = db.and_then(|d| grad_sink::deposit(b, d));
+        Ok((da, db))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Var;
+
+    #[test]
+    fn pooled_products_equal_candles_matmul_on_every_layout_and_split() {
+        // Shapes split by rows (m >= n), by columns, and too small to split;
+        // each operand plain or a transposed view.
+        for (m, n, k) in [(300, 70, 50), (40, 500, 30), (5, 7, 3), (64, 64, 64)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = match ta {
+                    true => seeded(&[k, m], 1, 1.0).t().unwrap(),
+                    false => seeded(&[m, k], 1, 1.0),
+                };
+                let b = match tb {
+                    true => seeded(&[n, k], 2, 1.0).t().unwrap(),
+                    false => seeded(&[k, n], 2, 1.0),
+                };
+                let ours = matmul(&a, &b).unwrap();
+                let want = a.matmul(&b).unwrap();
+                assert_eq!(ours.dims(), &[m, n]);
+                assert!(
+                    max_diff(&ours, &want) < 1e-4,
+                    "{m}x{n}x{k} ({ta}, {tb}): {}",
+                    max_diff(&ours, &want)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_matmul_gradients_equal_the_composed_ones() {
+        for (m, n, k) in [(300, 70, 50), (6, 9, 4)] {
+            let vars = [
+                Var::from_tensor(&seeded(&[m, k], 3, 1.0)).unwrap(),
+                Var::from_tensor(&seeded(&[k, n], 4, 1.0)).unwrap(),
+            ];
+            compare(
+                &vars,
+                |v| matmul(&v[0], &v[1]).unwrap(),
+                |v| v[0].matmul(&v[1]).unwrap(),
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn a_layout_past_its_buffer_is_an_error() {
+        let s = CpuStorage::F32(vec![0.0; 10]);
+        let l = Layout::contiguous((3, 4));
+        assert!(Mat::of(&s, &l, "test").is_err());
+        assert!(Mat::of(&s, &Layout::contiguous((2, 5)), "test").is_ok());
+    }
+}
