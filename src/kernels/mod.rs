@@ -164,14 +164,21 @@ pub(crate) mod testing {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// The largest |x| of a tensor.
+    /// The largest |x| of a tensor; NaN when any element is NaN (a max
+    /// by comparisons could skip it, and then a NaN would pass `< tol`).
     pub(crate) fn max_abs(x: &Tensor) -> f32 {
-        x.abs()
+        let v = x
+            .flatten_all()
             .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        v.to_vec1::<f32>().unwrap().iter().fold(0f32, |m, &e| {
+            if m.is_nan() || e.is_nan() {
+                f32::NAN
+            } else {
+                m.max(e.abs())
+            }
+        })
     }
 
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

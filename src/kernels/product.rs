@@ -131,13 +131,19 @@ const MIN_PIECE: usize = 16;
 /// # Safety
 /// `a` and `b` address matrices of the stated extents through their strides.
 pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
-    let mut dst = vec![0f32; m * n];
+    if k == 0 || m * n == 0 {
+        return vec![0f32; m * n];
+    }
+    // gemm writes every element of dst without reading it (read_dst false),
+    // so the buffer is not zeroed first; its length is set once written.
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     let split_rows = m >= n;
     let long = if split_rows { m } else { n };
     let pieces = threads.min(long / MIN_PIECE);
     if pieces < 2 || m * n * k < POOL_MIN {
         gemm(m, n, k, (dst.as_mut_ptr(), n), false, a, b);
+        dst.set_len(m * n);
         return dst;
     }
     let piece = long.div_ceil(pieces);
@@ -159,6 +165,8 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Ve
             }
         }
     });
+    // SAFETY: the pieces cover every row (or column) of dst.
+    dst.set_len(m * n);
     dst
 }
 
@@ -268,14 +276,23 @@ mod tests {
                     true => seeded(&[n, k], 2, 1.0).t().unwrap(),
                     false => seeded(&[k, n], 2, 1.0),
                 };
+                // The output buffer is not zeroed first: freed NaNs of its
+                // size, likely handed back by the allocator, must all be
+                // overwritten.
+                drop(std::hint::black_box(vec![f32::NAN; m * n]));
                 let ours = matmul(&a, &b).unwrap();
                 let want = a.matmul(&b).unwrap();
                 assert_eq!(ours.dims(), &[m, n]);
-                assert!(
-                    max_diff(&ours, &want) < 1e-4,
-                    "{m}x{n}x{k} ({ta}, {tb}): {}",
-                    max_diff(&ours, &want)
-                );
+                // Element by element: a NaN left in the buffer fails here
+                // (a max over the difference could skip it).
+                let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
+                    assert!(
+                        (o - w).abs() < 1e-4,
+                        "{m}x{n}x{k} ({ta}, {tb}) [{i}]: {o} vs {w}"
+                    );
+                }
             }
         }
     }
