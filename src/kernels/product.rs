@@ -10,6 +10,9 @@
 //! work. With a BLAS feature (`mkl`, `accelerate`) the products go to
 //! Candle's matmul, which calls the BLAS.
 
+// With a BLAS feature the pooled gemm below serves the attention op only.
+#![cfg_attr(any(feature = "mkl", feature = "accelerate"), allow(dead_code))]
+
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result as CResult, Shape, Tensor};
 
 use super::{fused_path, grad_sink};
