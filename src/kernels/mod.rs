@@ -89,7 +89,7 @@ pub(crate) fn for_pieces_costing(
     }
     let len = out.len();
     let out = SharedOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(width), |range| {
+    pool_chunked(len.div_ceil(width), |range| {
         for i in range {
             let start = i * width;
             // SAFETY: the pool hands out disjoint ranges of pieces, so no two
@@ -107,7 +107,36 @@ pub(crate) fn for_units(n: usize, cost: usize, f: impl Fn(std::ops::Range<usize>
         f(0..n);
         return;
     }
-    candle_core::utils::barrier_pool().execute_chunked(n, f);
+    pool_chunked(n, f);
+}
+
+thread_local! {
+    /// Set while this thread runs a piece of a pool job.
+    static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Candle's `execute_chunked` over 0..n, run inline when called from inside
+/// a job. Candle runs a nested call inline on its workers only: the calling
+/// thread does its own share while it holds the pool's lock, so a nested
+/// call there (a product inside a kernel's job) would wait on that lock
+/// forever.
+pub(crate) fn pool_chunked(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if IN_JOB.with(|j| j.get()) {
+        f(0..n);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        let outer = IN_JOB.with(|j| j.replace(true));
+        // Clears the flag even if `f` panics (Candle re-raises the panic).
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                IN_JOB.with(|j| j.set(self.0));
+            }
+        }
+        let _reset = Reset(outer);
+        f(range)
+    });
 }
 
 /// A buffer written by several threads at disjoint places.

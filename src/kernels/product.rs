@@ -126,6 +126,16 @@ const POOL_MIN: usize = 1 << 17;
 /// The smallest piece of the split dimension one thread takes.
 const MIN_PIECE: usize = 16;
 
+/// How `long` rows (or columns) are cut for `threads` threads: (pieces,
+/// piece length); the last piece may be shorter, none is empty.
+fn split(long: usize, threads: usize) -> (usize, usize) {
+    let pieces = threads.min(long / MIN_PIECE).max(1);
+    let piece = long.div_ceil(pieces);
+    // Rounding the length up can leave fewer pieces than asked for (33
+    // rows for 20 threads: pieces of 2 cover them in 17).
+    (long.div_ceil(piece), piece)
+}
+
 /// a (m x k) b (k x n) as a new row-major (m, n) buffer. The longer of m and
 /// n is cut into one piece per thread of Candle's pool; each thread runs
 /// gemm on its piece alone, reading its part of a (or of b) and all of the
@@ -134,31 +144,44 @@ const MIN_PIECE: usize = 16;
 /// # Safety
 /// `a` and `b` address matrices of the stated extents through their strides.
 pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
-    if k == 0 || m * n == 0 {
-        return vec![0f32; m * n];
+    if k == 0 || m.min(n) <= 1 {
+        // gemm's matrix-vector path takes dst as a slice, which must hold
+        // initialised values; zeroing a vector costs little beside it.
+        let mut dst = vec![0f32; m * n];
+        if k > 0 {
+            product_into(m, n, k, a, b, dst.as_mut_ptr());
+        }
+        return dst;
     }
     // gemm writes every element of dst without reading it (read_dst false),
     // so the buffer is not zeroed first; its length is set once written.
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    product_into(m, n, k, a, b, dst.as_mut_ptr());
+    dst.set_len(m * n);
+    dst
+}
+
+/// [`product`] written into `dst`, row-major (m, n), k > 0.
+///
+/// # Safety
+/// As for [`product`], and `dst` has room for m * n values.
+unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f32) {
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     let split_rows = m >= n;
     let long = if split_rows { m } else { n };
-    let pieces = threads.min(long / MIN_PIECE);
+    let (pieces, piece) = split(long, threads);
     if pieces < 2 || m * n * k < POOL_MIN {
-        gemm(m, n, k, (dst.as_mut_ptr(), n), false, a, b);
-        dst.set_len(m * n);
-        return dst;
+        gemm(m, n, k, (dst, n), false, a, b);
+        return;
     }
-    let piece = long.div_ceil(pieces);
-    let out = super::SharedOut(dst.as_mut_ptr());
-    // execute_chunked hands each index to one thread and runs inline when
-    // called from inside the pool (an attention job's product).
-    candle_core::utils::barrier_pool().execute_chunked(pieces, |range| {
+    let out = super::SharedOut(dst);
+    super::pool_chunked(pieces, |range| {
         for p in range {
             let start = p * piece;
             let len = piece.min(long - start);
-            // SAFETY: pieces are disjoint rows (or columns) of dst, each
-            // within the extents the caller vouched for.
+            // SAFETY: `split` keeps every piece non-empty and within `long`;
+            // pieces are disjoint rows (or columns) of dst, and the caller
+            // vouched for the extents.
             unsafe {
                 if split_rows {
                     gemm(len, n, k, (out.ptr(start * n), n), false, a.at(start, 0), b);
@@ -168,9 +191,6 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Ve
             }
         }
     });
-    // SAFETY: the pieces cover every row (or column) of dst.
-    dst.set_len(m * n);
-    dst
 }
 
 /// The product of two 2-D tensors' CPU storages (any strides), (m, n).
@@ -265,11 +285,46 @@ mod tests {
     use crate::kernels::testing::*;
     use candle_core::Var;
 
+    /// Element by element: a NaN fails here (a max over the difference
+    /// could skip it).
+    fn assert_close(ours: &[f32], want: &Tensor, what: &str) {
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
+            assert!((o - w).abs() < 1e-4, "{what} [{i}]: {o} vs {w}");
+        }
+    }
+
+    #[test]
+    fn the_split_covers_every_row_once_for_any_thread_count() {
+        for threads in 1..=256 {
+            for long in 1..=3000 {
+                let (pieces, piece) = split(long, threads);
+                assert!(pieces >= 1 && pieces <= threads && piece >= 1);
+                // The last piece starts inside and the pieces reach the end.
+                assert!(
+                    (pieces - 1) * piece < long,
+                    "{long} rows, {threads} threads"
+                );
+                assert!(pieces * piece >= long, "{long} rows, {threads} threads");
+            }
+        }
+    }
+
     #[test]
     fn pooled_products_equal_candles_matmul_on_every_layout_and_split() {
-        // Shapes split by rows (m >= n), by columns, and too small to split;
-        // each operand plain or a transposed view.
-        for (m, n, k) in [(300, 70, 50), (40, 500, 30), (5, 7, 3), (64, 64, 64)] {
+        // Shapes split by rows (m >= n), by columns, too small to split, and
+        // one-row / one-column (gemm's matrix-vector path); each operand
+        // plain or a transposed view.
+        let shapes = [
+            (300, 70, 50),
+            (40, 500, 30),
+            (5, 7, 3),
+            (64, 64, 64),
+            (1, 300, 40),
+            (300, 1, 40),
+        ];
+        for (m, n, k) in shapes {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a = match ta {
                     true => seeded(&[k, m], 1, 1.0).t().unwrap(),
@@ -279,24 +334,100 @@ mod tests {
                     true => seeded(&[n, k], 2, 1.0).t().unwrap(),
                     false => seeded(&[k, n], 2, 1.0),
                 };
-                // The output buffer is not zeroed first: freed NaNs of its
-                // size, likely handed back by the allocator, must all be
-                // overwritten.
-                drop(std::hint::black_box(vec![f32::NAN; m * n]));
-                let ours = matmul(&a, &b).unwrap();
                 let want = a.matmul(&b).unwrap();
+                let what = format!("{m}x{n}x{k} ({ta}, {tb})");
+                let ours = matmul(&a, &b).unwrap();
                 assert_eq!(ours.dims(), &[m, n]);
-                // Element by element: a NaN left in the buffer fails here
-                // (a max over the difference could skip it).
                 let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
-                    assert!(
-                        (o - w).abs() < 1e-4,
-                        "{m}x{n}x{k} ({ta}, {tb}) [{i}]: {o} vs {w}"
-                    );
-                }
+                assert_close(&ours, &want, &what);
+                // The buffer is written without being zeroed: every NaN of a
+                // buffer filled with them must be overwritten.
+                let (a_s, a_l) = a.storage_and_layout();
+                let (b_s, b_l) = b.storage_and_layout();
+                let (candle_core::Storage::Cpu(a_s), candle_core::Storage::Cpu(b_s)) =
+                    (&*a_s, &*b_s)
+                else {
+                    unreachable!()
+                };
+                let (am, bm) = (
+                    Mat::of(a_s, a_l, "t").unwrap(),
+                    Mat::of(b_s, b_l, "t").unwrap(),
+                );
+                let mut dst = vec![f32::NAN; m * n];
+                unsafe { product_into(m, n, k, am, bm, dst.as_mut_ptr()) };
+                assert_close(&dst, &want, &what);
             }
+        }
+    }
+
+    #[test]
+    fn pooled_products_read_offset_and_broadcast_operands() {
+        // a: rows 3.. of a larger matrix (a start offset); b: one row
+        // repeated k times (row stride 0).
+        let big = seeded(&[310, 50], 5, 1.0);
+        let a = big.narrow(0, 3, 300).unwrap();
+        let b = seeded(&[1, 70], 6, 1.0).broadcast_as((50, 70)).unwrap();
+        let ours = matmul(&a, &b).unwrap();
+        let want = a
+            .contiguous()
+            .unwrap()
+            .matmul(&b.contiguous().unwrap())
+            .unwrap();
+        let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_close(&ours, &want, "offset and broadcast");
+    }
+
+    #[test]
+    fn a_product_inside_a_pool_job_runs_inline() {
+        // Each of the job's pieces (the calling thread's too) runs a product
+        // big enough to split; a nested pool call from the calling thread
+        // would wait on the pool's lock for ever.
+        // The job runs on its own thread, so a hang fails the test.
+        let (a, b) = (seeded(&[300, 64], 7, 1.0), seeded(&[64, 64], 8, 1.0));
+        let want = a.matmul(&b).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got = std::sync::Mutex::new(Vec::new());
+            crate::kernels::for_units(4, 1 << 20, |range| {
+                for _ in range {
+                    let y = matmul(&a, &b).unwrap().flatten_all().unwrap();
+                    got.lock().unwrap().push(y.to_vec1::<f32>().unwrap());
+                }
+            });
+            tx.send(got.into_inner().unwrap()).unwrap();
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a nested product did not finish: the pool deadlocked");
+        assert_eq!(got.len(), 4);
+        for y in got {
+            assert_close(&y, &want, "nested");
+        }
+    }
+
+    #[test]
+    fn a_variables_gradient_goes_to_an_open_sink() {
+        let a = Var::from_tensor(&seeded(&[40, 30], 9, 1.0)).unwrap();
+        let w = Var::from_tensor(&seeded(&[30, 20], 10, 1.0)).unwrap();
+        let probe = seeded(&[40, 20], 11, 1.0);
+        let loss = (matmul(&a, &w).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (store, sunk) = crate::kernels::grad_sink::collecting(|| loss.backward().unwrap());
+        // Both operands are variables: both gradients are in the sink, once
+        // each, and not in Candle's store.
+        assert_eq!(sunk.len(), 2);
+        assert!(store.get(&a).is_none() && store.get(&w).is_none());
+        let want_w = a.t().unwrap().matmul(&probe).unwrap();
+        let want_a = probe.matmul(&w.t().unwrap()).unwrap();
+        for (id, g) in &sunk {
+            let want = if *id == w.id() { &want_w } else { &want_a };
+            assert_close(
+                &g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want,
+                "sink",
+            );
         }
     }
 
@@ -322,5 +453,8 @@ mod tests {
         let l = Layout::contiguous((3, 4));
         assert!(Mat::of(&s, &l, "test").is_err());
         assert!(Mat::of(&s, &Layout::contiguous((2, 5)), "test").is_ok());
+        // A start offset counts: 2 x 4 from element 3 ends at 10.
+        assert!(Mat::of(&s, &Layout::contiguous_with_offset((2, 4), 3), "test").is_err());
+        assert!(Mat::of(&s, &Layout::contiguous_with_offset((2, 4), 2), "test").is_ok());
     }
 }
