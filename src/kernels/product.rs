@@ -131,8 +131,8 @@ const MIN_PIECE: usize = 16;
 fn split(long: usize, threads: usize) -> (usize, usize) {
     let pieces = threads.min(long / MIN_PIECE).max(1);
     let piece = long.div_ceil(pieces);
-    // Rounding the length up can leave fewer pieces than asked for (33
-    // rows for 20 threads: pieces of 2 cover them in 17).
+    // Rounding the length up can leave fewer pieces than asked for (321
+    // rows for 32 threads: 20 asked, pieces of 17, which cover them in 19).
     (long.div_ceil(piece), piece)
 }
 
@@ -285,14 +285,12 @@ mod tests {
     use crate::kernels::testing::*;
     use candle_core::Var;
 
-    /// Element by element: a NaN fails here (a max over the difference
-    /// could skip it).
+    /// `ours` (the values of a product) against `want`; a NaN left in
+    /// `ours` fails (`max_diff` is NaN then).
     fn assert_close(ours: &[f32], want: &Tensor, what: &str) {
-        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(ours.len(), want.len(), "{what}");
-        for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
-            assert!((o - w).abs() < 1e-4, "{what} [{i}]: {o} vs {w}");
-        }
+        let ours = Tensor::from_slice(ours, want.shape(), want.device()).unwrap();
+        let d = max_diff(&ours, want);
+        assert!(d < 1e-4, "{what}: {d}");
     }
 
     #[test]
