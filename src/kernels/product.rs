@@ -167,6 +167,19 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Ve
 /// As for [`product`], and `dst` has room for m * n values.
 unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f32) {
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    // A row times a matrix stored (k, n) row by row (a Conv1D weight, as in
+    // batch-1 decoding), or a matrix stored column by column times a column:
+    // cut along k instead, so each thread streams one contiguous block of the
+    // matrix (BENCHMARKS.md, "Batch-1 decoding on an Intel Xeon").
+    if m * n * k >= POOL_MIN {
+        if m == 1 && b.cs == 1 {
+            return vector_product_split_k(n, k, a, b, dst, threads);
+        }
+        if n == 1 && a.rs == 1 {
+            // dst (m x 1) = a x is dst^T (1 x m) = x^T a^T, with a^T stored (k, m).
+            return vector_product_split_k(m, k, b.t(), a.t(), dst, threads);
+        }
+    }
     let split_rows = m >= n;
     let long = if split_rows { m } else { n };
     let (pieces, piece) = split(long, threads);
@@ -191,6 +204,53 @@ unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f
             }
         }
     });
+}
+
+/// dst (1 x n, zeroed) = x (1 x k) w (k x n), k cut into one piece per
+/// thread (at least [`MIN_PIECE`] each); each piece's partial sum goes to its
+/// own buffer (the first straight into dst), and the partials are added at
+/// the end, so the sum's order depends on the thread count only.
+///
+/// # Safety
+/// As for [`product_into`]; dst holds n initialised values.
+unsafe fn vector_product_split_k(
+    n: usize,
+    k: usize,
+    x: Mat,
+    w: Mat,
+    dst: *mut f32,
+    threads: usize,
+) {
+    let (pieces, piece) = split(k, threads);
+    if pieces < 2 {
+        gemm(1, n, k, (dst, n), false, x, w);
+        return;
+    }
+    let mut partial = vec![0f32; (pieces - 1) * n];
+    let (out, rest) = (
+        super::SharedOut(dst),
+        super::SharedOut(partial.as_mut_ptr()),
+    );
+    super::pool_chunked(pieces, |range| {
+        for p in range {
+            let start = p * piece;
+            let len = piece.min(k - start);
+            let to = if p == 0 {
+                out.ptr(0)
+            } else {
+                rest.ptr((p - 1) * n)
+            };
+            // SAFETY: `split` keeps every piece non-empty and within k; each
+            // piece writes its own n values.
+            unsafe { gemm(1, n, len, (to, n), false, x.at(0, start), w.at(start, 0)) };
+        }
+    });
+    let dst = std::slice::from_raw_parts_mut(dst, n);
+    for part in partial.chunks_exact(n) {
+        for (d, v) in dst.iter_mut().zip(part) {
+            *d += v;
+        }
+    }
 }
 
 /// The product of two 2-D tensors' CPU storages (any strides), (m, n).
@@ -321,6 +381,10 @@ mod tests {
             (64, 64, 64),
             (1, 300, 40),
             (300, 1, 40),
+            // Large enough to pool: a plain (k, n) b or a transposed a is
+            // cut along k.
+            (1, 300, 501),
+            (300, 1, 501),
         ];
         for (m, n, k) in shapes {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -355,6 +419,32 @@ mod tests {
                 unsafe { product_into(m, n, k, am, bm, dst.as_mut_ptr()) };
                 assert_close(&dst, &want, &what);
             }
+        }
+    }
+
+    #[test]
+    fn a_vector_product_cut_along_k_equals_the_whole_for_any_piece_count() {
+        let (n, k) = (37, 500);
+        let x = seeded(&[1, k], 7, 1.0);
+        let w = seeded(&[k, n], 8, 1.0);
+        let want = x.matmul(&w).unwrap();
+        let (xv, wv) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for threads in 1..=40 {
+            let mut dst = vec![0f32; n];
+            unsafe {
+                vector_product_split_k(
+                    n,
+                    k,
+                    Mat::rows(&xv, k),
+                    Mat::rows(&wv, n),
+                    dst.as_mut_ptr(),
+                    threads,
+                )
+            };
+            assert_close(&dst, &want, &format!("{threads} pieces"));
         }
     }
 
