@@ -206,7 +206,7 @@ unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f
     });
 }
 
-/// dst (1 x n, zeroed) = x (1 x k) w (k x n), k cut into one piece per
+/// dst (1 x n) = x (1 x k) w (k x n), k cut into one piece per
 /// thread (at least [`MIN_PIECE`] each); each piece's partial sum goes to its
 /// own buffer (the first straight into dst), and the partials are added at
 /// the end, so the sum's order depends on the thread count only.
