@@ -44,7 +44,7 @@ pub use softmax::masked_softmax;
 use candle_core::{bail, CpuStorage, DType, Layout, Result as CResult, Tensor};
 
 /// Below this many elements an op runs on the calling thread.
-pub(crate) const PARALLEL_MIN: usize = 1 << 15;
+pub(crate) const PARALLEL_MIN: usize = 1 << 13;
 /// Elements per task of the elementwise kernels.
 pub(crate) const CHUNK: usize = 1 << 13;
 

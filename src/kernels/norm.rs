@@ -109,7 +109,7 @@ impl CustomOp3 for LayerNorm {
 
 /// The (rows + sums, d) output of a normalization's backward: `row(i, acc,
 /// out_i)` writes row i of dx and adds that row's parameter gradients into
-/// `acc` (sums x d: dw, then db). One task per block of 64 rows, each with its
+/// `acc` (sums x d: dw, then db). One task per block of 32 rows, each with its
 /// own partial sums, added up at the end: one pass over x and dy in all.
 fn rows_and_sums(
     rows: usize,
@@ -117,7 +117,7 @@ fn rows_and_sums(
     sums: usize,
     row: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    const BLOCK: usize = 64;
+    const BLOCK: usize = 32;
     let mut out = vec![0f32; (rows + sums) * d];
     let (dx, total) = out.split_at_mut(rows * d);
     let width = sums * d;

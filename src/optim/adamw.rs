@@ -391,8 +391,8 @@ impl FusedStep {
                     // Pieces of w on Candle's pool; m and v are written at the
                     // same places through raw parts.
                     let (m_out, v_out) = (SharedOut(m.as_mut_ptr()), SharedOut(v.as_mut_ptr()));
-                    for_pieces(w, 1 << 14, |i, w| {
-                        let at = i * (1 << 14);
+                    for_pieces(w, 1 << 12, |i, w| {
+                        let at = i * (1 << 12);
                         // SAFETY: pieces are disjoint and at + w.len() <= the
                         // length of m and v (checked equal above).
                         let (m, v) =
