@@ -219,7 +219,6 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (w_tracks, b_tracks) = (w.track_op(), b.track_op());
-        let (w_param, b_param) = (w, b);
         let (x, w, g) = (x.detach(), w.detach(), grad.detach());
         // y = x W^T + b: dx = g W, dW = g^T x; y = x W + b: dx = g W^T, dW = x^T g.
         let dx = match self.transposed {
@@ -240,10 +239,6 @@ impl CustomOp3 for Linear {
             ),
             false => None,
         };
-        // A trained weight's and bias's gradients go to the trainer's sink
-        // when one is open (no zeros-plus-add in Candle's store).
-        let dw = dw.and_then(|d| super::grad_sink::deposit(w_param, d));
-        let db = db.and_then(|d| super::grad_sink::deposit(b_param, d));
         Ok((Some(dx), dw, db))
     }
 }

@@ -19,7 +19,6 @@ pub mod attention;
 pub mod embedding;
 pub mod fast_math;
 pub mod gelu;
-pub mod grad_sink;
 pub mod linear;
 pub mod logprobs;
 pub mod lora;

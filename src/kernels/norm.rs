@@ -57,9 +57,12 @@ fn norm_backward(
     let rows = x.elem_count() / w.elem_count();
     let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormGrad { norm, eps })?;
     let params = all.dim(0)? - rows;
+    // The parameter rows are copied out: views of `all` would keep the whole
+    // buffer (dx's rows too) alive as the weights' gradients until the
+    // optimizer step, now that Candle's store keeps a gradient as it comes.
     Ok((
         all.narrow(0, 0, rows)?.reshape(x.shape())?,
-        all.narrow(0, rows, params)?,
+        all.narrow(0, rows, params)?.force_contiguous()?,
     ))
 }
 

@@ -15,7 +15,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result as CResult, Shape, Tensor};
 
-use super::{fused_path, grad_sink};
+use super::fused_path;
 use crate::Result;
 
 /// A matrix for gemm: its first element and its row and column strides.
@@ -283,8 +283,7 @@ pub(crate) fn storage_product(
 }
 
 /// a (m, k) times b (k, n). On the CPU in f32 the product runs on Candle's
-/// pool ([`product`]) and its backward too; elsewhere Candle's matmul. A
-/// trained variable's gradient goes to the trainer's sink when one is open.
+/// pool ([`product`]) and its backward too; elsewhere Candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(mm(a, b)?)
 }
@@ -333,8 +332,6 @@ impl CustomOp2 for Product {
             true => Some(mm(&a.detach().t()?, &g)?),
             false => None,
         };
-        let da = da.and_then(|d| grad_sink::deposit(a, d));
-        let db = db.and_then(|d| grad_sink::deposit(b, d));
         Ok((da, db))
     }
 }
@@ -490,32 +487,6 @@ mod tests {
         assert_eq!(got.len(), 4);
         for y in got {
             assert_close(&y, &want, "nested");
-        }
-    }
-
-    #[test]
-    fn a_variables_gradient_goes_to_an_open_sink() {
-        let a = Var::from_tensor(&seeded(&[40, 30], 9, 1.0)).unwrap();
-        let w = Var::from_tensor(&seeded(&[30, 20], 10, 1.0)).unwrap();
-        let probe = seeded(&[40, 20], 11, 1.0);
-        let loss = (matmul(&a, &w).unwrap() * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let (store, sunk) = crate::kernels::grad_sink::collecting(|| loss.backward().unwrap());
-        // Both operands are variables: both gradients are in the sink, once
-        // each, and not in Candle's store.
-        assert_eq!(sunk.len(), 2);
-        assert!(store.get(&a).is_none() && store.get(&w).is_none());
-        let want_w = a.t().unwrap().matmul(&probe).unwrap();
-        let want_a = probe.matmul(&w.t().unwrap()).unwrap();
-        for (id, g) in &sunk {
-            let want = if *id == w.id() { &want_w } else { &want_a };
-            assert_close(
-                &g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                want,
-                "sink",
-            );
         }
     }
 

@@ -35,29 +35,9 @@ impl ParamGrads {
         )
     }
 
-    /// Backpropagates `loss` with a gradient sink open (the fused ops put
-    /// their weights' gradients there instead of Candle's store) and picks
-    /// the optimizer's variables' gradients out of both.
+    /// Backpropagates `loss` and picks the optimizer's variables' gradients.
     pub fn backward(loss: &Tensor, optimizer: &AdamW) -> Result<Self> {
-        let (store, deposited) = crate::kernels::grad_sink::collecting(|| loss.backward());
-        let mut grads = Self::from_store(&store?, optimizer);
-        if deposited.is_empty() {
-            return Ok(grads);
-        }
-        let slot: std::collections::HashMap<_, _> = optimizer
-            .vars()
-            .enumerate()
-            .map(|(i, (_, v))| (v.id(), i))
-            .collect();
-        for (id, g) in deposited {
-            // A variable outside the optimizer (frozen by the trainer) is dropped.
-            let Some(&i) = slot.get(&id) else { continue };
-            grads.0[i] = Some(match grads.0[i].take() {
-                Some(sum) => (sum + g)?,
-                None => g,
-            });
-        }
-        Ok(grads)
+        Ok(Self::from_store(&loss.backward()?, optimizer))
     }
 
     /// Adds `other` element-wise (gradient accumulation).
@@ -327,33 +307,88 @@ mod tests {
         );
     }
 
-    /// Through the sink (fused linear layers' weights and biases) the
-    /// gradients equal Candle's store's, a weight used twice included, and
-    /// a variable outside the optimizer is left out.
+    /// The fused linear layers' weight and bias gradients, a weight used
+    /// twice included, equal the composed ops'; a variable outside the
+    /// optimizer (a frozen bias) is left out.
     #[test]
-    fn sink_gradients_equal_the_stores() {
+    fn fused_gradients_equal_the_composed_ones() {
         let seeded = crate::kernels::testing::seeded;
         let w = Var::from_tensor(&seeded(&[5, 4], 1, 0.5)).unwrap();
         let b = Var::from_tensor(&seeded(&[5], 2, 0.5)).unwrap();
         let frozen_b = Var::from_tensor(&seeded(&[5], 3, 0.5)).unwrap();
         let x = Var::from_tensor(&seeded(&[6, 4], 4, 1.0)).unwrap();
-        let loss = || {
-            let h = crate::kernels::linear(x.as_tensor(), &w, &b, true).unwrap();
-            let y = crate::kernels::linear(x.as_tensor(), &w, &frozen_b, true).unwrap();
+        let loss = |fused: bool| {
+            let lin = |b: &Tensor| match fused {
+                true => crate::kernels::linear(x.as_tensor(), &w, b, true).unwrap(),
+                false => x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap(),
+            };
+            let (h, y) = (lin(&b), lin(&frozen_b));
             let z = (h.sqr().unwrap() + y.tanh().unwrap()).unwrap();
             (z.sum_all().unwrap() + w.sum_all().unwrap().exp().unwrap()).unwrap()
         };
         let vars = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
         let opt = AdamW::new(vars, AdamWParams::default()).unwrap();
-        let plain = ParamGrads::from_store(&loss().backward().unwrap(), &opt);
-        let (_, deposited) = crate::kernels::grad_sink::collecting(|| loss().backward().unwrap());
-        assert_eq!(deposited.len(), 4, "two uses of w, b and the frozen bias");
-        let sunk = ParamGrads::backward(&loss(), &opt).unwrap();
-        for (a, b) in plain.0.iter().zip(&sunk.0) {
+        let fused = ParamGrads::backward(&loss(true), &opt).unwrap();
+        let composed = ParamGrads::backward(&loss(false), &opt).unwrap();
+        assert_eq!(fused.0.len(), 2);
+        for (a, b) in composed.0.iter().zip(&fused.0) {
             let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
             let diff = crate::kernels::testing::max_diff(a, b);
             assert!(diff <= 1e-6 * crate::kernels::testing::max_abs(a), "{diff}");
         }
+    }
+
+    /// Candle's store as vendor/candle-core patches it: a tensor's first
+    /// gradient is kept as it comes and later ones are added, so a tensor
+    /// used several times (both sides of one add, a concatenation's views,
+    /// a product) gets the sum; an op whose backward returns a gradient of
+    /// the wrong shape is an error, as upstream's zeros + gradient was.
+    #[test]
+    fn the_patched_store_sums_every_use_and_checks_shapes() {
+        let x = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let c = Tensor::cat(&[x.as_tensor(), x.as_tensor()], 0).unwrap();
+        let loss = ((x.as_tensor() + x.as_tensor()).unwrap().sum_all().unwrap()
+            + (x.as_tensor() * 3.0).unwrap().sum_all().unwrap()
+            + (&c * &c).unwrap().sum_all().unwrap()
+            + x.sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let store = loss.backward().unwrap();
+        // d/dx: 2 (x + x) + 3 + 2 * 2x (the two halves of c) + 2x.
+        let got = store.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f32> = [1f32, -2.0, 3.0].iter().map(|v| 5.0 + 6.0 * v).collect();
+        assert_eq!(got, want);
+
+        struct WrongShape;
+        impl candle_core::CustomOp1 for WrongShape {
+            fn name(&self) -> &'static str {
+                "wrong-shape"
+            }
+            fn cpu_fwd(
+                &self,
+                s: &candle_core::CpuStorage,
+                l: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                Ok((s.clone(), l.shape().clone()))
+            }
+            fn bwd(
+                &self,
+                _arg: &Tensor,
+                _res: &Tensor,
+                _grad: &Tensor,
+            ) -> candle_core::Result<Option<Tensor>> {
+                Ok(Some(Tensor::zeros(
+                    2,
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?))
+            }
+        }
+        let y = (x.as_tensor() * 1.0)
+            .unwrap()
+            .apply_op1(WrongShape)
+            .unwrap();
+        let err = y.sum_all().unwrap().backward().unwrap_err().to_string();
+        assert!(err.contains("shape mismatch"), "{err}");
     }
 
     #[test]

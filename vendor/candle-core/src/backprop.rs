@@ -728,12 +728,10 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient of `tensor`. The first one is stored as it
     /// is (made contiguous), not added to a fresh tensor of zeros: that cost
     /// a zeroed allocation and a full add per gradient of every node
-    /// (candle-rlhf's vendor/README.md).
+    /// (candle-rlhf's vendor/README.md). It is checked as that add checked it.
     fn accumulate(&mut self, tensor: &Tensor, grad: Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -741,12 +739,31 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
+                tensor.same_shape_binary_op(&grad, "add")?;
+                if tensor.dtype() != grad.dtype() {
+                    Err(Error::DTypeMismatchBinaryOp {
+                        lhs: tensor.dtype(),
+                        rhs: grad.dtype(),
+                        op: "add",
+                    }
+                    .bt())?
+                }
+                if !tensor.device().same_device(grad.device()) {
+                    Err(Error::DeviceMismatchBinaryOp {
+                        lhs: tensor.device().location(),
+                        rhs: grad.device().location(),
+                        op: "add",
+                    }
+                    .bt())?
+                }
                 entry.insert(grad.contiguous()?);
             }
         }
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
