@@ -19,15 +19,15 @@ pub const FEW_ROWS: usize = 256;
 /// transposed view W^T column by column and is several times slower than
 /// computing (W x^T)^T, whose transpose is a small copy (BENCHMARKS.md,
 /// "Design measurements"). With many rows (training, prefill) the plain
-/// product is as fast and needs no copy. So is it when x records a graph
-/// (a training micro-batch of few rows): there the transposes cost copies
-/// forward and backward (BENCHMARKS.md, "Candle's backward store"). GPUs
+/// product is as fast and needs no copy. So is it when the product records
+/// a graph (a training micro-batch of few rows): there the transposes cost
+/// copies forward and backward (BENCHMARKS.md, "Candle's backward store"). GPUs
 /// take W^T as it is.
 pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if frozen(x, w) {
         return frozen_product(x, w, true);
     }
-    if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS && !x.track_op() {
+    if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS && !x.track_op() && !w.track_op() {
         Ok(mm(w, &x.t()?)?.t()?)
     } else {
         Ok(mm(x, &w.t()?)?)
