@@ -308,8 +308,9 @@ mod tests {
     }
 
     /// The fused linear layers' weight and bias gradients, a weight used
-    /// twice included, equal the composed ops'; a variable outside the
-    /// optimizer (a frozen bias) is left out.
+    /// twice included, equal the composed ops' (a frozen bias beside them
+    /// also takes a gradient in the store, which the optimizer does not ask
+    /// for).
     #[test]
     fn fused_gradients_equal_the_composed_ones() {
         let seeded = crate::kernels::testing::seeded;
