@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use candle_rlhf::config::Config;
+use candle_rlhf::trainers::online::{self, Trainer};
 use candle_rlhf::Error;
 
 #[derive(Parser)]
@@ -197,9 +198,14 @@ struct EvalArgs {
     /// The policy: a directory (a PPO checkpoint, say) or hub id.
     #[arg(long)]
     policy: String,
-    /// The reward model: a directory or hub id.
+    /// A reward model (a directory or hub id): shorthand for one
+    /// `type = "model"` reward function; unset: the config's [[reward_funcs]].
     #[arg(long)]
-    reward: String,
+    reward: Option<String>,
+    /// Evaluate as this trainer does (its section's sampling and group);
+    /// unset: the one the checkpoint was trained with, else ppo.
+    #[arg(long, value_enum)]
+    algo: Option<Trainer>,
     /// The reference for the KL (default: the one a PPO checkpoint was
     /// trained against, from its manifest; else the policy itself).
     #[arg(long = "ref")]
@@ -244,9 +250,11 @@ enum Command {
     /// with TRL's text columns (chat template applied) and, with --ids, the
     /// token ids and loss mask the trainers feed the model.
     Render(RenderArgs),
-    /// Sample a policy on held-out prompts: mean reward, KL to the reference,
-    /// length and EOS rate; the completions go to RUN_DIR/completions.jsonl.
-    /// Sampling settings are the config's [ppo] ones (pass a PPO run's
+    /// Sample a policy on held-out prompts as the online trainers evaluate:
+    /// eval/reward (the config's [[reward_funcs]] or --reward), KL to the
+    /// reference, length, clipped ratio; the completions go to
+    /// RUN_DIR/completions.jsonl. Sampling settings are the section of the
+    /// algorithm (--algo; else the checkpoint's; pass a run's
     /// RUN_DIR/config.toml to sample as it did).
     Eval(EvalArgs),
     /// Merge a LoRA adapter (peft's adapter_model.safetensors +
@@ -289,11 +297,11 @@ enum Command {
         kl_coef: Option<f64>,
         /// The task: reviews (the RLHF pipeline with a reward model) or
         /// arithmetic (GRPO with a verifiable exact-match reward).
-        #[arg(long, default_value = "reviews", value_parser = ["reviews", "arithmetic"])]
-        task: String,
+        #[arg(long, value_enum, default_value = "reviews")]
+        task: candle_rlhf::app::demo::DemoTask,
         /// The RL stage: ppo, grpo, rloo, or all (the three, side by side).
-        #[arg(long, default_value = "ppo", value_parser = ["ppo", "grpo", "rloo", "all"])]
-        algo: String,
+        #[arg(long, value_enum, default_value = "ppo")]
+        algo: candle_rlhf::app::demo::AlgoChoice,
     },
     /// Measure reward-step, generation and PPO-iteration speed on a model shape.
     Bench(BenchArgs),
@@ -343,9 +351,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sft(t) => sft(t),
         Command::Reward(t) => reward(t),
-        Command::Ppo(t) => ppo(t),
-        Command::Grpo(t) => online(t, candle_rlhf::trainers::online::grpo::Algo::Grpo),
-        Command::Rloo(t) => online(t, candle_rlhf::trainers::online::grpo::Algo::Rloo),
+        Command::Ppo(t) => online(t, Trainer::Ppo),
+        Command::Grpo(t) => online(t, Trainer::Grpo),
+        Command::Rloo(t) => online(t, Trainer::Rloo),
         Command::Score(a) => score(a),
         Command::Eval(a) => eval(a),
         Command::Demo {
@@ -357,18 +365,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             algo,
             task,
         } => {
-            if task == "arithmetic" {
+            use candle_rlhf::app::demo;
+            if task == demo::DemoTask::Arithmetic {
                 println!("{}", candle_rlhf::app::arith::run(&out, fast, seed)?);
                 return Ok(());
             }
-            use candle_rlhf::app::demo;
             let report = demo::run(&demo::DemoOptions {
                 out,
                 fast,
                 kl_sweep,
                 seed,
                 kl_coef,
-                algos: demo::DemoAlgo::parse(&algo)?,
+                algos: algo.trainers(),
             })?;
             println!("{report}");
             Ok(())
@@ -517,62 +525,28 @@ fn reward(t: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn online(t: TrainArgs, algo: candle_rlhf::trainers::online::grpo::Algo) -> anyhow::Result<()> {
+fn online(t: TrainArgs, trainer: Trainer) -> anyhow::Result<()> {
     let cfg = resolve_config(&t.common)?;
-    let data = match algo {
-        candle_rlhf::trainers::online::grpo::Algo::Grpo => &cfg.grpo.dataset,
-        candle_rlhf::trainers::online::grpo::Algo::Rloo => &cfg.rloo.dataset,
+    let data = match trainer {
+        Trainer::Ppo => &cfg.ppo.dataset,
+        Trainer::Grpo => &cfg.grpo.dataset,
+        Trainer::Rloo => &cfg.rloo.dataset,
     };
-    let models: Vec<&str> = cfg
-        .reward_funcs
-        .iter()
-        .filter_map(|f| f.model.as_deref())
-        .collect();
     let mut paths = vec![cfg.model.name_or_path.as_str(), data.as_str()];
-    paths.extend(models);
+    if trainer == Trainer::Ppo {
+        paths.extend(cfg.ppo.reward_model.as_deref());
+    }
+    paths.extend(cfg.reward_funcs.iter().filter_map(|f| f.model.as_deref()));
     check_fixtures(&paths)?;
     let stop = candle_rlhf::signal::install()?;
-    let dir = run_dir(algo.name(), &t, &cfg);
-    let out =
-        candle_rlhf::trainers::online::grpo::train(&cfg, algo, &dir, t.resume.is_some(), &stop)?;
+    let dir = run_dir(trainer.name(), &t, &cfg);
+    let out = online::train(&cfg, trainer, &dir, t.resume.is_some(), &stop)?;
     println!(
-        "policy: {}\niterations: {} ({} optimizer steps), {:.3} s/iteration\nprompts: {}",
+        "policy: {}\niterations: {} ({} optimizer steps), {:.3} s/iteration ({} in all)\nprompts: {}",
         out.checkpoint.display(),
         out.iterations,
         out.optimizer_steps,
         out.seconds_per_iteration,
-        out.prompts
-    );
-    let show = |label: &str, e: &candle_rlhf::trainers::online::grpo::EvalFigures| {
-        let parts: Vec<String> = e
-            .figures
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.4}"))
-            .collect();
-        println!("{label} {}", parts.join(", "));
-    };
-    if let Some(e) = &out.eval_before {
-        show("eval before:", e);
-    }
-    if let Some(e) = &out.eval_after {
-        show("eval after: ", e);
-    }
-    println!("run: {}", out.run_dir.display());
-    Ok(())
-}
-
-fn ppo(t: TrainArgs) -> anyhow::Result<()> {
-    let cfg = resolve_config(&t.common)?;
-    let reward_model = cfg.ppo.reward_model.clone().unwrap_or_default();
-    check_fixtures(&[&cfg.model.name_or_path, &cfg.ppo.dataset, &reward_model])?;
-    let stop = candle_rlhf::signal::install()?;
-    let dir = run_dir("ppo", &t, &cfg);
-    let out = candle_rlhf::trainers::ppo::train(&cfg, &dir, t.resume.is_some(), &stop)?;
-    println!(
-        "policy: {}\nupdates: {}, {:.3} s/update ({} in all)\nprompts: {}",
-        out.checkpoint.display(),
-        out.updates,
-        out.seconds_per_update,
         out.total_times(),
         out.prompts
     );
@@ -589,16 +563,29 @@ fn ppo(t: TrainArgs) -> anyhow::Result<()> {
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     use candle_rlhf::hub::HubSettings;
     use candle_rlhf::models::resolve_model;
-    use candle_rlhf::trainers::ppo::{evaluate_policy, RewardModelReward};
-    let cfg = resolve_config(&a.common)?;
+    let mut cfg = resolve_config(&a.common)?;
     let (device, _) = candle_rlhf::device::resolve_device(&cfg.run.device)?;
     let policy_dir = resolve_model(&a.policy, &HubSettings::from_env())?;
-    let reward = RewardModelReward::load(&a.reward, &policy_dir, &device)?;
-    let (report, prompts) = evaluate_policy(
+    // --reward DIR: one `type = "model"` reward function.
+    if let Some(rm) = &a.reward {
+        cfg.reward_funcs = vec![candle_rlhf::config::RewardFuncConfig {
+            name: "reward_model".into(),
+            kind: candle_rlhf::config::RewardFuncType::Model,
+            model: Some(rm.clone()),
+            ..Default::default()
+        }];
+    }
+    if cfg.reward_funcs.is_empty() {
+        anyhow::bail!("nothing to score with: pass --reward DIR or a config with [[reward_funcs]]");
+    }
+    let (rewards, _) = candle_rlhf::rewards::from_config(&cfg.reward_funcs, &policy_dir, &device)?;
+    let algo = a.algo.map(|t| t.algo(&cfg));
+    let (report, prompts) = online::evaluate_policy(
         &cfg,
+        algo,
         &a.policy,
         a.reference.as_deref(),
-        &reward,
+        &rewards,
         &a.prompts,
         &a.split,
     )?;
@@ -616,9 +603,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         .collect();
     candle_rlhf::io::atomic_write(&completions, text.as_bytes())?;
     let figures: serde_json::Map<String, serde_json::Value> = report
-        .figures()
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::json!(v)))
+        .figures
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
         .collect();
     let summary = dir.join("eval.json");
     candle_rlhf::io::atomic_write(&summary, serde_json::to_string_pretty(&figures)?.as_bytes())?;

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::config::{RewardFuncConfig, RewardFuncType};
 use crate::rng::HostRng;
 use crate::signal::StopSignal;
-use crate::trainers::online::grpo::{self, Algo};
+use crate::trainers::online::{self, EvalReport, Trainer};
 use crate::trainers::sft;
 use crate::{Error, IoContext, Result};
 
@@ -188,10 +188,10 @@ pub fn run(out: &Path, fast: bool, seed: u64) -> Result<ArithReport> {
     c.train.max_steps = Some(plan.grpo_steps);
     c.train.save_steps = plan.grpo_steps;
     c.validate()?;
-    let run = grpo::train(&c, Algo::Grpo, &grpo_dir, false, &stop)?;
+    let run = online::train(&c, Trainer::Grpo, &grpo_dir, false, &stop)?;
     lap("GRPO", &mut timings);
 
-    let accuracy = |e: &Option<grpo::EvalFigures>| {
+    let accuracy = |e: &Option<EvalReport>| {
         e.as_ref()
             .and_then(|e| e.get("rewards/exact_match/mean"))
             .ok_or_else(|| Error::Msg("GRPO ran without its evaluation".into()))

@@ -26,7 +26,7 @@ use crate::models::reward_model::RewardModel;
 use crate::models::{load_dir_frozen, ArchConfig, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::TrainCore;
-use crate::trainers::ppo::PhaseTimes;
+use crate::trainers::online::{self, PhaseTimes, Trainer};
 use crate::trainers::trained::Trained;
 use crate::{Error, HostRng, Result};
 
@@ -619,8 +619,8 @@ fn ppo_iterations(
     ];
     let cfg = opts.config.with_overrides(&sets)?;
     let stop = crate::signal::StopSignal::new();
-    let run = crate::trainers::ppo::train(&cfg, &run_dir, false, &stop)?;
-    let timed = &run.update_times[opts.warmup.min(run.update_times.len() - 1)..];
+    let run = online::train(&cfg, Trainer::Ppo, &run_dir, false, &stop)?;
+    let timed = &run.times[opts.warmup.min(run.times.len() - 1)..];
     let mut mean = PhaseTimes::default();
     for t in timed {
         mean += *t;

@@ -22,11 +22,12 @@ use std::time::Instant;
 
 use crate::app::task::{self, Task};
 use crate::config::{Config, RewardFuncConfig, RewardFuncType};
+use crate::rewards::{RewardFuncs, RewardModelReward};
 use crate::signal::StopSignal;
-use crate::trainers::online::grpo::{self, Algo};
-use crate::trainers::ppo::{self, RewardModelReward};
+use crate::trainers::online::{self, Algo, OnlineRun, Trainer};
 use crate::trainers::{reward, sft};
 use crate::{Error, IoContext, Result};
+use clap::ValueEnum;
 
 /// How big a demo to run.
 #[derive(Debug, Clone)]
@@ -40,40 +41,59 @@ pub struct DemoOptions {
     /// PPO's kl_coef (default [`KL_COEF`]).
     pub kl_coef: Option<f64>,
     /// The RL algorithms to train and compare, in order.
-    pub algos: Vec<DemoAlgo>,
+    pub algos: Vec<Trainer>,
 }
 
-/// An RL algorithm of the demo.
+/// `--task`: the demo's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoTask {
+    /// The RLHF pipeline with a reward model on synthetic movie reviews.
+    Reviews,
+    /// GRPO with a verifiable exact-match reward on sums (app/arith.rs).
+    Arithmetic,
+}
+
+/// `--algo`: one online trainer, or all of them side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DemoAlgo {
-    Ppo,
-    Grpo,
-    Rloo,
+pub enum AlgoChoice {
+    One(Trainer),
+    All,
 }
 
-impl DemoAlgo {
-    /// `ppo`, `grpo`, `rloo`, or `all` (the three).
-    pub fn parse(s: &str) -> Result<Vec<DemoAlgo>> {
-        Ok(match s {
-            "ppo" => vec![DemoAlgo::Ppo],
-            "grpo" => vec![DemoAlgo::Grpo],
-            "rloo" => vec![DemoAlgo::Rloo],
-            "all" => vec![DemoAlgo::Ppo, DemoAlgo::Grpo, DemoAlgo::Rloo],
-            other => {
-                return Err(Error::Msg(format!(
-                    "--algo {other}: expected ppo, grpo, rloo or all"
-                )))
-            }
+impl AlgoChoice {
+    /// The trainers to run, in order.
+    pub fn trainers(self) -> Vec<Trainer> {
+        match self {
+            AlgoChoice::One(t) => vec![t],
+            AlgoChoice::All => Trainer::value_variants().to_vec(),
+        }
+    }
+}
+
+impl clap::ValueEnum for AlgoChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        // The library's trainers, then `all`: an algorithm is added in one place.
+        static VARIANTS: std::sync::OnceLock<Vec<AlgoChoice>> = std::sync::OnceLock::new();
+        VARIANTS.get_or_init(|| {
+            let mut v: Vec<_> = Trainer::value_variants()
+                .iter()
+                .map(|&t| AlgoChoice::One(t))
+                .collect();
+            v.push(AlgoChoice::All);
+            v
         })
     }
 
-    fn name(self) -> &'static str {
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         match self {
-            DemoAlgo::Ppo => "PPO",
-            DemoAlgo::Grpo => "GRPO",
-            DemoAlgo::Rloo => "RLOO",
+            AlgoChoice::One(t) => t.to_possible_value(),
+            AlgoChoice::All => Some(clap::builder::PossibleValue::new("all")),
         }
     }
+}
+
+fn display_name(t: Trainer) -> String {
+    t.name().to_uppercase()
 }
 
 /// The sizes of one demo.
@@ -304,16 +324,22 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         c.validate()?;
         Ok(c)
     };
-    let train_ppo = |kl_coef: f64, name: &str| -> Result<ppo::PpoRun> {
+    let train_ppo = |kl_coef: f64, name: &str| -> Result<OnlineRun> {
         let dir = out.join(name);
-        ppo::train(&ppo_config(kl_coef, &dir)?, &dir, false, &stop)
+        online::train(
+            &ppo_config(kl_coef, &dir)?,
+            Trainer::Ppo,
+            &dir,
+            false,
+            &stop,
+        )
     };
     // GRPO and RLOO on PPO's budget: the same completions in all
     // (ppo_episodes), in batches of 32 (8 prompts x 4), each batch serving
     // 8 optimizer steps as PPO's 4 epochs x 2 mini-batches do; the same
     // learning rate, sampling and reward model.
     let kl_coef = opts.kl_coef.unwrap_or(KL_COEF);
-    let critic_free_config = |algo: Algo, dir: &Path| -> Result<Config> {
+    let critic_free_config = |algo: Trainer, dir: &Path| -> Result<Config> {
         let mut c = base_config(opts.seed, &sft_run.checkpoint, dir);
         c.reward_funcs = vec![RewardFuncConfig {
             name: "reward_model".into(),
@@ -326,7 +352,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         c.train.max_steps = Some(plan.ppo_episodes / 32 * 8);
         c.train.save_steps = plan.ppo_episodes;
         match algo {
-            Algo::Grpo => {
+            Trainer::Ppo => unreachable!("PPO has its own config"),
+            Trainer::Grpo => {
                 let g = &mut c.grpo;
                 g.dataset = prompts.clone();
                 (g.max_prompt_length, g.max_completion_length) = (16, 16);
@@ -334,7 +361,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
                 g.beta = GRPO_BETA;
                 g.num_sample_generations = 8;
             }
-            Algo::Rloo => {
+            Trainer::Rloo => {
                 let r = &mut c.rloo;
                 r.dataset = prompts.clone();
                 (r.max_prompt_length, r.max_completion_length) = (16, 16);
@@ -364,25 +391,21 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     for algo in &opts.algos {
         let started = Instant::now();
         let checkpoint = match algo {
-            DemoAlgo::Ppo => {
+            Trainer::Ppo => {
                 let r = train_ppo(kl_coef, "ppo")?;
                 let c = r.checkpoint.clone();
                 ppo_run = Some(r);
                 c
             }
-            DemoAlgo::Grpo | DemoAlgo::Rloo => {
-                let a = if *algo == DemoAlgo::Grpo {
-                    Algo::Grpo
-                } else {
-                    Algo::Rloo
-                };
-                let dir = out.join(a.name());
-                grpo::train(&critic_free_config(a, &dir)?, a, &dir, false, &stop)?.checkpoint
+            &t => {
+                let dir = out.join(t.name());
+                online::train(&critic_free_config(t, &dir)?, t, &dir, false, &stop)?.checkpoint
             }
         };
         let train_s = started.elapsed().as_secs_f64();
-        lap(algo.name(), &mut timings);
-        let mut e = evaluate(algo.name(), &checkpoint)?;
+        let name = display_name(*algo);
+        lap(&name, &mut timings);
+        let mut e = evaluate(&name, &checkpoint)?;
         e.train_s = train_s;
         trained.push(e);
     }
@@ -433,11 +456,14 @@ fn evaluate_with_gold(
         policy,
         &candle_core::Device::Cpu,
     )?;
-    let (e, _) = ppo::evaluate_policy(
+    // Every policy sampled alike (the eval config's [ppo] sampling, one
+    // completion per prompt), whichever algorithm trained it.
+    let (e, _) = online::evaluate_policy(
         cfg,
+        Some(Algo::Ppo),
         &policy.to_string_lossy(),
         Some(&reference.to_string_lossy()),
-        &rm,
+        &RewardFuncs::single("reward_model", &rm),
         prompts,
         "test",
     )?;
@@ -446,7 +472,7 @@ fn evaluate_with_gold(
     for c in &e.completions {
         let (p, r) = (
             c["prompt"].as_str().unwrap_or(""),
-            c["response"].as_str().unwrap_or(""),
+            c["completion"].as_str().unwrap_or(""),
         );
         let g = task::gold_reward(r);
         samples.push((p.to_string(), r.to_string(), g));
@@ -472,10 +498,10 @@ fn evaluate_with_gold(
         name: name.to_string(),
         gold,
         gold_se: (var / n).sqrt(),
-        reward_model: e.mean_score,
-        kl: e.kl,
-        mean_length: e.mean_length,
-        eos_rate: e.eos_rate,
+        reward_model: e.reward(),
+        kl: e.kl(),
+        mean_length: e.mean_length(),
+        eos_rate: e.eos_rate(),
         samples,
         train_s: 0.0,
     })
@@ -543,7 +569,7 @@ fn markdown(
     r: &DemoReport,
     sft_run: &sft::SftRun,
     rm: &reward::RewardRun,
-    ppo_run: Option<&ppo::PpoRun>,
+    ppo_run: Option<&OnlineRun>,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# candle-rlhf demo\n");
@@ -611,8 +637,8 @@ fn markdown(
         let _ = writeln!(
             s,
             "- PPO: {} updates, {:.2} s/update ({} in all).",
-            ppo_run.updates,
-            ppo_run.seconds_per_update,
+            ppo_run.iterations,
+            ppo_run.seconds_per_iteration,
             ppo_run.total_times()
         );
     }

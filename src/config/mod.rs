@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 pub use sections::{
     AdvantageEstimator, DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType,
     ImportanceSamplingLevel, InitLoraWeights, KlEstimator, LoraConfig, LrSchedulerType,
-    ModelConfig, ModelInit, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig,
-    RunConfig, ScaleRewards, SftConfig, StopToken, TargetModules, TrainConfig, ValueModel,
+    ModelConfig, ModelInit, OnlineKeys, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType,
+    RlooConfig, RunConfig, ScaleRewards, SftConfig, StopToken, TargetModules, TrainConfig,
+    ValueModel,
 };
 
 use crate::{Error, Result};

@@ -497,54 +497,126 @@ pub enum ImportanceSamplingLevel {
     Sequence,
 }
 
-dataset_section! {
+/// A critic-free online section (`[grpo]`, `[rloo]`): the dataset keys, the
+/// keys GRPO and RLOO share (declared once, here), then its own (with
+/// `num_generations` and `beta`, whose defaults and meanings differ).
+macro_rules! online_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident ($section:literal) {
+            $($rest:tt)*
+        }
+    ) => {
+        dataset_section! {
+            $(#[$meta])*
+            pub struct $name($section) {
+                /// Completions per held-out prompt in evaluation (TRL's name; unset: num_generations).
+                pub num_generations_eval: Option<usize> = None,
+                /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts`. TRL 1.12 has no such key (prompts are never cut); here it bounds the padded batch.
+                pub max_prompt_length: usize = 512,
+                /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
+                pub truncate_prompts: bool = false,
+                /// Tokens sampled per completion at most.
+                pub max_completion_length: usize = 256,
+                /// Sampling temperature (> 0).
+                pub temperature: f64 = 1.0,
+                /// Nucleus sampling threshold in (0, 1].
+                pub top_p: f64 = 1.0,
+                /// Keep only the k most likely tokens (unset: all; TRL's 0).
+                pub top_k: Option<usize> = None,
+                /// Lower clipping range of the importance ratio.
+                pub epsilon: f64 = 0.2,
+                /// Upper clipping range (unset: epsilon; DAPO uses 0.28).
+                pub epsilon_high: Option<f64> = None,
+                /// Optimization passes over each generation batch (mu in the GRPO paper).
+                pub num_iterations: usize = 1,
+                /// Micro-batches per generation batch (unset: train.gradient_accumulation_steps).
+                pub steps_per_generation: Option<usize> = None,
+                /// Completions cut at max_completion_length without a stop token are left out of the loss.
+                pub mask_truncated_completions: bool = false,
+                /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
+                pub ref_model: Option<String> = None,
+                /// How many times over the run a few completions go to samples.jsonl.
+                pub num_sample_generations: usize = 10,
+                /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
+                pub disable_dropout: bool = false,
+                $($rest)*
+            }
+        }
+
+        impl $name {
+            /// The keys GRPO and RLOO share, as one value.
+            pub fn online(&self) -> OnlineKeys<'_> {
+                OnlineKeys {
+                    section: $section,
+                    data: self.data(),
+                    num_generations: self.num_generations,
+                    num_generations_eval: self.num_generations_eval,
+                    max_prompt_length: self.max_prompt_length,
+                    truncate_prompts: self.truncate_prompts,
+                    max_completion_length: self.max_completion_length,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    beta: self.beta,
+                    epsilon: self.epsilon,
+                    epsilon_high: self.epsilon_high,
+                    num_iterations: self.num_iterations,
+                    steps_per_generation: self.steps_per_generation,
+                    mask_truncated_completions: self.mask_truncated_completions,
+                    ref_model: self.ref_model.as_deref(),
+                    num_sample_generations: self.num_sample_generations,
+                    disable_dropout: self.disable_dropout,
+                }
+            }
+        }
+    };
+}
+
+/// The keys `[grpo]` and `[rloo]` share (see [`online_section!`]), as one value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OnlineKeys<'a> {
+    pub section: &'static str,
+    pub data: DatasetConfig<'a>,
+    pub num_generations: usize,
+    pub num_generations_eval: Option<usize>,
+    pub max_prompt_length: usize,
+    pub truncate_prompts: bool,
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<usize>,
+    pub beta: f64,
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    pub num_iterations: usize,
+    pub steps_per_generation: Option<usize>,
+    pub mask_truncated_completions: bool,
+    pub ref_model: Option<&'a str>,
+    pub num_sample_generations: usize,
+    pub disable_dropout: bool,
+}
+
+online_section! {
     /// GRPO (TRL's GRPOConfig, with its defaults unless a line says
     /// otherwise). Rows have `prompt` (text or messages); their other
     /// columns go to the reward functions. Optimizer, batch sizes, steps and
     /// schedule come from `[train]`.
     pub struct GrpoConfig("grpo") {
-        /// Completions sampled per prompt (the group).
+        /// Completions sampled per prompt (the group; at least 2).
         pub num_generations: usize = 8,
-        /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts`.
-        pub max_prompt_length: usize = 512,
-        /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
-        pub truncate_prompts: bool = false,
-        /// Tokens sampled per completion at most.
-        pub max_completion_length: usize = 256,
-        /// Sampling temperature (> 0).
-        pub temperature: f64 = 1.0,
-        /// Nucleus sampling threshold in (0, 1].
-        pub top_p: f64 = 1.0,
-        /// Keep only the k most likely tokens (unset: all; TRL's 0).
-        pub top_k: Option<usize> = None,
         /// Weight of the k3 KL to the reference in the loss; 0 loads no reference model.
         pub beta: f64 = 0.0,
-        /// Lower clipping range of the importance ratio.
-        pub epsilon: f64 = 0.2,
-        /// Upper clipping range (unset: epsilon; DAPO uses 0.28).
-        pub epsilon_high: Option<f64> = None,
-        /// Optimization passes over each generation batch (mu in the paper).
-        pub num_iterations: usize = 1,
-        /// Micro-batches per generation batch (unset: train.gradient_accumulation_steps).
-        pub steps_per_generation: Option<usize> = None,
         /// grpo | dr_grpo | dapo | bnpo.
         pub loss_type: GrpoLossType = GrpoLossType::Dapo,
         /// group | batch | none: what divides the reward minus its group mean.
         pub scale_rewards: ScaleRewards = ScaleRewards::Group,
         /// token (GRPO) | sequence (GSPO).
         pub importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel::Token,
-        /// Completions cut at max_completion_length without a stop token are left out of the loss.
-        pub mask_truncated_completions: bool = false,
-        /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
-        pub ref_model: Option<String> = None,
-        /// How many times over the run a few completions go to samples.jsonl.
-        pub num_sample_generations: usize = 10,
-        /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
-        pub disable_dropout: bool = false,
     }
 }
 
-dataset_section! {
+online_section! {
     /// RLOO (TRL's RLOOConfig, with its defaults unless a line says
     /// otherwise). Rows have `prompt` (text or messages); their other
     /// columns go to the reward functions. Optimizer, batch sizes, steps and
@@ -552,40 +624,12 @@ dataset_section! {
     pub struct RlooConfig("rloo") {
         /// Completions sampled per prompt (the group; at least 2).
         pub num_generations: usize = 2,
-        /// Prompts longer than this many tokens are dropped, or cut when `truncate_prompts`.
-        pub max_prompt_length: usize = 512,
-        /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
-        pub truncate_prompts: bool = false,
-        /// Tokens sampled per completion at most.
-        pub max_completion_length: usize = 256,
-        /// Sampling temperature (> 0).
-        pub temperature: f64 = 1.0,
-        /// Nucleus sampling threshold in (0, 1].
-        pub top_p: f64 = 1.0,
-        /// Keep only the k most likely tokens (unset: all; TRL's 0).
-        pub top_k: Option<usize> = None,
         /// Weight of the sequence KL (summed k1) subtracted from the reward; 0 loads no reference model.
         pub beta: f64 = 0.05,
-        /// Lower clipping range of the sequence importance ratio.
-        pub epsilon: f64 = 0.2,
-        /// Upper clipping range (unset: epsilon).
-        pub epsilon_high: Option<f64> = None,
-        /// Optimization passes over each generation batch.
-        pub num_iterations: usize = 1,
-        /// Micro-batches per generation batch (unset: train.gradient_accumulation_steps).
-        pub steps_per_generation: Option<usize> = None,
         /// Whiten the advantages over the generation batch.
         pub normalize_advantages: bool = false,
         /// Clamp the summed reward to [min, max] before the KL penalty (unset: no clamp).
         pub reward_clip_range: Option<[f64; 2]> = None,
-        /// Completions cut at max_completion_length without a stop token are left out of the loss.
-        pub mask_truncated_completions: bool = false,
-        /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
-        pub ref_model: Option<String> = None,
-        /// How many times over the run a few completions go to samples.jsonl.
-        pub num_sample_generations: usize = 10,
-        /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
-        pub disable_dropout: bool = false,
     }
 }
 

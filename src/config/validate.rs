@@ -3,8 +3,9 @@
 //! and what it must be. The first rule that fails is the error.
 
 use super::{
-    Config, GenerateConfig, GrpoConfig, InitLoraWeights, LoraConfig, PpoConfig, RewardConfig,
-    RewardFuncConfig, RewardFuncType, RlooConfig, SftConfig, TargetModules, TrainConfig,
+    Config, GenerateConfig, GrpoConfig, InitLoraWeights, LoraConfig, OnlineKeys, PpoConfig,
+    RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig, SftConfig, TargetModules,
+    TrainConfig,
 };
 use crate::{Error, Result};
 
@@ -175,27 +176,13 @@ fn ppo_rules(p: &PpoConfig, t: &TrainConfig, threads: usize) -> Vec<Rule> {
     ]
 }
 
-/// What GRPO and RLOO share: the group, sampling, clipping and batching keys.
-struct OnlineKeys {
-    num_generations: usize,
-    max_prompt_length: usize,
-    max_completion_length: usize,
-    temperature: f64,
-    top_p: f64,
-    top_k: Option<usize>,
-    beta: f64,
-    epsilon: f64,
-    epsilon_high: Option<f64>,
-    num_iterations: usize,
-    steps_per_generation: Option<usize>,
-}
-
 #[rustfmt::skip]
-fn online_rules(s: &str, o: &OnlineKeys, t: &TrainConfig) -> Vec<Rule> {
-    let key = |k: &str| format!("{s}.{k}");
+fn online_rules(o: &OnlineKeys, t: &TrainConfig) -> Vec<Rule> {
+    let key = |k: &str| format!("{}.{k}", o.section);
     let ga = t.gradient_accumulation_steps;
     vec![
         rule(key("num_generations"), o.num_generations, o.num_generations >= 2, "must be at least 2: the advantage compares a prompt's completions"),
+        rule_opt(key("num_generations_eval"), o.num_generations_eval, |n| n >= 1, AT_LEAST_1),
         rule(key("max_prompt_length"), o.max_prompt_length, o.max_prompt_length >= 1, AT_LEAST_1),
         rule(key("max_completion_length"), o.max_completion_length, o.max_completion_length >= 1, AT_LEAST_1),
         rule(key("temperature"), o.temperature, positive(o.temperature), "must be > 0: completions are sampled"),
@@ -210,38 +197,12 @@ fn online_rules(s: &str, o: &OnlineKeys, t: &TrainConfig) -> Vec<Rule> {
 }
 
 fn grpo_rules(g: &GrpoConfig, t: &TrainConfig) -> Vec<Rule> {
-    let keys = OnlineKeys {
-        num_generations: g.num_generations,
-        max_prompt_length: g.max_prompt_length,
-        max_completion_length: g.max_completion_length,
-        temperature: g.temperature,
-        top_p: g.top_p,
-        top_k: g.top_k,
-        beta: g.beta,
-        epsilon: g.epsilon,
-        epsilon_high: g.epsilon_high,
-        num_iterations: g.num_iterations,
-        steps_per_generation: g.steps_per_generation,
-    };
-    online_rules("grpo", &keys, t)
+    online_rules(&g.online(), t)
 }
 
 #[rustfmt::skip]
 fn rloo_rules(r: &RlooConfig, t: &TrainConfig) -> Vec<Rule> {
-    let keys = OnlineKeys {
-        num_generations: r.num_generations,
-        max_prompt_length: r.max_prompt_length,
-        max_completion_length: r.max_completion_length,
-        temperature: r.temperature,
-        top_p: r.top_p,
-        top_k: r.top_k,
-        beta: r.beta,
-        epsilon: r.epsilon,
-        epsilon_high: r.epsilon_high,
-        num_iterations: r.num_iterations,
-        steps_per_generation: r.steps_per_generation,
-    };
-    let mut rules = online_rules("rloo", &keys, t);
+    let mut rules = online_rules(&r.online(), t);
     if let Some([lo, hi]) = r.reward_clip_range {
         rules.push(rule("rloo.reward_clip_range", format!("[{lo}, {hi}]"), lo.is_finite() && hi.is_finite() && lo <= hi, "must be [min, max] with min <= max"));
     }

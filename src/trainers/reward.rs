@@ -10,9 +10,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use super::trained::Trained;
+use super::trained::{ModelFiles, Trained};
 use crate::chat::TemplateSource;
-use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
+use crate::checkpoint::{self, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::{self, TokenizedPair};
 use crate::io;
@@ -210,27 +210,17 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         &mut core.optimizer,
         &device,
     )?;
+    let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let save = |run: &RunDir,
                 core: &TrainCore,
                 state: &TrainerState,
                 model: &RewardModel|
      -> Result<PathBuf> {
-        let (weights, lora) = params.checkpoint_parts()?;
-        let config = model.checkpoint_config(&base_config, tok.pad_id);
-        checkpoint::save(
-            &run.path,
-            &Checkpoint {
-                weights: &weights,
-                model_config: Some(&config),
-                tokenizer_files: &checkpoint::tokenizer_files(&model_dir),
-                extra_weights: &[],
-                optimizer: Some(&core.optimizer),
-                state,
-                manifest: &run.manifest,
-                lora: lora.as_ref(),
-            },
-            t.save_total_limit,
-        )
+        let files = ModelFiles {
+            config: &model.checkpoint_config(&base_config, tok.pad_id),
+            tokenizer_files: &tokenizer_files,
+        };
+        params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
     // 5. The loop: accumulate micro-batches, step, log, evaluate, checkpoint.

@@ -11,9 +11,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::{json, Value};
 
-use super::trained::Trained;
+use super::trained::{ModelFiles, Trained};
 use crate::chat::TemplateSource;
-use crate::checkpoint::{self, Checkpoint, Manifest, TrainerState};
+use crate::checkpoint::{self, Manifest, TrainerState};
 use crate::config::Config;
 use crate::data::batch::position_ids;
 use crate::data::sft::{pack, tokenize_rows, SftDataReport, SftRow};
@@ -171,22 +171,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         &device,
     )?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
+    let files = ModelFiles {
+        config: &base_config,
+        tokenizer_files: &tokenizer_files,
+    };
     let save = |run: &RunDir, core: &TrainCore, state: &TrainerState| -> Result<PathBuf> {
-        let (weights, lora) = params.checkpoint_parts()?;
-        checkpoint::save(
-            &run.path,
-            &Checkpoint {
-                weights: &weights,
-                model_config: Some(&base_config),
-                tokenizer_files: &tokenizer_files,
-                extra_weights: &[],
-                optimizer: Some(&core.optimizer),
-                state,
-                manifest: &run.manifest,
-                lora: lora.as_ref(),
-            },
-            t.save_total_limit,
-        )
+        params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
     // 5. The loop.

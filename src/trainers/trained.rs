@@ -2,15 +2,17 @@
 //! LoRA adapters over frozen base weights (`[lora]`), and what its
 //! checkpoints hold for each.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::checkpoint::LoraParts;
+use crate::checkpoint::{self, Checkpoint, LoraParts, TrainerState};
 use crate::config::{Config, LoraConfig, ModelInit};
 use crate::models::lora::{adapter_tensors, LoraWeights};
 use crate::models::{frozen_builder, load_dir_init, ArchConfig, CausalLm, Linears};
+use crate::optim::TrainCore;
+use crate::run::RunDir;
 use crate::{Error, Result};
 
 /// adapter_config.json's `base_model_name_or_path` for the model argument
@@ -224,4 +226,41 @@ impl Trained {
             )),
         }
     }
+
+    /// Writes a checkpoint of a run (the one helper of every trainer): the
+    /// trained weights (full, or the adapter under LoRA) with the model's
+    /// files, `extra` safetensors files beside them (a critic), the
+    /// optimizer and the trainer state; keeps `save_total_limit` of them.
+    pub fn save_checkpoint(
+        &self,
+        run: &RunDir,
+        files: &ModelFiles,
+        extra: &[(&str, NamedTensors)],
+        core: &TrainCore,
+        state: &TrainerState,
+        save_total_limit: Option<usize>,
+    ) -> Result<PathBuf> {
+        let (weights, lora) = self.checkpoint_parts()?;
+        checkpoint::save(
+            &run.path,
+            &Checkpoint {
+                weights: &weights,
+                model_config: Some(files.config),
+                tokenizer_files: files.tokenizer_files,
+                extra_weights: extra,
+                optimizer: Some(&core.optimizer),
+                state,
+                manifest: &run.manifest,
+                lora: lora.as_ref(),
+            },
+            save_total_limit,
+        )
+    }
+}
+
+/// The files a checkpoint carries beside the weights: the model's
+/// config.json (a reward model's with its head) and the tokenizer's.
+pub struct ModelFiles<'a> {
+    pub config: &'a serde_json::Value,
+    pub tokenizer_files: &'a [PathBuf],
 }

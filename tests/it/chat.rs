@@ -408,8 +408,8 @@ fn render_cli_writes_one_line_per_row_with_ids() {
 
 #[test]
 fn a_reward_model_with_a_template_rerenders_conversational_prompts() {
+    use candle_rlhf::rewards::RewardModelReward;
     use candle_rlhf::rewards::{Completion, Reward};
-    use candle_rlhf::trainers::ppo::RewardModelReward;
     let root = crate::models::fixtures_root();
     let policy = crate::models::model_dir("tiny-chat");
     let rm = RewardModelReward::load(

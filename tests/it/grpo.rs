@@ -8,7 +8,7 @@ use candle_rlhf::app::fixtures;
 use candle_rlhf::config::Config;
 use candle_rlhf::rewards::RewardFuncs;
 use candle_rlhf::signal::StopSignal;
-use candle_rlhf::trainers::online::grpo::{train, train_with_rewards, Algo, OnlineRun};
+use candle_rlhf::trainers::online::{train, train_with_rewards, Algo, OnlineRun, Trainer};
 
 use crate::models::{fixtures_root, model_dir};
 use crate::ppo::low_half;
@@ -46,7 +46,15 @@ fn run(
     resume: bool,
 ) -> candle_rlhf::Result<OnlineRun> {
     let rewards = RewardFuncs::single("low_half", &low_half);
-    train_with_rewards(&config(algo, dir, extra), algo, dir, resume, stop, &rewards)
+    train_with_rewards(
+        &config(algo, dir, extra),
+        algo,
+        dir,
+        resume,
+        stop,
+        &rewards,
+        None,
+    )
 }
 
 #[test]
@@ -168,7 +176,7 @@ command = ['sh', '-c', '{script}', '{arg}']
         &funcs(echo, "x"),
         config(Algo::Rloo, &dir, &["train.max_steps=2"]),
     );
-    let out = train(&cfg, Algo::Rloo, &dir, false, &StopSignal::new()).unwrap();
+    let out = train(&cfg, Trainer::Rloo, &dir, false, &StopSignal::new()).unwrap();
     let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
     assert!(
         metrics.contains("\"rewards/has_e/mean\"") && metrics.contains("\"rewards/judge/mean\"")
@@ -194,7 +202,7 @@ command = ['sh', '-c', '{script}', '{arg}']
         &["train.max_steps=4", "train.save_steps=2"],
     );
     let cfg = with(&funcs(&failing, &counter.to_string_lossy()), base);
-    let err = train(&cfg, Algo::Rloo, &dir, false, &StopSignal::new())
+    let err = train(&cfg, Trainer::Rloo, &dir, false, &StopSignal::new())
         .unwrap_err()
         .to_string();
     assert!(
@@ -219,7 +227,7 @@ command = ['sh', '-c', '{script}', '{arg}']
     // GRPO without reward functions: refused, naming the key.
     let e = train(
         &config(Algo::Grpo, &tmp.path().join("none"), &[]),
-        Algo::Grpo,
+        Trainer::Grpo,
         &tmp.path().join("none"),
         false,
         &StopSignal::new(),

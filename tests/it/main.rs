@@ -20,7 +20,22 @@ mod tokenizer;
 mod toy;
 mod training;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// PPO (or REINFORCE++, as the config's advantage_estimator says) against
+/// one reward: the online engine with `[ppo]`.
+pub fn train_with_reward(
+    cfg: &candle_rlhf::config::Config,
+    dir: &Path,
+    resume: bool,
+    stop: &candle_rlhf::signal::StopSignal,
+    reward: &dyn candle_rlhf::rewards::Reward,
+    reward_dir: Option<&Path>,
+) -> candle_rlhf::Result<candle_rlhf::trainers::online::OnlineRun> {
+    use candle_rlhf::trainers::online::{self, Trainer};
+    let algo = Trainer::Ppo.algo(cfg);
+    online::train_with_reward(cfg, algo, dir, resume, stop, reward, reward_dir)
+}
 
 /// The binary under test: `CANDLE_RLHF_BIN` when the tests run away from
 /// their build (scripts/gpu_run.sh on a machine without Rust), else cargo's.

@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::train_with_reward;
 use candle_rlhf::app::fixtures;
 use candle_rlhf::config::Config;
+use candle_rlhf::rewards::Completion;
 use candle_rlhf::signal::StopSignal;
-use candle_rlhf::trainers::ppo::{train_with_reward, Completion, PpoRun};
+use candle_rlhf::trainers::online::OnlineRun;
 use candle_rlhf::Result;
 
 use crate::models::{fixtures_root, model_dir};
@@ -59,7 +61,7 @@ pub fn ppo_config(run: &Path, extra: &[&str]) -> Config {
     Config::load(None, &sets).unwrap()
 }
 
-fn run(dir: &Path, extra: &[&str]) -> PpoRun {
+fn run(dir: &Path, extra: &[&str]) -> OnlineRun {
     train_with_reward(
         &ppo_config(dir, extra),
         dir,
@@ -83,18 +85,18 @@ fn ppo_raises_a_learnable_reward_and_a_huge_kl_coef_holds_it_back() {
     let (hb, ha) = (held.eval_before.unwrap(), held.eval_after.unwrap());
     eprintln!(
         "kl_coef 0.05: reward {:.3} -> {:.3}, KL {:.3}; kl_coef 50: reward {:.3} -> {:.3}, KL {:.3}; {:.3} s/update ({} over {} updates)",
-        b.mean_score, a.mean_score, a.kl, hb.mean_score, ha.mean_score, ha.kl,
-        free.seconds_per_update, free.total_times(), free.updates
+        b.reward(), a.reward(), a.kl(), hb.reward(), ha.reward(), ha.kl(),
+        free.seconds_per_iteration, free.total_times(), free.iterations
     );
-    assert_eq!(free.updates, 40);
+    assert_eq!(free.iterations, 40);
     // Measured: 0.562 -> 0.688 (KL 2.1) free, 0.562 -> 0.488 (KL 0.48) held.
-    assert!(a.mean_score > b.mean_score + 0.08, "{b} -> {a}");
-    assert!(a.kl.is_finite() && a.kl < 10.0, "KL bounded: {a}");
+    assert!(a.reward() > b.reward() + 0.08, "{b} -> {a}");
+    assert!(a.kl().is_finite() && a.kl() < 10.0, "KL bounded: {a}");
     assert!(
-        ha.mean_score - hb.mean_score < (a.mean_score - b.mean_score) / 3.0,
+        ha.reward() - hb.reward() < (a.reward() - b.reward()) / 3.0,
         "a huge kl_coef barely moves the reward: {hb} -> {ha}"
     );
-    assert!(ha.kl < a.kl / 2.0, "and keeps KL small: {ha} vs {a}");
+    assert!(ha.kl() < a.kl() / 2.0, "and keeps KL small: {ha} vs {a}");
     // Metrics carry TRL's names; samples and eval completions are written.
     let metrics = std::fs::read_to_string(free.run_dir.join("metrics.jsonl")).unwrap();
     for name in [
@@ -117,7 +119,7 @@ fn ppo_raises_a_learnable_reward_and_a_huge_kl_coef_holds_it_back() {
         "time/forward",
         "time/score",
         "time/update",
-        "eval/scores",
+        "eval/reward",
     ] {
         assert!(metrics.contains(&format!("\"{name}\"")), "{name} missing");
     }
@@ -164,7 +166,7 @@ fn an_interrupted_ppo_run_resumes_to_the_same_weights() {
         None,
     )
     .unwrap();
-    assert_eq!(resumed.updates, 4);
+    assert_eq!(resumed.iterations, 4);
     for file in ["model.safetensors", "value_head.safetensors"] {
         let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
         assert_eq!(
@@ -219,7 +221,7 @@ fn ppo_cli_trains_with_a_reward_model_and_saves_a_loadable_policy() {
         "{}{stdout}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(stdout.contains("updates: 2"), "{stdout}");
+    assert!(stdout.contains("iterations: 2 "), "{stdout}");
     // The policy checkpoint is a Hugging Face directory that loads back; the
     // reward model shares the policy's tokenizer, so the critic started from
     // it (the N+ default) and is saved beside the policy.
@@ -271,9 +273,11 @@ fn reinforce_pp_estimators_learn_without_a_critic() {
         let (b, a) = (out.eval_before.unwrap(), out.eval_after.unwrap());
         eprintln!(
             "{name}: reward {:.3} -> {:.3}, KL {:.3}",
-            b.mean_score, a.mean_score, a.kl
+            b.reward(),
+            a.reward(),
+            a.kl()
         );
-        assert!(a.mean_score > b.mean_score + 0.08, "{name}: {b} -> {a}");
+        assert!(a.reward() > b.reward() + 0.08, "{name}: {b} -> {a}");
         // No critic was built: the checkpoint holds the policy alone.
         assert!(out.checkpoint.join("model.safetensors").is_file());
         for f in ["value_head.safetensors", "critic.safetensors"] {
@@ -324,7 +328,7 @@ fn ppo_with_lora_trains_policy_and_critic_adapters_and_resumes_bit_identically()
     let resumed = go(&dir, &StopSignal::new(), true).unwrap();
     let straight_dir = tmp.path().join("straight");
     let straight = go(&straight_dir, &StopSignal::new(), false).unwrap();
-    assert_eq!(resumed.updates, 4);
+    assert_eq!(resumed.iterations, 4);
     assert!(!straight.checkpoint.join("model.safetensors").exists());
     for file in ["adapter_model.safetensors", "critic.safetensors"] {
         let read = |d: &Path| std::fs::read(d.join(file)).unwrap();

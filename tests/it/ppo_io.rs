@@ -6,14 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::train_with_reward;
 use candle_core::{DType, Tensor};
 use candle_rlhf::app::fixtures;
 use candle_rlhf::chat::TemplateSource;
 use candle_rlhf::data::prompts::load_prompts;
 use candle_rlhf::hub::HubSettings;
+use candle_rlhf::rewards::{Completion, RewardModelReward};
 use candle_rlhf::signal::StopSignal;
 use candle_rlhf::tokenizer::Tokenizer;
-use candle_rlhf::trainers::ppo::{train_with_reward, Completion, RewardModelReward};
 use candle_rlhf::Result;
 
 use crate::hub::{hub_cache, offline};
@@ -191,7 +192,7 @@ fn score_with(reward: &RewardModelReward, pairs: &[(String, String)], tok: &Toke
             columns: None,
         })
         .collect();
-    use candle_rlhf::trainers::ppo::Reward;
+    use candle_rlhf::rewards::Reward;
     reward.score(&batch).unwrap()
 }
 
@@ -413,7 +414,7 @@ fn eval_reproduces_ppos_own_final_evaluation_and_writes_completions() {
     let eval_out = ok(&mut c);
     let first = eval_out.lines().next().unwrap();
     assert_eq!(first, after, "eval CLI vs ppo's final evaluation");
-    assert!(first.starts_with("12 prompts: mean reward"), "{first}");
+    assert!(first.starts_with("12 prompts x 1: mean reward"), "{first}");
     let lines = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 12);
     let rows: Vec<serde_json::Value> = lines
@@ -424,10 +425,10 @@ fn eval_reproduces_ppos_own_final_evaluation_and_writes_completions() {
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let mean = rows
         .iter()
-        .map(|r| r["score"].as_f64().unwrap())
+        .map(|r| r["reward"].as_f64().unwrap())
         .sum::<f64>()
         / 12.0;
-    assert!((summary["eval/scores"].as_f64().unwrap() - mean).abs() < 1e-5);
+    assert!((summary["eval/reward"].as_f64().unwrap() - mean).abs() < 1e-5);
 
     // The base model against itself (not a PPO checkpoint): KL exactly 0.
     let mut c = bin();
@@ -488,7 +489,7 @@ fn a_killed_ppo_run_resumes_to_the_same_weights_as_one_never_stopped() {
     let mut resume = ppo_cmd(&killed, &sets);
     resume.arg("--resume").arg(&killed);
     let resumed = ok(&mut resume);
-    assert!(resumed.contains("updates: 12"), "{resumed}");
+    assert!(resumed.contains("iterations: 12 "), "{resumed}");
     let straight = tmp.path().join("straight");
     ok(&mut ppo_cmd(&straight, &sets));
     for file in ["model.safetensors", "critic.safetensors"] {

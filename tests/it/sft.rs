@@ -222,7 +222,7 @@ fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_beat_sft_on_the_gold_reward(
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                candle_rlhf::app::task::gold_reward(v["response"].as_str().unwrap())
+                candle_rlhf::app::task::gold_reward(v["completion"].as_str().unwrap())
             })
             .collect();
         g.iter().sum::<f64>() / g.len() as f64

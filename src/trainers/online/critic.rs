@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
-use super::rollout::Batch;
+use super::batch::Batch;
 use crate::checkpoint;
 use crate::config::{LoraConfig, PpoConfig, ValueModel};
 use crate::models::lora::LoraWeights;

@@ -1,54 +1,43 @@
-//! Evaluation reports of the online trainers and how a run records them:
-//! the figures in metrics.jsonl, the completions in eval-<step>.jsonl.
+//! The one evaluator of the online engine, for every algorithm and for the
+//! `eval` subcommand: each held-out prompt answered `eval_group` times
+//! (TRL's `num_generations_eval`; PPO's `n_samples_per_prompt`), scored by
+//! every reward function, with TRL GRPOTrainer's names under `eval/`; and
+//! how a run records it (metrics.jsonl, eval-<step>.jsonl).
 
-use serde_json::Value;
+use std::path::Path;
 
+use candle_core::DType;
+use serde_json::{json, Value};
+
+use super::algo::{Algo, Settings};
+use super::rollout::{self, Needs, Rollout, Scored};
+use super::stats::{mean, std};
+use super::Models;
+use crate::checkpoint::{self, Manifest};
+use crate::config::{Config, KlEstimator};
+use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
+use crate::hub::HubSettings;
+use crate::models::{load_dir_frozen, resolve_model, CausalLm};
+use crate::rewards::RewardFuncs;
 use crate::run::RunDir;
-use crate::{io, Result};
+use crate::tokenizer::Tokenizer;
+use crate::{io, Error, HostRng, Result};
 
-/// What `eval` and the periodic evaluation report.
+/// One evaluation: its figures (TRL's names under `eval/`) and completions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalReport {
+    /// Held-out prompts, each answered `group` times.
     pub prompts: usize,
-    pub mean_score: f64,
-    /// Mean over prompts of the summed per-token k1 KL to the reference.
-    pub kl: f64,
-    pub mean_length: f64,
-    pub eos_rate: f64,
-    /// {prompt, response, score} per prompt.
+    pub group: usize,
+    /// `eval/reward`, `eval/reward_std`, `eval/rewards/<name>/mean`,
+    /// `eval/completions/mean_length`, `eval/completions/clipped_ratio`,
+    /// and `eval/kl` when there is a reference.
+    pub figures: Vec<(String, f64)>,
+    /// {prompt, completion, reward} per completion.
     pub completions: Vec<Value>,
 }
 
 impl EvalReport {
-    pub fn figures(&self) -> Vec<(String, f64)> {
-        vec![
-            ("eval/scores".into(), self.mean_score),
-            ("eval/kl".into(), self.kl),
-            ("eval/mean_response_length".into(), self.mean_length),
-            ("eval/eos_rate".into(), self.eos_rate),
-        ]
-    }
-}
-
-impl std::fmt::Display for EvalReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} prompts: mean reward {:.4}, KL to reference {:.4}, mean length {:.1}, EOS rate {:.3}",
-            self.prompts, self.mean_score, self.kl, self.mean_length, self.eos_rate
-        )
-    }
-}
-
-/// One evaluation: TRL's metric names under `eval/`, and the completions.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalFigures {
-    pub figures: Vec<(String, f64)>,
-    /// {prompt, completion, reward} per prompt.
-    pub completions: Vec<Value>,
-}
-
-impl EvalFigures {
     /// The value of `eval/<name>`.
     pub fn get(&self, name: &str) -> Option<f64> {
         let key = format!("eval/{name}");
@@ -57,18 +46,217 @@ impl EvalFigures {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| *v)
     }
+
+    /// The mean reward (`eval/reward`).
+    pub fn reward(&self) -> f64 {
+        self.get("reward").unwrap_or(f64::NAN)
+    }
+
+    /// The mean over completions of the summed per-token k1 KL to the
+    /// reference (`eval/kl`); NaN without a reference.
+    pub fn kl(&self) -> f64 {
+        self.get("kl").unwrap_or(f64::NAN)
+    }
+
+    /// The mean completion length in tokens.
+    pub fn mean_length(&self) -> f64 {
+        self.get("completions/mean_length").unwrap_or(f64::NAN)
+    }
+
+    /// The share of completions that ended with a stop token.
+    pub fn eos_rate(&self) -> f64 {
+        1.0 - self.get("completions/clipped_ratio").unwrap_or(f64::NAN)
+    }
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} prompts x {}: mean reward {:.4}, KL to reference {:.4}, mean length {:.1}, EOS rate {:.3}",
+            self.prompts,
+            self.group,
+            self.reward(),
+            self.kl(),
+            self.mean_length(),
+            self.eos_rate()
+        )
+    }
+}
+
+/// Samples `s.eval_group` completions of each prompt (seeded: the same
+/// draws every call, apart from the training's streams), scores them with
+/// every reward function and measures the KL to the reference when there
+/// is one.
+pub(crate) fn evaluate(
+    m: &Models,
+    s: &Settings,
+    prompts: &[PromptRow],
+    seed: u64,
+) -> Result<EvalReport> {
+    let mut rng = HostRng::stream(seed, "eval");
+    let rows: Vec<&PromptRow> = prompts
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(r, s.eval_group))
+        .collect();
+    let ro = Rollout::sample(
+        rows,
+        m.sampler,
+        m.tok,
+        m.device,
+        &s.sampling,
+        s.eval_sample_chunk,
+        s.fixed_width,
+        &mut rng,
+    )?;
+    let stop = &s.sampling.stop_token_ids;
+    let Scored { total, each, texts } = rollout::score(&ro, m.rewards, m.tok, stop, None)?;
+    let total64: Vec<f64> = total.iter().map(|&x| x as f64).collect();
+    let lengths = ro.lengths();
+    let clipped = ro.stopped(stop).iter().filter(|&&c| !c).count();
+    // reward_std: the mean of the groups' stds, as TRL's GRPOTrainer logs
+    // it; the batch's with one completion per prompt.
+    let reward_std = match s.eval_group {
+        1 => std(&total64),
+        g => mean(&total64.chunks(g).map(std).collect::<Vec<_>>()),
+    };
+    let mut figures: Vec<(String, f64)> = vec![
+        ("eval/reward".into(), mean(&total64)),
+        ("eval/reward_std".into(), reward_std),
+        ("eval/completions/mean_length".into(), mean(&lengths)),
+        (
+            "eval/completions/clipped_ratio".into(),
+            clipped as f64 / lengths.len().max(1) as f64,
+        ),
+    ];
+    for (name, scores) in m.rewards.names().into_iter().zip(&each) {
+        let x: Vec<f64> = scores.iter().map(|&v| v as f64).collect();
+        figures.push((format!("eval/rewards/{name}/mean"), mean(&x)));
+    }
+    if let Some(reference) = m.reference {
+        let needs = Needs {
+            old: true,
+            reference: true,
+            values: false,
+        };
+        let pad = m.tok.pad_id;
+        let f = rollout::forward(
+            &ro,
+            needs,
+            m.sampler,
+            Some(reference),
+            None,
+            s.temperature,
+            s.forward_chunk,
+            pad,
+            m.device,
+        )?;
+        let (Some(lp), Some(rlp)) = (f.old, f.reference) else {
+            return Err(Error::Msg("evaluation: no log-probs".into()));
+        };
+        let kl = (crate::rl::kl_per_token(&lp, &rlp, KlEstimator::K1)? * ro.mask(m.device)?)?;
+        let kl = kl.sum(1)?.to_dtype(DType::F64)?.mean_all()?;
+        figures.push(("eval/kl".into(), kl.to_scalar::<f64>()?));
+    }
+    Ok(EvalReport {
+        prompts: prompts.len(),
+        group: s.eval_group,
+        figures,
+        completions: texts
+            .into_iter()
+            .zip(&total)
+            .map(|((prompt, completion), r)| json!({"prompt": prompt, "completion": completion, "reward": r}))
+            .collect(),
+    })
+}
+
+/// The algorithm and reference a candle-rlhf online checkpoint was trained
+/// with: its manifest's command, and that section's `ref_model`, else its
+/// initial policy. None for any other directory.
+pub fn trained_with(policy_dir: &Path) -> Option<(Algo, Option<String>)> {
+    let path = policy_dir.join(checkpoint::MANIFEST_FILE);
+    let manifest: Manifest = io::read_json(&path).ok()?;
+    let algo = Algo::of(&manifest.config, &manifest.command).ok()?;
+    let c = &manifest.config;
+    let reference = Settings::ref_model_of(c, algo)
+        .map(str::to_string)
+        .or_else(|| c.model.resolved_name().ok());
+    Some((algo, reference))
+}
+
+/// `candle-rlhf eval`: evaluates `policy` on held-out prompts as the
+/// trainers do. The algorithm's section of `cfg` gives the sampling,
+/// prompt length and group (`algo`; unset: the one the checkpoint was
+/// trained with, else PPO); the KL is to `reference` (unset: the one the
+/// checkpoint was trained against; else the policy itself, 0).
+pub fn evaluate_policy(
+    cfg: &Config,
+    algo: Option<Algo>,
+    policy: &str,
+    reference: Option<&str>,
+    rewards: &RewardFuncs,
+    prompts: &str,
+    split: &str,
+) -> Result<(EvalReport, PromptReport)> {
+    let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
+    let dtype = cfg.run.dtype.dtype();
+    let hub = HubSettings::from_env();
+    // The checkpoint itself (its manifest names the algorithm and the
+    // reference), then the model it stands for (a LoRA checkpoint: its base
+    // with the adapter merged).
+    let checkpoint_dir = crate::hub::resolve_model(policy, &hub)?;
+    let trained = trained_with(&checkpoint_dir);
+    let algo = match (algo, &trained) {
+        (Some(a), _) => a,
+        (None, Some((a, _))) => *a,
+        (None, None) => Algo::of(cfg, "ppo")?,
+    };
+    let policy_dir = resolve_model(policy, &hub)?;
+    let tok = Tokenizer::from_dir(&policy_dir)?;
+    let s = Settings::of(cfg, algo, &tok);
+    let (arch, vb, _) = load_dir_frozen(&policy_dir, dtype, &device)?;
+    let sampler = CausalLm::load(vb, &arch, true)?;
+    let ref_dir = match reference
+        .map(str::to_string)
+        .or_else(|| trained.and_then(|(_, r)| r))
+    {
+        Some(r) => resolve_model(&r, &hub)?,
+        None => {
+            tracing::warn!("no reference given and {} is not a candle-rlhf online checkpoint: KL is measured to the policy itself (0)", policy_dir.display());
+            policy_dir.clone()
+        }
+    };
+    let ref_dtype = s.ref_dtype.unwrap_or(dtype);
+    let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
+    let reference = CausalLm::load(ref_vb, &ref_arch, true)?;
+    let template =
+        crate::chat::TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
+    let (rows, report) = load_prompt_rows(
+        prompts,
+        split,
+        &tok,
+        &template,
+        s.max_prompt_length,
+        s.truncate_prompts,
+        &hub,
+    )?;
+    let m = Models {
+        sampler: &sampler,
+        reference: Some(&reference),
+        critic: None,
+        tok: &tok,
+        rewards,
+        device: &device,
+    };
+    let e = evaluate(&m, &s, &rows, cfg.run.seed)?;
+    Ok((e, report))
 }
 
 /// Logs an evaluation's figures at `step` and writes its completions to
 /// RUN_DIR/eval-<step>.jsonl.
-pub(crate) fn log_eval(
-    run: &mut RunDir,
-    step: u64,
-    figures: &[(String, f64)],
-    completions: &[Value],
-) -> Result<()> {
-    run.metrics.log(step, figures)?;
-    let text: String = completions.iter().map(|c| format!("{c}\n")).collect();
+pub(crate) fn log_eval(run: &mut RunDir, step: u64, e: &EvalReport) -> Result<()> {
+    run.metrics.log(step, &e.figures)?;
+    let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
     io::atomic_write(
         &run.path.join(format!("eval-{step}.jsonl")),
         text.as_bytes(),
@@ -89,7 +277,7 @@ pub(crate) fn evaluate_if_due<E>(
         return Ok(None);
     }
     evaluate().map_err(|e| {
-        crate::Error::Msg(format!(
+        Error::Msg(format!(
             "evaluating after {unit} {step}: {e} (the checkpoint of this {unit}, when due, is written)"
         ))
     })

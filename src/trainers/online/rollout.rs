@@ -1,116 +1,18 @@
-//! What every online trainer does with its policy before a loss: prompts
-//! and responses made into one padded batch, the policy's log-probs on it,
-//! sampled responses, and their scores from the reward functions.
+//! Steps 1-3 of the online engine, the same for every algorithm: sample
+//! completions (each carrying its prompt row, never looked up by its token
+//! ids), the log-probs and values of one padded batch, and the scores of
+//! the reward functions.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::data::batch::position_ids;
+pub(crate) use super::batch::{policy_outputs, Batch};
+use super::critic::Critic;
 use crate::data::prompts::PromptRow;
 use crate::generate::{generate, Sampling};
-use crate::models::{attention_bias, CausalLm};
+use crate::models::CausalLm;
 use crate::rewards::{Completion, RewardFuncs};
 use crate::tokenizer::Tokenizer;
 use crate::{HostRng, Result};
-
-/// Queries and responses as one batch: each row is the left-padded query
-/// (width q) followed by its response, right-padded to r tokens.
-#[derive(Clone)]
-pub(crate) struct Batch {
-    pub ids: Tensor,
-    pub mask: Vec<Vec<u8>>,
-    pub positions: Tensor,
-    pub bias: Tensor,
-    /// (B, r) u32: the response tokens (pad after the end).
-    pub responses: Tensor,
-    /// (B, r) f32: 1 on real response tokens.
-    pub response_mask: Tensor,
-    pub q: usize,
-    pub r: usize,
-}
-
-impl Batch {
-    pub fn new(
-        queries: &[&[u32]],
-        responses: &[&[u32]],
-        r: usize,
-        pad: u32,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let b = queries.len();
-        let q = queries.iter().map(|x| x.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(b * (q + r));
-        let mut mask = Vec::with_capacity(b);
-        let mut resp = Vec::with_capacity(b * r);
-        let mut resp_mask = Vec::with_capacity(b * r);
-        for (query, response) in queries.iter().zip(responses) {
-            let (lp, rp) = (q - query.len(), r - response.len());
-            ids.extend(std::iter::repeat_n(pad, lp));
-            ids.extend_from_slice(query);
-            ids.extend_from_slice(response);
-            ids.extend(std::iter::repeat_n(pad, rp));
-            let mut m = vec![0u8; lp];
-            m.extend(std::iter::repeat_n(1u8, query.len() + response.len()));
-            m.extend(std::iter::repeat_n(0u8, rp));
-            mask.push(m);
-            resp.extend_from_slice(response);
-            resp.extend(std::iter::repeat_n(pad, rp));
-            resp_mask.extend(std::iter::repeat_n(1f32, response.len()));
-            resp_mask.extend(std::iter::repeat_n(0f32, rp));
-        }
-        let positions: Vec<u32> = position_ids(&mask).concat();
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (b, q + r), device)?,
-            positions: Tensor::from_vec(positions, (b, q + r), device)?,
-            bias: attention_bias(&mask, q + r, dtype, device)?,
-            mask,
-            responses: Tensor::from_vec(resp, (b, r), device)?,
-            response_mask: Tensor::from_vec(resp_mask, (b, r), device)?,
-            q,
-            r,
-        })
-    }
-}
-
-/// Per response token: log-probs of the sampled tokens and entropies, with
-/// logits divided by (temperature + 1e-7) as TRL does, and the hidden
-/// states that predicted them (B, r, E). Position ids come from the mask.
-pub(crate) fn policy_outputs(
-    lm: &CausalLm,
-    b: &Batch,
-    temperature: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let hidden = lm.forward(&b.ids, &b.positions, &b.bias, None)?;
-    let h = hidden.narrow(1, b.q - 1, b.r)?;
-    let logits = lm.lm_logits(&h)?.to_dtype(DType::F32)?;
-    let (logprobs, entropy) =
-        crate::rl::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
-    Ok((logprobs, entropy, h))
-}
-
-/// The prompt rows by their token ids: what a reward model with a chat
-/// template of its own re-renders (the messages), and what a verifier
-/// compares with (the other columns).
-#[derive(Default)]
-pub(crate) struct PromptInfo(std::collections::HashMap<Vec<u32>, PromptRow>);
-
-impl PromptInfo {
-    pub fn of(rows: &[PromptRow]) -> Self {
-        let mut m = Self::default();
-        m.extend(rows);
-        m
-    }
-
-    pub fn extend(&mut self, rows: &[PromptRow]) {
-        for row in rows {
-            self.0.insert(row.ids.clone(), row.clone());
-        }
-    }
-
-    pub fn get(&self, ids: &[u32]) -> Option<&PromptRow> {
-        self.0.get(ids)
-    }
-}
 
 /// Samples one response per query, `chunk` queries at a time, with the KV
 /// cache and no autograd graph; each is cut after its stop token.
@@ -189,4 +91,181 @@ pub(crate) struct Scored {
 /// Whether a response ended with a stop token.
 pub(crate) fn stopped(response: &[u32], stop: &[u32]) -> bool {
     response.last().is_some_and(|l| stop.contains(l))
+}
+
+/// One batch of sampled completions: each with the prompt row it answers.
+pub(crate) struct Rollout<'p> {
+    /// The prompt row of each completion (its messages and other columns
+    /// go to the reward functions).
+    pub rows: Vec<&'p PromptRow>,
+    pub queries: Vec<Vec<u32>>,
+    /// Sampled tokens, each cut after its stop token.
+    pub responses: Vec<Vec<u32>>,
+    /// The padded width of the completions in every later batch: the
+    /// sampling budget (PPO) or the longest completion (GRPO, RLOO).
+    pub width: usize,
+}
+
+impl<'p> Rollout<'p> {
+    /// Samples one completion per row (`rows` repeats a prompt for a group).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        rows: Vec<&'p PromptRow>,
+        sampler: &CausalLm,
+        tok: &Tokenizer,
+        device: &Device,
+        sampling: &Sampling,
+        chunk: usize,
+        fixed_width: bool,
+        rng: &mut HostRng,
+    ) -> Result<Self> {
+        let queries: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
+        let responses = sample(sampler, tok, device, &queries, sampling, chunk, rng)?;
+        let width = match fixed_width {
+            true => sampling.max_new_tokens,
+            false => responses.iter().map(Vec::len).max().unwrap_or(0).max(1),
+        };
+        Ok(Self {
+            rows,
+            queries,
+            responses,
+            width,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.responses.len()
+    }
+
+    /// Rows `rows` as one padded batch (prompts left-padded, completions
+    /// right-padded to `width`).
+    pub fn batch(&self, rows: &[usize], pad: u32, dtype: DType, device: &Device) -> Result<Batch> {
+        let qs: Vec<&[u32]> = rows.iter().map(|&i| self.queries[i].as_slice()).collect();
+        let rs: Vec<&[u32]> = rows.iter().map(|&i| self.responses[i].as_slice()).collect();
+        Batch::new(&qs, &rs, self.width, pad, dtype, device)
+    }
+
+    /// (B, width) 1 on the real completion tokens.
+    pub fn mask(&self, device: &Device) -> Result<Tensor> {
+        let w = self.width;
+        let flat: Vec<f32> = self
+            .responses
+            .iter()
+            .flat_map(|r| (0..w).map(move |i| (i < r.len()) as u8 as f32))
+            .collect();
+        Ok(Tensor::from_vec(flat, (self.len(), w), device)?)
+    }
+
+    /// Whether each completion ended with a stop token.
+    pub fn stopped(&self, stop: &[u32]) -> Vec<bool> {
+        self.responses.iter().map(|r| stopped(r, stop)).collect()
+    }
+
+    /// Completion lengths in tokens.
+    pub fn lengths(&self) -> Vec<f64> {
+        self.responses.iter().map(|r| r.len() as f64).collect()
+    }
+}
+
+/// Which forwards step 2 runs over a rollout.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Needs {
+    /// Log-probs under the policy as it sampled (the old policy).
+    pub old: bool,
+    /// Log-probs under the reference.
+    pub reference: bool,
+    /// The critic's values.
+    pub values: bool,
+}
+
+/// Step 2's outputs, each (B, width) f32.
+pub(crate) struct Forward {
+    pub old: Option<Tensor>,
+    pub reference: Option<Tensor>,
+    pub values: Option<Tensor>,
+}
+
+/// Step 2: the log-probs of the sampled tokens under the sampler (the
+/// policy as it sampled) and the reference, and the critic's values,
+/// `chunk` rows at a time; no graph is recorded.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    ro: &Rollout,
+    needs: Needs,
+    sampler: &CausalLm,
+    reference: Option<&CausalLm>,
+    critic: Option<&Critic>,
+    temperature: f64,
+    chunk: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<Forward> {
+    let (mut old, mut refs, mut vals) = (vec![], vec![], vec![]);
+    let all: Vec<usize> = (0..ro.len()).collect();
+    for rows in all.chunks(chunk.max(1)) {
+        let b = ro.batch(rows, pad, sampler.dtype(), device)?;
+        // A value head reads the sampler's hidden states.
+        let head = matches!(critic, Some(Critic::Head { .. })) && needs.values;
+        let mut h = None;
+        if needs.old || head {
+            let (logprobs, _, hidden) = policy_outputs(sampler, &b, temperature)?;
+            old.push(logprobs);
+            h = Some(hidden);
+        }
+        if let (true, Some(r)) = (needs.reference, reference) {
+            // The reference reads the same batch; only its attention bias
+            // follows the dtype when the reference runs in a lower one.
+            let logprobs = if r.dtype() == b.bias.dtype() {
+                policy_outputs(r, &b, temperature)?.0
+            } else {
+                let b = Batch {
+                    bias: b.bias.to_dtype(r.dtype())?,
+                    ..b.clone()
+                };
+                policy_outputs(r, &b, temperature)?.0
+            };
+            refs.push(logprobs);
+        }
+        if let (true, Some(c)) = (needs.values, critic) {
+            vals.push(c.values(&b, h.as_ref(), false)?);
+        }
+    }
+    let cat = |v: Vec<Tensor>| -> Result<Option<Tensor>> {
+        Ok(match v.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&v, 0)?),
+        })
+    };
+    Ok(Forward {
+        old: match needs.old {
+            true => cat(old)?,
+            false => None,
+        },
+        reference: cat(refs)?,
+        values: cat(vals)?,
+    })
+}
+
+/// Step 3: every reward function's scores of a rollout, their weighted sum
+/// (less `missing_eos_penalty` for a completion without a stop token), and
+/// the texts.
+pub(crate) fn score(
+    ro: &Rollout,
+    rewards: &RewardFuncs,
+    tok: &Tokenizer,
+    stop: &[u32],
+    missing_eos_penalty: Option<f64>,
+) -> Result<Scored> {
+    let texts = decode(tok, &ro.queries, &ro.responses, stop)?;
+    let rows: Vec<Option<&PromptRow>> = ro.rows.iter().map(|r| Some(*r)).collect();
+    let each = score_each(rewards, &ro.queries, &ro.responses, &texts, &rows)?;
+    let mut total = rewards.combine(&each);
+    if let Some(pen) = missing_eos_penalty {
+        for (s, r) in total.iter_mut().zip(&ro.responses) {
+            if !stopped(r, stop) {
+                *s -= pen as f32;
+            }
+        }
+    }
+    Ok(Scored { total, each, texts })
 }

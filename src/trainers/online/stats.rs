@@ -1,19 +1,19 @@
-//! What the online trainers measure: phase times, the per-micro-batch
-//! loss diagnostics of PPO and of GRPO/RLOO, and the small statistics their
-//! metrics use.
+//! What the online engine measures: phase times, one accumulator of the
+//! per-micro-batch loss diagnostics keyed by metric name, and the small
+//! statistics the metrics use.
 
-/// Wall-clock seconds of one PPO update's phases (or their sums).
+/// Wall-clock seconds of one iteration's phases (or their sums).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct PhaseTimes {
-    /// Sampling the responses (KV-cached decoding).
+    /// 1. Sampling the completions (KV-cached decoding).
     pub generate_s: f64,
-    /// Policy, reference and value forwards over the rollouts.
+    /// 2. Policy, reference and value forwards over the rollouts.
     pub forward_s: f64,
-    /// The reward: decoding and the reward model's forward.
+    /// 3. The reward functions: decoding and scoring.
     pub score_s: f64,
-    /// num_ppo_epochs of forward, backward and optimizer steps.
+    /// 6. The passes of forward, backward and optimizer steps.
     pub update_s: f64,
-    /// The whole update, including advantages and bookkeeping.
+    /// The whole iteration, including advantages and bookkeeping.
     pub total_s: f64,
 }
 
@@ -37,92 +37,40 @@ impl std::ops::AddAssign for PhaseTimes {
     }
 }
 
-/// Sums of the per-micro-batch diagnostics of one update.
+/// The per-micro-batch diagnostics of one iteration, by metric name, in
+/// the order first seen; each is logged as its mean over the micro-batches
+/// that reported it.
 #[derive(Default)]
-pub(crate) struct UpdateStats {
-    pub(crate) n: usize,
-    pub(crate) approxkl: f64,
-    pub(crate) clipfrac: f64,
-    pub(crate) pg_loss: f64,
-    pub(crate) vf_loss: f64,
-    pub(crate) vf_clipfrac: f64,
-    pub(crate) entropy: f64,
-    pub(crate) ratios: Vec<f64>,
-}
+pub(crate) struct Stats(Vec<(String, Vec<f64>)>);
 
-impl UpdateStats {
-    /// Adds another micro-batch's (or part's) figures.
-    pub(crate) fn absorb(&mut self, other: UpdateStats) {
-        self.n += other.n;
-        self.approxkl += other.approxkl;
-        self.clipfrac += other.clipfrac;
-        self.pg_loss += other.pg_loss;
-        self.vf_loss += other.vf_loss;
-        self.vf_clipfrac += other.vf_clipfrac;
-        self.entropy += other.entropy;
-        self.ratios.extend(other.ratios);
-    }
-
-    pub(crate) fn figures(&self) -> Vec<(String, f64)> {
-        let n = self.n.max(1) as f64;
-        let ratio = self.ratios.iter().sum::<f64>() / n;
-        let ratio_var = if self.ratios.len() > 1 {
-            self.ratios.iter().map(|r| (r - ratio).powi(2)).sum::<f64>()
-                / (self.ratios.len() - 1) as f64
-        } else {
-            0.0
-        };
-        vec![
-            ("policy/approxkl_avg".into(), self.approxkl / n),
-            ("policy/clipfrac_avg".into(), self.clipfrac / n),
-            ("loss/policy_avg".into(), self.pg_loss / n),
-            ("loss/value_avg".into(), self.vf_loss / n),
-            ("val/clipfrac_avg".into(), self.vf_clipfrac / n),
-            ("policy/entropy_avg".into(), self.entropy / n),
-            ("val/ratio".into(), ratio),
-            ("val/ratio_var".into(), ratio_var),
-        ]
-    }
-}
-
-/// Sums of the per-micro-batch loss diagnostics of one iteration.
-#[derive(Default)]
-pub(crate) struct LossStats {
-    pub(crate) n: usize,
-    pub(crate) loss: f64,
-    pub(crate) entropy: f64,
-    pub(crate) kl: f64,
-    pub(crate) has_kl: bool,
-    pub(crate) low: f64,
-    pub(crate) high: f64,
-    pub(crate) region: f64,
-}
-
-impl LossStats {
-    pub(crate) fn absorb(&mut self, o: LossStats) {
-        self.n += o.n;
-        self.loss += o.loss;
-        self.entropy += o.entropy;
-        self.kl += o.kl;
-        self.has_kl |= o.has_kl;
-        self.low += o.low;
-        self.high += o.high;
-        self.region += o.region;
-    }
-
-    pub(crate) fn figures(&self) -> Vec<(String, f64)> {
-        let n = self.n.max(1) as f64;
-        let mut f = vec![
-            ("loss".into(), self.loss / n),
-            ("entropy".into(), self.entropy / n),
-            ("clip_ratio/low_mean".into(), self.low / n),
-            ("clip_ratio/high_mean".into(), self.high / n),
-            ("clip_ratio/region_mean".into(), self.region / n),
-        ];
-        if self.has_kl {
-            f.push(("kl".into(), self.kl / n));
+impl Stats {
+    /// Adds one micro-batch's value of `name`.
+    pub(crate) fn add(&mut self, name: &str, value: f64) {
+        match self.0.iter_mut().find(|(k, _)| k == name) {
+            Some((_, values)) => values.push(value),
+            None => self.0.push((name.to_string(), vec![value])),
         }
-        f
+    }
+
+    /// Adds every value of another accumulator (a part of the same micro-batch).
+    pub(crate) fn absorb(&mut self, other: Stats) {
+        for (k, values) in other.0 {
+            for v in values {
+                self.add(&k, v);
+            }
+        }
+    }
+
+    /// Every value of `name` so far.
+    pub(crate) fn values(&self, name: &str) -> &[f64] {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(&[], |(_, v)| v.as_slice())
+    }
+
+    pub(crate) fn figures(&self) -> Vec<(String, f64)> {
+        self.0.iter().map(|(k, v)| (k.clone(), mean(v))).collect()
     }
 }
 
@@ -137,4 +85,36 @@ pub(crate) fn std(x: &[f64]) -> f64 {
     }
     let m = mean(x);
     (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
+}
+
+/// The unbiased variance of per-micro-batch values (PPO's `val/ratio_var`).
+pub(crate) fn var(x: &[f64]) -> f64 {
+    std(x).powi(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_average_each_name_over_its_own_reports() {
+        let mut s = Stats::default();
+        s.add("loss", 1.0);
+        s.add("kl", 0.5);
+        s.add("loss", 3.0);
+        assert_eq!(
+            s.figures(),
+            vec![("loss".to_string(), 2.0), ("kl".to_string(), 0.5)]
+        );
+        assert_eq!(s.values("loss"), &[1.0, 3.0]);
+        assert!(s.values("absent").is_empty());
+    }
+
+    #[test]
+    fn std_and_var_are_torch_unbiased() {
+        // torch.tensor([1., 2., 4.]).std() = 1.5275252
+        assert!((std(&[1.0, 2.0, 4.0]) - 1.527_525_2).abs() < 1e-6);
+        assert!((var(&[1.0, 2.0, 4.0]) - 7.0 / 3.0).abs() < 1e-12);
+        assert_eq!(std(&[5.0]), 0.0);
+    }
 }
