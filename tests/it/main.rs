@@ -11,6 +11,7 @@ mod layout;
 mod lora;
 mod mixed_precision;
 mod models;
+mod online;
 mod ppo;
 mod ppo_io;
 mod reference;
