@@ -516,8 +516,8 @@ macro_rules! online_section {
                 pub max_prompt_length: usize = 512,
                 /// Cut over-long prompts to their last max_prompt_length tokens instead of dropping them.
                 pub truncate_prompts: bool = false,
-                /// Tokens sampled per completion at most.
-                pub max_completion_length: usize = 256,
+                /// Tokens sampled per completion at most (TRL 1.12's default).
+                pub max_completion_length: usize = 512,
                 /// Sampling temperature (> 0).
                 pub temperature: f64 = 1.0,
                 /// Nucleus sampling threshold in (0, 1].
