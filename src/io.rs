@@ -69,3 +69,15 @@ pub fn sync_dir_files(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Appends one JSON line per value to `path` (created when missing).
+pub fn append_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    use std::io::Write;
+    let text: String = rows.into_iter().map(|r| format!("{r}\n")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_path(path)?;
+    file.write_all(text.as_bytes()).with_path(path)
+}

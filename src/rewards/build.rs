@@ -8,12 +8,43 @@ use candle_core::Device;
 use super::external::{CommandReward, HttpReward};
 use super::rules::{ExactMatch, LengthReward, RegexReward};
 use super::{RewardFunc, RewardFuncs, RewardModelReward};
-use crate::config::{RewardFuncConfig, RewardFuncType};
-use crate::Result;
+use crate::config::{Config, RewardFuncConfig, RewardFuncType};
+use crate::{Error, Result};
 
 /// The directory of the first reward model in a set, if any (PPO's critic
 /// may start from it).
 pub type FirstModel = Option<PathBuf>;
+
+/// The reward functions an online trainer (`command`: ppo, grpo or rloo)
+/// scores with: the config's `[[reward_funcs]]`, or for PPO the reward
+/// model of its `ppo.reward_model` shorthand; an error naming the key when
+/// there are none.
+pub fn of_trainer(cfg: &Config, command: &str) -> Result<Vec<RewardFuncConfig>> {
+    if let (Some(rm), "ppo") = (&cfg.ppo.reward_model, command) {
+        return Ok(vec![RewardFuncConfig {
+            name: "reward_model".into(),
+            kind: RewardFuncType::Model,
+            model: Some(rm.clone()),
+            ..Default::default()
+        }]);
+    }
+    if !cfg.reward_funcs.is_empty() {
+        return Ok(cfg.reward_funcs.clone());
+    }
+    let kinds = "type = model, regex, exact_match, length, command or http";
+    Err(match command {
+        "ppo" => Error::InvalidConfig {
+            field: "ppo.reward_model".into(),
+            value: String::new(),
+            reason: "a reward model directory or hub id, or [[reward_funcs]] tables, are required (library users may pass any Reward)".into(),
+        },
+        _ => Error::InvalidConfig {
+            field: "reward_funcs".into(),
+            value: String::new(),
+            reason: format!("{command} needs at least one [[reward_funcs]] table ({kinds})"),
+        },
+    })
+}
 
 /// Builds the reward functions of `funcs` (each loaded once; reward models
 /// on `device`, compared with the policy in `policy_dir` for id

@@ -15,7 +15,7 @@ pub mod external;
 pub mod model;
 pub mod rules;
 
-pub use build::{from_config, FirstModel};
+pub use build::{from_config, of_trainer, FirstModel};
 pub use model::{same_tokenizer, RewardModelReward};
 
 use serde_json::{Map, Value};

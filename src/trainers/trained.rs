@@ -203,6 +203,40 @@ impl Trained {
             .map(|w| CausalLm::load(w.base_builder(), arch, true))
     }
 
+    /// The frozen reference of an online run: `ref_model` (a directory or
+    /// hub id) in `ref_dtype` (unset: `dtype`), else the initial policy in
+    /// `policy_dir`: under LoRA, the policy with its adapters disabled over
+    /// the same base tensors (no second copy) when the dtypes agree.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reference(
+        &self,
+        arch: &ArchConfig,
+        ref_model: Option<&str>,
+        policy_dir: &Path,
+        ref_dtype: Option<DType>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<CausalLm> {
+        let ref_dtype = ref_dtype.unwrap_or(dtype);
+        if let (None, true) = (ref_model, ref_dtype == dtype) {
+            if let Some(base) = self.base_causal(arch) {
+                return base;
+            }
+        }
+        let dir = match ref_model {
+            Some(r) => crate::models::resolve_model(r, &crate::hub::HubSettings::from_env())?,
+            None => policy_dir.to_path_buf(),
+        };
+        let (ref_arch, vb, _) = crate::models::load_dir_frozen(&dir, ref_dtype, device)?;
+        CausalLm::load(vb, &ref_arch, true).map_err(|e| {
+            let kind = ref_arch.model_type();
+            Error::Msg(format!(
+                "the reference {} ({kind}) is no causal LM: {e}",
+                dir.display()
+            ))
+        })
+    }
+
     /// The tensors a checkpoint saves and, under LoRA, its adapter parts.
     pub fn checkpoint_parts(&self) -> Result<(NamedTensors, Option<LoraParts>)> {
         match self {

@@ -24,8 +24,8 @@ use super::rollout::{policy_outputs, Batch, Forward, Needs, Rollout, Scored};
 use super::stats::{mean, std, var, Stats};
 use super::Models;
 use crate::config::{
-    AdvantageEstimator, Config, DatasetConfig, GrpoLossType, ImportanceSamplingLevel, KlEstimator,
-    ScaleRewards, StopToken, TrainConfig,
+    AdvantageEstimator, Config, GrpoLossType, ImportanceSamplingLevel, KlEstimator, OnlineKeys,
+    ScaleRewards, TrainConfig,
 };
 use crate::generate::Sampling;
 use crate::models::CausalLm;
@@ -141,10 +141,10 @@ impl Algo {
             // more than one optimizer step, or for RLOO's KL in the reward;
             // otherwise the step's own forward, detached, is the same.
             Algo::Grpo | Algo::Rloo => Needs {
-                old: s.passes > 1
-                    || s.steps_per_generation > t.gradient_accumulation_steps
-                    || (self == Algo::Rloo && s.beta > 0.0),
-                reference: s.beta > 0.0,
+                old: s.passes() > 1
+                    || s.steps_per_generation() > t.gradient_accumulation_steps
+                    || (self == Algo::Rloo && s.o.beta > 0.0),
+                reference: s.o.beta > 0.0,
                 values: false,
             },
         }
@@ -155,22 +155,14 @@ impl Algo {
 pub(crate) struct Settings<'a> {
     pub algo: Algo,
     pub cfg: &'a Config,
-    pub data: DatasetConfig<'a>,
-    pub max_prompt_length: usize,
-    pub truncate_prompts: bool,
+    /// The keys GRPO and RLOO share; PPO's under those names (see [`Settings::of`]).
+    pub o: OnlineKeys<'a>,
     /// Sampling of the rollouts and of evaluation; completions keep their stop token.
     pub sampling: Sampling,
-    pub temperature: f64,
-    /// Completions per prompt in a rollout (PPO's n_samples_per_prompt,
-    /// GRPO's and RLOO's num_generations), and in evaluation.
-    pub group: usize,
+    /// Completions per held-out prompt in evaluation.
     pub eval_group: usize,
-    pub ref_model: Option<&'a str>,
     pub ref_dtype: Option<DType>,
-    pub disable_dropout: bool,
-    pub num_sample_generations: usize,
     pub missing_eos_penalty: Option<f64>,
-    pub mask_truncated: bool,
     /// Completions padded to the sampling budget (PPO) or to the longest (GRPO, RLOO).
     pub fixed_width: bool,
     /// Rows per generation chunk, in training and evaluation, and per forward chunk.
@@ -181,144 +173,93 @@ pub(crate) struct Settings<'a> {
     pub batch: usize,
     pub step_rows: usize,
     pub micro: usize,
-    /// Passes over each rollout (PPO's num_ppo_epochs, num_iterations).
-    pub passes: usize,
-    pub steps_per_generation: usize,
-    /// The KL weight: PPO's initial kl_coef, GRPO's and RLOO's beta.
-    pub beta: f64,
-    pub eps_low: f64,
-    pub eps_high: f64,
-    pub loss_type: GrpoLossType,
-    pub scale_rewards: ScaleRewards,
-    pub level: ImportanceSamplingLevel,
-    pub normalize_advantages: bool,
-    pub reward_clip_range: Option<[f64; 2]>,
 }
 
 impl<'a> Settings<'a> {
     pub fn of(cfg: &'a Config, algo: Algo, tok: &Tokenizer) -> Self {
-        let t = &cfg.train;
+        let (t, p) = (&cfg.train, &cfg.ppo);
         let (ga, micro) = (t.gradient_accumulation_steps, t.per_device_train_batch_size);
-        let (g, r) = (&cfg.grpo, &cfg.rloo);
-        let sampling = |max_new_tokens, temperature, top_k, top_p, stop_token_ids| Sampling {
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            stop_token_ids,
-            keep_stop_token: true,
-            draw: Default::default(),
+        let ppo = algo.ppo_family();
+        let o = match algo.trainer() {
+            // PPO's keys under GRPO's names: its group is n_samples_per_prompt,
+            // its budget response_length, its passes num_ppo_epochs, its
+            // clipping cliprange, its KL weight (initial) kl_coef; TRL's
+            // PPOTrainer turns dropout off in every model, lora_dropout too.
+            Trainer::Ppo => OnlineKeys {
+                section: "ppo",
+                data: p.data(),
+                num_generations: p.n_samples_per_prompt,
+                num_generations_eval: None,
+                max_prompt_length: p.max_prompt_length,
+                truncate_prompts: p.truncate_prompts,
+                max_completion_length: p.response_length,
+                temperature: p.temperature,
+                top_p: p.top_p,
+                top_k: p.top_k,
+                beta: p.kl_coef,
+                epsilon: p.cliprange,
+                epsilon_high: None,
+                num_iterations: p.num_ppo_epochs,
+                steps_per_generation: Some(ga * p.num_mini_batches),
+                mask_truncated_completions: false,
+                ref_model: p.ref_model.as_deref(),
+                num_sample_generations: p.num_sample_generations,
+                disable_dropout: true,
+            },
+            Trainer::Grpo => cfg.grpo.online(),
+            Trainer::Rloo => cfg.rloo.online(),
         };
-        match algo.trainer() {
-            Trainer::Ppo => {
-                let p = &cfg.ppo;
-                // stop_token_id wins; "eos" stops on every stop token of the
-                // model (generation_config.json's EOS ids and the tokenizer's).
-                let stop = match (p.stop_token_id, p.stop_token) {
-                    (Some(id), _) => vec![id],
-                    (None, Some(StopToken::Eos)) => tok.stop_ids.clone(),
-                    (None, None) => Vec::new(),
-                };
-                let chunk = p.local_rollout_forward_batch_size;
-                Settings {
-                    algo,
-                    cfg,
-                    data: p.data(),
-                    max_prompt_length: p.max_prompt_length,
-                    truncate_prompts: p.truncate_prompts,
-                    sampling: sampling(p.response_length, p.temperature, p.top_k, p.top_p, stop),
-                    temperature: p.temperature,
-                    group: p.n_samples_per_prompt,
-                    eval_group: p.n_samples_per_prompt,
-                    ref_model: p.ref_model.as_deref(),
-                    ref_dtype: p.ref_dtype.map(|d| d.dtype()),
-                    // TRL's PPOTrainer turns dropout off in every model: lora_dropout too.
-                    disable_dropout: true,
-                    num_sample_generations: p.num_sample_generations,
-                    missing_eos_penalty: p.missing_eos_penalty,
-                    mask_truncated: false,
-                    fixed_width: true,
-                    sample_chunk: chunk,
-                    eval_sample_chunk: chunk,
-                    forward_chunk: chunk,
-                    batch: p.local_batch_size(t),
-                    step_rows: p.local_mini_batch_size(t),
-                    micro,
-                    passes: p.num_ppo_epochs,
-                    steps_per_generation: ga * p.num_mini_batches,
-                    beta: p.kl_coef,
-                    eps_low: p.cliprange,
-                    eps_high: p.cliprange,
-                    loss_type: GrpoLossType::Grpo,
-                    scale_rewards: ScaleRewards::None,
-                    level: ImportanceSamplingLevel::Token,
-                    normalize_advantages: false,
-                    reward_clip_range: None,
-                }
-            }
-            Trainer::Grpo | Trainer::Rloo => {
-                let grpo = algo == Algo::Grpo;
-                // The keys GRPO and RLOO share, from their own section.
-                let o = match grpo {
-                    true => g.online(),
-                    false => r.online(),
-                };
-                let spg = o.steps_per_generation.unwrap_or(ga);
-                Settings {
-                    algo,
-                    cfg,
-                    data: o.data,
-                    max_prompt_length: o.max_prompt_length,
-                    truncate_prompts: o.truncate_prompts,
-                    sampling: sampling(
-                        o.max_completion_length,
-                        o.temperature,
-                        o.top_k,
-                        o.top_p,
-                        // Completions stop on every stop token of the model.
-                        tok.stop_ids.clone(),
-                    ),
-                    temperature: o.temperature,
-                    group: o.num_generations,
-                    eval_group: o.num_generations_eval.unwrap_or(o.num_generations),
-                    ref_model: o.ref_model,
-                    ref_dtype: None,
-                    disable_dropout: o.disable_dropout,
-                    num_sample_generations: o.num_sample_generations,
-                    missing_eos_penalty: None,
-                    mask_truncated: o.mask_truncated_completions,
-                    fixed_width: false,
-                    // One generation batch at a time.
-                    sample_chunk: micro * spg,
-                    eval_sample_chunk: micro.max(16),
-                    forward_chunk: micro,
-                    batch: micro * spg,
-                    step_rows: micro * ga,
-                    micro,
-                    passes: o.num_iterations,
-                    steps_per_generation: spg,
-                    beta: o.beta,
-                    eps_low: o.epsilon,
-                    eps_high: o.epsilon_high.unwrap_or(o.epsilon),
-                    loss_type: if grpo {
-                        g.loss_type
-                    } else {
-                        GrpoLossType::Grpo
-                    },
-                    scale_rewards: if grpo {
-                        g.scale_rewards
-                    } else {
-                        ScaleRewards::None
-                    },
-                    level: match grpo {
-                        true => g.importance_sampling_level,
-                        false => ImportanceSamplingLevel::Sequence,
-                    },
-                    normalize_advantages: !grpo && r.normalize_advantages,
-                    reward_clip_range: if grpo { None } else { r.reward_clip_range },
-                }
-            }
+        // GRPO and RLOO stop on every stop token of the model
+        // (generation_config.json's EOS ids and the tokenizer's); PPO's
+        // stop_token_id wins over stop_token ("eos": the same), unset: none.
+        let stop_token_ids = match (ppo, p.stop_token_id, p.stop_token) {
+            (true, Some(id), _) => vec![id],
+            (true, None, None) => Vec::new(),
+            _ => tok.stop_ids.clone(),
+        };
+        let spg = o.steps_per_generation.unwrap_or(ga);
+        // PPO chunks its rollouts by local_rollout_forward_batch_size; GRPO
+        // and RLOO sample a generation batch at once and forward micro-batches.
+        let chunk = p.local_rollout_forward_batch_size;
+        Settings {
+            algo,
+            cfg,
+            o,
+            sampling: Sampling {
+                max_new_tokens: o.max_completion_length,
+                temperature: o.temperature,
+                top_k: o.top_k,
+                top_p: o.top_p,
+                stop_token_ids,
+                keep_stop_token: true,
+                draw: Default::default(),
+            },
+            eval_group: o.num_generations_eval.unwrap_or(o.num_generations),
+            ref_dtype: p.ref_dtype.filter(|_| ppo).map(|d| d.dtype()),
+            missing_eos_penalty: p.missing_eos_penalty.filter(|_| ppo),
+            fixed_width: ppo,
+            sample_chunk: if ppo { chunk } else { micro * spg },
+            eval_sample_chunk: if ppo { chunk } else { micro.max(16) },
+            forward_chunk: if ppo { chunk } else { micro },
+            batch: micro * spg,
+            step_rows: micro * ga,
+            micro,
         }
+    }
+
+    /// Completions per prompt in a rollout (PPO's n_samples_per_prompt).
+    pub fn group(&self) -> usize {
+        self.o.num_generations
+    }
+
+    /// Passes over each rollout (PPO's num_ppo_epochs, num_iterations).
+    pub fn passes(&self) -> usize {
+        self.o.num_iterations
+    }
+
+    /// Micro-batches per rollout.
+    pub fn steps_per_generation(&self) -> usize {
+        self.batch / self.micro
     }
 
     /// The reference model the algorithm's section names.
@@ -346,7 +287,7 @@ impl<'a> Settings<'a> {
     /// Whether the run loads a reference model: PPO always (its reward's
     /// KL), GRPO and RLOO when beta > 0.
     pub fn needs_reference(&self) -> bool {
-        self.algo.ppo_family() || self.beta > 0.0
+        self.algo.ppo_family() || self.o.beta > 0.0
     }
 
     /// Iterations in the run, and optimizer steps per iteration.
@@ -358,14 +299,14 @@ impl<'a> Settings<'a> {
             let p = &self.cfg.ppo;
             let episodes = p
                 .total_episodes
-                .unwrap_or(prompts as u64 * self.group as u64)
+                .unwrap_or(prompts as u64 * self.group() as u64)
                 .max(1);
             let updates = episodes.div_ceil(self.batch as u64);
             return (updates, (p.num_ppo_epochs * p.num_mini_batches) as u64);
         }
         let per_iteration =
-            (self.steps_per_generation / t.gradient_accumulation_steps * self.passes) as u64;
-        let prompts_per_iteration = (self.batch / self.group) as f64;
+            (self.steps_per_generation() / t.gradient_accumulation_steps * self.passes()) as u64;
+        let prompts_per_iteration = (self.batch / self.group()) as f64;
         let iterations = match t.max_steps {
             Some(m) => m.div_ceil(per_iteration),
             None => (t.num_train_epochs * prompts as f64 / prompts_per_iteration).ceil() as u64,
@@ -440,7 +381,7 @@ fn ppo_targets(
     // (the batch holds n_samples_per_prompt responses per prompt, in a row).
     let scores_t = match s.algo {
         Algo::Reinforce { baseline: true } => {
-            let centred = rl::group_baseline(&to64(scores), s.group)?;
+            let centred = rl::group_baseline(&to64(scores), s.group())?;
             let c32: Vec<f32> = centred.iter().map(|&x| x as f32).collect();
             Tensor::new(c32.as_slice(), device)?
         }
@@ -532,7 +473,7 @@ fn group_targets(
         .collect();
     // mask_truncated_completions: a completion cut without a stop token
     // leaves the loss (its advantage still counts in its group).
-    let mask = match s.mask_truncated {
+    let mask = match s.o.mask_truncated_completions {
         true => {
             let keep: Vec<f32> = truncated.iter().map(|&c| (!c) as u8 as f32).collect();
             full_mask.broadcast_mul(&Tensor::from_vec(keep, (ro.len(), 1), device)?)?
@@ -552,21 +493,22 @@ fn group_targets(
         seq_kl = Some(kl.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
     }
     if s.algo == Algo::Rloo {
-        if let Some([lo, hi]) = s.reward_clip_range {
+        if let Some([lo, hi]) = s.cfg.rloo.reward_clip_range {
             rewards.iter_mut().for_each(|r| *r = r.clamp(lo, hi));
         }
         if let Some(kl) = &seq_kl {
             rewards
                 .iter_mut()
                 .zip(kl)
-                .for_each(|(r, k)| *r -= s.beta * k);
+                .for_each(|(r, k)| *r -= s.o.beta * k);
         }
     }
 
     // 5. Advantages from each prompt's group.
+    let (g, group) = (&s.cfg.grpo, s.group());
     let advantages = match s.algo {
-        Algo::Grpo => rl::grpo_advantages(&rewards, s.group, s.scale_rewards)?,
-        _ => rl::rloo_advantages(&rewards, s.group, s.normalize_advantages)?,
+        Algo::Grpo => rl::grpo_advantages(&rewards, group, g.scale_rewards)?,
+        _ => rl::rloo_advantages(&rewards, group, s.cfg.rloo.normalize_advantages)?,
     };
 
     // TRL's metric names: the reward before any KL or clipping. Groups
@@ -576,12 +518,12 @@ fn group_targets(
         Algo::Grpo => &total64,
         _ => &rewards,
     };
-    let groups = (total64.len() / s.group) as f64;
-    let zero_std = signal.chunks(s.group).filter(|g| std(g) < 1e-6).count();
+    let groups = (total64.len() / group) as f64;
+    let zero_std = signal.chunks(group).filter(|g| std(g) < 1e-6).count();
     // reward_std: the mean of the groups' stds (GRPO unless scaled by the
     // batch), else the batch's.
-    let group_std = total64.chunks(s.group).map(std).sum::<f64>() / groups;
-    let reward_std = match (s.algo, s.scale_rewards) {
+    let group_std = total64.chunks(group).map(std).sum::<f64>() / groups;
+    let reward_std = match (s.algo, g.scale_rewards) {
         (Algo::Grpo, ScaleRewards::Group | ScaleRewards::None) => group_std,
         _ => std(&total64),
     };
@@ -740,7 +682,7 @@ fn ppo_policy_loss(
     stats: &mut Stats,
 ) -> Result<(Tensor, Tensor)> {
     let p = &s.cfg.ppo;
-    let (logprobs, entropy, h) = policy_outputs(policy, &mb.batch, s.temperature)?;
+    let (logprobs, entropy, h) = policy_outputs(policy, &mb.batch, s.o.temperature)?;
     let old = mb
         .old
         .as_ref()
@@ -790,7 +732,7 @@ fn group_loss(
     step_tokens: f64,
     stats: &mut Stats,
 ) -> Result<Tensor> {
-    let (logprobs, entropy, _) = policy_outputs(policy, &mb.batch, s.temperature)?;
+    let (logprobs, entropy, _) = policy_outputs(policy, &mb.batch, s.o.temperature)?;
     let mask = &mb.mask;
     let old = match &mb.old {
         Some(o) => o.clone(),
@@ -798,33 +740,35 @@ fn group_loss(
     };
     let adv = &mb.advantages;
     let ga = s.cfg.train.gradient_accumulation_steps as f64;
+    let (g, o) = (&s.cfg.grpo, &s.o);
+    let (eps_low, eps_high) = (o.epsilon, o.epsilon_high.unwrap_or(o.epsilon));
     let log_ratio = (&logprobs - &old)?;
     stats.add("entropy", scalar(&rl::masked_mean(&entropy, mask)?)?);
     let mut kl_mean = None;
     let (loss, clip) = match s.algo {
         Algo::Grpo => {
-            let lr = match s.level {
+            let lr = match g.importance_sampling_level {
                 ImportanceSamplingLevel::Token => log_ratio,
                 ImportanceSamplingLevel::Sequence => rl::sequence_log_ratio(&log_ratio, mask)?,
             };
-            let clip = rl::clipped_surrogate(&lr, adv, s.eps_low, s.eps_high)?;
+            let clip = rl::clipped_surrogate(&lr, adv, eps_low, eps_high)?;
             let mut per_token = clip.loss.broadcast_as(mask.shape())?.contiguous()?;
-            if let (Some(reference), true) = (&mb.reference, s.beta > 0.0) {
+            if let (Some(reference), true) = (&mb.reference, o.beta > 0.0) {
                 // GRPO's KL term: beta x k3 per token (TRL's per_token_kl).
                 let kl = rl::kl_per_token(&logprobs, reference, KlEstimator::K3)?;
                 kl_mean = Some(scalar(&rl::masked_mean(&kl.detach(), mask)?)?);
-                per_token = (per_token + (kl * s.beta)?)?;
+                per_token = (per_token + (kl * o.beta)?)?;
             }
             let loss = rl::reduce_token_loss(
                 &per_token,
                 mask,
-                s.loss_type,
+                g.loss_type,
                 s.sampling.max_new_tokens,
                 step_tokens,
             )?;
             // The optimizer step averages its micro-batches' gradients; DAPO's
             // normalizer already spans the whole step, so undo that mean.
-            let loss = match s.loss_type {
+            let loss = match g.loss_type {
                 GrpoLossType::Dapo => (loss * ga)?,
                 _ => loss,
             };
@@ -833,7 +777,7 @@ fn group_loss(
         _ => {
             // RLOO: one ratio per sequence, from the summed log-probs.
             let seq = (log_ratio * mask)?.sum_keepdim(1)?;
-            let clip = rl::clipped_surrogate(&seq, adv, s.eps_low, s.eps_high)?;
+            let clip = rl::clipped_surrogate(&seq, adv, eps_low, eps_high)?;
             (clip.loss.mean_all()?, clip)
         }
     };

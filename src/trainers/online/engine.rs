@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::algo::{self, Algo, MicroBatch, Settings, Trainer};
 use super::critic::{build_critic, Critic};
@@ -31,11 +31,11 @@ use super::stats::{PhaseTimes, Stats};
 use super::Models;
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Manifest, TrainerState};
-use crate::config::{Config, ModelInit, RewardFuncConfig, RewardFuncType};
+use crate::config::{Config, ModelInit};
 use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
 use crate::hub::HubSettings;
 use crate::metrics::Progress;
-use crate::models::{load_dir_frozen, resolve_model, CausalLm};
+use crate::models::{resolve_model, CausalLm};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rewards::RewardFuncs;
@@ -111,36 +111,11 @@ pub fn train(
     resume: bool,
     stop: &StopSignal,
 ) -> Result<OnlineRun> {
-    let algo = trainer.algo(cfg);
-    let funcs = match (&cfg.ppo.reward_model, trainer) {
-        (Some(rm), Trainer::Ppo) => vec![RewardFuncConfig {
-            name: "reward_model".into(),
-            kind: RewardFuncType::Model,
-            model: Some(rm.clone()),
-            ..Default::default()
-        }],
-        _ => cfg.reward_funcs.clone(),
-    };
-    if funcs.is_empty() {
-        return Err(match trainer {
-            Trainer::Ppo => Error::InvalidConfig {
-                field: "ppo.reward_model".into(),
-                value: String::new(),
-                reason: "a reward model directory or hub id, or [[reward_funcs]] tables, are required (library users may pass any Reward)".into(),
-            },
-            _ => Error::InvalidConfig {
-                field: "reward_funcs".into(),
-                value: String::new(),
-                reason: format!(
-                    "{} needs at least one [[reward_funcs]] table (type = model, regex, exact_match, length, command or http)",
-                    trainer.name()
-                ),
-            },
-        });
-    }
+    let funcs = crate::rewards::of_trainer(cfg, trainer.name())?;
     let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &HubSettings::from_env())?;
     let (rewards, first_model) = crate::rewards::from_config(&funcs, &policy_dir, &device)?;
+    let algo = trainer.algo(cfg);
     train_with_rewards(
         cfg,
         algo,
@@ -150,16 +125,6 @@ pub fn train(
         &rewards,
         first_model.as_deref(),
     )
-}
-
-/// A policy must be a causal LM.
-fn causal(lm: Result<CausalLm>, algo: Algo, model_type: &str) -> Result<CausalLm> {
-    lm.map_err(|e| {
-        Error::Msg(format!(
-            "{} needs a causal LM policy; {model_type} cannot be one: {e}",
-            algo.command().to_uppercase()
-        ))
-    })
 }
 
 /// Trains (or resumes) a policy with `algo` against the weighted sum of
@@ -196,10 +161,10 @@ pub fn train_with_rewards(
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let s = Settings::of(cfg, algo, &tok);
-    if !s.batch.is_multiple_of(s.group) {
+    if !s.batch.is_multiple_of(s.group()) {
         return Err(Error::InvalidConfig {
             field: s.key("num_generations"),
-            value: s.group.to_string(),
+            value: s.group().to_string(),
             reason: format!("must divide the generation batch of {} completions (train.per_device_train_batch_size x steps_per_generation)", s.batch),
         });
     }
@@ -211,27 +176,28 @@ pub fn train_with_rewards(
         ModelInit::Pretrained,
         &device,
     )?;
-    let mut policy = causal(CausalLm::load(vb, &arch, true), algo, arch.model_type())?;
-    if s.disable_dropout {
+    let mut policy = CausalLm::load(vb, &arch, true).map_err(|e| {
+        let kind = arch.model_type();
+        Error::Msg(format!(
+            "{} needs a causal LM policy; {kind} cannot be one: {e}",
+            algo.command()
+        ))
+    })?;
+    if s.o.disable_dropout {
         params = params.without_dropout();
     }
     params.attach(&mut policy)?;
     let sampler = params.frozen_causal(&arch, dtype, &device)?;
-    let ref_dtype = s.ref_dtype.unwrap_or(dtype);
-    let reference = match (s.needs_reference(), s.ref_model, params.base_causal(&arch)) {
-        (false, _, _) => None,
-        // LoRA: the policy with its adapters disabled, over the same base
-        // tensors (no second copy), when the reference's dtype is the run's.
-        (true, None, Some(base)) if ref_dtype == dtype => Some(base?),
-        (true, r, _) => {
-            let dir = match r {
-                Some(r) => resolve_model(r, &hub)?,
-                None => policy_dir.clone(),
-            };
-            let (ref_arch, ref_vb, _) = load_dir_frozen(&dir, ref_dtype, &device)?;
-            let lm = CausalLm::load(ref_vb, &ref_arch, true);
-            Some(causal(lm, algo, ref_arch.model_type())?)
-        }
+    let reference = match s.needs_reference() {
+        true => Some(params.reference(
+            &arch,
+            s.o.ref_model,
+            &policy_dir,
+            s.ref_dtype,
+            dtype,
+            &device,
+        )?),
+        false => None,
     };
     let critic = match algo {
         Algo::Ppo => Some(build_critic(
@@ -254,29 +220,29 @@ pub fn train_with_rewards(
             split,
             &tok,
             &template,
-            s.max_prompt_length,
-            s.truncate_prompts,
+            s.o.max_prompt_length,
+            s.o.truncate_prompts,
             &hub,
         )
     };
-    let (prompts, report) = load(s.data.train()?, s.data.train_split)?;
-    tracing::info!("{}: {report}", s.data.dataset);
-    let eval_prompts: Vec<PromptRow> = match s.data.eval_dataset {
+    let (prompts, report) = load(s.o.data.train()?, s.o.data.train_split)?;
+    tracing::info!("{}: {report}", s.o.data.dataset);
+    let eval_prompts: Vec<PromptRow> = match s.o.data.eval_dataset {
         Some(spec) => {
-            let (e, r) = load(spec, s.data.test_split)?;
+            let (e, r) = load(spec, s.o.data.test_split)?;
             tracing::info!("{spec}: {r}");
             e
         }
         None => Vec::new(),
     };
     let limit = policy.max_positions();
-    if s.max_prompt_length + s.sampling.max_new_tokens > limit {
+    if s.o.max_prompt_length + s.sampling.max_new_tokens > limit {
         return Err(Error::InvalidConfig {
             field: s.key(s.length_key()),
             value: s.sampling.max_new_tokens.to_string(),
             reason: format!(
                 "max_prompt_length ({}) + {} exceeds the model's {limit} positions",
-                s.max_prompt_length,
+                s.o.max_prompt_length,
                 s.length_key()
             ),
         });
@@ -366,7 +332,7 @@ pub fn train_with_rewards(
 
     // The loop: one iteration per batch of prompts, steps 1-8.
     let progress = Progress::new(total, algo.command());
-    let sample_every = (total / s.num_sample_generations.max(1) as u64).max(1);
+    let sample_every = (total / s.o.num_sample_generations.max(1) as u64).max(1);
     let stop_ids = &s.sampling.stop_token_ids;
     let mut times = Vec::new();
     let started = Instant::now();
@@ -385,54 +351,35 @@ pub fn train_with_rewards(
         // 1. Sample: a seeded shuffle of the prompts, reshuffled each pass
         //    (position checkpointed); each prompt `group` times in a row.
         let rows: Vec<&PromptRow> = state
-            .next_items(prompts.len(), s.batch / s.group)
+            .next_items(prompts.len(), s.batch / s.group())
             .into_iter()
-            .flat_map(|i| std::iter::repeat_n(&prompts[i], s.group))
+            .flat_map(|i| std::iter::repeat_n(&prompts[i], s.group()))
             .collect();
-        let ro = Rollout::sample(
-            rows,
-            &sampler,
-            &tok,
-            &device,
-            &s.sampling,
-            s.sample_chunk,
-            s.fixed_width,
-            state.rng("sample"),
-        )
-        .map_err(no_update)?;
+        let (chunk, fixed) = (s.sample_chunk, s.fixed_width);
+        let ro = Rollout::sample(&m, rows, &s.sampling, chunk, fixed, state.rng("sample"))
+            .map_err(no_update)?;
         let generate_s = iteration_started.elapsed().as_secs_f64();
         // 2. Log-probs (old, reference) and values: once per rollout,
         //    reused by every pass.
         let phase = Instant::now();
         let needs = algo.needs(&s, t);
-        let fwd = rollout::forward(
-            &ro,
-            needs,
-            &sampler,
-            reference.as_ref(),
-            critic.as_ref(),
-            s.temperature,
-            s.forward_chunk,
-            tok.pad_id,
-            &device,
-        )
-        .map_err(no_update)?;
+        let fwd = rollout::forward(&m, &ro, needs, s.o.temperature, s.forward_chunk)
+            .map_err(no_update)?;
         device.synchronize()?; // GPU work is queued: wait for it before reading the clock
         let forward_s = phase.elapsed().as_secs_f64();
         // 3. Scores from every reward function (PPO: less missing_eos_penalty).
         let phase = Instant::now();
-        let scored = rollout::score(&ro, rewards, &tok, stop_ids, s.missing_eos_penalty)
-            .map_err(no_update)?;
+        let scored = rollout::score(&m, &ro, stop_ids, s.missing_eos_penalty).map_err(no_update)?;
         let score_s = phase.elapsed().as_secs_f64();
         // 4.-5. Rewards and advantages.
-        let kl_coef = online.kl_coef.unwrap_or(s.beta);
+        let kl_coef = online.kl_coef.unwrap_or(s.o.beta);
         let tg = algo::targets(&s, &m, &ro, &fwd, &scored, kl_coef).map_err(no_update)?;
 
         // 6. Passes over shuffled optimizer steps of micro-batches.
         let phase = Instant::now();
         let mut stats = Stats::default();
         let (mut grad_norm, mut lr) = (0.0, 0.0);
-        for _ in 0..s.passes {
+        for _ in 0..s.passes() {
             let order = state.rng(algo.command()).permutation(s.batch);
             for step_rows in order.chunks(s.step_rows) {
                 // DAPO divides by the real tokens of the whole optimizer step.
@@ -496,7 +443,10 @@ pub fn train_with_rewards(
             run.metrics.log(state.step, &f)?;
         }
         if state.step.is_multiple_of(sample_every) || state.step == total {
-            write_samples(&run.path, state.step, &scored, &tg.shown)?;
+            // A few completions with their rewards and advantages (PPO: scores).
+            let rows = (scored.texts.iter().zip(&scored.total).zip(&tg.shown).take(8))
+                .map(|(((p, c), r), a)| json!({"step": state.step, "prompt": p, "completion": c, "reward": r, "advantage": a}));
+            io::append_jsonl(&run.path.join("samples.jsonl"), rows)?;
         }
         let reward =
             super::stats::mean(&scored.total.iter().map(|&x| x as f64).collect::<Vec<_>>());
@@ -536,29 +486,4 @@ pub fn train_with_rewards(
         seconds_per_iteration: started.elapsed().as_secs_f64() / ran as f64,
         times,
     })
-}
-
-/// Appends a few completions with their rewards and advantages (PPO: the
-/// scores) to RUN_DIR/samples.jsonl.
-fn write_samples(
-    run_dir: &Path,
-    iteration: u64,
-    scored: &rollout::Scored,
-    shown: &[f64],
-) -> Result<()> {
-    use crate::IoContext;
-    use std::io::Write;
-    let path = run_dir.join("samples.jsonl");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_path(&path)?;
-    for (((prompt, completion), reward), adv) in
-        scored.texts.iter().zip(&scored.total).zip(shown).take(8)
-    {
-        let line = serde_json::json!({"step": iteration, "prompt": prompt, "completion": completion, "reward": reward, "advantage": adv});
-        writeln!(file, "{line}").with_path(&path)?;
-    }
-    Ok(())
 }

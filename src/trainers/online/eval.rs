@@ -99,18 +99,10 @@ pub(crate) fn evaluate(
         .iter()
         .flat_map(|r| std::iter::repeat_n(r, s.eval_group))
         .collect();
-    let ro = Rollout::sample(
-        rows,
-        m.sampler,
-        m.tok,
-        m.device,
-        &s.sampling,
-        s.eval_sample_chunk,
-        s.fixed_width,
-        &mut rng,
-    )?;
+    let (chunk, fixed) = (s.eval_sample_chunk, s.fixed_width);
+    let ro = Rollout::sample(m, rows, &s.sampling, chunk, fixed, &mut rng)?;
     let stop = &s.sampling.stop_token_ids;
-    let Scored { total, each, texts } = rollout::score(&ro, m.rewards, m.tok, stop, None)?;
+    let Scored { total, each, texts } = rollout::score(m, &ro, stop, None)?;
     let total64: Vec<f64> = total.iter().map(|&x| x as f64).collect();
     let lengths = ro.lengths();
     let clipped = ro.stopped(stop).iter().filter(|&&c| !c).count();
@@ -133,24 +125,13 @@ pub(crate) fn evaluate(
         let x: Vec<f64> = scores.iter().map(|&v| v as f64).collect();
         figures.push((format!("eval/rewards/{name}/mean"), mean(&x)));
     }
-    if let Some(reference) = m.reference {
+    if m.reference.is_some() {
         let needs = Needs {
             old: true,
             reference: true,
             values: false,
         };
-        let pad = m.tok.pad_id;
-        let f = rollout::forward(
-            &ro,
-            needs,
-            m.sampler,
-            Some(reference),
-            None,
-            s.temperature,
-            s.forward_chunk,
-            pad,
-            m.device,
-        )?;
+        let f = rollout::forward(m, &ro, needs, s.o.temperature, s.forward_chunk)?;
         let (Some(lp), Some(rlp)) = (f.old, f.reference) else {
             return Err(Error::Msg("evaluation: no log-probs".into()));
         };
@@ -236,8 +217,8 @@ pub fn evaluate_policy(
         split,
         &tok,
         &template,
-        s.max_prompt_length,
-        s.truncate_prompts,
+        s.o.max_prompt_length,
+        s.o.truncate_prompts,
         &hub,
     )?;
     let m = Models {
