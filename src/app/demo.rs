@@ -458,7 +458,7 @@ fn evaluate_with_gold(
     )?;
     // Every policy sampled alike (the eval config's [ppo] sampling, one
     // completion per prompt), whichever algorithm trained it.
-    let (e, _) = online::evaluate_policy(
+    let (e, _) = crate::app::commands::evaluate_policy(
         cfg,
         Some(Algo::Ppo),
         &policy.to_string_lossy(),

@@ -4,23 +4,16 @@
 //! every reward function, with TRL GRPOTrainer's names under `eval/`; and
 //! how a run records it (metrics.jsonl, eval-<step>.jsonl).
 
-use std::path::Path;
-
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use super::algo::{Algo, Settings};
+use super::algo::Settings;
 use super::rollout::{self, Needs, Rollout, Scored};
 use super::stats::{mean, std};
 use super::Models;
-use crate::checkpoint::{self, Manifest};
-use crate::config::{Config, KlEstimator};
-use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
-use crate::hub::HubSettings;
-use crate::models::{load_dir_frozen, resolve_model, CausalLm};
-use crate::rewards::RewardFuncs;
+use crate::config::KlEstimator;
+use crate::data::prompts::PromptRow;
 use crate::run::RunDir;
-use crate::tokenizer::Tokenizer;
 use crate::{io, Error, HostRng, Result};
 
 /// One evaluation: its figures (TRL's names under `eval/`) and completions.
@@ -149,88 +142,6 @@ pub(crate) fn evaluate(
             .map(|((prompt, completion), r)| json!({"prompt": prompt, "completion": completion, "reward": r}))
             .collect(),
     })
-}
-
-/// The algorithm and reference a candle-rlhf online checkpoint was trained
-/// with: its manifest's command, and that section's `ref_model`, else its
-/// initial policy. None for any other directory.
-pub fn trained_with(policy_dir: &Path) -> Option<(Algo, Option<String>)> {
-    let path = policy_dir.join(checkpoint::MANIFEST_FILE);
-    let manifest: Manifest = io::read_json(&path).ok()?;
-    let algo = Algo::of(&manifest.config, &manifest.command).ok()?;
-    let c = &manifest.config;
-    let reference = Settings::ref_model_of(c, algo)
-        .map(str::to_string)
-        .or_else(|| c.model.resolved_name().ok());
-    Some((algo, reference))
-}
-
-/// `candle-rlhf eval`: evaluates `policy` on held-out prompts as the
-/// trainers do. The algorithm's section of `cfg` gives the sampling,
-/// prompt length and group (`algo`; unset: the one the checkpoint was
-/// trained with, else PPO); the KL is to `reference` (unset: the one the
-/// checkpoint was trained against; else the policy itself, 0).
-pub fn evaluate_policy(
-    cfg: &Config,
-    algo: Option<Algo>,
-    policy: &str,
-    reference: Option<&str>,
-    rewards: &RewardFuncs,
-    prompts: &str,
-    split: &str,
-) -> Result<(EvalReport, PromptReport)> {
-    let (device, _) = crate::device::resolve_device(&cfg.run.device)?;
-    let dtype = cfg.run.dtype.dtype();
-    let hub = HubSettings::from_env();
-    // The checkpoint itself (its manifest names the algorithm and the
-    // reference), then the model it stands for (a LoRA checkpoint: its base
-    // with the adapter merged).
-    let checkpoint_dir = crate::hub::resolve_model(policy, &hub)?;
-    let trained = trained_with(&checkpoint_dir);
-    let algo = match (algo, &trained) {
-        (Some(a), _) => a,
-        (None, Some((a, _))) => *a,
-        (None, None) => Algo::of(cfg, "ppo")?,
-    };
-    let policy_dir = resolve_model(policy, &hub)?;
-    let tok = Tokenizer::from_dir(&policy_dir)?;
-    let s = Settings::of(cfg, algo, &tok);
-    let (arch, vb, _) = load_dir_frozen(&policy_dir, dtype, &device)?;
-    let sampler = CausalLm::load(vb, &arch, true)?;
-    let ref_dir = match reference
-        .map(str::to_string)
-        .or_else(|| trained.and_then(|(_, r)| r))
-    {
-        Some(r) => resolve_model(&r, &hub)?,
-        None => {
-            tracing::warn!("no reference given and {} is not a candle-rlhf online checkpoint: KL is measured to the policy itself (0)", policy_dir.display());
-            policy_dir.clone()
-        }
-    };
-    let ref_dtype = s.ref_dtype.unwrap_or(dtype);
-    let (ref_arch, ref_vb, _) = load_dir_frozen(&ref_dir, ref_dtype, &device)?;
-    let reference = CausalLm::load(ref_vb, &ref_arch, true)?;
-    let template =
-        crate::chat::TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
-    let (rows, report) = load_prompt_rows(
-        prompts,
-        split,
-        &tok,
-        &template,
-        s.o.max_prompt_length,
-        s.o.truncate_prompts,
-        &hub,
-    )?;
-    let m = Models {
-        sampler: &sampler,
-        reference: Some(&reference),
-        critic: None,
-        tok: &tok,
-        rewards,
-        device: &device,
-    };
-    let e = evaluate(&m, &s, &rows, cfg.run.seed)?;
-    Ok((e, report))
 }
 
 /// Logs an evaluation's figures at `step` and writes its completions to

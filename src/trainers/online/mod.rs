@@ -26,7 +26,7 @@ use candle_core::Device;
 
 pub use algo::{Algo, Trainer};
 pub use engine::{train, train_with_rewards, OnlineRun};
-pub use eval::{evaluate_policy, trained_with, EvalReport};
+pub use eval::EvalReport;
 pub use stats::PhaseTimes;
 
 use crate::models::CausalLm;
