@@ -216,3 +216,47 @@ fn a_run_directory_of_the_two_loop_version_resumes() {
         );
     }
 }
+
+#[test]
+fn eval_scores_any_online_checkpoint_with_the_configs_reward_funcs() {
+    // A GRPO checkpoint, evaluated without --reward or --algo: its manifest
+    // names the algorithm (so [grpo]'s group of 4) and the reward comes
+    // from the config's [[reward_funcs]].
+    use candle_rlhf::app::commands::{eval, EvalOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixtures_root().join(candle_rlhf::app::fixtures::PREFERENCES);
+    let funcs = vec![RewardFuncConfig {
+        name: "has_e".into(),
+        kind: RewardFuncType::Regex,
+        pattern: Some("e".into()),
+        ..Default::default()
+    }];
+    let dir = tmp.path().join("grpo");
+    let cfg = config(Trainer::Grpo, &dir, &data, funcs.clone(), &[]);
+    let run = online::train(&cfg, Trainer::Grpo, &dir, false, &StopSignal::new()).unwrap();
+    let out = tmp.path().join("eval");
+    let sets = [format!("run.out={}", quoted(&out))];
+    let eval_cfg = config(Trainer::Grpo, &out, &data, funcs, &sets);
+    let o = EvalOptions {
+        policy: run.checkpoint.to_string_lossy().into_owned(),
+        reward: None,
+        reference: None,
+        algo: None,
+        prompts: eval_prompts().to_string_lossy().into_owned(),
+        split: "test".into(),
+    };
+    let text = eval(&eval_cfg, &o).unwrap();
+    assert!(text.starts_with("32 prompts x 4: mean reward"), "{text}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert!(summary["eval/rewards/has_e/mean"].is_f64(), "{summary}");
+    // GRPO's beta is 0, yet eval measures the KL (k1, summed per
+    // completion: a sample mean, negative at times) to the initial policy.
+    assert!(summary["eval/kl"].as_f64().unwrap().is_finite(), "{summary}");
+    let lines = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 32 * 4);
+    // Without reward functions, one clear error.
+    let bare = config(Trainer::Grpo, &out, &data, vec![], &sets);
+    let err = eval(&bare, &o).unwrap_err().to_string();
+    assert!(err.contains("[[reward_funcs]]"), "{err}");
+}
