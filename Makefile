@@ -22,6 +22,7 @@ golden: fixtures
 	.venv-golden/bin/python scripts/make_golden_peft.py fixtures tests
 	.venv-golden/bin/python scripts/make_golden_chat.py tests
 	.venv-golden/bin/python scripts/make_golden_render.py tests
+	.venv-golden/bin/python scripts/make_tiny_policy.py fixtures/models/learn-llama
 
 fmt:
 	cargo fmt --all

@@ -54,6 +54,24 @@ def rows(candle, torch):
 
         return get
 
+    def online(algo, candle_side):
+        def get(r):
+            for x in r.get("online") or []:
+                if x["algo"] == algo:
+                    t = x["iteration"]["total_s"] if candle_side else x["iteration_s"]
+                    return (t, x["peak_rss_mb"])
+            return None
+
+        return get
+
+    def split(r, algo, candle_side):
+        """The phase split: generation / log-probs / scoring / update, in s."""
+        for x in r.get("online") or []:
+            if x["algo"] == algo:
+                p = x["iteration"] if candle_side else x
+                return "/".join(f"{p[k]:.3f}" for k in ("generate_s", "forward_s", "score_s", "update_s"))
+        return None
+
     any_run = next(iter(candle.values()), {}) or next(iter(torch.values()), {})
     yield "reward step (s)", best(candle, reward), best(torch, reward), None
     for g in any_run.get("generate") or []:
@@ -62,6 +80,16 @@ def rows(candle, torch):
         yield f"generate batch {b} (s; tokens/s)", best(candle, gen(b)), best(torch, gen(b)), tokens
     yield "PPO iteration vs TRL as shipped (s)", best(candle, ppo_candle), best(torch, ppo_torch("shipped")), None
     yield "PPO iteration vs TRL without gc.collect (s)", best(candle, ppo_candle), best(torch, ppo_torch("nogc")), None
+    for algo in ("grpo", "rloo"):
+        c, t = best(candle, online(algo, True)), best(torch, online(algo, False))
+        if c or t:
+            yield f"{algo.upper()} iteration (s)", c, t, None
+            cs = split(candle[c[1]], algo, True) if c else "-"
+            ts = split(torch[t[1]], algo, False) if t else "-"
+            PHASES.append(f"{algo.upper()}: candle-rlhf {cs}; TRL {ts} (generation/log-probs/scoring/update, s, at each side's best thread count)")
+
+
+PHASES = []
 
 
 def cell(x, tokens):
@@ -93,6 +121,9 @@ def main():
             tf, trss = cell(t, tokens)
             ratio = f"{c[0] / t[0]:.2f}" if c and t else "-"
             print(f"| {name} | {cf} | {tf} | {ratio} | {crss} | {trss} |")
+        for line in PHASES:
+            print(f"\n{line}")
+        PHASES.clear()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ and prompts.jsonl (random prompt ids). scripts/bench_compare.sh runs both sides.
    with gradient checkpointing off (TRL's PPOConfig defaults to bf16 and
    checkpointing on; on a CPU that is slower and not what we compare).
 
+4. grpo, rloo: trl.GRPOTrainer / trl.RLOOTrainer, one generation batch of
+   online_prompts x num_generations completions per iteration (the text
+   prompts `candle-rlhf bench` wrote to WORK/grpo-prompts.jsonl and
+   rloo-prompts.jsonl), the random reward model as the reward function,
+   beta 0.04 (a reference forward), num_iterations 1, one optimizer step
+   (steps_per_generation = gradient_accumulation_steps), no vLLM, f32,
+   gradient checkpointing off; timed per step by a callback, with the
+   generation (`_generate`) and scoring (`_calculate_rewards`) phases
+   wrapped, and the log-probs phase the rest of
+   `_generate_and_score_completions`.
+
 Peak RSS per part comes from /proc/self/status (VmHWM), reset between parts.
 
 On a GPU (`--device cuda`, used by scripts/gpu_run.sh) the same workloads run
@@ -332,6 +343,94 @@ def bench_ppo(work, w, variant):
     }
 
 
+def bench_online(work, w, algo):
+    from datasets import Dataset
+    import trl
+
+    Config, Trainer = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+    }[algo]
+    n = ARGS.warmup + ARGS.iters
+    rows = (work / f"{algo}-prompts.jsonl").read_text().splitlines()
+    prompts = [json.loads(l)["prompt"] for l in rows][: w["online_prompts"] * n]
+    ds = Dataset.from_dict({"prompt": prompts})
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    micro = w["per_device_train_batch_size"]
+    steps = w["online_prompts"] * w["num_generations"] // micro
+    args = Config(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=steps,
+        steps_per_generation=steps,
+        num_generations=w["num_generations"],
+        max_completion_length=w["response_length"],
+        temperature=1.0,
+        top_p=1.0,
+        beta=0.04,
+        num_iterations=1,
+        max_steps=n,
+        learning_rate=1e-6,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_vllm=False,
+        model_init_kwargs={"dtype": torch.float32},
+        **common_args(work / f"trl-{algo}"),
+    )
+    phases = {"generate_s": [], "score_s": [], "prepare_s": []}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            sync()
+            start = time.perf_counter()
+            result = fn(*a, **k)
+            sync()
+            phases[key].append(time.perf_counter() - start)
+            return result
+
+        return wrapper
+
+    timer = StepTimer()
+    trainer = Trainer(
+        model=str(work / "model"),
+        reward_funcs=str(work / "reward"),
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[timer],
+        peft_config=lora_config("CAUSAL_LM"),
+    )
+    trainer._generate = timed(trainer._generate, "generate_s")
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "score_s")
+    trainer._generate_and_score_completions = timed(
+        trainer._generate_and_score_completions, "prepare_s"
+    )
+    reset_peak_rss()
+    reset_peak_device()
+    trainer.train()
+    skip = ARGS.warmup
+    timed_steps = timer.times[skip:]
+    mean = lambda k: statistics.mean(phases[k][skip : skip + len(timed_steps)])
+    gen, score, prep = mean("generate_s"), mean("score_s"), mean("prepare_s")
+    total = statistics.mean(timed_steps)
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {
+        "algo": algo,
+        "prompts": w["online_prompts"],
+        "num_generations": w["num_generations"],
+        "response_length": w["response_length"],
+        "iteration_s": total,
+        "generate_s": gen,
+        "forward_s": prep - gen - score,
+        "score_s": score,
+        "update_s": total - prep,
+        "mean_completion_length": statistics.mean(lengths) if lengths else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
+    }
+
+
 def trl_version():
     try:
         import trl
@@ -372,6 +471,7 @@ def main():
         "reward": None,
         "generate": [],
         "ppo": [],
+        "online": [],
     }
     if "reward" in parts:
         report["reward"] = bench_reward(work, w, vocab, rng)
@@ -380,6 +480,9 @@ def main():
     if "ppo" in parts:
         for variant in ARGS.ppo_variants.split(","):
             report["ppo"].append(bench_ppo(work, w, variant))
+    for algo in ("grpo", "rloo"):
+        if algo in parts:
+            report["online"].append(bench_online(work, w, algo))
     print(json.dumps(report, indent=2))
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps(report, indent=2))

@@ -3,13 +3,12 @@
 
     python scripts/learn_data.py OUT_DIR
 
-writes OUT_DIR/train.jsonl (222 prompts) and OUT_DIR/eval.jsonl (24
-held-out prompts), one {"prompt": ..., "target": ...} per line. A prompt
-is a short header and two words of one kind ("List: superb funny"); the
-completion should go on with words of that kind (`target`). Of each kind's
-45 word pairs, 8 are held out (one order each, 24 prompts) and never
-appear in a training prompt; the other 37 train in both orders (222).
-Deterministic: no randomness.
+writes OUT_DIR/train.jsonl (410 prompts) and OUT_DIR/eval.jsonl (25
+held-out prompts), one {"prompt": ..., "target": "positive"} per line. A
+prompt is a short header and two words of any kind ("List: plot awful");
+the completion should go on with positive words, whatever the prompt's
+words are. Of the 435 pairs of the 30 words, every 18th is held out and
+never appears in a training prompt. Deterministic: no randomness.
 """
 
 import itertools
@@ -18,22 +17,22 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from learn_reward import TARGETS, WORDS  # noqa: E402
+from learn_reward import ALL_WORDS  # noqa: E402
 
 HEADERS = ("Words:", "List:", "Go on:")
+TARGET = "positive"
 
 
 def rows(held_out: bool):
     """The prompt rows, training or held-out, in a fixed order."""
     out = []
-    for kind in TARGETS:
-        for i, pair in enumerate(itertools.combinations(WORDS[kind], 2)):
-            if (i % 6 == 0) != held_out:
-                continue
-            orders = [pair] if held_out else [pair, pair[::-1]]
-            for j, (a, b) in enumerate(orders):
-                header = HEADERS[len(out) % len(HEADERS)]
-                out.append({"prompt": f"{header} {a} {b}", "target": kind})
+    for i, (a, b) in enumerate(itertools.combinations(ALL_WORDS, 2)):
+        if (i % 18 == 0) != held_out:
+            continue
+        if i % 2:
+            a, b = b, a
+        header = HEADERS[(i + i // 18) % len(HEADERS)]
+        out.append({"prompt": f"{header} {a} {b}", "target": TARGET})
     return out
 
 

@@ -2,16 +2,16 @@
 """The rule reward of the learning comparison (scripts/learn_compare.sh).
 
 Task (prompts from scripts/learn_data.py): a prompt is a short header and
-two words of one kind, "positive", "negative" or "neutral" ("List: superb
-funny"), named in the row's `target` column; the completion should go on
-with words of that kind. The reward of a completion is the fraction of its
-words that belong to the target kind's word list (10 words each, every one
-a single token of the tiny tokenizer in fixtures/models/tiny-llama); 0 for
-a completion without words. Maximum 1.0.
+two words of any kind ("List: plot awful"); the completion should go on
+with words of the kind named in the row's `target` column ("positive" in
+every row the comparison writes). The reward of a completion is the
+fraction of its words that belong to the target kind's word list (10
+words each of "positive", "negative", "neutral", every one a single token
+of the tiny tokenizer in fixtures/models/tiny-llama); 0 for a completion
+without words. Maximum 1.0.
 
-The warm start of scripts/make_tiny_policy.py writes words of all three
-kinds at random, whatever the prompt's words, so a policy starts near 1/3
-and has to learn to continue the prompt's kind.
+The warm start of scripts/make_tiny_policy.py writes 2 to 5 words drawn
+uniformly from all 30, so a policy starts near 1/3.
 
 Two uses, one file:
 - a candle-rlhf `type = "command"` scorer: one JSON object per line on
@@ -35,8 +35,6 @@ WORDS = {
     "neutral": ("movie film plot cast script music story ending director acting").split(),
 }
 KINDS = tuple(WORDS)
-# The kinds a prompt may ask for; neutral words are never wanted.
-TARGETS = ("positive", "negative")
 SETS = {k: frozenset(v) for k, v in WORDS.items()}
 ALL_WORDS = sorted(w for ws in WORDS.values() for w in ws)
 

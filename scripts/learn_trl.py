@@ -66,7 +66,8 @@ def evaluate(model, tok, rows, group, sampling, seed):
                 max_new_tokens=sampling["max_completion_length"],
                 temperature=sampling["temperature"],
                 top_p=sampling["top_p"],
-                top_k=sampling["top_k"] or None,
+                # 0, not None: None falls back to transformers' default top_k of 50
+                top_k=sampling["top_k"],
                 eos_token_id=eos,
                 pad_token_id=pad,
                 bos_token_id=tok.bos_token_id,

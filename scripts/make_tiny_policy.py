@@ -34,31 +34,16 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from learn_data import rows  # noqa: E402
-from learn_reward import TARGETS, WORDS  # noqa: E402
-
-# The warm start's completions: each word of the prompt's kind with this
-# probability, else of the other sentiment kind or neutral, half and half.
-P_TARGET = 0.45
+from learn_reward import ALL_WORDS  # noqa: E402
 
 TOKENIZER_DIR = os.path.join(HERE, "..", "fixtures", "models", "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def warm_start(model, tok, steps: int, seed: int = 0) -> list:
-    """SFT on the format: prompt -> 2..5 random words (P_TARGET of the prompt's kind), then EOS."""
+    """SFT on the format: prompt -> 2..5 words drawn uniformly from all 30, then EOS."""
     rng = random.Random(seed)
-    prompts = rows(held_out=False)
-
-    def word(target):
-        u = rng.random()
-        if u < P_TARGET:
-            kind = target
-        elif u < P_TARGET + (1 - P_TARGET) / 2:
-            kind = next(k for k in TARGETS if k != target)
-        else:
-            kind = "neutral"
-        return rng.choice(WORDS[kind])
-
+    prompts = [r["prompt"] for r in rows(held_out=False)]
     eos, pad = tok.eos_token_id, tok.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
@@ -67,9 +52,8 @@ def warm_start(model, tok, steps: int, seed: int = 0) -> list:
     for _ in range(steps):
         batch = []
         for _ in range(32):
-            row = rng.choice(prompts)
-            p = tok(row["prompt"], add_special_tokens=False).input_ids
-            words = [word(row["target"]) for _ in range(rng.randint(2, 5))]
+            p = tok(rng.choice(prompts), add_special_tokens=False).input_ids
+            words = [rng.choice(ALL_WORDS) for _ in range(rng.randint(2, 5))]
             c = tok("".join(" " + w for w in words), add_special_tokens=False).input_ids + [eos]
             batch.append((p, c))
         width = max(len(p) + len(c) for p, c in batch)

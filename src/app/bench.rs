@@ -51,6 +51,10 @@ pub struct Workload {
     /// Rows per forward/backward in the PPO update (the reward step takes
     /// the whole reward batch at once).
     pub per_device_train_batch_size: usize,
+    /// GRPO and RLOO: prompts per iteration, each answered num_generations
+    /// times with response_length tokens (one optimizer step, beta 0.04).
+    pub online_prompts: usize,
+    pub num_generations: usize,
 }
 
 /// A model shape: config.json's values and the workload.
@@ -85,6 +89,8 @@ impl Shape {
             ("ppo_num_mini_batches", w.ppo_num_mini_batches),
             ("ppo_epochs", w.ppo_epochs),
             ("per_device_train_batch_size", w.per_device_train_batch_size),
+            ("online_prompts", w.online_prompts),
+            ("num_generations", w.num_generations),
         ]
         .into_iter()
         .find(|(_, v)| *v == 0);
@@ -103,6 +109,16 @@ impl Shape {
                 message: format!(
                     "workload.ppo_batch_size {} is not a multiple of ppo_num_mini_batches x per_device_train_batch_size",
                     w.ppo_batch_size
+                ),
+            });
+        }
+        let generation_batch = w.online_prompts * w.num_generations;
+        if w.num_generations < 2 || !generation_batch.is_multiple_of(w.per_device_train_batch_size)
+        {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "workload.num_generations must be at least 2 and online_prompts x num_generations ({generation_batch}) a multiple of per_device_train_batch_size"
                 ),
             });
         }
@@ -130,6 +146,8 @@ pub enum Part {
     Reward,
     Generate,
     Ppo,
+    /// One GRPO or RLOO iteration.
+    Online(Trainer),
 }
 
 impl Part {
@@ -138,9 +156,11 @@ impl Part {
             "reward" => Self::Reward,
             "generate" => Self::Generate,
             "ppo" => Self::Ppo,
+            "grpo" => Self::Online(Trainer::Grpo),
+            "rloo" => Self::Online(Trainer::Rloo),
             other => {
                 return Err(Error::Msg(format!(
-                    "unknown bench part `{other}` (reward, generate, ppo)"
+                    "unknown bench part `{other}` (reward, generate, ppo, grpo, rloo)"
                 )))
             }
         })
@@ -206,6 +226,20 @@ pub struct PpoBench {
     pub peak_rss_mb: f64,
 }
 
+/// One GRPO or RLOO iteration.
+#[derive(Debug, Clone, Serialize)]
+pub struct OnlineBench {
+    pub algo: String,
+    pub prompts: usize,
+    pub num_generations: usize,
+    pub prompt_length: usize,
+    /// The completion budget (max_completion_length).
+    pub response_length: usize,
+    /// Mean phase times over the timed iterations.
+    pub iteration: PhaseTimes,
+    pub peak_rss_mb: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub shape: String,
@@ -229,6 +263,8 @@ pub struct BenchReport {
     pub reward: Option<RewardBench>,
     pub generate: Vec<GenerateBench>,
     pub ppo: Option<PpoBench>,
+    /// The GRPO and RLOO iterations, in the order asked.
+    pub online: Vec<OnlineBench>,
 }
 
 /// Runs the parts of `opts` and returns their figures.
@@ -256,6 +292,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         reward: None,
         generate: Vec::new(),
         ppo: None,
+        online: Vec::new(),
     };
     let w = &opts.shape.workload;
     let vocab = opts.shape.vocab_size()?;
@@ -311,6 +348,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                         peak_rss_mb: peak_rss_mb(),
                     });
                 }
+            }
+            Part::Online(t) => {
+                let iteration = online_iterations(opts, &model_dir, vocab, &mut rng, *t)?;
+                report.online.push(OnlineBench {
+                    algo: t.name().into(),
+                    prompts: w.online_prompts,
+                    num_generations: w.num_generations,
+                    prompt_length: w.prompt_length,
+                    response_length: w.response_length,
+                    iteration,
+                    peak_rss_mb: peak_rss_mb(),
+                });
             }
             Part::Ppo => {
                 let iteration = ppo_iterations(opts, &model_dir, vocab, &mut rng)?;
@@ -620,7 +669,89 @@ fn ppo_iterations(
     let cfg = opts.config.with_overrides(&sets)?;
     let stop = crate::signal::StopSignal::new();
     let run = online::train(&cfg, Trainer::Ppo, &run_dir, false, &stop)?;
-    let timed = &run.times[opts.warmup.min(run.times.len() - 1)..];
+    mean_times(&run.times, opts.warmup)
+}
+
+/// Mean phase times of GRPO or RLOO iterations on random prompts, scored
+/// by the random reward model (`type = "model"`), against the reference
+/// (beta 0.04): one generation batch of online_prompts x num_generations
+/// completions per iteration, one optimizer step (steps_per_generation =
+/// gradient_accumulation_steps), num_iterations 1.
+fn online_iterations(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    vocab: usize,
+    rng: &mut HostRng,
+    trainer: Trainer,
+) -> Result<PhaseTimes> {
+    let w = &opts.shape.workload;
+    let reward_dir = ensure_reward_model(opts, model_dir)?;
+    let iterations = opts.warmup + opts.iters;
+    // Text prompts (TRL's GRPOTrainer and RLOOTrainer read text): random
+    // ids of the shape's tokenizer, decoded; both sides tokenize the same
+    // text, so prompt_length is approximate (the same on both).
+    // Tokens whose text is plain ASCII letters keep their count through
+    // decoding and encoding again, near enough.
+    let tok = crate::tokenizer::Tokenizer::from_dir(model_dir)?;
+    let mut words = Vec::new();
+    for id in 0..tok.inner.get_vocab_size(true).min(vocab) as u32 {
+        let t = tok.decode(&[id])?;
+        if !t.trim().is_empty() && t.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
+            words.push(id);
+        }
+    }
+    let prompts = random_rows(
+        w.online_prompts * iterations,
+        w.prompt_length,
+        words.len(),
+        rng,
+    )
+    .into_iter()
+    .map(|r| {
+        let ids: Vec<u32> = r.iter().map(|&i| words[i as usize]).collect();
+        Ok(json!({ "prompt": tok.decode(&ids)? }))
+    })
+    .collect::<Result<Vec<Value>>>()?;
+    let name = trainer.name();
+    let prompts_path = opts.work_dir.join(format!("{name}-prompts.jsonl"));
+    crate::app::fixtures::write_jsonl(&prompts_path, &prompts)?;
+    let run_dir = opts.work_dir.join(format!("{name}-run"));
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_path(&run_dir)?;
+    }
+    let quoted = |p: &Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+    let micro = w.per_device_train_batch_size;
+    let steps = w.online_prompts * w.num_generations / micro;
+    let sets = [
+        format!("model.name_or_path={}", quoted(model_dir)),
+        format!("train.per_device_train_batch_size={micro}"),
+        format!("train.gradient_accumulation_steps={steps}"),
+        format!("train.max_steps={iterations}"),
+        "train.logging_steps=1".into(),
+        format!("train.save_steps={}", u32::MAX),
+        format!("{name}.dataset={}", quoted(&prompts_path)),
+        format!("{name}.num_generations={}", w.num_generations),
+        format!("{name}.max_completion_length={}", w.response_length),
+        // TRL 1.12 never cuts a prompt: room for the re-encoded text.
+        format!("{name}.max_prompt_length={}", 2 * w.prompt_length),
+        format!("{name}.beta=0.04"),
+        format!("{name}.num_sample_generations=1"),
+    ];
+    let mut cfg = opts.config.with_overrides(&sets)?;
+    cfg.reward_funcs = vec![crate::config::RewardFuncConfig {
+        name: "reward_model".into(),
+        kind: crate::config::RewardFuncType::Model,
+        model: Some(reward_dir.to_string_lossy().into_owned()),
+        ..Default::default()
+    }];
+    let stop = crate::signal::StopSignal::new();
+    let run = online::train(&cfg, trainer, &run_dir, false, &stop)?;
+    mean_times(&run.times, opts.warmup)
+}
+
+/// The mean phase times of the iterations after `warmup`.
+fn mean_times(times: &[PhaseTimes], warmup: usize) -> Result<PhaseTimes> {
+    let timed = &times[warmup.min(times.len() - 1)..];
     let mut mean = PhaseTimes::default();
     for t in timed {
         mean += *t;
@@ -677,6 +808,16 @@ impl std::fmt::Display for BenchReport {
                 g.batch_size, g.prompt_length, g.new_tokens,
                 if g.drawn_on_device { "device" } else { "host" },
                 g.tokens_per_s, g.seconds, g.peak_rss_mb
+            )?;
+        }
+        for o in &self.online {
+            let t = &o.iteration;
+            let share = |x: f64| 100.0 * x / t.total_s;
+            writeln!(
+                f,
+                "| {} iteration, {} prompts x {}, prompt {}, completions {}, beta 0.04 | {:.3} s: generation {:.0}%, log-probs {:.0}%, reward {:.0}%, update {:.0}% | {:.0} MB |",
+                o.algo.to_uppercase(), o.prompts, o.num_generations, o.prompt_length, o.response_length,
+                t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s), o.peak_rss_mb
             )?;
         }
         if let Some(p) = &self.ppo {

@@ -252,7 +252,10 @@ fn eval_scores_any_online_checkpoint_with_the_configs_reward_funcs() {
     assert!(summary["eval/rewards/has_e/mean"].is_f64(), "{summary}");
     // GRPO's beta is 0, yet eval measures the KL (k1, summed per
     // completion: a sample mean, negative at times) to the initial policy.
-    assert!(summary["eval/kl"].as_f64().unwrap().is_finite(), "{summary}");
+    assert!(
+        summary["eval/kl"].as_f64().unwrap().is_finite(),
+        "{summary}"
+    );
     let lines = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 32 * 4);
     // Without reward functions, one clear error.
