@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, Manifest};
 use crate::config::{Config, RewardFuncConfig, RewardFuncType};
-use crate::data::prompts::{load_prompt_rows, PromptReport};
+use crate::data::prompts::PromptReport;
 use crate::generate::{generate as sample, Sampling};
 use crate::hub::{self, HubSettings};
 use crate::models::{load_dir_frozen, resolve_model, CausalLm};
@@ -306,15 +306,7 @@ pub fn evaluate_policy(
     let reference = CausalLm::load(ref_vb, &ref_arch, true)?;
     let template =
         crate::chat::TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
-    let (rows, report) = load_prompt_rows(
-        prompts,
-        split,
-        &tok,
-        &template,
-        s.o.max_prompt_length,
-        s.o.truncate_prompts,
-        &hub,
-    )?;
+    let (rows, report) = s.load_prompts(&tok, &template, prompts, split)?;
     let m = Models {
         sampler: &sampler,
         reference: Some(&reference),

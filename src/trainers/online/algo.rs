@@ -23,11 +23,14 @@ use super::critic::Critic;
 use super::rollout::{policy_outputs, Batch, Forward, Needs, Rollout, Scored};
 use super::stats::{mean, std, var, Stats};
 use super::Models;
+use crate::chat::TemplateSource;
 use crate::config::{
     AdvantageEstimator, Config, GrpoLossType, ImportanceSamplingLevel, KlEstimator, OnlineKeys,
     ScaleRewards, TrainConfig,
 };
+use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
 use crate::generate::Sampling;
+use crate::hub::HubSettings;
 use crate::models::CausalLm;
 use crate::optim::{LossPart, TrainCore};
 use crate::rl;
@@ -260,6 +263,29 @@ impl<'a> Settings<'a> {
     /// Micro-batches per rollout.
     pub fn steps_per_generation(&self) -> usize {
         self.batch / self.micro
+    }
+
+    /// The prompt rows of `spec` (a file or a dataset read at `split`), cut
+    /// or dropped at max_prompt_length.
+    pub fn load_prompts(
+        &self,
+        tok: &Tokenizer,
+        template: &TemplateSource,
+        spec: &str,
+        split: &str,
+    ) -> Result<(Vec<PromptRow>, PromptReport)> {
+        let (o, hub) = (&self.o, HubSettings::from_env());
+        let rows = load_prompt_rows(
+            spec,
+            split,
+            tok,
+            template,
+            o.max_prompt_length,
+            o.truncate_prompts,
+            &hub,
+        )?;
+        tracing::info!("{spec}: {}", rows.1);
+        Ok(rows)
     }
 
     /// The reference model the algorithm's section names.

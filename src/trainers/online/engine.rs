@@ -32,7 +32,7 @@ use super::Models;
 use crate::chat::TemplateSource;
 use crate::checkpoint::{self, Manifest, TrainerState};
 use crate::config::{Config, ModelInit};
-use crate::data::prompts::{load_prompt_rows, PromptReport, PromptRow};
+use crate::data::prompts::{PromptReport, PromptRow};
 use crate::hub::HubSettings;
 use crate::metrics::Progress;
 use crate::models::{resolve_model, CausalLm};
@@ -214,24 +214,12 @@ pub fn train_with_rewards(
 
     // Setup: prompts, with their other columns for the reward functions.
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());
-    let load = |spec: &str, split: &str| {
-        load_prompt_rows(
-            spec,
-            split,
-            &tok,
-            &template,
-            s.o.max_prompt_length,
-            s.o.truncate_prompts,
-            &hub,
-        )
-    };
-    let (prompts, report) = load(s.o.data.train()?, s.o.data.train_split)?;
-    tracing::info!("{}: {report}", s.o.data.dataset);
+    let (prompts, report) =
+        s.load_prompts(&tok, &template, s.o.data.train()?, s.o.data.train_split)?;
     let eval_prompts: Vec<PromptRow> = match s.o.data.eval_dataset {
         Some(spec) => {
-            let (e, r) = load(spec, s.o.data.test_split)?;
-            tracing::info!("{spec}: {r}");
-            e
+            s.load_prompts(&tok, &template, spec, s.o.data.test_split)?
+                .0
         }
         None => Vec::new(),
     };
