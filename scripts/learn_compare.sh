@@ -79,7 +79,7 @@ eval_dataset = "$OUT/data/eval.jsonl"   # default: none (no evaluation)
 max_prompt_length = 64             # default 512: prompts here are under 10 tokens
 num_generations = 8
 num_generations_eval = 32          # default: num_generations; 25 held-out prompts x 32 = 800 completions per evaluation
-max_completion_length = 16         # default 256: completions here are 2-6 tokens and EOS
+max_completion_length = 16         # default 512 (256 before beb95cf): completions here are 2-6 tokens and EOS
 temperature = 1.0
 top_p = 1.0
 beta = 0.04                        # default 0.0 (TRL 1.12's too): a k3 KL to the initial policy
@@ -98,7 +98,7 @@ eval_dataset = "$OUT/data/eval.jsonl"   # default: none (no evaluation)
 max_prompt_length = 64             # default 512
 num_generations = 8                # default 2: the same groups as GRPO
 num_generations_eval = 32          # default: num_generations
-max_completion_length = 16         # default 256
+max_completion_length = 16         # default 512 (256 before beb95cf)
 temperature = 1.0
 top_p = 1.0
 beta = 0.05

@@ -86,12 +86,8 @@ impl Trainer {
 impl Algo {
     /// The algorithm of subcommand `command` ("ppo", "grpo" or "rloo") under `cfg`.
     pub fn of(cfg: &Config, command: &str) -> Result<Algo> {
-        let t = match command {
-            "ppo" => Trainer::Ppo,
-            "grpo" => Trainer::Grpo,
-            "rloo" => Trainer::Rloo,
-            other => return Err(Error::Msg(format!("`{other}` is not an online trainer"))),
-        };
+        let t = <Trainer as clap::ValueEnum>::from_str(command, false)
+            .map_err(|_| Error::Msg(format!("`{command}` is not an online trainer")))?;
         Ok(t.algo(cfg))
     }
 
@@ -127,29 +123,20 @@ impl Algo {
         self.trainer() == Trainer::Ppo
     }
 
-    /// Step 2: which forwards the rollout needs.
+    /// Step 2: which forwards the rollout needs. PPO and REINFORCE++: the
+    /// old and reference log-probs of their per-token reward (PPO: and the
+    /// values). GRPO and RLOO: the log-probs as sampled only when the batch
+    /// serves more than one optimizer step, or for RLOO's KL in the reward
+    /// (otherwise the step's own forward, detached, is the same); the
+    /// reference's when beta > 0.
     pub(crate) fn needs(self, s: &Settings, t: &TrainConfig) -> Needs {
-        match self {
-            Algo::Ppo => Needs {
-                old: true,
-                reference: true,
-                values: true,
-            },
-            Algo::Reinforce { .. } => Needs {
-                old: true,
-                reference: true,
-                values: false,
-            },
-            // The log-probs as sampled are needed when the batch serves
-            // more than one optimizer step, or for RLOO's KL in the reward;
-            // otherwise the step's own forward, detached, is the same.
-            Algo::Grpo | Algo::Rloo => Needs {
-                old: s.passes() > 1
-                    || s.steps_per_generation() > t.gradient_accumulation_steps
-                    || (self == Algo::Rloo && s.o.beta > 0.0),
-                reference: s.o.beta > 0.0,
-                values: false,
-            },
+        let (ppo, beta) = (self.ppo_family(), s.o.beta > 0.0);
+        let several_steps =
+            s.passes() > 1 || s.steps_per_generation() > t.gradient_accumulation_steps;
+        Needs {
+            old: ppo || several_steps || (self == Algo::Rloo && beta),
+            reference: ppo || beta,
+            values: self == Algo::Ppo,
         }
     }
 }
