@@ -337,8 +337,9 @@ pub(crate) struct Targets {
     /// (B, width): PPO's returns and the critic's values at the rollout.
     pub returns: Option<Tensor>,
     pub values: Option<Tensor>,
-    /// The per-completion advantages, for samples.jsonl.
-    pub shown: Vec<f64>,
+    /// GRPO's and RLOO's advantage of each completion, for samples.jsonl
+    /// (PPO's and REINFORCE++'s are per token: none).
+    pub per_completion: Option<Vec<f64>>,
     /// The mean KL per sequence (adaptive KL's input).
     pub kl_per_sequence: f64,
     /// The rollout's metrics.
@@ -463,7 +464,7 @@ fn ppo_targets(
         advantages,
         returns,
         values,
-        shown: to64(scores),
+        per_completion: None,
         kl_per_sequence: kl_seq,
         figures,
     })
@@ -587,7 +588,7 @@ fn group_targets(
         advantages: Tensor::from_vec(adv32, (ro.len(), 1), device)?,
         returns: None,
         values: None,
-        shown: advantages,
+        per_completion: Some(advantages),
         kl_per_sequence,
         figures,
     })

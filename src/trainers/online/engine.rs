@@ -431,9 +431,17 @@ pub fn train_with_rewards(
             run.metrics.log(state.step, &f)?;
         }
         if state.step.is_multiple_of(sample_every) || state.step == total {
-            // A few completions with their rewards and advantages (PPO: scores).
-            let rows = (scored.texts.iter().zip(&scored.total).zip(&tg.shown).take(8))
-                .map(|(((p, c), r), a)| json!({"step": state.step, "prompt": p, "completion": c, "reward": r, "advantage": a}));
+            // A few completions with their rewards (GRPO, RLOO: and advantages).
+            let rows = (0..scored.total.len().min(8)).map(|i| {
+                let (p, c) = &scored.texts[i];
+                let r = scored.total[i];
+                let mut row =
+                    json!({"step": state.step, "prompt": p, "completion": c, "reward": r});
+                if let Some(a) = &tg.per_completion {
+                    row["advantage"] = json!(a[i]);
+                }
+                row
+            });
             io::append_jsonl(&run.path.join("samples.jsonl"), rows)?;
         }
         let reward =
