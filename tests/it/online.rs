@@ -54,6 +54,16 @@ fn config(
     cfg
 }
 
+/// A regex reward: 1 when the completion has an "e".
+fn has_e() -> Vec<RewardFuncConfig> {
+    vec![RewardFuncConfig {
+        name: "has_e".into(),
+        kind: RewardFuncType::Regex,
+        pattern: Some("e".into()),
+        ..Default::default()
+    }]
+}
+
 #[test]
 fn prompts_that_tokenize_alike_keep_their_own_columns() {
     // Regression: completions found their prompt row by its token ids, so
@@ -95,9 +105,7 @@ fn prompts_that_tokenize_alike_keep_their_own_columns() {
                 .collect();
             assert_eq!(rewards, want, "{}", t.name());
         }
-        // Training batches score each row with its own answer too: every
-        // batch's mean is a share of rows with answer "", never all or none
-        // of a pair.
+        // The training iterations log the function's mean as well.
         let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
         assert!(metrics.contains("rewards/match/mean"), "{metrics}");
     }
@@ -107,12 +115,7 @@ fn prompts_that_tokenize_alike_keep_their_own_columns() {
 fn evaluation_draws_num_generations_eval_completions_per_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures_root().join(candle_rlhf::app::fixtures::PREFERENCES);
-    let funcs = vec![RewardFuncConfig {
-        name: "has_e".into(),
-        kind: RewardFuncType::Regex,
-        pattern: Some("e".into()),
-        ..Default::default()
-    }];
+    let funcs = has_e();
     let eval_rows = 32; // eval_prompts(): 32 held-out prompts
     for (t, key, group) in [
         (Trainer::Grpo, Some("grpo.num_generations_eval=3"), 3),
@@ -225,12 +228,7 @@ fn eval_scores_any_online_checkpoint_with_the_configs_reward_funcs() {
     use candle_rlhf::app::commands::{eval, EvalOptions};
     let tmp = tempfile::tempdir().unwrap();
     let data = fixtures_root().join(candle_rlhf::app::fixtures::PREFERENCES);
-    let funcs = vec![RewardFuncConfig {
-        name: "has_e".into(),
-        kind: RewardFuncType::Regex,
-        pattern: Some("e".into()),
-        ..Default::default()
-    }];
+    let funcs = has_e();
     let dir = tmp.path().join("grpo");
     let cfg = config(Trainer::Grpo, &dir, &data, funcs.clone(), &[]);
     let run = online::train(&cfg, Trainer::Grpo, &dir, false, &StopSignal::new()).unwrap();

@@ -370,8 +370,12 @@ pub fn train_with_rewards(
         for _ in 0..s.passes() {
             let order = state.rng(algo.command()).permutation(s.batch);
             for step_rows in order.chunks(s.step_rows) {
-                // DAPO divides by the real tokens of the whole optimizer step.
-                let step_tokens = algo::token_count(&tg.mask, step_rows, &device)?;
+                // DAPO divides by the real tokens of the whole optimizer step
+                // (only GRPO's loss reads them).
+                let step_tokens = match algo {
+                    Algo::Grpo => algo::token_count(&tg.mask, step_rows, &device)?,
+                    _ => 0.0,
+                };
                 params.begin_step(state.optimizer_steps);
                 for rows in step_rows.chunks(s.micro) {
                     let mb = MicroBatch::new(&m, &policy, &ro, &fwd, &tg, rows)?;
