@@ -21,11 +21,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use sections::{
-    AdvantageEstimator, DatasetConfig, GenerateConfig, GrpoConfig, GrpoLossType,
-    ImportanceSamplingLevel, InitLoraWeights, KlEstimator, LoraConfig, LrSchedulerType,
-    ModelConfig, ModelInit, OnlineKeys, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType,
-    RlooConfig, RunConfig, ScaleRewards, SftConfig, StopToken, TargetModules, TrainConfig,
-    ValueModel,
+    AdvantageEstimator, DatasetConfig, DpoConfig, DpoLossType, FDivergenceType, GenerateConfig,
+    GrpoConfig, GrpoLossType, ImportanceSamplingLevel, InitLoraWeights, KlEstimator, LoraConfig,
+    LrSchedulerType, ModelConfig, ModelInit, OnlineKeys, PpoConfig, RewardConfig, RewardFuncConfig,
+    RewardFuncType, RlooConfig, RunConfig, ScaleRewards, SftConfig, StopToken, TargetModules,
+    TrainConfig, TruncationMode, ValueModel,
 };
 
 use crate::{Error, Result};
@@ -48,6 +48,8 @@ pub struct Config {
     pub sft: SftConfig,
     /// Reward-model training (TRL's RewardConfig).
     pub reward: RewardConfig,
+    /// DPO (TRL's DPOConfig).
+    pub dpo: DpoConfig,
     /// PPO (TRL's PPOConfig).
     pub ppo: PpoConfig,
     /// GRPO (TRL's GRPOConfig).

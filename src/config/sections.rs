@@ -218,6 +218,8 @@ section! {
         pub save_total_limit: Option<usize> = Some(3),
         /// Evaluate every this many steps (unset: at the end only).
         pub eval_steps: Option<u64> = None,
+        /// Evaluate before the first update (transformers' name). Unset: false for sft, reward and dpo (as in transformers), true for ppo, grpo and rloo.
+        pub eval_on_start: Option<bool> = None,
         /// Stop the run after this many consecutive steps with a NaN/inf loss or gradient.
         pub max_nonfinite_steps: usize = 5,
     }
@@ -630,6 +632,154 @@ online_section! {
         pub normalize_advantages: bool = false,
         /// Clamp the summed reward to [min, max] before the KL penalty (unset: no clamp).
         pub reward_clip_range: Option<[f64; 2]> = None,
+    }
+}
+
+/// One DPO loss (TRL 1.12's `loss_type` names; see `rl::dpo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossType {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    ExoPair,
+    NcaPair,
+    Robust,
+    BcoPair,
+    SppoHard,
+    Aot,
+    AotUnpaired,
+    ApoZero,
+    ApoDown,
+    Discopop,
+    Sft,
+    SigmoidNorm,
+}
+
+impl DpoLossType {
+    /// The config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Hinge => "hinge",
+            Self::Ipo => "ipo",
+            Self::ExoPair => "exo_pair",
+            Self::NcaPair => "nca_pair",
+            Self::Robust => "robust",
+            Self::BcoPair => "bco_pair",
+            Self::SppoHard => "sppo_hard",
+            Self::Aot => "aot",
+            Self::AotUnpaired => "aot_unpaired",
+            Self::ApoZero => "apo_zero",
+            Self::ApoDown => "apo_down",
+            Self::Discopop => "discopop",
+            Self::Sft => "sft",
+            Self::SigmoidNorm => "sigmoid_norm",
+        }
+    }
+}
+
+/// The f-divergence of f-DPO (Wang et al., 2023): what a log-ratio becomes before the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergenceType {
+    ReverseKl,
+    ForwardKl,
+    JsDivergence,
+    AlphaDivergence,
+}
+
+/// Which end of an over-long sequence DPO keeps (TRL's `truncation_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncationMode {
+    KeepStart,
+    /// Deprecated in TRL 1.12 (accepted with its warning).
+    KeepEnd,
+}
+
+/// `loss_type = "ipo"` or `loss_type = ["sigmoid", "sft"]`: one name or a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<DpoLossType>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(DpoLossType),
+        Many(Vec<DpoLossType>),
+    }
+    let names = "sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft or sigmoid_norm";
+    let v = toml::Value::deserialize(d)?;
+    match OneOrMany::deserialize(v.clone()) {
+        Ok(OneOrMany::One(t)) => Ok(vec![t]),
+        Ok(OneOrMany::Many(ts)) => Ok(ts),
+        Err(_) => Err(serde::de::Error::custom(format!(
+            "unknown loss type {v}: expected one of {names}, or a list of them"
+        ))),
+    }
+}
+
+dataset_section! {
+    /// DPO (TRL 1.12's DPOConfig, with its names and defaults unless a line
+    /// says otherwise). Rows have `chosen`, `rejected` and optionally
+    /// `prompt` (text or messages). Optimizer, batch sizes (in pairs), steps
+    /// and schedule come from `[train]`.
+    pub struct DpoConfig("dpo") {
+        /// Fraction of the pairs held out for evaluation (seeded split) when there is no eval_dataset.
+        pub eval_ratio: f64 = 0.1,
+        /// The reference model (default: a frozen copy of the initial policy; with `[lora]`, the policy's base with its adapters off).
+        pub ref_model: Option<String> = None,
+        /// Dtype of the frozen reference (default: the run's dtype).
+        pub ref_dtype: Option<DTypeName> = None,
+        /// Temperature of the implicit reward beta * log(pi / pi_ref); IPO's tau.
+        pub beta: f64 = 0.1,
+        /// One loss name or a list, summed with loss_weights.
+        #[serde(deserialize_with = "one_or_many")]
+        pub loss_type: Vec<DpoLossType> = vec![DpoLossType::Sigmoid],
+        /// A weight per loss_type (unset: 1.0 each).
+        pub loss_weights: Option<Vec<f64>> = None,
+        /// Assumed share of flipped labels (cDPO / robust; EXO's epsilon).
+        pub label_smoothing: f64 = 0.0,
+        /// Prompt + completion are cut to this many tokens.
+        pub max_length: usize = 1024,
+        /// keep_start (cut the end; rows whose prompt alone fills max_length are dropped) | keep_end (deprecated).
+        pub truncation_mode: TruncationMode = TruncationMode::KeepStart,
+        /// Compute every pair's reference log-probs once before training, free the reference, keep them in the run directory.
+        pub precompute_ref_log_probs: bool = false,
+        /// Pairs per reference forward when precomputing (unset: train.per_device_eval_batch_size).
+        pub precompute_ref_batch_size: Option<usize> = None,
+        /// WPO (Zhou et al., 2024): weight each pair by the policy's length-normalised probability of both completions.
+        pub use_weighting: bool = false,
+        /// LD-DPO (Liu et al., 2024): tokens past the shorter completion's length count ld_alpha times (unset: 1).
+        pub ld_alpha: Option<f64> = None,
+        /// reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence.
+        pub f_divergence_type: FDivergenceType = FDivergenceType::ReverseKl,
+        /// alpha of alpha_divergence.
+        pub f_alpha_divergence_coef: f64 = 0.5,
+        /// DiscoPOP's temperature (the paper's 0.05).
+        pub discopop_tau: f64 = 0.05,
+        /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
+        pub disable_dropout: bool = true,
+        /// Ignored with a warning, as TRL 1.12 ignores it: sequences are padded.
+        pub padding_free: bool = false,
+        /// TR-DPO's reference sync: not implemented, refused when true.
+        pub sync_ref_model: bool = false,
+        /// TR-DPO: read only with sync_ref_model, which is refused.
+        pub ref_model_mixup_alpha: f64 = 0.6,
+        /// TR-DPO: read only with sync_ref_model, which is refused.
+        pub ref_model_sync_steps: u64 = 512,
+    }
+}
+
+impl DpoConfig {
+    /// (loss, weight) for each loss_type.
+    pub fn losses(&self) -> Vec<(DpoLossType, f64)> {
+        let weights = self.loss_weights.clone().unwrap_or_default();
+        self.loss_type
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t, weights.get(i).copied().unwrap_or(1.0)))
+            .collect()
     }
 }
 

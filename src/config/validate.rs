@@ -3,9 +3,9 @@
 //! and what it must be. The first rule that fails is the error.
 
 use super::{
-    Config, GenerateConfig, GrpoConfig, InitLoraWeights, LoraConfig, OnlineKeys, PpoConfig,
-    RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig, SftConfig, TargetModules,
-    TrainConfig,
+    Config, DpoConfig, DpoLossType, FDivergenceType, GenerateConfig, GrpoConfig, InitLoraWeights,
+    LoraConfig, OnlineKeys, PpoConfig, RewardConfig, RewardFuncConfig, RewardFuncType, RlooConfig,
+    SftConfig, TargetModules, TrainConfig,
 };
 use crate::{Error, Result};
 
@@ -126,6 +126,40 @@ fn reward_rules(r: &RewardConfig) -> Vec<Rule> {
         rule("reward.max_length", r.max_length, r.max_length >= 2, "must be at least 2 tokens"),
         rule("reward.eval_ratio", r.eval_ratio, (0.0..1.0).contains(&r.eval_ratio), UNIT_HALF_OPEN),
         rule_opt("reward.center_rewards_coefficient", r.center_rewards_coefficient, non_negative, NON_NEGATIVE),
+    ]
+}
+
+/// The combinations TRL 1.12's DPOTrainer refuses, with its reasons, and
+/// the bounds the losses need.
+#[rustfmt::skip]
+fn dpo_rules(d: &DpoConfig) -> Vec<Rule> {
+    use DpoLossType::*;
+    let names = |ts: &[DpoLossType]| ts.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+    let f_ok = [Sigmoid, SigmoidNorm, Hinge, Ipo, ExoPair, Robust, Discopop, Sft];
+    let f_default = d.f_divergence_type == FDivergenceType::ReverseKl;
+    let has = |t: DpoLossType| d.loss_type.contains(&t);
+    let weights = d.loss_weights.as_ref().map_or(d.loss_type.len(), Vec::len);
+    vec![
+        rule("dpo.loss_type", "[]", !d.loss_type.is_empty(), "needs at least one loss"),
+        rule("dpo.loss_weights", format!("{weights} weights"), weights == d.loss_type.len(),
+            &format!("must have the same length as `loss_type` when combining multiple losses ({} loss types)", d.loss_type.len())),
+        rule("dpo.f_divergence_type", format!("{:?} with [{}]", d.f_divergence_type, names(&d.loss_type)),
+            f_default || d.loss_type.iter().all(|t| f_ok.contains(t)),
+            "a non-default f_divergence_type is only supported for hinge, ipo, exo_pair, robust, discopop, sft, sigmoid and sigmoid_norm (TRL: the f-DPO reparameterization leaves a beta log Z(x) term that only cancels in the chosen-rejected reward difference); use reverse_kl with these losses"),
+        rule("dpo.use_weighting", "true with aot", !(d.use_weighting && (has(Aot) || has(AotUnpaired))),
+            "WPO-style weighting is not implemented for aot or aot_unpaired, because those losses sort samples, which would misalign per-pair weights (TRL's reason)"),
+        rule("dpo.label_smoothing", d.label_smoothing, !(has(ExoPair) && d.label_smoothing == 0.0),
+            "must be greater than 0.0 with the exo_pair loss; the EXO paper recommends 1e-3"),
+        rule("dpo.label_smoothing", d.label_smoothing, (0.0..1.0).contains(&d.label_smoothing), UNIT_HALF_OPEN),
+        rule("dpo.beta", d.beta, positive(d.beta), POSITIVE),
+        rule("dpo.max_length", d.max_length, d.max_length >= 2, "must be at least 2 tokens"),
+        rule("dpo.eval_ratio", d.eval_ratio, (0.0..1.0).contains(&d.eval_ratio), UNIT_HALF_OPEN),
+        rule("dpo.discopop_tau", d.discopop_tau, positive(d.discopop_tau), POSITIVE),
+        rule("dpo.f_alpha_divergence_coef", d.f_alpha_divergence_coef, d.f_alpha_divergence_coef.is_finite(), "must be finite"),
+        rule_opt("dpo.ld_alpha", d.ld_alpha, non_negative, NON_NEGATIVE),
+        rule_opt("dpo.precompute_ref_batch_size", d.precompute_ref_batch_size, |n| n >= 1, AT_LEAST_1),
+        rule("dpo.sync_ref_model", d.sync_ref_model, !d.sync_ref_model,
+            "TR-DPO's reference sync (sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps) is not implemented; set sync_ref_model = false"),
     ]
 }
 
@@ -311,6 +345,7 @@ pub fn validate(c: &Config) -> Result<()> {
         generate_rules(&c.generate),
         sft_rules(&c.sft),
         reward_rules(&c.reward),
+        dpo_rules(&c.dpo),
         ppo_rules(&c.ppo, &c.train, c.run.threads),
         grpo_rules(&c.grpo, &c.train),
         rloo_rules(&c.rloo, &c.train),

@@ -9,6 +9,8 @@
 //! Names follow TRL's PPOTrainer and "The N+ Implementation Details of RLHF
 //! with PPO" (Huang et al., 2024).
 
+pub mod dpo;
+
 use candle_core::{DType, Tensor, D};
 
 use crate::config::KlEstimator;
