@@ -23,6 +23,7 @@ golden: fixtures
 	.venv-golden/bin/python scripts/make_golden_chat.py tests
 	.venv-golden/bin/python scripts/make_golden_render.py tests
 	.venv-golden/bin/python scripts/make_tiny_policy.py fixtures/models/learn-llama
+	.venv-golden/bin/python scripts/make_golden_dpo.py fixtures tests
 
 fmt:
 	cargo fmt --all

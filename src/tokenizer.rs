@@ -142,6 +142,12 @@ impl Tokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// The text of token `id` as the vocabulary writes it (`tokenizer.eos_token`
+    /// for the EOS id); empty for an id outside it.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)

@@ -4,6 +4,7 @@
 //! ids ([`batch`]). The common names are re-exported here.
 
 pub mod batch;
+pub mod dpo;
 pub mod preference;
 pub mod prompts;
 pub mod records;
