@@ -17,7 +17,7 @@ use candle_rlhf::Error;
 #[command(
     name = "candle-rlhf",
     version,
-    about = "RLHF on Candle: SFT, reward models (Bradley-Terry) and PPO with a KL penalty"
+    about = "RLHF on Candle: SFT, reward models (Bradley-Terry), DPO, and PPO, GRPO and RLOO with a KL penalty"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +41,9 @@ enum Command {
     Sft(TrainArgs),
     /// Train a reward model on preference pairs (stage 2).
     Reward(TrainArgs),
+    /// DPO and its loss family on preference pairs, no reward model (TRL's
+    /// DPOTrainer; [dpo]).
+    Dpo(TrainArgs),
     /// PPO against a reward model with a KL penalty to a reference (stage 3).
     Ppo(TrainArgs),
     /// GRPO: groups of completions per prompt, advantages against the group,
@@ -156,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sft(t) => cli::train(t, TrainCommand::Sft)?,
         Command::Reward(t) => cli::train(t, TrainCommand::Reward)?,
+        Command::Dpo(t) => cli::train(t, TrainCommand::Dpo)?,
         Command::Ppo(t) => cli::train(t, TrainCommand::Online(Trainer::Ppo))?,
         Command::Grpo(t) => cli::train(t, TrainCommand::Online(Trainer::Grpo))?,
         Command::Rloo(t) => cli::train(t, TrainCommand::Online(Trainer::Rloo))?,

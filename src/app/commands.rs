@@ -44,6 +44,7 @@ pub fn check_fixtures(paths: &[&str]) -> Result<()> {
 pub enum TrainCommand {
     Sft,
     Reward,
+    Dpo,
     Online(Trainer),
 }
 
@@ -52,12 +53,13 @@ impl TrainCommand {
         match self {
             TrainCommand::Sft => "sft",
             TrainCommand::Reward => "reward",
+            TrainCommand::Dpo => "dpo",
             TrainCommand::Online(t) => t.name(),
         }
     }
 }
 
-/// `sft`, `reward`, `ppo`, `grpo`, `rloo`: trains (or resumes) in `dir`
+/// `sft`, `reward`, `dpo`, `ppo`, `grpo`, `rloo`: trains (or resumes) in `dir`
 /// and reports the checkpoint, the figures and the run directory.
 pub fn train(
     cfg: &Config,
@@ -70,6 +72,7 @@ pub fn train(
     paths.push(match command {
         TrainCommand::Sft => &cfg.sft.dataset,
         TrainCommand::Reward => &cfg.reward.dataset,
+        TrainCommand::Dpo => &cfg.dpo.dataset,
         TrainCommand::Online(Trainer::Ppo) => &cfg.ppo.dataset,
         TrainCommand::Online(Trainer::Grpo) => &cfg.grpo.dataset,
         TrainCommand::Online(Trainer::Rloo) => &cfg.rloo.dataset,
@@ -102,6 +105,15 @@ pub fn train(
                 "reward model: {}\nsteps: {}, eval accuracy {:.4}, eval loss {:.4}, {:.3} s/step\ndata: {}\nrun: {}",
                 o.checkpoint.display(), o.steps, o.eval_accuracy, o.eval_loss,
                 o.seconds_per_step, o.data, o.run_dir.display()
+            );
+        }
+        TrainCommand::Dpo => {
+            let o = crate::trainers::dpo::train(cfg, dir, resume, stop)?;
+            let _ = write!(
+                s,
+                "model: {}\nsteps: {}, eval loss {:.4}, eval rewards/accuracies {:.4}, eval rewards/margins {:.4}, {:.3} s/step\ndata: {}\nrun: {}",
+                o.checkpoint.display(), o.steps, o.eval("eval_loss"), o.eval("eval_rewards/accuracies"),
+                o.eval("eval_rewards/margins"), o.seconds_per_step, o.data, o.run_dir.display()
             );
         }
         TrainCommand::Online(t) => {
