@@ -5,6 +5,7 @@ mod chat;
 mod checkpoint;
 mod cli;
 mod config;
+mod dpo;
 mod grpo;
 mod hub;
 mod layout;
