@@ -223,12 +223,18 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
-    // 5. The loop: accumulate micro-batches, step, log, evaluate, checkpoint.
+    // 5. The loop: accumulate micro-batches, step, log, evaluate, checkpoint
+    // (after an evaluation at step 0 with eval_on_start).
+    let mut eval_figures: Vec<(String, f64)> = Vec::new();
+    if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {
+        params.set_training(false);
+        eval_figures = eval_stats(&model, &eval_pairs, cfg, tok.pad_id, &device)?.figures("eval_");
+        run.metrics.log(0, &eval_figures)?;
+    }
     let progress = Progress::new(total, "reward");
     let started = Instant::now();
     let first_step = state.step;
     let mut last_checkpoint = None;
-    let mut eval_figures: Vec<(String, f64)> = Vec::new();
     let mut tokens_this_run = 0usize;
     while state.step < total {
         let step = state.step;

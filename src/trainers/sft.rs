@@ -179,12 +179,30 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
-    // 5. The loop.
+    // 5. The loop (after an evaluation at step 0 with eval_on_start).
+    let mut eval_figures = (f64::NAN, f64::NAN);
+    let log_eval = |run: &mut RunDir, step: u64, figures: (f64, f64)| {
+        let named = [
+            ("eval_loss", figures.0),
+            ("eval_mean_token_accuracy", figures.1),
+        ];
+        run.metrics.log(step, &named)
+    };
+    if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_rows.is_empty() {
+        params.set_training(false);
+        eval_figures = eval_loss(
+            &lm,
+            &eval_rows,
+            t.per_device_eval_batch_size,
+            tok.pad_id,
+            &device,
+        )?;
+        log_eval(&mut run, 0, eval_figures)?;
+    }
     let progress = Progress::new(total, "sft");
     let started = Instant::now();
     let first_step = state.step;
     let mut last_checkpoint = None;
-    let mut eval_figures = (f64::NAN, f64::NAN);
     let mut tokens_this_run = 0usize;
     while state.step < total {
         let step = state.step;
@@ -234,13 +252,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             let batch = t.per_device_eval_batch_size;
             params.set_training(false);
             eval_figures = eval_loss(&lm, &eval_rows, batch, tok.pad_id, &device)?;
-            run.metrics.log(
-                state.step,
-                &[
-                    ("eval_loss", eval_figures.0),
-                    ("eval_mean_token_accuracy", eval_figures.1),
-                ],
-            )?;
+            log_eval(&mut run, state.step, eval_figures)?;
         }
         let stopping = stop.requested();
         checkpoint_if_due(

@@ -524,3 +524,72 @@ fn bad_rows_are_counted_or_refused_with_their_file_and_line() {
     let e = run(&mixed, &[]).unwrap_err().to_string();
     assert!(e.contains("line"), "{e}");
 }
+
+#[test]
+fn eval_on_start_evaluates_at_step_0_where_asked_and_not_where_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = format!(
+        "model.name_or_path={:?}",
+        model_dir("tiny-gpt2").to_string_lossy()
+    );
+    let data = |section: &str, file: &str| {
+        format!(
+            "{section}.dataset={:?}",
+            fixtures_root().join(file).to_string_lossy()
+        )
+    };
+    let load = |preset: &str, sets: Vec<String>| {
+        let mut all = vec![
+            model.clone(),
+            crate::device_setting(),
+            "train.max_steps=1".to_string(),
+        ];
+        all.extend(sets);
+        Config::load(Some(&crate::repo().join("configs").join(preset)), &all).unwrap()
+    };
+    let evaluated_at_0 = |dir: &Path| {
+        metrics(dir)
+            .iter()
+            .any(|m| m["step"] == 0 && m.get("eval_loss").is_some())
+    };
+    let stop = StopSignal::new();
+    for on in [false, true] {
+        let on_set = if on {
+            vec!["train.eval_on_start=true".to_string()]
+        } else {
+            vec![]
+        };
+        // sft and reward: off unless asked, as in transformers.
+        let dir = tmp.path().join(format!("sft-{on}"));
+        let sets = [
+            vec![data("sft", "data/sft.jsonl"), "sft.eval_ratio=0.1".into()],
+            on_set.clone(),
+        ]
+        .concat();
+        candle_rlhf::trainers::sft::train(&load("sft-tiny.toml", sets), &dir, false, &stop)
+            .unwrap();
+        assert_eq!(evaluated_at_0(&dir), on, "sft");
+        let dir = tmp.path().join(format!("reward-{on}"));
+        let sets = [vec![data("reward", "data/preferences.jsonl")], on_set].concat();
+        candle_rlhf::trainers::reward::train(&load("reward-tiny.toml", sets), &dir, false, &stop)
+            .unwrap();
+        assert_eq!(evaluated_at_0(&dir), on, "reward");
+    }
+    // grpo (like ppo and rloo): on unless turned off.
+    for (set, on) in [(None, true), (Some("train.eval_on_start=false"), false)] {
+        let dir = tmp.path().join(format!("grpo-{on}"));
+        let eval = format!("grpo.eval_dataset={:?}", fixtures_root().join("data/preferences.jsonl").to_string_lossy());
+        let mut sets = vec![data("grpo", "data/preferences.jsonl"), eval];
+        sets.extend(set.map(String::from));
+        let cfg = load("grpo-tiny.toml", sets);
+        let o = candle_rlhf::trainers::online::train(
+            &cfg,
+            candle_rlhf::trainers::online::Trainer::Grpo,
+            &dir,
+            false,
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(o.eval_before.is_some(), on, "grpo");
+    }
+}

@@ -311,7 +311,7 @@ pub fn train_with_rewards(
         }
     };
     let mut eval_before = None;
-    if state.step == 0 {
+    if state.step == 0 && t.eval_on_start.unwrap_or(true) {
         eval_before = eval_now(&m)?;
         if let Some(e) = &eval_before {
             log_eval(&mut run, 0, e)?;
