@@ -107,7 +107,8 @@ enum Command {
         /// arithmetic (GRPO with a verifiable exact-match reward).
         #[arg(long, value_enum, default_value = "reviews")]
         task: candle_rlhf::app::demo::DemoTask,
-        /// The RL stage: ppo, grpo, rloo, or all (the three, side by side).
+        /// The stage after the reward model: ppo, grpo, rloo (against it),
+        /// dpo (on its preference pairs), or all (the four, side by side).
         #[arg(long, value_enum, default_value = "ppo")]
         algo: candle_rlhf::app::demo::AlgoChoice,
     },
@@ -200,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", candle_rlhf::app::arith::run(&out, fast, seed)?);
                 return Ok(());
             }
-            let algos = algo.trainers();
+            let algos = algo.algos();
             let o = demo::DemoOptions {
                 out,
                 fast,

@@ -578,7 +578,12 @@ fn eval_on_start_evaluates_at_step_0_where_asked_and_not_where_turned_off() {
     // grpo (like ppo and rloo): on unless turned off.
     for (set, on) in [(None, true), (Some("train.eval_on_start=false"), false)] {
         let dir = tmp.path().join(format!("grpo-{on}"));
-        let eval = format!("grpo.eval_dataset={:?}", fixtures_root().join("data/preferences.jsonl").to_string_lossy());
+        let eval = format!(
+            "grpo.eval_dataset={:?}",
+            fixtures_root()
+                .join("data/preferences.jsonl")
+                .to_string_lossy()
+        );
         let mut sets = vec![data("grpo", "data/preferences.jsonl"), eval];
         sets.extend(set.map(String::from));
         let cfg = load("grpo-tiny.toml", sets);

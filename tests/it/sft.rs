@@ -177,7 +177,7 @@ fn sft_learns_the_language_and_an_interrupted_run_resumes_to_the_same_weights() 
 }
 
 #[test]
-fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_beat_sft_on_the_gold_reward() {
+fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_dpo_beat_sft_on_the_gold_reward() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let o = std::process::Command::new(crate::bin())
@@ -206,10 +206,12 @@ fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_beat_sft_on_the_gold_reward(
         "rloo/samples.jsonl",
         "eval-sft.jsonl",
         "eval-ppo.jsonl",
+        "dpo/metrics.jsonl",
+        "eval-dpo.jsonl",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    for stage in ["sft", "reward", "ppo", "grpo", "rloo"] {
+    for stage in ["sft", "reward", "ppo", "grpo", "rloo", "dpo"] {
         let ckpts = std::fs::read_dir(out.join(stage).join("checkpoints"))
             .unwrap()
             .count();
@@ -228,8 +230,8 @@ fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_beat_sft_on_the_gold_reward(
         g.iter().sum::<f64>() / g.len() as f64
     };
     let sft_gold = gold("eval-sft.jsonl");
-    // Measured (seed 0, 2 threads): SFT -0.08; PPO 1.10, GRPO 0.76, RLOO 1.08.
-    for name in ["ppo", "grpo", "rloo"] {
+    // Measured (seed 0, 2 threads): SFT -0.08; PPO 1.10, GRPO 0.76, RLOO 1.08, DPO 0.90.
+    for name in ["ppo", "grpo", "rloo", "dpo"] {
         let g = gold(&format!("eval-{name}.jsonl"));
         assert!(g > sft_gold + 0.3, "{name} {g} vs SFT {sft_gold}");
     }
@@ -238,6 +240,7 @@ fn the_fast_demo_runs_every_stage_and_ppo_grpo_rloo_beat_sft_on_the_gold_reward(
         report.contains("| PPO |")
             && report.contains("| GRPO |")
             && report.contains("| RLOO |")
+            && report.contains("| DPO |")
             && report.contains("![sft"),
         "{report}"
     );
