@@ -7,7 +7,7 @@
 #   scripts/bench_compare.sh [SHAPE ...]      # default: tiny gpt2
 #
 # Environment: THREADS ("1 2"), ITERS (3), WARMUP (1), PARTS
-# (reward,generate,ppo,grpo,rloo), OUT (runs/bench-compare, or runs/bench-compare-loraR),
+# (reward,generate,ppo,grpo,rloo,dpo), OUT (runs/bench-compare, or runs/bench-compare-loraR),
 # VENV (.venv-bench), LORA (a rank R: LoRA on every linear layer, lora_alpha
 # 2R, on both sides; peft on PyTorch's).
 set -euo pipefail
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
 ITERS=${ITERS:-3}
 WARMUP=${WARMUP:-1}
-PARTS=${PARTS:-reward,generate,ppo,grpo,rloo}
+PARTS=${PARTS:-reward,generate,ppo,grpo,rloo,dpo}
 LORA=${LORA:-}
 OUT=${OUT:-runs/bench-compare${LORA:+-lora$LORA}}
 LORA_FLAG=()

@@ -72,6 +72,21 @@ def rows(candle, torch):
                 return "/".join(f"{p[k]:.3f}" for k in ("generate_s", "forward_s", "score_s", "update_s"))
         return None
 
+    def dpo(precomputed):
+        def get(r):
+            for x in r.get("dpo") or []:
+                if x["precomputed"] == precomputed:
+                    return (x["step_s"], x["peak_rss_mb"])
+            return None
+
+        return get
+
+    def dpo_split(r, precomputed):
+        for x in r.get("dpo") or []:
+            if x["precomputed"] == precomputed:
+                return "/".join(f"{x[k]:.3f}" for k in ("policy_s", "reference_s", "optimizer_s"))
+        return None
+
     any_run = next(iter(candle.values()), {}) or next(iter(torch.values()), {})
     yield "reward step (s)", best(candle, reward), best(torch, reward), None
     for g in any_run.get("generate") or []:
@@ -87,6 +102,15 @@ def rows(candle, torch):
             cs = split(candle[c[1]], algo, True) if c else "-"
             ts = split(torch[t[1]], algo, False) if t else "-"
             PHASES.append(f"{algo.upper()}: candle-rlhf {cs}; TRL {ts} (generation/log-probs/scoring/update, s, at each side's best thread count)")
+    c, t = best(candle, dpo(False)), best(torch, dpo(False))
+    if c or t:
+        yield "DPO step, reference model (s)", c, t, None
+        cs = dpo_split(candle[c[1]], False) if c else "-"
+        ts = dpo_split(torch[t[1]], False) if t else "-"
+        PHASES.append(f"DPO: candle-rlhf {cs}; TRL {ts} (policy forward+backward/reference forward/optimizer, s, at each side's best thread count)")
+        p = best(candle, dpo(True))
+        if p:
+            yield "DPO step, precomputed reference log-probs, candle-rlhf only (s)", p, None, None
 
 
 PHASES = []

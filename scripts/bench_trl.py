@@ -34,6 +34,15 @@ and prompts.jsonl (random prompt ids). scripts/bench_compare.sh runs both sides.
    wrapped, and the log-probs phase the rest of
    `_generate_and_score_completions`.
 
+5. dpo: trl.DPOTrainer, one step = reward_batch_size pairs of
+   reward_seq_len-token sequences (a random prompt of half the tokens, random
+   chosen and rejected completions of the other half, pre-tokenized and put
+   in place of the trainer's prepared dataset), the reference model's
+   forward included (precompute_ref_log_probs off), sigmoid loss, beta 0.1,
+   f32, gradient checkpointing off; timed per step by a callback, the
+   reference forward by wrapping ref_model.forward, the optimizer between
+   on_pre_optimizer_step and on_optimizer_step, the policy the rest.
+
 Peak RSS per part comes from /proc/self/status (VmHWM), reset between parts.
 
 On a GPU (`--device cuda`, used by scripts/gpu_run.sh) the same workloads run
@@ -431,6 +440,80 @@ def bench_online(work, w, algo):
     }
 
 
+def bench_dpo(work, w, vocab, rng):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    b, n, half = w["reward_batch_size"], ARGS.warmup + ARGS.iters, w["reward_seq_len"] // 2
+    ids = lambda: random_ids(rng, b * n, half, vocab)
+    tokenized = Dataset.from_dict({"prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()})
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    args = DPOConfig(
+        per_device_train_batch_size=b,
+        max_steps=n,
+        max_length=None,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        learning_rate=1e-6,
+        precompute_ref_log_probs=False,
+        model_init_kwargs={"dtype": torch.float32},
+        **common_args(work / "trl-dpo"),
+    )
+    phases = {"reference_s": [], "optimizer_s": []}
+
+    class OptimizerTimer(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            sync()
+            phases["optimizer_s"].append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    text = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
+    trainer = DPOTrainer(
+        model=str(work / "model"),
+        args=args,
+        train_dataset=text,
+        processing_class=tok,
+        callbacks=[timer, OptimizerTimer()],
+        peft_config=lora_config("CAUSAL_LM"),
+    )
+    trainer.train_dataset = tokenized  # exact lengths: the collator reads these columns
+    ref = trainer.ref_model
+    if ref is not None:
+        forward = ref.forward
+
+        def timed_forward(*a, **k):
+            sync()
+            start = time.perf_counter()
+            out = forward(*a, **k)
+            sync()
+            phases["reference_s"].append(time.perf_counter() - start)
+            return out
+
+        ref.forward = timed_forward
+    reset_peak_rss()
+    reset_peak_device()
+    trainer.train()
+    skip = ARGS.warmup
+    step_s = statistics.median(timer.times[skip:])
+    med = lambda k: statistics.median(phases[k][skip:]) if phases[k] else 0.0
+    reference_s, optimizer_s = med("reference_s"), med("optimizer_s")
+    return {
+        "pairs": b,
+        "seq_len": w["reward_seq_len"],
+        "precomputed": False,
+        "step_s": step_s,
+        "policy_s": step_s - reference_s - optimizer_s,
+        "reference_s": reference_s,
+        "optimizer_s": optimizer_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
+    }
+
+
 def trl_version():
     try:
         import trl
@@ -472,6 +555,7 @@ def main():
         "generate": [],
         "ppo": [],
         "online": [],
+        "dpo": [],
     }
     if "reward" in parts:
         report["reward"] = bench_reward(work, w, vocab, rng)
@@ -483,6 +567,8 @@ def main():
     for algo in ("grpo", "rloo"):
         if algo in parts:
             report["online"].append(bench_online(work, w, algo))
+    if "dpo" in parts:
+        report["dpo"].append(bench_dpo(work, w, vocab, rng))
     print(json.dumps(report, indent=2))
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps(report, indent=2))

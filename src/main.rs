@@ -112,7 +112,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "ppo")]
         algo: candle_rlhf::app::demo::AlgoChoice,
     },
-    /// Measure reward-step, generation and PPO-iteration speed on a model shape.
+    /// Measure reward-step, generation, PPO/GRPO/RLOO-iteration and DPO-step speed on a model shape.
     Bench(BenchArgs),
 }
 

@@ -6,7 +6,11 @@
 //!    decodes the full response length) at each batch size;
 //! 3. one PPO iteration run by the PPO trainer itself (rollout; policy,
 //!    reference, value and reward forwards; num_ppo_epochs of updates), split
-//!    into its phases.
+//!    into its phases; one GRPO or RLOO iteration likewise;
+//! 4. a DPO step on the reward workload (reward_batch_size pairs of
+//!    reward_seq_len-token sequences, half prompt, half completion): the
+//!    reference's forward, the policy's forward and backward, AdamW; once
+//!    with the reference model, once with precomputed log-probs.
 //!
 //! Each part reports its peak resident memory. The model, reward model and
 //! prompts are written to a work directory that `scripts/bench_compare.sh`
@@ -148,6 +152,8 @@ pub enum Part {
     Ppo,
     /// One GRPO or RLOO iteration.
     Online(Trainer),
+    /// A DPO step, with the reference model and with precomputed log-probs.
+    Dpo,
 }
 
 impl Part {
@@ -158,9 +164,10 @@ impl Part {
             "ppo" => Self::Ppo,
             "grpo" => Self::Online(Trainer::Grpo),
             "rloo" => Self::Online(Trainer::Rloo),
+            "dpo" => Self::Dpo,
             other => {
                 return Err(Error::Msg(format!(
-                    "unknown bench part `{other}` (reward, generate, ppo, grpo, rloo)"
+                    "unknown bench part `{other}` (reward, generate, ppo, grpo, rloo, dpo)"
                 )))
             }
         })
@@ -240,6 +247,22 @@ pub struct OnlineBench {
     pub peak_rss_mb: f64,
 }
 
+/// One DPO step of the reward workload, median seconds of the step and its phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpoBench {
+    pub pairs: usize,
+    pub seq_len: usize,
+    /// The reference's log-probs precomputed: no reference model in memory.
+    pub precomputed: bool,
+    pub step_s: f64,
+    /// The policy's forward and backward over chosen and rejected, with the loss.
+    pub policy_s: f64,
+    pub reference_s: f64,
+    /// Gradient clipping and AdamW.
+    pub optimizer_s: f64,
+    pub peak_rss_mb: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub shape: String,
@@ -265,6 +288,8 @@ pub struct BenchReport {
     pub ppo: Option<PpoBench>,
     /// The GRPO and RLOO iterations, in the order asked.
     pub online: Vec<OnlineBench>,
+    /// The DPO steps: precomputed reference log-probs, then the reference model.
+    pub dpo: Vec<DpoBench>,
 }
 
 /// Runs the parts of `opts` and returns their figures.
@@ -293,6 +318,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         generate: Vec::new(),
         ppo: None,
         online: Vec::new(),
+        dpo: Vec::new(),
     };
     let w = &opts.shape.workload;
     let vocab = opts.shape.vocab_size()?;
@@ -360,6 +386,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     iteration,
                     peak_rss_mb: peak_rss_mb(),
                 });
+            }
+            Part::Dpo => {
+                for precomputed in [true, false] {
+                    reset_peak_rss();
+                    report.dpo.push(dpo_steps(opts, &model_dir, vocab, &device, &mut rng, precomputed)?);
+                }
             }
             Part::Ppo => {
                 let iteration = ppo_iterations(opts, &model_dir, vocab, &mut rng)?;
@@ -582,6 +614,90 @@ fn reward_steps(
         }
     }
     Ok(median(times))
+}
+
+/// A DPO step as the trainer runs it (sigmoid loss, beta 0.1), each phase
+/// timed after a device sync: the reference's summed log-probs (or random
+/// stand-ins for precomputed ones), the policy's loss and backward, AdamW.
+fn dpo_steps(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    vocab: usize,
+    device: &Device,
+    rng: &mut HostRng,
+    precomputed: bool,
+) -> Result<DpoBench> {
+    use crate::trainers::dpo::{policy_loss, reference_logps, DpoBatch, Settings};
+    let (cfg, w) = (&opts.config, &opts.shape.workload);
+    let dtype = cfg.run.dtype.dtype();
+    let (arch, vb, mut params) = Trained::load(
+        model_dir, "model", cfg.lora.as_ref(), "CAUSAL_LM", ModelInit::Pretrained, dtype, device, cfg.run.seed,
+    )?;
+    let mut lm = CausalLm::load(vb, &arch, true)?;
+    params.attach(&mut lm)?;
+    let reference = match precomputed {
+        true => None,
+        false => Some(params.reference(&arch, None, model_dir, None, dtype, device)?),
+    };
+    let train = TrainConfig {
+        per_device_train_batch_size: w.reward_batch_size,
+        ..cfg.train.clone()
+    };
+    let steps = (opts.warmup + opts.iters) as u64;
+    let mut core = TrainCore::new(AdamW::from_varmap(params.varmap(), AdamWParams::from_config(&train))?, &train, steps);
+    let settings = Settings::of(cfg);
+    let (b, half) = (w.reward_batch_size, w.reward_seq_len / 2);
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for step in 0..steps {
+        let rows = random_rows(3 * b, half, vocab, rng);
+        let pairs: Vec<crate::data::dpo::DpoPair> = (0..b)
+            .map(|i| crate::data::dpo::DpoPair {
+                prompt: rows[3 * i].clone(),
+                chosen: rows[3 * i + 1].clone(),
+                rejected: rows[3 * i + 2].clone(),
+            })
+            .collect();
+        let refs: Vec<_> = pairs.iter().collect();
+        let batch = DpoBatch::new(&refs, &settings, 0, device)?;
+        let lap = |t: &mut Instant| -> Result<f64> {
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            *t = Instant::now();
+            Ok(s)
+        };
+        let mut t = Instant::now();
+        let r = match &reference {
+            Some(lm) => reference_logps(lm, &batch)?,
+            None => {
+                let stand_in = || candle_core::Tensor::randn(-40f32, 5.0, b, device);
+                (stand_in()?, stand_in()?)
+            }
+        };
+        let reference_s = lap(&mut t)?;
+        {
+            let (loss, _) = policy_loss(&lm, &batch, &settings, r)?;
+            core.backward(&loss)?;
+        } // the graph is freed before the optimizer step, as in the trainer
+        let policy_s = lap(&mut t)?;
+        core.step(step)?;
+        let optimizer_s = lap(&mut t)?;
+        if step >= opts.warmup as u64 {
+            for (v, x) in phases.iter_mut().zip([reference_s, policy_s, optimizer_s, reference_s + policy_s + optimizer_s]) {
+                v.push(x);
+            }
+        }
+    }
+    let [reference_s, policy_s, optimizer_s, step_s] = phases.map(median);
+    Ok(DpoBench {
+        pairs: b,
+        seq_len: w.reward_seq_len,
+        precomputed,
+        step_s,
+        policy_s,
+        reference_s,
+        optimizer_s,
+        peak_rss_mb: peak_rss_mb(),
+    })
 }
 
 /// Median seconds to sample `response_length` tokens for `batch` prompts.
@@ -818,6 +934,15 @@ impl std::fmt::Display for BenchReport {
                 "| {} iteration, {} prompts x {}, prompt {}, completions {}, beta 0.04 | {:.3} s: generation {:.0}%, log-probs {:.0}%, reward {:.0}%, update {:.0}% | {:.0} MB |",
                 o.algo.to_uppercase(), o.prompts, o.num_generations, o.prompt_length, o.response_length,
                 t.total_s, share(t.generate_s), share(t.forward_s), share(t.score_s), share(t.update_s), o.peak_rss_mb
+            )?;
+        }
+        for d in &self.dpo {
+            writeln!(
+                f,
+                "| DPO step, {} pairs x {} tokens, {} | {:.3} s: policy {:.3} s, reference {:.3} s, optimizer {:.3} s | {:.0} MB |",
+                d.pairs, d.seq_len,
+                if d.precomputed { "reference log-probs precomputed" } else { "reference model" },
+                d.step_s, d.policy_s, d.reference_s, d.optimizer_s, d.peak_rss_mb
             )?;
         }
         if let Some(p) = &self.ppo {

@@ -81,7 +81,7 @@ pub struct BenchArgs {
         default_value = "configs/models/tiny.toml"
     )]
     pub model: PathBuf,
-    /// Which parts to run, comma-separated: reward, generate, ppo, grpo, rloo.
+    /// Which parts to run, comma-separated: reward, generate, ppo, grpo, rloo, dpo.
     #[arg(long, default_value = "reward,generate,ppo")]
     pub parts: String,
     /// Timed repetitions of each part.
