@@ -390,7 +390,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             Part::Dpo => {
                 for precomputed in [true, false] {
                     reset_peak_rss();
-                    report.dpo.push(dpo_steps(opts, &model_dir, vocab, &device, &mut rng, precomputed)?);
+                    report.dpo.push(dpo_steps(
+                        opts,
+                        &model_dir,
+                        vocab,
+                        &device,
+                        &mut rng,
+                        precomputed,
+                    )?);
                 }
             }
             Part::Ppo => {
@@ -631,7 +638,14 @@ fn dpo_steps(
     let (cfg, w) = (&opts.config, &opts.shape.workload);
     let dtype = cfg.run.dtype.dtype();
     let (arch, vb, mut params) = Trained::load(
-        model_dir, "model", cfg.lora.as_ref(), "CAUSAL_LM", ModelInit::Pretrained, dtype, device, cfg.run.seed,
+        model_dir,
+        "model",
+        cfg.lora.as_ref(),
+        "CAUSAL_LM",
+        ModelInit::Pretrained,
+        dtype,
+        device,
+        cfg.run.seed,
     )?;
     let mut lm = CausalLm::load(vb, &arch, true)?;
     params.attach(&mut lm)?;
@@ -644,7 +658,11 @@ fn dpo_steps(
         ..cfg.train.clone()
     };
     let steps = (opts.warmup + opts.iters) as u64;
-    let mut core = TrainCore::new(AdamW::from_varmap(params.varmap(), AdamWParams::from_config(&train))?, &train, steps);
+    let mut core = TrainCore::new(
+        AdamW::from_varmap(params.varmap(), AdamWParams::from_config(&train))?,
+        &train,
+        steps,
+    );
     let settings = Settings::of(cfg);
     let (b, half) = (w.reward_batch_size, w.reward_seq_len / 2);
     let mut phases: [Vec<f64>; 4] = Default::default();
@@ -682,7 +700,12 @@ fn dpo_steps(
         core.step(step)?;
         let optimizer_s = lap(&mut t)?;
         if step >= opts.warmup as u64 {
-            for (v, x) in phases.iter_mut().zip([reference_s, policy_s, optimizer_s, reference_s + policy_s + optimizer_s]) {
+            for (v, x) in phases.iter_mut().zip([
+                reference_s,
+                policy_s,
+                optimizer_s,
+                reference_s + policy_s + optimizer_s,
+            ]) {
                 v.push(x);
             }
         }

@@ -383,9 +383,54 @@ pub fn attention_bias<M: Copy + Into<u32>>(
     Ok(Tensor::from_vec(data, (b, 1, queries, keys), device)?.to_dtype(dtype)?)
 }
 
+/// The additive attention mask (B, 1, T, T) of rows that hold a shared
+/// prefix and two branches after it (DPO's prompt, then chosen and rejected
+/// in one row): `branch` per token is 0 pad, 1 shared, or a branch id (2, 3).
+/// A token sees the earlier shared tokens and the earlier tokens of its own
+/// branch; a pad query sees every earlier real key (its output is ignored).
+pub fn tree_attention_bias(branch: &[Vec<u8>], dtype: DType, device: &Device) -> Result<Tensor> {
+    let t = branch.first().map_or(0, Vec::len);
+    let blocked = blocked_value(dtype);
+    let mut data = Vec::with_capacity(branch.len() * t * t);
+    for row in branch {
+        for (q, &own) in row.iter().enumerate() {
+            data.extend(row.iter().enumerate().map(|(k, &key)| {
+                let visible = key == 1 || key == own || (own == 0 && key != 0);
+                if k <= q && key != 0 && visible {
+                    0.0f32
+                } else {
+                    blocked
+                }
+            }));
+        }
+    }
+    Ok(Tensor::from_vec(data, (branch.len(), 1, t, t), device)?.to_dtype(dtype)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_bias_shares_the_prefix_and_keeps_branches_apart() {
+        // shared, shared, chosen, rejected, pad
+        let bias = tree_attention_bias(&[vec![1, 1, 2, 3, 0]], DType::F32, &Device::Cpu).unwrap();
+        let v = bias.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let seen: Vec<Vec<usize>> = v
+            .chunks(5)
+            .map(|r| (0..5).filter(|&k| r[k] == 0.0).collect())
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                vec![0],
+                vec![0, 1],
+                vec![0, 1, 2],
+                vec![0, 1, 3],
+                vec![0, 1, 2, 3]
+            ]
+        );
+    }
 
     #[test]
     fn bias_is_causal_and_hides_padding() {

@@ -263,20 +263,22 @@ pub fn dpo_loss(
 }
 
 /// WPO's pair weights (Zhou et al., 2024, eq. 2), no graph: per sequence
-/// w = exp(mean over completion tokens of (logp - log_denom)), log_denom =
+/// w = exp(mean over its completion tokens of (logp - log_denom)), log_denom =
 /// logsumexp(2 logits) - 2 logsumexp(logits); a pair weighs w_chosen * w_rejected.
-/// Rows (2B, T): chosen then rejected.
-pub fn wpo_weights(token_logps: &Tensor, log_denom: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let aligned = ((token_logps.detach() - log_denom.detach())? * mask)?.sum(1)?;
-    let w = (aligned / mask.sum(1)?.maximum(1.0)?)?.exp()?;
+/// Tokens (N,); `member` (2B, N) is 1 where a token is one of a sequence's,
+/// chosen sequences first.
+pub fn wpo_weights(token_logps: &Tensor, log_denom: &Tensor, member: &Tensor) -> Result<Tensor> {
+    let aligned = (token_logps.detach() - log_denom.detach())?;
+    let sums = member.matmul(&aligned.unsqueeze(1)?)?.squeeze(1)?;
+    let w = (sums / member.sum(1)?.maximum(1.0)?)?.exp()?;
     let b = w.dim(0)? / 2;
     Ok((w.narrow(0, 0, b)? * w.narrow(0, b, b)?)?)
 }
 
-/// Per-token weights of the summed log-probs, (2B, T) over the completion
-/// masks `mask` (chosen rows then rejected): 1 on completion tokens, and
-/// with LD-DPO's `ld_alpha`, ld_alpha on the tokens past the shorter
-/// completion of the pair (TRL's shared and tail masks).
+/// Per-token weights of the summed log-probs over the completion masks
+/// `mask` (2B rows, chosen then rejected): 1 on completion tokens, and with
+/// LD-DPO's `ld_alpha`, ld_alpha on the tokens past the shorter completion
+/// of the pair (TRL's shared and tail masks).
 pub fn ld_weights(mask: &[Vec<f32>], ld_alpha: Option<f64>) -> Vec<Vec<f32>> {
     let Some(alpha) = ld_alpha else {
         return mask.to_vec();
@@ -481,13 +483,13 @@ mod tests {
         let w = t(&[0.5]);
         let l = dpo_loss(&losses, &h, &x, Some(&w)).unwrap();
         assert!((l.to_scalar::<f32>().unwrap() - (0.3132617 + 0.35) as f32 * 0.5).abs() < 1e-6);
-        // WPO: one pair, rows of 2 tokens; chosen logp - denom = (-1, -1) -> w = e^-1,
-        // rejected (0, -2) over 1 real token (mask (1, 0)) -> w = e^0 = 1.
-        let logps = Tensor::new(&[[-1f32, -1.0], [0.0, -2.0]], &Device::Cpu).unwrap();
+        // WPO: one pair; tokens (-1, -1, 0) with log_denom 0: chosen has the first
+        // two (mean -1 -> w = e^-1), rejected the third (w = e^0 = 1).
+        let logps = t(&[-1.0, -1.0, 0.0]);
         let denom = logps.zeros_like().unwrap();
-        let mask = Tensor::new(&[[1f32, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
+        let member = Tensor::new(&[[1f32, 1.0, 0.0], [0.0, 0.0, 1.0]], &Device::Cpu).unwrap();
         close(
-            &wpo_weights(&logps, &denom, &mask).unwrap(),
+            &wpo_weights(&logps, &denom, &member).unwrap(),
             &[(-1f64).exp()],
         );
     }

@@ -22,8 +22,8 @@ use crate::data::dpo::{prepare_pairs, sequence, DpoDataReport, DpoPair};
 use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{attention_bias, CausalLm};
-use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::models::{tree_attention_bias, CausalLm};
+use crate::optim::{StepOutcome, TrainCore};
 use crate::rl::dpo::{dpo_loss, ld_weights, token_figures, wpo_weights, DpoHyper, PairLogps};
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
@@ -62,37 +62,96 @@ impl Settings {
     }
 }
 
-/// One micro-batch on the device: 2B right-padded rows (chosen then
-/// rejected), the shifted labels and completion masks.
+/// One micro-batch on the device. Each pair is one row holding its prompt
+/// once, then the chosen and the rejected completion, each attending to the
+/// prompt and to itself (a tree mask; positions restart after the prompt):
+/// the prompt's tokens go through the model once instead of twice, as in
+/// prefix-shared DPO (Wang et al., 2024), with the same values as two rows.
+/// The LM head runs only at the positions whose next token is a completion
+/// token; sequence sums are products with a (2B, N) membership matrix
+/// (chosen sequences first, then rejected).
 pub struct DpoBatch {
     pub pairs: usize,
     ids: Tensor,
     positions: Tensor,
-    /// 1 on real tokens, 0 on padding, per row.
-    real: Vec<Vec<u8>>,
+    /// Per row token: 0 pad, 1 shared, 2 chosen, 3 rejected.
+    branch: Vec<Vec<u8>>,
+    /// The N flat (row x width) indices of the positions that predict a completion token.
+    sel: Tensor,
+    /// Those completion tokens (N,).
     labels: Tensor,
-    /// (2B, W-1): 1.0 where the label is a completion token.
-    mask: Tensor,
-    /// (2B, W-1): the mask with LD-DPO's weights.
+    /// (2B, N): 1 where the token is one of the sequence's completion tokens.
+    member: Tensor,
+    /// (2B, N): the membership with LD-DPO's weights.
     ld: Tensor,
-    /// Real tokens of the batch (TRL's num_tokens counts the attention mask).
+    /// Real tokens of the two sequences of each pair (TRL's num_tokens).
     pub tokens: usize,
 }
 
+/// One sequence's entries: (position in the row predicting it, token).
+type Entries = Vec<(usize, u32)>;
+
 impl DpoBatch {
-    /// The collated batch of `pairs`, cut as `s` says.
+    /// The collated batch of `pairs`, cut as `s` says, one row per pair.
     pub fn new(pairs: &[&DpoPair], s: &Settings, pad: u32, device: &Device) -> Result<Self> {
-        let side = |p: &DpoPair, c: &[u32]| sequence(&p.prompt, c, s.max_length, s.mode);
-        let rows: Vec<(Vec<u32>, Vec<u8>)> = pairs
-            .iter()
-            .map(|p| side(p, &p.chosen))
-            .chain(pairs.iter().map(|p| side(p, &p.rejected)))
-            .collect();
-        let (ids, completion): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
-        Self::from_rows(ids, completion, s.ld_alpha, pad, device)
+        let mut rows = Vec::with_capacity(pairs.len());
+        let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+        let mut tokens = 0;
+        for p in pairs {
+            let (c, c_mask) = sequence(&p.prompt, &p.chosen, s.max_length, s.mode);
+            let (r, r_mask) = sequence(&p.prompt, &p.rejected, s.max_length, s.mode);
+            tokens += c.len() + r.len();
+            // The shared prefix: the prompt tokens both sequences start with.
+            let shared = (0..c.len().min(r.len()))
+                .take_while(|&i| c[i] == r[i] && c_mask[i] == 0 && r_mask[i] == 0)
+                .count();
+            let mut row: Vec<(u32, u8, u32)> = Vec::with_capacity(c.len() + r.len() - shared);
+            row.extend((0..shared).map(|i| (c[i], 1, i as u32)));
+            row.extend((shared..c.len()).map(|i| (c[i], 2, i as u32)));
+            row.extend((shared..r.len()).map(|i| (r[i], 3, i as u32)));
+            // The position predicting token t of a side: t - 1 in the row for
+            // chosen; for rejected, t - 1 while shared, else after chosen's branch.
+            let at_r = |u: usize| if u < shared { u } else { c.len() + u - shared };
+            let entries = |ids: &[u32], mask: &[u8], at: &dyn Fn(usize) -> usize| -> Entries {
+                (1..ids.len())
+                    .filter(|&t| mask[t] == 1)
+                    .map(|t| (at(t - 1), ids[t]))
+                    .collect()
+            };
+            chosen.push(entries(&c, &c_mask, &|u| u));
+            rejected.push(entries(&r, &r_mask, &at_r));
+            rows.push(row);
+        }
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut positions = Vec::with_capacity(rows.len() * width);
+        let mut branch = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let fill = width - row.len();
+            ids.extend(
+                row.iter()
+                    .map(|x| x.0)
+                    .chain(std::iter::repeat_n(pad, fill)),
+            );
+            positions.extend(row.iter().map(|x| x.2).chain(std::iter::repeat_n(0, fill)));
+            branch.push(
+                row.iter()
+                    .map(|x| x.1)
+                    .chain(std::iter::repeat_n(0, fill))
+                    .collect(),
+            );
+        }
+        let n = rows.len();
+        let ids = Tensor::from_vec(ids, (n, width), device)?;
+        let positions = Tensor::from_vec(positions, (n, width), device)?;
+        let sequences: Vec<Entries> = chosen.into_iter().chain(rejected).collect();
+        Self::assemble(
+            ids, positions, branch, width, &sequences, s.ld_alpha, tokens, device,
+        )
     }
 
-    /// A batch of unpadded rows `ids` with their completion masks.
+    /// A batch of 2B unpadded rows `ids` (chosen then rejected, no sharing)
+    /// with their completion masks: the collator's layout, as TRL's.
     pub fn from_rows(
         ids: Vec<Vec<u32>>,
         completion: Vec<Vec<u8>>,
@@ -101,44 +160,96 @@ impl DpoBatch {
         device: &Device,
     ) -> Result<Self> {
         let n = ids.len();
-        let width = ids.iter().map(Vec::len).max().unwrap_or(0).max(2);
+        let width = ids.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut flat = Vec::with_capacity(n * width);
-        let mut real = Vec::with_capacity(n);
-        let mut mask = Vec::with_capacity(n);
-        for (row, comp) in ids.iter().zip(&completion) {
+        let mut branch = Vec::with_capacity(n);
+        let mut sequences = Vec::with_capacity(n);
+        for (r, (row, comp)) in ids.iter().zip(&completion).enumerate() {
             flat.extend(
                 row.iter()
                     .copied()
                     .chain(std::iter::repeat_n(pad, width - row.len())),
             );
-            let mut r = vec![1u8; row.len()];
-            r.resize(width, 0);
-            real.push(r);
-            let mut m: Vec<f32> = comp.iter().skip(1).map(|&x| f32::from(x)).collect();
-            m.resize(width - 1, 0.0);
-            mask.push(m);
+            let mut b = vec![1u8; row.len()];
+            b.resize(width, 0);
+            branch.push(b);
+            let entries: Entries = (1..row.len())
+                .filter(|&t| comp[t] == 1)
+                .map(|t| (r * width + t - 1, row[t]))
+                .collect();
+            sequences.push(entries);
         }
+        let positions = position_ids(&branch).concat();
+        let tokens = ids.iter().map(Vec::len).sum();
         let ids = Tensor::from_vec(flat, (n, width), device)?;
-        let ld = ld_weights(&mask, ld_alpha);
-        let table = |rows: Vec<Vec<f32>>| Tensor::from_vec(rows.concat(), (n, width - 1), device);
+        let positions = Tensor::from_vec(positions, (n, width), device)?;
+        // Entries above already index the flat (row x width) layout.
+        let flat_width = 0;
+        Self::assemble(
+            ids, positions, branch, flat_width, &sequences, ld_alpha, tokens, device,
+        )
+    }
+
+    /// The batch from its rows and each sequence's entries (position in its
+    /// pair's row, or a flat index when `width` is 0; sequence k < B is
+    /// chosen of pair k, else rejected of pair k - B).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        ids: Tensor,
+        positions: Tensor,
+        branch: Vec<Vec<u8>>,
+        width: usize,
+        sequences: &[Entries],
+        ld_alpha: Option<f64>,
+        tokens: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let pairs = sequences.len() / 2;
+        let total: usize = sequences.iter().map(Vec::len).sum();
+        let (mut sel, mut labels) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        let mut member = vec![0f32; sequences.len() * total];
+        let ones: Vec<Vec<f32>> = sequences.iter().map(|e| vec![1.0; e.len()]).collect();
+        let weights = ld_weights(&ones, ld_alpha);
+        let mut ld = vec![0f32; sequences.len() * total];
+        for (k, entries) in sequences.iter().enumerate() {
+            for (j, &(at, token)) in entries.iter().enumerate() {
+                let row = if width == 0 {
+                    0
+                } else {
+                    (k % pairs.max(1)) * width
+                };
+                member[k * total + sel.len()] = 1.0;
+                ld[k * total + sel.len()] = weights[k][j];
+                sel.push((row + at) as u32);
+                labels.push(token);
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (sequences.len(), total), device);
         Ok(Self {
-            pairs: n / 2,
-            positions: Tensor::from_vec(position_ids(&real).concat(), (n, width), device)?,
-            labels: ids.narrow(1, 1, width - 1)?.contiguous()?,
+            pairs,
             ids,
-            tokens: real.iter().flatten().map(|&r| r as usize).sum(),
-            real,
-            mask: table(mask)?,
+            positions,
+            branch,
+            sel: Tensor::from_vec(sel, total, device)?,
+            labels: Tensor::from_vec(labels, total, device)?,
+            member: table(member)?,
             ld: table(ld)?,
+            tokens,
         })
     }
 
-    /// The shifted logits (2B, W-1, V) of `lm` over the batch.
+    /// The rows of flat (row x width, V) logits at the selected positions.
+    pub fn select(&self, flat: &Tensor) -> Result<Tensor> {
+        Ok(flat.index_select(&self.sel, 0)?)
+    }
+
+    /// The logits (N, V) of `lm` at the selected positions.
     fn logits(&self, lm: &CausalLm) -> Result<Tensor> {
-        let width = self.ids.dim(1)?;
-        let bias = attention_bias(&self.real, width, lm.dtype(), self.ids.device())?;
+        let bias = tree_attention_bias(&self.branch, lm.dtype(), self.ids.device())?;
         let hidden = lm.forward(&self.ids, &self.positions, &bias, None)?;
-        lm.lm_logits(&hidden.narrow(1, 0, width - 1)?)
+        let (rows, width, e) = hidden.dims3()?;
+        let picked = self.select(&hidden.reshape((rows * width, e))?)?;
+        Ok(lm.lm_logits(&picked.unsqueeze(0)?)?.squeeze(0)?)
     }
 
     /// (chosen, rejected) halves of a (2B, ..) tensor.
@@ -146,18 +257,23 @@ impl DpoBatch {
         let b = self.pairs;
         Ok((x.narrow(0, 0, b)?, x.narrow(0, b, b)?))
     }
+
+    /// Per sequence (2B,): the sum of a per-token (N,) tensor under `weights`.
+    fn per_sequence(weights: &Tensor, x: &Tensor) -> Result<Tensor> {
+        Ok(weights.matmul(&x.unsqueeze(1)?)?.squeeze(1)?)
+    }
 }
 
 /// The reference's summed completion log-probs (chosen, rejected), (B,) each, no graph.
 pub fn reference_logps(reference: &CausalLm, batch: &DpoBatch) -> Result<(Tensor, Tensor)> {
-    let logits = batch.logits(reference)?.detach();
-    let logps = crate::rl::token_logprobs(&logits.to_dtype(DType::F32)?, &batch.labels)?;
-    let sums = (logps * &batch.ld)?.sum(1)?.detach();
+    let logits = batch.logits(reference)?.detach().to_dtype(DType::F32)?;
+    let (logps, _) = crate::rl::token_logprobs_and_entropy(&logits, &batch.labels, 1.0)?;
+    let sums = DpoBatch::per_sequence(&batch.ld, &logps)?.detach();
     batch.halves(&sums)
 }
 
-/// The loss and TRL's metrics of one micro-batch, from the policy's shifted
-/// logits (2B, W-1, V) and the reference's sums.
+/// The loss and TRL's metrics of one micro-batch, from the policy's logits
+/// (N, V) at the batch's selected positions and the reference's sums.
 pub fn loss_from_logits(
     logits: &Tensor,
     batch: &DpoBatch,
@@ -165,16 +281,15 @@ pub fn loss_from_logits(
     reference: (Tensor, Tensor),
 ) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
     let tf = token_figures(logits, &batch.labels, s.use_weighting)?;
-    let mask = &batch.mask;
-    let sums = (&tf.logps * &batch.ld)?.sum(1)?;
-    let (chosen, rejected) = batch.halves(&sums)?;
-    let counts = mask.sum(1)?;
-    let (chosen_tokens, rejected_tokens) = batch.halves(&counts)?;
-    let (mask_c, _) = batch.halves(mask)?;
-    let n_chosen = mask_c.sum_all()?.to_scalar::<f32>()? as f64;
+    let per_seq = |x: &Tensor| DpoBatch::per_sequence(&batch.member, x);
+    let (chosen, rejected) = batch.halves(&DpoBatch::per_sequence(&batch.ld, &tf.logps)?)?;
+    let (chosen_tokens, rejected_tokens) = batch.halves(&batch.member.sum(1)?)?;
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f32>()? as f64) };
+    let n_chosen = scalar(&chosen_tokens)?;
+    let n_all = scalar(&batch.member)?;
     let sft_nll = if s.has(DpoLossType::Sft) {
-        let (lp_c, _) = batch.halves(&tf.logps)?;
-        Some(((lp_c * &mask_c)?.sum_all()? / -n_chosen.max(1.0))?)
+        let (sum_c, _) = batch.halves(&per_seq(&tf.logps)?)?;
+        Some((sum_c.sum_all()? / -n_chosen.max(1.0))?)
     } else {
         None
     };
@@ -188,7 +303,7 @@ pub fn loss_from_logits(
         sft_nll,
     };
     let wpo = match &tf.log_denom {
-        Some(d) => Some(wpo_weights(&tf.logps, d, mask)?),
+        Some(d) => Some(wpo_weights(&tf.logps, d, &batch.member)?),
         None => None,
     };
     let loss = dpo_loss(&s.losses, &s.hyper, &x, wpo.as_ref())?;
@@ -202,9 +317,6 @@ pub fn loss_from_logits(
             .collect())
     };
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
-    let masked = |t: &Tensor, m: &Tensor| -> Result<f64> {
-        Ok((t * m)?.sum_all()?.to_scalar::<f32>()? as f64)
-    };
     let beta = s.hyper.beta;
     let (c, r) = (v(&x.chosen)?, v(&x.rejected)?);
     let (rc, rr) = (v(&x.ref_chosen)?, v(&x.ref_rejected)?);
@@ -216,23 +328,15 @@ pub fn loss_from_logits(
         .map(|(a, b)| f64::from(u8::from(a > b)))
         .collect();
     let margins: Vec<f64> = cr.iter().zip(&rj).map(|(a, b)| a - b).collect();
-    let n_all = mask.sum_all()?.to_scalar::<f32>()? as f64;
-    let (logit_c, logit_r) = batch.halves(&tf.mean_logit)?;
-    let (correct_c, _) = batch.halves(&tf.correct)?;
-    let (_, mask_r) = batch.halves(mask)?;
+    let (logit_c, logit_r) = batch.halves(&per_seq(&tf.mean_logit)?)?;
+    let (correct_c, _) = batch.halves(&per_seq(&tf.correct)?)?;
     let n_rejected = n_all - n_chosen;
     let ratio = |a: f64, n: f64| if n > 0.0 { a / n } else { 0.0 };
     let figures = vec![
-        ("entropy", ratio(masked(&tf.entropy, mask)?, n_all)),
-        ("logits/chosen", ratio(masked(&logit_c, &mask_c)?, n_chosen)),
-        (
-            "logits/rejected",
-            ratio(masked(&logit_r, &mask_r)?, n_rejected),
-        ),
-        (
-            "mean_token_accuracy",
-            ratio(masked(&correct_c, &mask_c)?, n_chosen),
-        ),
+        ("entropy", ratio(scalar(&per_seq(&tf.entropy)?)?, n_all)),
+        ("logits/chosen", ratio(scalar(&logit_c)?, n_chosen)),
+        ("logits/rejected", ratio(scalar(&logit_r)?, n_rejected)),
+        ("mean_token_accuracy", ratio(scalar(&correct_c)?, n_chosen)),
         ("rewards/chosen", mean(&cr)),
         ("rewards/rejected", mean(&rj)),
         ("rewards/accuracies", mean(&wins)),
@@ -508,17 +612,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     };
 
     // 4. Optimizer, schedule and state.
-    let (batch, per_epoch, total) = step_plan(t, train_pairs.len());
-    let mut core = TrainCore::new(
-        AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
-        t,
+    let super::OfflineStart {
+        mut core,
+        mut state,
+        batch,
+        per_epoch,
         total,
-    );
-    let mut state = run.restore(
-        TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0})),
-        &mut core.optimizer,
-        &device,
-    )?;
+    } = super::offline_start(&run, t, &varmap, train_pairs.len(), seed, &device)?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let files = ModelFiles {
         config: &base_config,

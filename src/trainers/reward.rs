@@ -18,7 +18,7 @@ use crate::data::{self, TokenizedPair};
 use crate::io;
 use crate::metrics::Progress;
 use crate::models::reward_model::{RewardModel, OFFSET_KEY};
-use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::optim::{StepOutcome, TrainCore};
 use crate::rl::bradley_terry;
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
@@ -195,21 +195,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         None => data::split(&pairs, cfg.reward.eval_ratio, seed),
     };
 
-    // 3. Optimizer and schedule over the total number of optimizer steps.
+    // 3. Optimizer, schedule and state: fresh, or the newest checkpoint's.
     let t = &cfg.train;
-    let (batch, per_epoch, total) = step_plan(t, train_pairs.len());
-    let mut core = TrainCore::new(
-        AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
-        t,
+    let super::OfflineStart {
+        mut core,
+        mut state,
+        batch,
+        per_epoch,
         total,
-    );
-
-    // 4. State: fresh, or restored from the newest checkpoint.
-    let mut state = run.restore(
-        TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0})),
-        &mut core.optimizer,
-        &device,
-    )?;
+    } = super::offline_start(&run, t, &varmap, train_pairs.len(), seed, &device)?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let save = |run: &RunDir,
                 core: &TrainCore,
@@ -223,7 +217,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
-    // 5. The loop: accumulate micro-batches, step, log, evaluate, checkpoint
+    // 4. The loop: accumulate micro-batches, step, log, evaluate, checkpoint
     // (after an evaluation at step 0 with eval_on_start).
     let mut eval_figures: Vec<(String, f64)> = Vec::new();
     if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {

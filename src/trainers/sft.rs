@@ -21,7 +21,7 @@ use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
 use crate::models::{attention_bias, CausalLm};
-use crate::optim::{step_plan, AdamW, AdamWParams, StepOutcome, TrainCore};
+use crate::optim::{StepOutcome, TrainCore};
 use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
@@ -156,20 +156,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     report.packed_rows = train_rows.len();
     tracing::info!("{}: {report}", s.dataset);
 
-    // 3. Optimizer and schedule.
-    let (batch, per_epoch, total) = step_plan(t, train_rows.len());
-    let mut core = TrainCore::new(
-        AdamW::from_varmap(&varmap, AdamWParams::from_config(t))?,
-        t,
+    // 3. Optimizer, schedule and state: fresh, or the newest checkpoint's.
+    let super::OfflineStart {
+        mut core,
+        mut state,
+        batch,
+        per_epoch,
         total,
-    );
-
-    // 4. State: fresh, or the newest checkpoint's.
-    let mut state = run.restore(
-        TrainerState::fresh(seed, &["data"], json!({"num_tokens": 0})),
-        &mut core.optimizer,
-        &device,
-    )?;
+    } = super::offline_start(&run, t, &varmap, train_rows.len(), seed, &device)?;
     let tokenizer_files = checkpoint::tokenizer_files(&model_dir);
     let files = ModelFiles {
         config: &base_config,
@@ -179,7 +173,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
-    // 5. The loop (after an evaluation at step 0 with eval_on_start).
+    // 4. The loop (after an evaluation at step 0 with eval_on_start).
     let mut eval_figures = (f64::NAN, f64::NAN);
     let log_eval = |run: &mut RunDir, step: u64, figures: (f64, f64)| {
         let named = [

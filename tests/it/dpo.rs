@@ -117,9 +117,9 @@ fn every_loss_type_its_gradient_and_metrics_equal_trls_compute_loss() {
             DpoBatch::from_rows(ids.clone(), completion.clone(), s.ld_alpha, 0, &dev).unwrap();
         let logits =
             Var::from_tensor(&Tensor::from_vec(flat.clone(), (n, t, v), &dev).unwrap()).unwrap();
-        let shifted = logits.narrow(1, 0, t - 1).unwrap();
+        let picked = batch.select(&logits.reshape((n * t, v)).unwrap()).unwrap();
         let reference = (refs("ref_chosen_logps"), refs("ref_rejected_logps"));
-        let (loss, figures) = dpo::loss_from_logits(&shifted, &batch, &s, reference).unwrap();
+        let (loss, figures) = dpo::loss_from_logits(&picked, &batch, &s, reference).unwrap();
         let value = loss.to_scalar::<f32>().unwrap() as f64;
         assert_close(&format!("{name} loss"), value, f(&case["loss"]), 1e-5, 1e-6);
         for (k, ours) in &figures {
@@ -596,5 +596,88 @@ fn eval_on_start_evaluates_at_step_0_where_asked_and_not_where_turned_off() {
         )
         .unwrap();
         assert_eq!(o.eval_before.is_some(), on, "grpo");
+    }
+}
+
+#[test]
+fn the_shared_prompt_row_gives_the_loss_and_gradients_of_two_separate_rows() {
+    // One row per pair (the prompt once, chosen and rejected branching off
+    // it) against the collator's two rows per pair, on a real model: the
+    // reference sums, the loss, the metrics and every weight's gradient.
+    // keep_end with a short max_length cuts some prompts differently on the
+    // two sides, so those pairs share less (or nothing).
+    let dir = model_dir("tiny-llama");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let rows = candle_rlhf::data::read_preferences(&fixtures_root().join("data/preferences.jsonl"))
+        .unwrap();
+    let dev = Device::Cpu;
+    for (mode, max_length) in [
+        (TruncationMode::KeepStart, 64),
+        (TruncationMode::KeepEnd, 9),
+    ] {
+        let (pairs, _) = prepare_pairs(
+            &rows[..6],
+            &tok,
+            &TemplateSource::new(&dir, None),
+            max_length,
+            mode,
+        )
+        .unwrap();
+        let mut s = settings_of(
+            &serde_json::json!({"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5, "use_weighting": true}),
+        );
+        (s.max_length, s.mode) = (max_length, mode);
+        let refs: Vec<_> = pairs.iter().collect();
+        let shared = DpoBatch::new(&refs, &s, tok.pad_id, &dev).unwrap();
+        let sides: Vec<(Vec<u32>, Vec<u8>)> = pairs
+            .iter()
+            .map(|p| sequence(&p.prompt, &p.chosen, max_length, mode))
+            .chain(
+                pairs
+                    .iter()
+                    .map(|p| sequence(&p.prompt, &p.rejected, max_length, mode)),
+            )
+            .collect();
+        let (ids, masks): (Vec<_>, Vec<_>) = sides.into_iter().unzip();
+        let separate = DpoBatch::from_rows(ids, masks, s.ld_alpha, tok.pad_id, &dev).unwrap();
+        assert_eq!(shared.tokens, separate.tokens);
+        let (arch, vb, vars) =
+            candle_rlhf::models::load_dir(&dir, candle_core::DType::F32, &dev).unwrap();
+        let lm = candle_rlhf::models::CausalLm::load(vb, &arch, true).unwrap();
+        let run = |b: &DpoBatch| {
+            let r = dpo::reference_logps(&lm, b).unwrap();
+            let sums: Vec<f32> = Tensor::cat(&[&r.0, &r.1], 0).unwrap().to_vec1().unwrap();
+            let (loss, figures) =
+                dpo::policy_loss(&lm, b, &s, (r.0.affine(1.0, 0.5).unwrap(), r.1)).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Vec<f32>> = vars
+                .all_vars()
+                .iter()
+                .map(|v| {
+                    grads
+                        .get(v)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            (sums, loss.to_scalar::<f32>().unwrap(), figures, g)
+        };
+        let (a, b) = (run(&shared), run(&separate));
+        for (x, y) in a.0.iter().zip(&b.0) {
+            assert_close("reference sum", *x as f64, *y as f64, 1e-5, 1e-5);
+        }
+        assert_close("loss", a.1 as f64, b.1 as f64, 1e-5, 1e-6);
+        for ((k, x), (_, y)) in a.2.iter().zip(&b.2) {
+            assert_close(k, *x, *y, 1e-5, 1e-6);
+        }
+        for (gx, gy) in a.3.iter().zip(&b.3) {
+            let scale = gy.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            for (x, y) in gx.iter().zip(gy) {
+                assert_close("gradient", *x as f64, *y as f64, 0.0, 1e-4 * scale + 1e-7);
+            }
+        }
     }
 }
