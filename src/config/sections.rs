@@ -2,7 +2,7 @@
 //! once, as a sheet: its one-line doc, its type and its default, with the
 //! reason where the default departs from TRL's or transformers'.
 //!
-//! `[sft]`, `[reward]` and `[ppo]` share the four dataset keys, declared
+//! `[sft]`, `[reward]`, `[dpo]`, `[ppo]`, `[grpo]` and `[rloo]` share the four dataset keys, declared
 //! once in [`dataset_section!`]. They are plain fields of each section, not
 //! a `#[serde(flatten)]` struct, because serde's `flatten` does not combine
 //! with `deny_unknown_fields`: a misspelt key must still be refused with the
