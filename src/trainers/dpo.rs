@@ -359,7 +359,7 @@ pub fn policy_loss(
 
 /// Where the reference's log-probs come from.
 enum Reference {
-    Model(CausalLm),
+    Model(Box<CausalLm>),
     /// Per pair (chosen, rejected), computed once: train pairs, then eval pairs.
     Precomputed {
         train: Vec<(f32, f32)>,
@@ -608,7 +608,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             }
         }
     } else {
-        Reference::Model(load_reference()?)
+        Reference::Model(Box::new(load_reference()?))
     };
 
     // 4. Optimizer, schedule and state.
