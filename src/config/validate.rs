@@ -150,7 +150,7 @@ fn dpo_rules(d: &DpoConfig) -> Vec<Rule> {
             "WPO-style weighting is not implemented for aot or aot_unpaired, because those losses sort samples, which would misalign per-pair weights (TRL's reason)"),
         rule("dpo.label_smoothing", d.label_smoothing, !(has(ExoPair) && d.label_smoothing == 0.0),
             "must be greater than 0.0 with the exo_pair loss; the EXO paper recommends 1e-3"),
-        rule("dpo.label_smoothing", d.label_smoothing, (0.0..1.0).contains(&d.label_smoothing), UNIT_HALF_OPEN),
+        rule("dpo.label_smoothing", d.label_smoothing, d.label_smoothing.is_finite(), "must be finite"),
         rule("dpo.beta", d.beta, positive(d.beta), POSITIVE),
         rule("dpo.max_length", d.max_length, d.max_length >= 2, "must be at least 2 tokens"),
         rule("dpo.eval_ratio", d.eval_ratio, (0.0..1.0).contains(&d.eval_ratio), UNIT_HALF_OPEN),

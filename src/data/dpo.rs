@@ -1,7 +1,7 @@
 //! Preference rows prepared as TRL 1.12's DPOTrainer prepares them
 //! (`_prepare_dataset`, then `DataCollatorForPreference`):
 //!
-//! 1. An implicit prompt (no `prompt` column) is the longest common prefix
+//! 1. An implicit prompt (no `prompt` column; an empty one is kept) is the longest common prefix
 //!    of chosen and rejected, characters for text and messages for
 //!    conversations (TRL's `extract_prompt`, quirks included).
 //! 2. Text rows get the EOS token's text appended to chosen and rejected
@@ -128,7 +128,7 @@ pub fn prepare_pairs(
         let in_row = |e: Error| Error::Msg(format!("{}: {e}", row.source));
         let (prompt, with_chosen, with_rejected) = match &row.messages {
             None => {
-                let (p, mut c, mut r) = if row.prompt.is_empty() {
+                let (p, mut c, mut r) = if !row.has_prompt {
                     extract_prompt_text(&row.chosen, &row.rejected)
                 } else {
                     (row.prompt.clone(), row.chosen.clone(), row.rejected.clone())
@@ -145,7 +145,7 @@ pub fn prepare_pairs(
                 )
             }
             Some(m) => {
-                let (p, c, r) = if m.prompt.is_empty() {
+                let (p, c, r) = if !row.has_prompt {
                     extract_prompt_messages(&m.chosen, &m.rejected)
                 } else {
                     (m.prompt.clone(), m.chosen.clone(), m.rejected.clone())

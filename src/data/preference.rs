@@ -24,6 +24,8 @@ use crate::{Error, Result};
 pub struct PreferenceRow {
     /// Empty when the prompt is inside chosen and rejected.
     pub prompt: String,
+    /// Whether the row has a `prompt` column (DPO extracts an implicit prompt only without one, as TRL).
+    pub has_prompt: bool,
     pub chosen: String,
     pub rejected: String,
     /// The `margin` column: the loss asks r_chosen - r_rejected to exceed it.
@@ -108,6 +110,7 @@ fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {
         };
         return Ok(PreferenceRow {
             prompt: String::new(),
+            has_prompt: obj.get("prompt").is_some_and(|v| !v.is_null()),
             chosen: String::new(),
             rejected: String::new(),
             margin,
@@ -137,6 +140,7 @@ fn parse_row(value: &Value, source: String) -> Result<PreferenceRow> {
     };
     Ok(PreferenceRow {
         prompt: text("prompt", false)?,
+        has_prompt: obj.contains_key("prompt"),
         chosen: text("chosen", true)?,
         rejected: text("rejected", true)?,
         margin,

@@ -30,8 +30,37 @@ use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// The file of precomputed reference log-probs in the run directory.
-pub const REF_LOGPS_FILE: &str = "ref_logps.safetensors";
+/// The precomputed reference log-probs of a run: `RUN_DIR/ref_logps-<16 hex>.safetensors`,
+/// the hex a fingerprint of what they depend on (the reference, its dtype,
+/// the cut, LD-DPO's alpha and every pair's tokens), so a changed run never
+/// reads another's figures.
+pub fn ref_logps_path(run_dir: &Path, fingerprint: &str) -> PathBuf {
+    run_dir.join(format!("ref_logps-{fingerprint}.safetensors"))
+}
+
+/// The fingerprint of [`ref_logps_path`].
+fn ref_fingerprint(
+    reference: &str,
+    cfg: &Config,
+    train: &[DpoPair],
+    eval: &[DpoPair],
+) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let d = &cfg.dpo;
+    let what = json!({
+        "reference": reference,
+        "ref_dtype": d.ref_dtype.map(|x| format!("{x:?}")),
+        "dtype": format!("{:?}", cfg.run.dtype),
+        "max_length": d.max_length,
+        "truncation_mode": d.truncation_mode,
+        "ld_alpha": d.ld_alpha,
+        "lora": cfg.lora.is_some(),
+        "train": train,
+        "eval": eval,
+    });
+    let digest = Sha256::digest(serde_json::to_vec(&what).map_err(|e| Error::Msg(e.to_string()))?);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
 
 /// What the loss and the batches read from `[dpo]`.
 #[derive(Debug, Clone)]
@@ -84,6 +113,9 @@ pub struct DpoBatch {
     member: Tensor,
     /// (2B, N): the membership with LD-DPO's weights.
     ld: Tensor,
+    /// (2B,): each sequence's completion tokens, the first included (ipo's
+    /// and sigmoid_norm's counts, TRL's unshifted completion mask).
+    completion_tokens: Tensor,
     /// Real tokens of the two sequences of each pair (TRL's num_tokens).
     pub tokens: usize,
 }
@@ -96,11 +128,15 @@ impl DpoBatch {
     pub fn new(pairs: &[&DpoPair], s: &Settings, pad: u32, device: &Device) -> Result<Self> {
         let mut rows = Vec::with_capacity(pairs.len());
         let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+        let (mut n_chosen, mut n_rejected) = (Vec::new(), Vec::new());
         let mut tokens = 0;
+        let ones = |m: &[u8]| m.iter().filter(|&&x| x == 1).count() as f32;
         for p in pairs {
             let (c, c_mask) = sequence(&p.prompt, &p.chosen, s.max_length, s.mode);
             let (r, r_mask) = sequence(&p.prompt, &p.rejected, s.max_length, s.mode);
             tokens += c.len() + r.len();
+            n_chosen.push(ones(&c_mask));
+            n_rejected.push(ones(&r_mask));
             // The shared prefix: the prompt tokens both sequences start with.
             let shared = (0..c.len().min(r.len()))
                 .take_while(|&i| c[i] == r[i] && c_mask[i] == 0 && r_mask[i] == 0)
@@ -145,8 +181,9 @@ impl DpoBatch {
         let ids = Tensor::from_vec(ids, (n, width), device)?;
         let positions = Tensor::from_vec(positions, (n, width), device)?;
         let sequences: Vec<Entries> = chosen.into_iter().chain(rejected).collect();
+        let counts = (tokens, [n_chosen, n_rejected].concat());
         Self::assemble(
-            ids, positions, branch, width, &sequences, s.ld_alpha, tokens, device,
+            ids, positions, branch, width, &sequences, s.ld_alpha, counts, device,
         )
     }
 
@@ -181,18 +218,23 @@ impl DpoBatch {
         }
         let positions = position_ids(&branch).concat();
         let tokens = ids.iter().map(Vec::len).sum();
+        let n_completion = completion
+            .iter()
+            .map(|m| m.iter().filter(|&&x| x == 1).count() as f32);
+        let counts = (tokens, n_completion.collect());
         let ids = Tensor::from_vec(flat, (n, width), device)?;
         let positions = Tensor::from_vec(positions, (n, width), device)?;
         // Entries above already index the flat (row x width) layout.
         let flat_width = 0;
         Self::assemble(
-            ids, positions, branch, flat_width, &sequences, ld_alpha, tokens, device,
+            ids, positions, branch, flat_width, &sequences, ld_alpha, counts, device,
         )
     }
 
     /// The batch from its rows and each sequence's entries (position in its
     /// pair's row, or a flat index when `width` is 0; sequence k < B is
-    /// chosen of pair k, else rejected of pair k - B).
+    /// chosen of pair k, else rejected of pair k - B), with the real tokens
+    /// and each sequence's completion tokens.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         ids: Tensor,
@@ -201,7 +243,7 @@ impl DpoBatch {
         width: usize,
         sequences: &[Entries],
         ld_alpha: Option<f64>,
-        tokens: usize,
+        (tokens, completion_tokens): (usize, Vec<f32>),
         device: &Device,
     ) -> Result<Self> {
         let pairs = sequences.len() / 2;
@@ -234,6 +276,7 @@ impl DpoBatch {
             labels: Tensor::from_vec(labels, total, device)?,
             member: table(member)?,
             ld: table(ld)?,
+            completion_tokens: Tensor::from_vec(completion_tokens, sequences.len(), device)?,
             tokens,
         })
     }
@@ -283,7 +326,7 @@ pub fn loss_from_logits(
     let tf = token_figures(logits, &batch.labels, s.use_weighting)?;
     let per_seq = |x: &Tensor| DpoBatch::per_sequence(&batch.member, x);
     let (chosen, rejected) = batch.halves(&DpoBatch::per_sequence(&batch.ld, &tf.logps)?)?;
-    let (chosen_tokens, rejected_tokens) = batch.halves(&batch.member.sum(1)?)?;
+    let (chosen_tokens, rejected_tokens) = batch.halves(&batch.completion_tokens)?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f32>()? as f64) };
     let n_chosen = scalar(&chosen_tokens)?;
     let n_all = scalar(&batch.member)?;
@@ -592,17 +635,25 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             &device,
         )
     };
-    let ref_path = run.path.join(REF_LOGPS_FILE);
     let reference = if d.precompute_ref_log_probs {
+        let named = d
+            .ref_model
+            .clone()
+            .unwrap_or_else(|| model_dir.display().to_string());
+        let fingerprint = ref_fingerprint(&named, cfg, &train_pairs, &eval_pairs)?;
+        let ref_path = ref_logps_path(&run.path, &fingerprint);
         match read_precomputed(&ref_path, train_pairs.len(), eval_pairs.len())? {
             Some(r) => r,
             None => {
                 let model = load_reference()?;
-                let batch = d
-                    .precompute_ref_batch_size
-                    .unwrap_or(t.per_device_eval_batch_size);
-                let train = precompute(&model, &train_pairs, &s, batch, tok.pad_id, &device)?;
-                let eval = precompute(&model, &eval_pairs, &s, batch, tok.pad_id, &device)?;
+                // TRL's batch sizes: precompute_ref_batch_size, else the train and the eval one.
+                let batch = |b: usize| d.precompute_ref_batch_size.unwrap_or(b);
+                let (b_train, b_eval) = (
+                    batch(t.per_device_train_batch_size),
+                    batch(t.per_device_eval_batch_size),
+                );
+                let train = precompute(&model, &train_pairs, &s, b_train, tok.pad_id, &device)?;
+                let eval = precompute(&model, &eval_pairs, &s, b_eval, tok.pad_id, &device)?;
                 write_precomputed(&ref_path, &train, &eval)?;
                 Reference::Precomputed { train, eval } // the model is freed here
             }
@@ -646,8 +697,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
 
     // 5. The loop: accumulate micro-batches, step, log, evaluate, checkpoint.
     let mut eval_figures = Vec::new();
-    if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {
-        eval_figures = eval_now(&mut run, 0, 0)?;
+    // transformers evaluates on start at every start, resumed ones included.
+    if t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {
+        let num_tokens = state.extra["num_tokens"].as_u64().unwrap_or(0);
+        eval_figures = eval_now(&mut run, state.step, num_tokens)?;
     }
     let progress = Progress::new(total, "dpo");
     let started = Instant::now();

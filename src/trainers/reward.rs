@@ -218,12 +218,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     };
 
     // 4. The loop: accumulate micro-batches, step, log, evaluate, checkpoint
-    // (after an evaluation at step 0 with eval_on_start).
+    // (after an evaluation with eval_on_start, at every start as in transformers).
     let mut eval_figures: Vec<(String, f64)> = Vec::new();
-    if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {
+    if t.eval_on_start.unwrap_or(false) && !eval_pairs.is_empty() {
         params.set_training(false);
         eval_figures = eval_stats(&model, &eval_pairs, cfg, tok.pad_id, &device)?.figures("eval_");
-        run.metrics.log(0, &eval_figures)?;
+        run.metrics.log(state.step, &eval_figures)?;
     }
     let progress = Progress::new(total, "reward");
     let started = Instant::now();

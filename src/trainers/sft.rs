@@ -173,7 +173,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params.save_checkpoint(run, &files, &[], core, state, t.save_total_limit)
     };
 
-    // 4. The loop (after an evaluation at step 0 with eval_on_start).
+    // 4. The loop (after an evaluation with eval_on_start, at every start as in transformers).
     let mut eval_figures = (f64::NAN, f64::NAN);
     let log_eval = |run: &mut RunDir, step: u64, figures: (f64, f64)| {
         let named = [
@@ -182,7 +182,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         ];
         run.metrics.log(step, &named)
     };
-    if state.step == 0 && t.eval_on_start.unwrap_or(false) && !eval_rows.is_empty() {
+    if t.eval_on_start.unwrap_or(false) && !eval_rows.is_empty() {
         params.set_training(false);
         eval_figures = eval_loss(
             &lm,
@@ -191,7 +191,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             tok.pad_id,
             &device,
         )?;
-        log_eval(&mut run, 0, eval_figures)?;
+        log_eval(&mut run, state.step, eval_figures)?;
     }
     let progress = Progress::new(total, "sft");
     let started = Instant::now();

@@ -372,6 +372,22 @@ fn a_killed_dpo_run_resumes_to_the_same_weights_as_one_never_stopped() {
     );
 }
 
+/// The precomputed reference files of a run directory.
+fn ref_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ref_logps-")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
 fn precomputed_reference_log_probs_train_as_the_live_reference_and_survive_resume() {
     let tmp = tempfile::tempdir().unwrap();
@@ -390,16 +406,14 @@ fn precomputed_reference_log_probs_train_as_the_live_reference_and_survive_resum
             "dpo.precompute_ref_batch_size=5",
         ],
     );
-    assert!(pre_dir.join(dpo::REF_LOGPS_FILE).exists());
+    let stored = ref_files(&pre_dir);
+    assert_eq!(stored.len(), 1, "{stored:?}");
     // Same pairs, reference sums from other batch layouts: equal to f32 rounding.
     for k in ["eval_loss", "eval_rewards/margins", "eval_logps/chosen"] {
         assert_close(k, pre.eval(k), live.eval(k), 1e-4, 1e-6);
     }
     // Resume reads the stored figures: the file is not rewritten.
-    let before = std::fs::metadata(pre_dir.join(dpo::REF_LOGPS_FILE))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let before = std::fs::metadata(&stored[0]).unwrap().modified().unwrap();
     std::fs::remove_dir_all(pre_dir.join("checkpoints/6")).unwrap();
     let cfg = tiny_config(&[
         "train.max_steps=6".into(),
@@ -409,12 +423,16 @@ fn precomputed_reference_log_probs_train_as_the_live_reference_and_survive_resum
     ]);
     let again = dpo::train(&cfg, &pre_dir, true, &StopSignal::new()).unwrap();
     assert_eq!(again.steps, 6);
-    let after = std::fs::metadata(pre_dir.join(dpo::REF_LOGPS_FILE))
-        .unwrap()
-        .modified()
-        .unwrap();
+    assert_eq!(ref_files(&pre_dir), stored);
+    let after = std::fs::metadata(&stored[0]).unwrap().modified().unwrap();
     assert_eq!(before, after);
     assert_eq!(again.eval("eval_loss"), pre.eval("eval_loss"));
+    // A new run in the directory of one that left no checkpoint, with another
+    // cut: its own figures, not the old file's.
+    std::fs::remove_dir_all(pre_dir.join("checkpoints")).unwrap();
+    let cfg = cfg.with_overrides(&["dpo.max_length=12".into()]).unwrap();
+    dpo::train(&cfg, &pre_dir, false, &StopSignal::new()).unwrap();
+    assert_eq!(ref_files(&pre_dir).len(), 2);
     drop(live_dir);
 }
 
@@ -496,7 +514,8 @@ fn bad_rows_are_counted_or_refused_with_their_file_and_line() {
             &StopSignal::new(),
         )
     };
-    // Kept as TRL keeps them: chosen = rejected, an empty completion (EOS alone).
+    // Kept as TRL keeps them: chosen = rejected; an empty text completion
+    // becomes the EOS text alone (TRL appends it), so it is not empty.
     let good =
         "{\"prompt\": \"the movie was\", \"chosen\": \" great.\", \"rejected\": \" bad.\"}\n";
     let o = run(
@@ -504,7 +523,10 @@ fn bad_rows_are_counted_or_refused_with_their_file_and_line() {
         &[],
     )
     .unwrap();
-    assert_eq!((o.data.kept, o.data.identical), (3, 1));
+    assert_eq!(
+        (o.data.kept, o.data.identical, o.data.empty_completion),
+        (3, 1, 0)
+    );
     // A prompt that fills max_length is dropped and counted.
     let long = format!(
         "{good}{{\"prompt\": \"{}\", \"chosen\": \" a\", \"rejected\": \" b\"}}\n",
@@ -522,7 +544,7 @@ fn bad_rows_are_counted_or_refused_with_their_file_and_line() {
     assert!(e.contains("line 2") && e.contains("rejected"), "{e}");
     let mixed = format!("{good}{{\"chosen\": [{{\"role\": \"user\", \"content\": \"q\"}}], \"rejected\": [{{\"role\": \"user\", \"content\": \"r\"}}]}}\n");
     let e = run(&mixed, &[]).unwrap_err().to_string();
-    assert!(e.contains("line"), "{e}");
+    assert!(e.contains(".jsonl") && e.contains("line 2"), "{e}");
 }
 
 #[test]
