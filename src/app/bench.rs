@@ -255,7 +255,8 @@ pub struct DpoBench {
     /// The reference's log-probs precomputed: no reference model in memory.
     pub precomputed: bool,
     pub step_s: f64,
-    /// The policy's forward and backward over chosen and rejected, with the loss.
+    /// The policy's forward and backward over chosen and rejected, with the
+    /// loss and the batch's assembly (TRL's policy phase includes its collation).
     pub policy_s: f64,
     pub reference_s: f64,
     /// Gradient clipping and AdamW.
@@ -676,7 +677,6 @@ fn dpo_steps(
             })
             .collect();
         let refs: Vec<_> = pairs.iter().collect();
-        let batch = DpoBatch::new(&refs, &settings, 0, device)?;
         let lap = |t: &mut Instant| -> Result<f64> {
             device.synchronize()?;
             let s = t.elapsed().as_secs_f64();
@@ -684,6 +684,8 @@ fn dpo_steps(
             Ok(s)
         };
         let mut t = Instant::now();
+        let batch = DpoBatch::new(&refs, &settings, 0, device)?;
+        let batch_s = lap(&mut t)?;
         let r = match &reference {
             Some(lm) => reference_logps(lm, &batch)?,
             None => {
@@ -696,7 +698,7 @@ fn dpo_steps(
             let (loss, _) = policy_loss(&lm, &batch, &settings, r)?;
             core.backward(&loss)?;
         } // the graph is freed before the optimizer step, as in the trainer
-        let policy_s = lap(&mut t)?;
+        let policy_s = batch_s + lap(&mut t)?;
         core.step(step)?;
         let optimizer_s = lap(&mut t)?;
         if step >= opts.warmup as u64 {
