@@ -703,3 +703,46 @@ fn the_shared_prompt_row_gives_the_loss_and_gradients_of_two_separate_rows() {
         }
     }
 }
+
+#[test]
+fn robust_outside_its_range_is_warned_about_and_runs_as_trl_lets_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(crate::bin())
+        .env_remove("RUST_BACKTRACE")
+        .arg("dpo")
+        .arg("--config")
+        .arg(crate::repo().join("configs/dpo-tiny.toml"))
+        .args([
+            "--set",
+            &format!(
+                "model.name_or_path={:?}",
+                model_dir("tiny-llama").to_string_lossy()
+            ),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "dpo.dataset={:?}",
+                fixtures_root()
+                    .join("data/preferences.jsonl")
+                    .to_string_lossy()
+            ),
+        ])
+        .args([
+            "--set",
+            "dpo.loss_type=\"robust\"",
+            "--set",
+            "dpo.label_smoothing=0.6",
+            "--set",
+            "train.max_steps=1",
+        ])
+        .args(["--out", &tmp.path().join("robust").to_string_lossy()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("label_smoothing should lie in [0.0, 0.5) for the robust loss"),
+        "{stderr}"
+    );
+}
