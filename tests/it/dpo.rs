@@ -296,48 +296,47 @@ fn evaluation_at_step_0_equals_trls_evaluate_on_models_written_by_transformers()
     }
 }
 
+/// `candle-rlhf dpo` on the tiny preset with the fixture model and pairs, then `sets`.
+fn dpo_cmd(out: &Path, sets: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(crate::bin());
+    c.env_remove("RUST_BACKTRACE")
+        .arg("dpo")
+        .arg("--config")
+        .arg(crate::repo().join("configs/dpo-tiny.toml"))
+        .args([
+            "--set",
+            &format!(
+                "model.name_or_path={:?}",
+                model_dir("tiny-llama").to_string_lossy()
+            ),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "dpo.dataset={:?}",
+                fixtures_root()
+                    .join("data/preferences.jsonl")
+                    .to_string_lossy()
+            ),
+        ]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.args(["--out", &out.to_string_lossy()]);
+    c
+}
+
 #[test]
 fn a_killed_dpo_run_resumes_to_the_same_weights_as_one_never_stopped() {
     let tmp = tempfile::tempdir().unwrap();
-    let cmd = |out: &Path| {
-        let mut c = std::process::Command::new(crate::bin());
-        c.env_remove("RUST_BACKTRACE")
-            .arg("dpo")
-            .arg("--config")
-            .arg(crate::repo().join("configs/dpo-tiny.toml"))
-            .args([
-                "--set",
-                &format!(
-                    "model.name_or_path={:?}",
-                    model_dir("tiny-llama").to_string_lossy()
-                ),
-            ])
-            .args([
-                "--set",
-                &format!(
-                    "dpo.dataset={:?}",
-                    fixtures_root()
-                        .join("data/preferences.jsonl")
-                        .to_string_lossy()
-                ),
-            ])
-            .args([
-                "--set",
-                "train.max_steps=40",
-                "--set",
-                "train.save_steps=1",
-                "--set",
-                "dpo.loss_type=[\"sigmoid\", \"sft\"]",
-            ])
-            .args([
-                "--set",
-                "train.per_device_train_batch_size=2",
-                "--set",
-                "train.gradient_accumulation_steps=2",
-            ])
-            .args(["--out", &out.to_string_lossy()]);
-        c
-    };
+    let sets = [
+        "train.max_steps=40",
+        "train.save_steps=1",
+        "dpo.loss_type=[\"sigmoid\", \"sft\"]",
+        "train.per_device_train_batch_size=2",
+        "train.gradient_accumulation_steps=2",
+    ];
+    let cmd = |out: &Path| dpo_cmd(out, &sets);
     let killed = tmp.path().join("killed");
     let mut child = cmd(&killed)
         .stdout(std::process::Stdio::null())
@@ -707,38 +706,12 @@ fn the_shared_prompt_row_gives_the_loss_and_gradients_of_two_separate_rows() {
 #[test]
 fn robust_outside_its_range_is_warned_about_and_runs_as_trl_lets_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(crate::bin())
-        .env_remove("RUST_BACKTRACE")
-        .arg("dpo")
-        .arg("--config")
-        .arg(crate::repo().join("configs/dpo-tiny.toml"))
-        .args([
-            "--set",
-            &format!(
-                "model.name_or_path={:?}",
-                model_dir("tiny-llama").to_string_lossy()
-            ),
-        ])
-        .args([
-            "--set",
-            &format!(
-                "dpo.dataset={:?}",
-                fixtures_root()
-                    .join("data/preferences.jsonl")
-                    .to_string_lossy()
-            ),
-        ])
-        .args([
-            "--set",
-            "dpo.loss_type=\"robust\"",
-            "--set",
-            "dpo.label_smoothing=0.6",
-            "--set",
-            "train.max_steps=1",
-        ])
-        .args(["--out", &tmp.path().join("robust").to_string_lossy()])
-        .output()
-        .unwrap();
+    let sets = [
+        "dpo.loss_type=\"robust\"",
+        "dpo.label_smoothing=0.6",
+        "train.max_steps=1",
+    ];
+    let o = dpo_cmd(&tmp.path().join("robust"), &sets).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
