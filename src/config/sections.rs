@@ -222,6 +222,9 @@ section! {
         pub eval_on_start: Option<bool> = None,
         /// Stop the run after this many consecutive steps with a NaN/inf loss or gradient.
         pub max_nonfinite_steps: usize = 5,
+        /// Keep each layer's input only and recompute its inside in the backward, in every trained model (transformers 5.23's name; the alias `gradient_checkpointing` is TRL's, default true in its configs). Trained weights are bit-identical on and off; on costs about one more forward per step and saves most activation memory.
+        #[serde(alias = "gradient_checkpointing")]
+        pub activation_checkpointing: bool = true,
     }
 }
 

@@ -39,6 +39,17 @@ impl Dropout {
         self.calls.store(0, Ordering::SeqCst);
     }
 
+    /// How many masks this step has drawn: where a recomputed layer
+    /// (activation checkpointing) rewinds to, to draw its masks again.
+    pub fn position(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Sets the count of masks drawn this step (see [`Self::position`]).
+    pub fn set_position(&self, calls: u64) {
+        self.calls.store(calls, Ordering::SeqCst);
+    }
+
     /// Training (masks drawn) or evaluation (identity).
     pub fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::SeqCst);
@@ -90,6 +101,10 @@ impl Adapter {
             scaling,
             dropout,
         }
+    }
+
+    pub fn dropout(&self) -> Option<&Arc<Dropout>> {
+        self.dropout.as_ref()
     }
 
     /// The adapted layer's output for x (N, in): the base product `base`

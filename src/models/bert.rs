@@ -54,6 +54,7 @@ pub struct BertConfig {
 
 /// A post-norm encoder layer, BERT's and DistilBERT's alike (they differ in
 /// tensor names only): a = LN(x + attn(x)); out = LN(a + ffn(a)).
+#[derive(Clone)]
 pub(crate) struct EncoderLayer {
     pub query: Linear,
     pub key: Linear,
@@ -79,7 +80,38 @@ impl EncoderLayer {
     }
 }
 
+impl super::layers::Recomputable for EncoderLayer {
+    fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_output,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+}
+
 impl EncoderLayer {
+    /// Every layer of an encoder in turn, each through [`super::layers::run_layer`].
+    pub fn run_all(
+        layers: &[EncoderLayer],
+        checkpointing: bool,
+        mut x: Tensor,
+        bias: &Tensor,
+        heads: usize,
+        act: Activation,
+    ) -> Result<Tensor> {
+        for layer in layers {
+            let bias = bias.clone();
+            x = super::layers::run_layer(checkpointing, layer, &x, move |l, x| {
+                l.forward(x, &bias, heads, act)
+            })?;
+        }
+        Ok(x)
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
@@ -117,6 +149,10 @@ impl super::layers::Linears for Bert {
             .flat_map(EncoderLayer::linears_mut)
             .collect()
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
 }
 
 /// BertModel (no pooler).
@@ -128,6 +164,8 @@ pub struct Bert {
     embeddings_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     act: Activation,
+    /// Activation checkpointing of the layers in training forwards.
+    checkpointing: bool,
 }
 
 impl Bert {
@@ -176,6 +214,7 @@ impl Bert {
             embeddings_norm: LayerNorm::load(emb.pp("LayerNorm"), e, eps)?,
             layers,
             act,
+            checkpointing: false,
         })
     }
 
@@ -190,10 +229,7 @@ impl Bert {
         let x = (self.word_embeddings.forward(ids)?
             + self.position_embeddings.forward(positions)?)?
         .broadcast_add(&self.token_type_row)?;
-        let mut x = self.embeddings_norm.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, bias, heads, self.act)?;
-        }
-        Ok(x)
+        let x = self.embeddings_norm.forward(&x)?;
+        EncoderLayer::run_all(&self.layers, self.checkpointing, x, bias, heads, self.act)
     }
 }

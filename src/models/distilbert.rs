@@ -44,6 +44,10 @@ impl super::layers::Linears for DistilBert {
             .flat_map(EncoderLayer::linears_mut)
             .collect()
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
 }
 
 /// DistilBertModel.
@@ -54,6 +58,8 @@ pub struct DistilBert {
     embeddings_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     act: Activation,
+    /// Activation checkpointing of the layers in training forwards.
+    checkpointing: bool,
 }
 
 impl DistilBert {
@@ -91,6 +97,7 @@ impl DistilBert {
             embeddings_norm: LayerNorm::load(emb.pp("LayerNorm"), e, EPS)?,
             layers,
             act,
+            checkpointing: false,
         })
     }
 
@@ -103,10 +110,7 @@ impl DistilBert {
         let heads = self.config.n_heads;
         let x =
             (self.word_embeddings.forward(ids)? + self.position_embeddings.forward(positions)?)?;
-        let mut x = self.embeddings_norm.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, bias, heads, self.act)?;
-        }
-        Ok(x)
+        let x = self.embeddings_norm.forward(&x)?;
+        EncoderLayer::run_all(&self.layers, self.checkpointing, x, bias, heads, self.act)
     }
 }

@@ -12,7 +12,8 @@ use super::layers::Embedding;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    attention, check_heads, extend_cache, split_heads, KvSlot, LayerNorm, Linear, Linears,
+    attention, check_heads, extend_cache, run_layer, split_heads, KvSlot, LayerNorm, Linear,
+    Linears, Recomputable,
 };
 use super::KvCache;
 use crate::kernels::attention::{packed_attention, Packing};
@@ -46,6 +47,7 @@ pub struct Gpt2Config {
     pub tie_word_embeddings: bool,
 }
 
+#[derive(Clone)]
 struct Attention {
     c_attn: Linear,
     c_proj: Linear,
@@ -82,6 +84,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
@@ -95,6 +98,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     ln_1: LayerNorm,
     attn: Attention,
@@ -122,6 +126,17 @@ impl Block {
     }
 }
 
+impl Recomputable for Block {
+    fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.attn.c_attn,
+            &self.attn.c_proj,
+            &self.mlp.c_fc,
+            &self.mlp.c_proj,
+        ]
+    }
+}
+
 impl Linears for Gpt2 {
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         self.blocks
@@ -136,6 +151,10 @@ impl Linears for Gpt2 {
             })
             .collect()
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
 }
 
 /// GPT2LMHeadModel.
@@ -147,6 +166,8 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// None for a trunk under another head (a reward model).
     lm_head: Option<Tensor>,
+    /// Activation checkpointing of the blocks in training forwards.
+    checkpointing: bool,
 }
 
 impl Gpt2 {
@@ -173,6 +194,7 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
+            checkpointing: false,
         })
     }
 
@@ -197,8 +219,15 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let mut x = (self.wte.forward(ids)? + self.wpe.forward(positions)?)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(&x, bias, slot)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => block.forward(&x, bias, Some(&mut c[i]))?,
+                None => {
+                    let bias = bias.clone();
+                    run_layer(self.checkpointing, block, &x, move |b, x| {
+                        b.forward(x, &bias, None)
+                    })?
+                }
+            };
         }
         self.ln_f.forward(&x)
     }

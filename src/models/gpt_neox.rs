@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 use super::layers::RopeConfig;
 use super::layers::{
-    attention, check_heads, extend_cache, Activation, KvSlot, LayerNorm, Linear, Rotary,
+    attention, check_heads, extend_cache, run_layer, Activation, KvSlot, LayerNorm, Linear,
+    Recomputable, Rotary,
 };
 use super::KvCache;
 use crate::kernels::attention::{packed_attention, Packing};
@@ -53,6 +54,7 @@ pub struct GptNeoXConfig {
     pub rope: RopeConfig,
 }
 
+#[derive(Clone)]
 struct Layer {
     input_layernorm: LayerNorm,
     post_attention_layernorm: LayerNorm,
@@ -60,6 +62,72 @@ struct Layer {
     dense: Linear,
     dense_h_to_4h: Linear,
     dense_4h_to_h: Linear,
+    heads: usize,
+    act: Activation,
+    use_parallel_residual: bool,
+}
+
+impl Layer {
+    fn attend(
+        &self,
+        x: &Tensor,
+        cos_sin: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cache: Option<&mut KvSlot>,
+    ) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let heads = self.heads;
+        let hd = e / heads;
+        let qkv = self.query_key_value.forward(x)?;
+        if cache.is_none() {
+            // Training and scoring on the CPU: one op, with its own backward.
+            let y = packed_attention(&qkv, Packing::PerHead, heads, bias, Some(cos_sin))?;
+            if let Some(y) = y {
+                return self.dense.forward(&y);
+            }
+        }
+        // (B, T, H, 3 * hd) -> (B, H, T, 3 * hd): q, k, v sit side by side per head.
+        let qkv = qkv.reshape((b, t, heads, 3 * hd))?.transpose(1, 2)?;
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.contiguous()?) };
+        let (cos, sin) = cos_sin;
+        let q = rotary(&part(0)?, cos, sin)?;
+        let k = rotary(&part(1)?, cos, sin)?;
+        let (k, v) = extend_cache(cache, k, part(2)?)?;
+        self.dense.forward(&attention(&q, &k, &v, bias)?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos_sin: (&Tensor, &Tensor),
+        bias: &Tensor,
+        slot: Option<&mut KvSlot>,
+    ) -> Result<Tensor> {
+        let attn = self.attend(&self.input_layernorm.forward(x)?, cos_sin, bias, slot)?;
+        let mlp = |h: &Tensor| -> Result<Tensor> {
+            let h = self.act.forward(&self.dense_h_to_4h.forward(h)?)?;
+            self.dense_4h_to_h.forward(&h)
+        };
+        Ok(if self.use_parallel_residual {
+            let m = mlp(&self.post_attention_layernorm.forward(x)?)?;
+            ((x + attn)? + m)?
+        } else {
+            let x = (x + attn)?;
+            let m = mlp(&self.post_attention_layernorm.forward(&x)?)?;
+            (x + m)?
+        })
+    }
+}
+
+impl Recomputable for Layer {
+    fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.query_key_value,
+            &self.dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ]
+    }
 }
 
 impl super::layers::Linears for GptNeoX {
@@ -76,6 +144,10 @@ impl super::layers::Linears for GptNeoX {
             })
             .collect()
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
 }
 
 /// GPTNeoXForCausalLM.
@@ -87,7 +159,8 @@ pub struct GptNeoX {
     /// None for a trunk under another head (a reward model).
     embed_out: Option<Tensor>,
     rotary: Rotary,
-    act: Activation,
+    /// Activation checkpointing of the layers in training forwards.
+    checkpointing: bool,
 }
 
 impl GptNeoX {
@@ -123,6 +196,9 @@ impl GptNeoX {
                     dense: Linear::load(l.pp("attention.dense"), e, e, bias)?,
                     dense_h_to_4h: Linear::load(l.pp("mlp.dense_h_to_4h"), e, i, true)?,
                     dense_4h_to_h: Linear::load(l.pp("mlp.dense_4h_to_h"), i, e, true)?,
+                    heads: h,
+                    act,
+                    use_parallel_residual: cfg.use_parallel_residual,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -140,7 +216,7 @@ impl GptNeoX {
             final_layer_norm,
             embed_out,
             rotary: Rotary::new(rotary_dim, cfg.rope.theta, &cfg.rope.scaling)?,
-            act,
+            checkpointing: false,
         })
     }
 
@@ -150,35 +226,6 @@ impl GptNeoX {
 
     pub fn dtype(&self) -> DType {
         self.embed_in.embeddings().dtype()
-    }
-
-    fn attend(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        cos_sin: (&Tensor, &Tensor),
-        bias: &Tensor,
-        cache: Option<&mut KvSlot>,
-    ) -> Result<Tensor> {
-        let (b, t, e) = x.dims3()?;
-        let heads = self.config.num_attention_heads;
-        let hd = e / heads;
-        let qkv = layer.query_key_value.forward(x)?;
-        if cache.is_none() {
-            // Training and scoring on the CPU: one op, with its own backward.
-            let y = packed_attention(&qkv, Packing::PerHead, heads, bias, Some(cos_sin))?;
-            if let Some(y) = y {
-                return layer.dense.forward(&y);
-            }
-        }
-        // (B, T, H, 3 * hd) -> (B, H, T, 3 * hd): q, k, v sit side by side per head.
-        let qkv = qkv.reshape((b, t, heads, 3 * hd))?.transpose(1, 2)?;
-        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * hd, hd)?.contiguous()?) };
-        let (cos, sin) = cos_sin;
-        let q = rotary(&part(0)?, cos, sin)?;
-        let k = rotary(&part(1)?, cos, sin)?;
-        let (k, v) = extend_cache(cache, k, part(2)?)?;
-        layer.dense.forward(&attention(&q, &k, &v, bias)?)
     }
 
     /// Final hidden states (B, T, E); see [`super::CausalLm::forward`].
@@ -192,25 +239,14 @@ impl GptNeoX {
         let mut x = self.embed_in.forward(ids)?;
         let (cos, sin) = self.rotary.cos_sin(positions, x.dtype())?;
         for (n, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c[n]);
-            let attn = self.attend(
-                layer,
-                &layer.input_layernorm.forward(&x)?,
-                (&cos, &sin),
-                bias,
-                slot,
-            )?;
-            let mlp = |h: &Tensor| -> Result<Tensor> {
-                let h = self.act.forward(&layer.dense_h_to_4h.forward(h)?)?;
-                layer.dense_4h_to_h.forward(&h)
-            };
-            x = if self.config.use_parallel_residual {
-                let m = mlp(&layer.post_attention_layernorm.forward(&x)?)?;
-                ((x + attn)? + m)?
-            } else {
-                let x = (x + attn)?;
-                let m = mlp(&layer.post_attention_layernorm.forward(&x)?)?;
-                (x + m)?
+            x = match cache.as_deref_mut() {
+                Some(c) => layer.forward(&x, (&cos, &sin), bias, Some(&mut c[n]))?,
+                None => {
+                    let (cos, sin, bias) = (cos.clone(), sin.clone(), bias.clone());
+                    run_layer(self.checkpointing, layer, &x, move |l, x| {
+                        l.forward(x, (&cos, &sin), &bias, None)
+                    })?
+                }
             };
         }
         self.final_layer_norm.forward(&x)

@@ -35,6 +35,7 @@ impl candle_nn::Module for Embedding {
 }
 
 /// LayerNorm (fused on the CPU, see `crate::kernels`).
+#[derive(Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -56,6 +57,7 @@ impl LayerNorm {
 }
 
 /// RMSNorm as transformers' LlamaRMSNorm: normalized in f32, cast back, then scaled.
+#[derive(Clone)]
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -78,6 +80,7 @@ impl RmsNorm {
 /// with W stored [in, out] (GPT-2's Conv1D, peft's `fan_in_fan_out`), on
 /// (B, T, in); plus a LoRA adapter's update when one is attached
 /// ([`super::lora`]).
+#[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -153,6 +156,18 @@ impl Linear {
         (self.weight.dtype(), self.weight.device().clone())
     }
 
+    /// Whether anything here records gradients: the weight or bias, or an adapter.
+    pub fn trains(&self) -> bool {
+        self.weight.is_variable()
+            || self.bias.as_ref().is_some_and(Tensor::is_variable)
+            || self.lora.is_some()
+    }
+
+    /// The adapter's dropout, if any.
+    pub fn dropout(&self) -> Option<&std::sync::Arc<super::adapter::Dropout>> {
+        self.lora.as_ref().and_then(|a| a.dropout())
+    }
+
     /// Attaches (or, with None, removes) a LoRA adapter.
     pub fn set_adapter(&mut self, adapter: Option<super::adapter::Adapter>) {
         self.lora = adapter;
@@ -185,6 +200,50 @@ impl Linear {
 /// Every Linear of a model, in a fixed order: what LoRA attaches adapters to.
 pub trait Linears {
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
+
+    /// Turns activation checkpointing on or off ([`run_layer`]); models
+    /// without layers to recompute ignore it.
+    fn set_activation_checkpointing(&mut self, _on: bool) {}
+}
+
+/// A decoder or encoder layer that activation checkpointing runs again in
+/// the backward: cheap to clone (its tensors are shared).
+pub(crate) trait Recomputable: Clone + Send + Sync + 'static {
+    fn linears(&self) -> Vec<&Linear>;
+}
+
+/// One layer's forward `f(layer, x)`. With `checkpointing` on, where the
+/// layer or its input trains, the layer keeps its input and output only
+/// and runs again during the backward (`kernels::checkpoint`), with its
+/// LoRA dropout rewound so that it draws the same masks: gradients are bit
+/// for bit those without checkpointing.
+pub(crate) fn run_layer<L: Recomputable>(
+    checkpointing: bool,
+    layer: &L,
+    x: &Tensor,
+    f: impl Fn(&L, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let linears = layer.linears();
+    if !(checkpointing && (x.track_op() || linears.iter().any(|l| l.trains()))) {
+        return f(layer, x);
+    }
+    let dropout = linears.iter().find_map(|l| l.dropout().cloned());
+    let start = dropout.as_ref().map_or(0, |d| d.position());
+    let after = std::sync::atomic::AtomicU64::new(0);
+    let replay = move |before: bool| {
+        if let Some(d) = &dropout {
+            use std::sync::atomic::Ordering::SeqCst;
+            match before {
+                true => {
+                    after.store(d.position(), SeqCst);
+                    d.set_position(start);
+                }
+                false => d.set_position(after.load(SeqCst)),
+            }
+        }
+    };
+    let layer = layer.clone();
+    crate::kernels::checkpoint(x, move |x| f(&layer, x), replay)
 }
 
 /// The activations of the supported configs, by their transformers names.

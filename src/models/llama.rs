@@ -18,7 +18,8 @@ use serde::Deserialize;
 
 use super::layers::RopeConfig;
 use super::layers::{
-    attention, extend_cache, split_heads, Activation, KvSlot, Linear, RmsNorm, Rotary,
+    attention, extend_cache, run_layer, split_heads, Activation, KvSlot, Linear, Recomputable,
+    RmsNorm, Rotary,
 };
 use super::KvCache;
 use crate::kernels::attention::split_attention;
@@ -115,6 +116,7 @@ impl LlamaConfig {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -189,6 +191,7 @@ impl Attention {
 }
 
 /// SwiGLU: down(act(gate(x)) * up(x)).
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
@@ -216,11 +219,45 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Layer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+        slot: Option<&mut KvSlot>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, rope, bias, slot)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+impl Recomputable for Layer {
+    fn linears(&self) -> Vec<&Linear> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        vec![
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
 }
 
 impl super::layers::Linears for Llama {
@@ -240,6 +277,10 @@ impl super::layers::Linears for Llama {
             })
             .collect()
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
 }
 
 /// LlamaForCausalLM (and MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
@@ -251,6 +292,8 @@ pub struct Llama {
     /// None for a trunk under another head (a reward model).
     lm_head: Option<Tensor>,
     rotary: Rotary,
+    /// Activation checkpointing of the layers in training forwards.
+    checkpointing: bool,
 }
 
 impl Llama {
@@ -291,6 +334,7 @@ impl Llama {
             norm,
             lm_head,
             rotary: Rotary::new(rotary_dim, cfg.rope.theta, &cfg.rope.scaling)?,
+            checkpointing: false,
         })
     }
 
@@ -313,14 +357,15 @@ impl Llama {
         let mut x = self.embed_tokens.forward(ids)?;
         let (cos, sin) = self.rotary.cos_sin(positions, x.dtype())?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c[i]);
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, (&cos, &sin), bias, slot)?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => layer.forward(&x, (&cos, &sin), bias, Some(&mut c[i]))?,
+                None => {
+                    let (cos, sin, bias) = (cos.clone(), sin.clone(), bias.clone());
+                    run_layer(self.checkpointing, layer, &x, move |l, x| {
+                        l.forward(x, (&cos, &sin), &bias, None)
+                    })?
+                }
+            };
         }
         self.norm.forward(&x)
     }

@@ -117,6 +117,14 @@ impl Linears for CausalLm {
             Self::GptNeoX(m) => m.linears_mut(),
         }
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        match self {
+            Self::Gpt2(m) => m.set_activation_checkpointing(on),
+            Self::Llama(m) => m.set_activation_checkpointing(on),
+            Self::GptNeoX(m) => m.set_activation_checkpointing(on),
+        }
+    }
 }
 
 /// An encoder: BERT or DistilBERT.
@@ -149,6 +157,13 @@ impl Linears for Encoder {
             Self::DistilBert(m) => m.linears_mut(),
         }
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        match self {
+            Self::Bert(m) => m.set_activation_checkpointing(on),
+            Self::DistilBert(m) => m.set_activation_checkpointing(on),
+        }
+    }
 }
 
 impl Linears for Backbone {
@@ -156,6 +171,13 @@ impl Linears for Backbone {
         match self {
             Self::Causal(m) => m.linears_mut(),
             Self::Encoder(m) => m.linears_mut(),
+        }
+    }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        match self {
+            Self::Causal(m) => m.set_activation_checkpointing(on),
+            Self::Encoder(m) => m.set_activation_checkpointing(on),
         }
     }
 }

@@ -97,6 +97,10 @@ impl super::Linears for RewardModel {
         }
         all
     }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.backbone.set_activation_checkpointing(on);
+    }
 }
 
 impl RewardModel {

@@ -21,23 +21,16 @@ use crate::{Error, Result};
 pub struct ParamGrads(pub Vec<Option<Tensor>>);
 
 impl ParamGrads {
-    /// Picks the gradients of the optimizer's variables out of a backward pass.
+    /// Backpropagates `loss` and picks the optimizer's variables' gradients.
     /// They are detached: Candle records the ops that computed them (a weight's
     /// gradient is x^T g, x an activation), so each would otherwise keep the
     /// whole forward graph, every activation, alive until the optimizer step
     /// (the memory this keeps: BENCHMARKS.md, "Design measurements").
-    pub fn from_store(store: &candle_core::backprop::GradStore, optimizer: &AdamW) -> Self {
-        ParamGrads(
-            optimizer
-                .vars()
-                .map(|(_, v)| store.get(v.as_tensor()).map(Tensor::detach))
-                .collect(),
-        )
-    }
-
-    /// Backpropagates `loss` and picks the optimizer's variables' gradients.
+    /// Layers recomputed in the backward (activation checkpointing) hand
+    /// theirs over on the way ([`crate::kernels::gradients`]).
     pub fn backward(loss: &Tensor, optimizer: &AdamW) -> Result<Self> {
-        Ok(Self::from_store(&loss.backward()?, optimizer))
+        let vars: Vec<&Tensor> = optimizer.vars().map(|(_, v)| v.as_tensor()).collect();
+        Ok(ParamGrads(crate::kernels::gradients(loss, &vars)?))
     }
 
     /// Adds `other` element-wise (gradient accumulation).
@@ -426,7 +419,7 @@ mod tests {
             AdamWParams::default(),
         )
         .unwrap();
-        let grads = ParamGrads::from_store(&store, &opt);
+        let grads = ParamGrads::backward(&loss, &opt).unwrap();
         for g in grads.0.iter() {
             let g = g.as_ref().unwrap();
             assert!(!g.track_op(), "a gradient still records its graph");

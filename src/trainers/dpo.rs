@@ -22,7 +22,7 @@ use crate::data::dpo::{prepare_pairs, sequence, DpoDataReport, DpoPair};
 use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{tree_attention_bias, CausalLm};
+use crate::models::{tree_attention_bias, CausalLm, Linears};
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rl::dpo::{dpo_loss, ld_weights, token_figures, wpo_weights, DpoHyper, PairLogps};
 use crate::run::{checkpoint_if_due, RunDir};
@@ -588,6 +588,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         params = params.without_dropout();
     }
     params.attach(&mut lm)?;
+    lm.set_activation_checkpointing(cfg.train.activation_checkpointing);
     let varmap = params.varmap().clone();
 
     // 2. Data: prepared as TRL prepares it, split.

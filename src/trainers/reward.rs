@@ -18,6 +18,7 @@ use crate::data::{self, TokenizedPair};
 use crate::io;
 use crate::metrics::Progress;
 use crate::models::reward_model::{RewardModel, OFFSET_KEY};
+use crate::models::Linears;
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rl::bradley_terry;
 use crate::run::{checkpoint_if_due, RunDir};
@@ -174,6 +175,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             (model, params)
         }
     };
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing);
     let varmap = params.varmap().clone();
 
     // 2. Data: tokenized, filtered, split.

@@ -20,7 +20,7 @@ use crate::data::sft::{pack, tokenize_rows, SftDataReport, SftRow};
 use crate::data::{self};
 use crate::io;
 use crate::metrics::Progress;
-use crate::models::{attention_bias, CausalLm};
+use crate::models::{attention_bias, CausalLm, Linears};
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rl;
 use crate::run::{checkpoint_if_due, RunDir};
@@ -126,6 +126,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         ))
     })?;
     params.attach(&mut lm)?;
+    lm.set_activation_checkpointing(cfg.train.activation_checkpointing);
     let varmap = params.varmap().clone();
     if s.max_length > lm.max_positions() {
         return Err(Error::InvalidConfig {

@@ -35,7 +35,7 @@ use crate::config::{Config, ModelInit};
 use crate::data::prompts::{PromptReport, PromptRow};
 use crate::hub::HubSettings;
 use crate::metrics::Progress;
-use crate::models::{resolve_model, CausalLm};
+use crate::models::{resolve_model, CausalLm, Linears};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::{StepOutcome, TrainCore};
 use crate::rewards::RewardFuncs;
@@ -187,6 +187,7 @@ pub fn train_with_rewards(
         params = params.without_dropout();
     }
     params.attach(&mut policy)?;
+    policy.set_activation_checkpointing(cfg.train.activation_checkpointing);
     let sampler = params.frozen_causal(&arch, dtype, &device)?;
     let reference = match s.needs_reference() {
         true => Some(params.reference(
@@ -199,7 +200,7 @@ pub fn train_with_rewards(
         )?),
         false => None,
     };
-    let critic = match algo {
+    let mut critic = match algo {
         Algo::Ppo => Some(build_critic(
             &cfg.ppo,
             reward_dir,
@@ -211,6 +212,9 @@ pub fn train_with_rewards(
         )?),
         _ => None,
     };
+    if let Some(Critic::Model { model, .. }) = &mut critic {
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing);
+    }
 
     // Setup: prompts, with their other columns for the reward functions.
     let template = TemplateSource::new(&policy_dir, cfg.model.chat_template.as_deref());

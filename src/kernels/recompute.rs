@@ -1,0 +1,230 @@
+//! Recomputation in the backward, the autograd half of activation
+//! checkpointing (transformers' `activation_checkpointing`) and of the LM
+//! head's chunked log-probs: a value is computed with no graph kept, then
+//! attached to its inputs by an op whose backward computes it again, this
+//! time with a graph, backpropagates through that graph and drops it.
+//!
+//! Candle has no such op, and a custom op's backward returns the gradients
+//! of its (at most three) tensor arguments only. The weights a recomputed
+//! layer uses get their gradients from a backward run inside the op's; they
+//! are handed to [`gradients`], the one entry point for a training backward,
+//! through a per-thread sink. The gradients themselves are those of the
+//! plain graph, bit for bit: the recomputation runs the same ops on the same
+//! inputs, and the layer's output gradient enters it unchanged (as the
+//! factor of sum(y * g), whose backward gives g * 1 = g exactly).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use candle_core::{
+    backprop::GradStore, bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage,
+    Result as CResult, Shape, Storage, Tensor, TensorId, Var,
+};
+
+use crate::Result;
+
+/// The variables one training backward wants, and what the backwards run
+/// inside recomputing ops found for them.
+struct Sink {
+    wanted: HashSet<TensorId>,
+    grads: HashMap<TensorId, Tensor>,
+}
+
+thread_local! {
+    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+}
+
+/// Backpropagates `loss` and returns the gradients of `vars`, detached, in
+/// their order (None: no gradient), including those found inside
+/// recomputing ops. Every training backward goes through here.
+pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>> {
+    let sink = Sink {
+        wanted: vars.iter().map(|v| v.id()).collect(),
+        grads: HashMap::new(),
+    };
+    let outer = SINK.with(|s| s.replace(Some(sink)));
+    let store = loss.backward();
+    let mut sink = SINK.with(|s| s.replace(outer)).expect("the sink set above");
+    let store = store?;
+    vars.iter()
+        .map(|v| {
+            let plain = store.get(v).map(Tensor::detach);
+            Ok(match (plain, sink.grads.remove(&v.id())) {
+                (Some(a), Some(b)) => Some((a + b)?.detach()),
+                (a, b) => a.or(b),
+            })
+        })
+        .collect()
+}
+
+/// Hands the wanted variables' gradients in `store` to the running
+/// [`gradients`], skipping `exclude` (the recomputation's own input).
+fn sink(store: &GradStore, exclude: TensorId) -> CResult<()> {
+    SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(sink) = s.as_mut() else {
+            bail!("a recomputing op (activation checkpointing, chunked log-probs) ran its backward outside kernels::gradients: its weights' gradients would be lost")
+        };
+        for id in store.get_ids() {
+            if *id == exclude || !sink.wanted.contains(id) {
+                continue;
+            }
+            let g = store.get_id(*id).expect("listed").detach();
+            let sum = match sink.grads.remove(id) {
+                Some(before) => (before + g)?.detach(),
+                None => g,
+            };
+            sink.grads.insert(*id, sum);
+        }
+        Ok(())
+    })
+}
+
+/// `x` as a leaf variable of its own (a copy), so that a backward reaches it.
+pub(crate) fn leaf(x: &Tensor) -> CResult<Var> {
+    Var::from_tensor(&x.detach())
+}
+
+/// Runs `f` on `x` keeping no graph inside it: the result is attached to
+/// `x` alone, and the backward runs `f` again from a copy of `x` and
+/// backpropagates through it. `replay(true)` runs before the recomputation
+/// and `replay(false)` after it: they put back, then restore, what `f` reads
+/// besides its input (a dropout stream's position). The
+/// gradients of the variables `f` uses reach [`gradients`]. Where `x`
+/// records no graph (a frozen embedding under LoRA), the result is attached
+/// to a copy of it that does, so that the backward still gets here.
+pub fn checkpoint(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    replay: impl Fn(bool) + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let value = f(&x.detach())?.detach();
+    let arg = match x.track_op() {
+        true => x.clone(),
+        false => leaf(x)?.into_inner(),
+    };
+    let backward = move |arg: &Tensor, grad: &Tensor| -> CResult<Option<Tensor>> {
+        replay(true);
+        let input = leaf(arg)?;
+        let y = f(input.as_tensor());
+        replay(false);
+        let y = y.map_err(candle_core::Error::wrap)?;
+        let store = (y * grad.detach())?.sum_all()?.backward()?;
+        sink(&store, input.id())?;
+        Ok(store.get(input.as_tensor()).map(Tensor::detach))
+    };
+    Ok(arg.apply_op1(Attached1 {
+        value: Mutex::new(Some(contiguous(value)?)),
+        backward: Box::new(backward),
+    })?)
+}
+
+/// The backward of [`attach2`]: the gradients of both inputs from theirs
+/// and the output's gradient.
+pub type Backward2 = Box<
+    dyn Fn(&Tensor, &Tensor, &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> + Send + Sync,
+>;
+
+/// `value`, computed from `a` and `b` with no graph kept, attached to them
+/// with `backward` (which recomputes what it needs).
+pub fn attach2(a: &Tensor, b: &Tensor, value: Tensor, backward: Backward2) -> Result<Tensor> {
+    Ok(a.apply_op2(
+        b,
+        Attached2 {
+            value: Mutex::new(Some(contiguous(value)?)),
+            backward,
+        },
+    )?)
+}
+
+/// The value as the op hands it out: its own contiguous storage from offset 0.
+fn contiguous(value: Tensor) -> CResult<Tensor> {
+    match value.is_contiguous() && value.layout().start_offset() == 0 {
+        true => Ok(value),
+        false => value.copy(),
+    }
+}
+
+/// A copy of the precomputed value's storage, on whichever device it is.
+fn hand_out(slot: &Mutex<Option<Tensor>>) -> CResult<(Storage, Shape)> {
+    let value =
+        slot.lock().expect("not poisoned").take().ok_or_else(|| {
+            candle_core::Error::Msg("a recomputing op ran its forward twice".into())
+        })?;
+    let (storage, layout) = value.storage_and_layout();
+    let copy = match &*storage {
+        Storage::Cpu(s) => {
+            Storage::Cpu(candle_core::backend::BackendStorage::try_clone(s, layout)?)
+        }
+        Storage::Cuda(s) => {
+            Storage::Cuda(candle_core::backend::BackendStorage::try_clone(s, layout)?)
+        }
+        Storage::Metal(s) => {
+            Storage::Metal(candle_core::backend::BackendStorage::try_clone(s, layout)?)
+        }
+    };
+    Ok((copy, layout.shape().clone()))
+}
+
+macro_rules! forwards {
+    ($($args:ident),*) => {
+        fn cpu_fwd(&self, $($args: &CpuStorage, _: &Layout),*) -> CResult<(CpuStorage, Shape)> {
+            $(let _ = $args;)*
+            match hand_out(&self.value)? {
+                (Storage::Cpu(s), shape) => Ok((s, shape)),
+                _ => bail!("recompute: the value is not on the CPU like its inputs"),
+            }
+        }
+        fn cuda_fwd(&self, $($args: &CudaStorage, _: &Layout),*) -> CResult<(CudaStorage, Shape)> {
+            $(let _ = $args;)*
+            match hand_out(&self.value)? {
+                (Storage::Cuda(s), shape) => Ok((s, shape)),
+                _ => bail!("recompute: the value is not on CUDA like its inputs"),
+            }
+        }
+        fn metal_fwd(&self, $($args: &MetalStorage, _: &Layout),*) -> CResult<(MetalStorage, Shape)> {
+            $(let _ = $args;)*
+            match hand_out(&self.value)? {
+                (Storage::Metal(s), shape) => Ok((s, shape)),
+                _ => bail!("recompute: the value is not on Metal like its inputs"),
+            }
+        }
+    };
+}
+
+struct Attached1 {
+    value: Mutex<Option<Tensor>>,
+    backward: Box<dyn Fn(&Tensor, &Tensor) -> CResult<Option<Tensor>> + Send + Sync>,
+}
+
+impl CustomOp1 for Attached1 {
+    fn name(&self) -> &'static str {
+        "recompute"
+    }
+    forwards!(x);
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        (self.backward)(arg, grad)
+    }
+}
+
+struct Attached2 {
+    value: Mutex<Option<Tensor>>,
+    backward: Backward2,
+}
+
+impl CustomOp2 for Attached2 {
+    fn name(&self) -> &'static str {
+        "recompute2"
+    }
+    forwards!(a, b);
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(a, b, grad)
+    }
+}
