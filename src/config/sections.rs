@@ -346,8 +346,10 @@ dataset_section! {
         pub reward_model: Option<String> = None,
         /// The reference model (default: a frozen copy of the initial policy).
         pub ref_model: Option<String> = None,
-        /// Dtype of the frozen reference (default: the run's dtype).
+        /// Dtype of the frozen reference (default: the run's dtype). Under LoRA another dtype than the run's loads a second copy of the base instead of sharing the policy's.
         pub ref_dtype: Option<DTypeName> = None,
+        /// Dtype the reward model of `reward_model` scores in (unset: f32); a critic started from it trains in the run's dtype.
+        pub reward_model_dtype: Option<DTypeName> = None,
         /// auto: a critic from the reward model when it is a decoder sharing the policy's tokenizer (the N+ default), else a value head; reward: that critic or an error; head: the value head.
         pub value_model: ValueModel = ValueModel::Auto,
         /// Entropy bonus: loss -= entropy_coef * mean token entropy.
@@ -453,6 +455,8 @@ section! {
         pub weight: f64 = 1.0,
         /// type = model: the reward model, a directory or hub id.
         pub model: Option<String> = None,
+        /// type = model: the dtype it scores in (f32 | bf16 | f16; unset: f32).
+        pub dtype: Option<DTypeName> = None,
         /// type = regex: the pattern to find; exact_match: the pattern whose first capture group is the answer (unset: the whole completion).
         pub pattern: Option<String> = None,
         /// type = exact_match: the row's column holding the expected answer; http: the column sent as `labels` (default `label` when the rows have it).
@@ -541,6 +545,8 @@ macro_rules! online_section {
                 pub mask_truncated_completions: bool = false,
                 /// The reference model when beta > 0 (default: a frozen copy of the initial policy).
                 pub ref_model: Option<String> = None,
+                /// Dtype of the frozen reference (default: the run's dtype). Under LoRA another dtype than the run's loads a second copy of the base instead of sharing the policy's.
+                pub ref_dtype: Option<DTypeName> = None,
                 /// How many times over the run a few completions go to samples.jsonl.
                 pub num_sample_generations: usize = 10,
                 /// Turn off dropout in the policy (TRL's name and default; the only dropout here is LoRA's lora_dropout).
@@ -570,6 +576,7 @@ macro_rules! online_section {
                     steps_per_generation: self.steps_per_generation,
                     mask_truncated_completions: self.mask_truncated_completions,
                     ref_model: self.ref_model.as_deref(),
+                    ref_dtype: self.ref_dtype,
                     num_sample_generations: self.num_sample_generations,
                     disable_dropout: self.disable_dropout,
                 }
@@ -598,6 +605,7 @@ pub struct OnlineKeys<'a> {
     pub steps_per_generation: Option<usize>,
     pub mask_truncated_completions: bool,
     pub ref_model: Option<&'a str>,
+    pub ref_dtype: Option<DTypeName>,
     pub num_sample_generations: usize,
     pub disable_dropout: bool,
 }

@@ -233,6 +233,11 @@ impl Gpt2 {
     }
 
     /// Logits (B, T, V) of hidden states (B, T, E).
+    /// The LM head's weight (V, E).
+    pub fn head_weight(&self) -> Result<&Tensor> {
+        super::head(&self.lm_head)
+    }
+
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         super::project(hidden, super::head(&self.lm_head)?)
     }

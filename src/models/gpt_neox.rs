@@ -252,6 +252,11 @@ impl GptNeoX {
         self.final_layer_norm.forward(&x)
     }
 
+    /// The LM head's weight (V, E).
+    pub fn head_weight(&self) -> Result<&Tensor> {
+        super::head(&self.embed_out)
+    }
+
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         super::project(hidden, super::head(&self.embed_out)?)
     }

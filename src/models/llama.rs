@@ -370,6 +370,11 @@ impl Llama {
         self.norm.forward(&x)
     }
 
+    /// The LM head's weight (V, E).
+    pub fn head_weight(&self) -> Result<&Tensor> {
+        super::head(&self.lm_head)
+    }
+
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         super::project(hidden, super::head(&self.lm_head)?)
     }

@@ -79,6 +79,28 @@ impl CausalLm {
         }
     }
 
+    /// The LM head's weight (V, E): what [`crate::rl::head_figures`] takes.
+    pub fn head_weight(&self) -> Result<&Tensor> {
+        match self {
+            Self::Gpt2(m) => m.head_weight(),
+            Self::Llama(m) => m.head_weight(),
+            Self::GptNeoX(m) => m.head_weight(),
+        }
+    }
+
+    /// [`crate::rl::TokenFigures`] of hidden states (N, E) against `labels`
+    /// (N,), logits scaled by `scale`: the head fused with the log-probs in
+    /// row chunks, never the whole (N, V) logits.
+    pub fn token_figures(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+        weighting: bool,
+    ) -> Result<crate::rl::TokenFigures> {
+        crate::rl::head_figures(hidden, self.head_weight()?, labels, scale, weighting)
+    }
+
     /// A cache with one empty slot per layer, each preallocated for
     /// `capacity` positions when first written (prompt plus new tokens).
     pub fn new_cache(&self, capacity: usize) -> KvCache {

@@ -282,13 +282,18 @@ pub struct RewardScorer {
 impl RewardScorer {
     /// Loads a reward model from a directory or hub id (f32).
     pub fn load(model: &str, device: &Device) -> Result<Self> {
+        Self::load_in(model, DType::F32, device)
+    }
+
+    /// [`Self::load`] with the weights in `dtype` (scores still come back in f32).
+    pub fn load_in(model: &str, dtype: DType, device: &Device) -> Result<Self> {
         let dir = super::resolve_model(model, &crate::hub::HubSettings::from_env())?;
         let tokenizer = crate::tokenizer::Tokenizer::from_dir(&dir)?;
-        let (cfg, vb, varmap) = load_dir(&dir, DType::F32, device)?;
+        let (cfg, vb, varmap) = load_dir(&dir, dtype, device)?;
         // Build on detached weights: scoring records no graph.
         RewardModel::load(vb, &varmap, &cfg, 0)?;
         let mut model = RewardModel::load(
-            super::frozen_builder(&varmap, DType::F32, device),
+            super::frozen_builder(&varmap, dtype, device),
             &varmap,
             &cfg,
             0,

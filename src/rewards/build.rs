@@ -25,6 +25,7 @@ pub fn of_trainer(cfg: &Config, command: &str) -> Result<Vec<RewardFuncConfig>> 
             name: "reward_model".into(),
             kind: RewardFuncType::Model,
             model: Some(rm.clone()),
+            dtype: cfg.ppo.reward_model_dtype,
             ..Default::default()
         }]);
     }
@@ -66,7 +67,8 @@ pub fn from_config(
         let reward: Box<dyn super::Reward> = match f.kind {
             RewardFuncType::Model => {
                 let model = f.model.as_deref().ok_or_else(|| missing("model"))?;
-                let r = RewardModelReward::load(model, policy_dir, device)?;
+                let dtype = f.dtype.map_or(candle_core::DType::F32, |d| d.dtype());
+                let r = RewardModelReward::load_in(model, policy_dir, dtype, device)?;
                 first_model.get_or_insert_with(|| r.dir.clone());
                 Box::new(r)
             }

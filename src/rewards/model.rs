@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use super::{Completion, Reward};
 use crate::hub::HubSettings;
@@ -28,8 +28,13 @@ pub struct RewardModelReward {
 
 impl RewardModelReward {
     pub fn load(model: &str, policy_dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_in(model, policy_dir, DType::F32, device)
+    }
+
+    /// [`Self::load`] with the model in `dtype`.
+    pub fn load_in(model: &str, policy_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let dir = resolve_model(model, &HubSettings::from_env())?;
-        let scorer = RewardScorer::load(&dir.to_string_lossy(), device)?;
+        let scorer = RewardScorer::load_in(&dir.to_string_lossy(), dtype, device)?;
         Ok(Self {
             scorer,
             template: crate::chat::ChatTemplate::resolve(&dir, None)?,

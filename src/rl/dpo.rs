@@ -10,7 +10,7 @@
 //! loss, its gradient and the metrics against goldens made by calling
 //! TRL's own `_compute_loss` (scripts/make_golden_dpo.py).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use super::neg_logsigmoid;
 use crate::config::{DpoConfig, DpoLossType, FDivergenceType};
@@ -305,37 +305,6 @@ pub fn ld_weights(mask: &[Vec<f32>], ld_alpha: Option<f64>) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
-}
-
-/// What one forward's logits give per completion position, (N, T) each:
-/// the label's log-prob (with the graph), and without it the entropy,
-/// whether the argmax is the label, the mean logit, and WPO's log_denom.
-pub struct TokenFigures {
-    pub logps: Tensor,
-    pub entropy: Tensor,
-    pub correct: Tensor,
-    pub mean_logit: Tensor,
-    pub log_denom: Option<Tensor>,
-}
-
-/// [`TokenFigures`] of `logits` (N, T, V) against `labels` (N, T) u32.
-pub fn token_figures(logits: &Tensor, labels: &Tensor, weighting: bool) -> Result<TokenFigures> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let (logps, entropy) = super::token_logprobs_and_entropy(&logits, labels, 1.0)?;
-    let plain = logits.detach();
-    let log_denom = if weighting {
-        let lse = plain.log_sum_exp(D::Minus1)?;
-        Some(((&plain * 2.0)?.log_sum_exp(D::Minus1)? - (lse * 2.0)?)?)
-    } else {
-        None
-    };
-    Ok(TokenFigures {
-        logps,
-        entropy: entropy.detach(),
-        correct: plain.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?,
-        mean_logit: plain.mean(D::Minus1)?,
-        log_denom,
-    })
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@
 //! with PPO" (Huang et al., 2024).
 
 pub mod dpo;
+pub mod head;
+
+pub use head::{head_figures, token_figures, TokenFigures};
 
 use candle_core::{DType, Tensor, D};
 

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use super::online::stats::Stats;
@@ -24,7 +24,8 @@ use crate::io;
 use crate::metrics::Progress;
 use crate::models::{tree_attention_bias, CausalLm, Linears};
 use crate::optim::{StepOutcome, TrainCore};
-use crate::rl::dpo::{dpo_loss, ld_weights, token_figures, wpo_weights, DpoHyper, PairLogps};
+use crate::rl::dpo::{dpo_loss, ld_weights, wpo_weights, DpoHyper, PairLogps};
+use crate::rl::{token_figures, TokenFigures};
 use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
@@ -286,13 +287,14 @@ impl DpoBatch {
         Ok(flat.index_select(&self.sel, 0)?)
     }
 
-    /// The logits (N, V) of `lm` at the selected positions.
-    fn logits(&self, lm: &CausalLm) -> Result<Tensor> {
+    /// What `lm`'s logits give at the selected positions (N rows), the
+    /// head fused with the log-probs (no (N, V) logits held).
+    fn figures(&self, lm: &CausalLm, weighting: bool) -> Result<TokenFigures> {
         let bias = tree_attention_bias(&self.branch, lm.dtype(), self.ids.device())?;
         let hidden = lm.forward(&self.ids, &self.positions, &bias, None)?;
         let (rows, width, e) = hidden.dims3()?;
         let picked = self.select(&hidden.reshape((rows * width, e))?)?;
-        Ok(lm.lm_logits(&picked.unsqueeze(0)?)?.squeeze(0)?)
+        lm.token_figures(&picked, &self.labels, 1.0, weighting)
     }
 
     /// (chosen, rejected) halves of a (2B, ..) tensor.
@@ -309,8 +311,7 @@ impl DpoBatch {
 
 /// The reference's summed completion log-probs (chosen, rejected), (B,) each, no graph.
 pub fn reference_logps(reference: &CausalLm, batch: &DpoBatch) -> Result<(Tensor, Tensor)> {
-    let logits = batch.logits(reference)?.detach().to_dtype(DType::F32)?;
-    let (logps, _) = crate::rl::token_logprobs_and_entropy(&logits, &batch.labels, 1.0)?;
+    let logps = batch.figures(reference, false)?.logps.detach();
     let sums = DpoBatch::per_sequence(&batch.ld, &logps)?.detach();
     batch.halves(&sums)
 }
@@ -323,7 +324,17 @@ pub fn loss_from_logits(
     s: &Settings,
     reference: (Tensor, Tensor),
 ) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
-    let tf = token_figures(logits, &batch.labels, s.use_weighting)?;
+    let tf = token_figures(logits, &batch.labels, 1.0, s.use_weighting)?;
+    loss_from_figures(&tf, batch, s, reference)
+}
+
+/// [`loss_from_logits`] from what the logits give (TokenFigures).
+fn loss_from_figures(
+    tf: &TokenFigures,
+    batch: &DpoBatch,
+    s: &Settings,
+    reference: (Tensor, Tensor),
+) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
     let per_seq = |x: &Tensor| DpoBatch::per_sequence(&batch.member, x);
     let (chosen, rejected) = batch.halves(&DpoBatch::per_sequence(&batch.ld, &tf.logps)?)?;
     let (chosen_tokens, rejected_tokens) = batch.halves(&batch.completion_tokens)?;
@@ -397,7 +408,12 @@ pub fn policy_loss(
     s: &Settings,
     reference: (Tensor, Tensor),
 ) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
-    loss_from_logits(&batch.logits(policy)?, batch, s, reference)
+    loss_from_figures(
+        &batch.figures(policy, s.use_weighting)?,
+        batch,
+        s,
+        reference,
+    )
 }
 
 /// Where the reference's log-probs come from.

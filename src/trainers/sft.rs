@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use super::trained::{ModelFiles, Trained};
@@ -57,17 +57,17 @@ pub fn batch_loss(
     let positions = Tensor::from_vec(position_ids(&segments).concat(), (b, width), device)?;
     let bias = attention_bias(&segments, width, lm.dtype(), device)?;
     let hidden = lm.forward(&ids, &positions, &bias, None)?;
-    let logits = lm
-        .lm_logits(&hidden.narrow(1, 0, width - 1)?)?
-        .to_dtype(DType::F32)?;
-    let targets = ids.narrow(1, 1, width - 1)?.contiguous()?;
+    let e = hidden.dim(2)?;
+    // The head fused with the log-probs in row chunks: no (B, T, V) logits.
+    let h = hidden
+        .narrow(1, 0, width - 1)?
+        .reshape((b * (width - 1), e))?;
+    let targets = ids.narrow(1, 1, width - 1)?.flatten_all()?;
     let mask = Tensor::from_vec(targets_mask, (b, width - 1), device)?;
-    let (logp, _) = crate::rl::token_logprobs_and_entropy(&logits, &targets, 1.0)?;
+    let tf = lm.token_figures(&h, &targets, 1.0, false)?;
+    let logp = tf.logps.reshape((b, width - 1))?;
     let loss = rl::masked_mean(&logp, &mask)?.neg()?;
-    let hits = logits
-        .argmax(D::Minus1)?
-        .eq(&targets)?
-        .to_dtype(DType::F32)?;
+    let hits = tf.correct.reshape((b, width - 1))?;
     let correct = (hits * &mask)?.sum_all()?.to_scalar::<f32>()? as usize;
     let trained = mask.sum_all()?.to_scalar::<f32>()? as usize;
     Ok((loss, correct, trained))

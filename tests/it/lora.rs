@@ -548,3 +548,42 @@ fn activation_checkpointing_trains_adapters_with_dropout_bit_identically() {
         }
     }
 }
+
+#[test]
+fn the_chunked_head_gives_adapters_the_composed_heads_gradients() {
+    // Under LoRA the head is frozen: the chunked head returns the hidden
+    // states' gradient only, and the adapters get the composed path's.
+    let dev = crate::dev();
+    for name in ["tiny-gpt2", "tiny-llama"] {
+        let cfg = lora_config("r = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"");
+        let w = LoraWeights::read(&model_dir(name), DType::F32, &dev, &cfg, 0).unwrap();
+        let mut model = Backbone::load(w.builder(), &w.arch).unwrap();
+        w.attach_trainable(&mut model).unwrap();
+        let vars = candle_rlhf::models::weights::named_vars(&w.varmap);
+        let mut optimizer = AdamW::new(vars, AdamWParams::default()).unwrap();
+        step(&model, &mut optimizer); // B moves off 0, so every adapter gets a gradient
+        let Backbone::Causal(lm) = &model else {
+            unreachable!()
+        };
+        let ids = Tensor::new(&[[5u32, 9, 2, 7, 3, 8]], &dev).unwrap();
+        let hidden = model
+            .forward(&ids.narrow(1, 0, 5).unwrap(), &[vec![1; 5]])
+            .unwrap();
+        let labels = ids.narrow(1, 1, 5).unwrap().flatten_all().unwrap();
+        let fused = lm
+            .token_figures(&hidden.reshape((5, ())).unwrap(), &labels, 1.0, false)
+            .unwrap();
+        let logits = lm.lm_logits(&hidden).unwrap().reshape((5, ())).unwrap();
+        let plain = candle_rlhf::rl::token_figures(&logits, &labels, 1.0, false).unwrap();
+        let a = ParamGrads::backward(&fused.logps.sum_all().unwrap(), &optimizer).unwrap();
+        let b = ParamGrads::backward(&plain.logps.sum_all().unwrap(), &optimizer).unwrap();
+        let ((n, _), pairs) = (optimizer.vars().next().unwrap(), a.0.iter().zip(&b.0));
+        assert!(!n.is_empty());
+        for (ga, gb) in pairs {
+            let (ga, gb) = (ga.as_ref().unwrap(), gb.as_ref().unwrap());
+            let scale = max_diff(gb, &gb.zeros_like().unwrap());
+            assert!(scale > 0.0, "{name}: an adapter got no gradient");
+            assert!(max_diff(ga, gb) <= 1e-5 * scale, "{name}: differs");
+        }
+    }
+}

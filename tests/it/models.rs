@@ -601,3 +601,57 @@ fn activation_checkpointing_gives_the_same_gradients_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn the_chunked_head_gives_the_composed_heads_loss_and_gradients() {
+    // SFT's loss through CausalLm::token_figures (head and log-probs fused
+    // in row chunks) against lm_logits then log_softmax, every weight's
+    // gradient: tied heads (gpt2, qwen2, qwen3) and untied ones.
+    let rows = vec![vec![5u32, 17, 42, 9, 100, 7], vec![33u32, 2, 64, 11, 8, 1]];
+    let ids = Tensor::new(rows.clone(), &crate::dev()).unwrap();
+    let mask = vec![vec![1u8; 5]; 2];
+    let mut kinds = [0, 0];
+    for name in CAUSAL {
+        let (model, varmap, _) = load(name, DType::F32);
+        let Backbone::Causal(lm) = &model else {
+            unreachable!()
+        };
+        let hidden = model.forward(&ids.narrow(1, 0, 5).unwrap(), &mask).unwrap();
+        let h = hidden.reshape((10, ())).unwrap();
+        let labels = ids.narrow(1, 1, 5).unwrap().flatten_all().unwrap();
+        let fused = lm.token_figures(&h, &labels, 1.0, false).unwrap();
+        let logits = lm.lm_logits(&hidden).unwrap().reshape((10, ())).unwrap();
+        let plain = candle_rlhf::rl::token_figures(&logits, &labels, 1.0, false).unwrap();
+        let loss = |f: &candle_rlhf::rl::TokenFigures| {
+            (f.logps.sum_all().unwrap() + (&f.entropy * 0.3).unwrap().sum_all().unwrap()).unwrap()
+        };
+        let (a, b) = (loss(&fused), loss(&plain));
+        let (a_v, b_v) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!(
+            (a_v - b_v).abs() <= 1e-5 * b_v.abs(),
+            "{name}: {a_v} vs {b_v}"
+        );
+        let untied = ["lm_head.weight", "embed_out.weight"]
+            .iter()
+            .any(|n| varmap.data().lock().unwrap().contains_key(*n));
+        kinds[usize::from(untied)] += 1;
+        for ((tensor, ga), (_, gb)) in named_gradients(&varmap, &a)
+            .iter()
+            .zip(&named_gradients(&varmap, &b))
+        {
+            let scale = gb.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = ga
+                .iter()
+                .zip(gb)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-5 * scale.max(1e-12),
+                "{name}: {tensor}: differs by {diff} (scale {scale})"
+            );
+        }
+    }
+    assert!(
+        kinds[0] > 0 && kinds[1] > 0,
+        "tied and untied heads: {kinds:?}"
+    );
+}

@@ -72,8 +72,13 @@ pub(crate) fn policy_outputs(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let hidden = lm.forward(&b.ids, &b.positions, &b.bias, None)?;
     let h = hidden.narrow(1, b.q - 1, b.r)?;
-    let logits = lm.lm_logits(&h)?.to_dtype(DType::F32)?;
-    let (logprobs, entropy) =
-        crate::rl::token_logprobs_and_entropy(&logits, &b.responses, 1.0 / (temperature + 1e-7))?;
-    Ok((logprobs, entropy, h))
+    let (rows, r, e) = h.dims3()?;
+    let scale = 1.0 / (temperature + 1e-7);
+    let flat = h.reshape((rows * r, e))?;
+    let tf = lm.token_figures(&flat, &b.responses.flatten_all()?, scale, false)?;
+    Ok((
+        tf.logps.reshape((rows, r))?,
+        tf.entropy.reshape((rows, r))?,
+        h,
+    ))
 }
