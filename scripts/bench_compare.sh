@@ -9,7 +9,8 @@
 # Environment: THREADS ("1 2"), ITERS (3), WARMUP (1), PARTS
 # (reward,generate,ppo,grpo,rloo,dpo), OUT (runs/bench-compare, or runs/bench-compare-loraR),
 # VENV (.venv-bench), LORA (a rank R: LoRA on every linear layer, lora_alpha
-# 2R, on both sides; peft on PyTorch's).
+# 2R, on both sides; peft on PyTorch's), AC (on|off, default off: activation
+# checkpointing on both sides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
@@ -17,7 +18,8 @@ ITERS=${ITERS:-3}
 WARMUP=${WARMUP:-1}
 PARTS=${PARTS:-reward,generate,ppo,grpo,rloo,dpo}
 LORA=${LORA:-}
-OUT=${OUT:-runs/bench-compare${LORA:+-lora$LORA}}
+AC=${AC:-off}
+OUT=${OUT:-runs/bench-compare${LORA:+-lora$LORA}-ac-$AC}
 LORA_FLAG=()
 [ -z "$LORA" ] || LORA_FLAG=(--lora "$LORA")
 VENV=${VENV:-.venv-bench}
@@ -35,11 +37,13 @@ for shape in "${SHAPES[@]}"; do
         echo "== $shape, $t thread(s): candle-rlhf" >&2
         target/release/candle-rlhf bench --model "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" "${LORA_FLAG[@]}" >&2
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" "${LORA_FLAG[@]}" \
+            --activation-checkpointing "$AC" >&2
         echo "== $shape, $t thread(s): PyTorch/TRL" >&2
         "$VENV/bin/python" scripts/bench_trl.py --shape "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" "${LORA_FLAG[@]}" > /dev/null
+            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" "${LORA_FLAG[@]}" \
+            --activation-checkpointing "$AC" > /dev/null
     done
 done
 python3 scripts/bench_table.py "$OUT" "${SHAPES[@]}"

@@ -32,6 +32,10 @@ def rows(candle, torch):
         x = r.get("reward")
         return (x["step_s"], x["peak_rss_mb"]) if x else None
 
+    def sft(r):
+        x = r.get("sft")
+        return (x["step_s"], x["peak_rss_mb"]) if x else None
+
     def gen(b):
         def get(r):
             for g in r.get("generate") or []:
@@ -89,6 +93,8 @@ def rows(candle, torch):
 
     any_run = next(iter(candle.values()), {}) or next(iter(torch.values()), {})
     yield "reward step (s)", best(candle, reward), best(torch, reward), None
+    if best(candle, sft) or best(torch, sft):
+        yield "SFT step (s)", best(candle, sft), best(torch, sft), None
     for g in any_run.get("generate") or []:
         b = g["batch_size"]
         tokens = b * g["new_tokens"]

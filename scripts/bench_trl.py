@@ -80,6 +80,7 @@ def parse_args():
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     # LoRA of rank R on every linear layer (peft, lora_alpha 2R), as `candle-rlhf bench --lora R`.
     p.add_argument("--lora", type=int, default=None)
+    p.add_argument("--activation-checkpointing", default="off", choices=["on", "off"])
     return p.parse_args()
 
 
@@ -162,7 +163,8 @@ def common_args(out_dir):
         use_cpu=not CUDA,
         bf16=ARGS.dtype == "bf16",
         fp16=False,
-        gradient_checkpointing=False,
+        # transformers 5.23's name (gradient_checkpointing is its deprecated alias)
+        activation_checkpointing=ARGS.activation_checkpointing == "on",
         dataloader_num_workers=0,
         seed=42,
     )
@@ -217,6 +219,46 @@ def bench_reward(work, w, vocab, rng):
         "seq_len": w["reward_seq_len"],
         "step_s": step_s,
         "tokens_per_s": 2 * b * w["reward_seq_len"] / step_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(),
+    }
+
+
+def bench_sft(work, w, vocab, rng):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    b = w.get("sft_batch_size") or w["reward_batch_size"]
+    t = w.get("sft_seq_len") or w["reward_seq_len"]
+    n = ARGS.warmup + ARGS.iters
+    ds = Dataset.from_dict({"input_ids": random_ids(rng, b * n, t, vocab)})
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    timer = StepTimer()
+    args = SFTConfig(
+        per_device_train_batch_size=b,
+        max_steps=n,
+        max_length=None,
+        packing=False,
+        model_init_kwargs={"dtype": torch.float32},
+        **common_args(work / "trl-sft"),
+    )
+    trainer = SFTTrainer(
+        model=str(work / "model"),
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[timer],
+        peft_config=lora_config("CAUSAL_LM"),
+    )
+    reset_peak_rss()
+    reset_peak_device()
+    trainer.train()
+    step_s = statistics.median(timer.times[ARGS.warmup :])
+    return {
+        "rows": b,
+        "seq_len": t,
+        "step_s": step_s,
+        "tokens_per_s": b * t / step_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_device_mb": peak_device_mb(),
     }
@@ -551,7 +593,9 @@ def main():
         "lora_r": ARGS.lora,
         "peft": peft_version(),
         "iters": ARGS.iters,
+        "activation_checkpointing": ARGS.activation_checkpointing == "on",
         "reward": None,
+        "sft": None,
         "generate": [],
         "ppo": [],
         "online": [],
@@ -559,6 +603,8 @@ def main():
     }
     if "reward" in parts:
         report["reward"] = bench_reward(work, w, vocab, rng)
+    if "sft" in parts:
+        report["sft"] = bench_sft(work, w, vocab, rng)
     if "generate" in parts:
         report["generate"] = bench_generate(work, w, vocab, rng)
     if "ppo" in parts:

@@ -27,7 +27,7 @@ use crate::config::{Config, ModelInit, TrainConfig};
 use crate::error::IoContext;
 use crate::generate::{generate, Draw, Sampling};
 use crate::models::reward_model::RewardModel;
-use crate::models::{load_dir_frozen, ArchConfig, CausalLm};
+use crate::models::{load_dir_frozen, ArchConfig, CausalLm, Linears};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::TrainCore;
 use crate::trainers::online::{self, PhaseTimes, Trainer};
@@ -59,6 +59,21 @@ pub struct Workload {
     /// times with response_length tokens (one optimizer step, beta 0.04).
     pub online_prompts: usize,
     pub num_generations: usize,
+    /// SFT step: rows and tokens per row (unset: reward_batch_size and reward_seq_len).
+    #[serde(default)]
+    pub sft_batch_size: Option<usize>,
+    #[serde(default)]
+    pub sft_seq_len: Option<usize>,
+}
+
+impl Workload {
+    /// The SFT step's rows and tokens per row.
+    pub fn sft(&self) -> (usize, usize) {
+        (
+            self.sft_batch_size.unwrap_or(self.reward_batch_size),
+            self.sft_seq_len.unwrap_or(self.reward_seq_len),
+        )
+    }
 }
 
 /// A model shape: config.json's values and the workload.
@@ -154,6 +169,8 @@ pub enum Part {
     Online(Trainer),
     /// A DPO step, with the reference model and with precomputed log-probs.
     Dpo,
+    /// An SFT step.
+    Sft,
 }
 
 impl Part {
@@ -165,9 +182,10 @@ impl Part {
             "grpo" => Self::Online(Trainer::Grpo),
             "rloo" => Self::Online(Trainer::Rloo),
             "dpo" => Self::Dpo,
+            "sft" => Self::Sft,
             other => {
                 return Err(Error::Msg(format!(
-                    "unknown bench part `{other}` (reward, generate, ppo, grpo, rloo, dpo)"
+                    "unknown bench part `{other}` (reward, sft, generate, ppo, grpo, rloo, dpo)"
                 )))
             }
         })
@@ -247,6 +265,17 @@ pub struct OnlineBench {
     pub peak_rss_mb: f64,
 }
 
+/// One SFT step: every token of every row trained.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftBench {
+    pub rows: usize,
+    pub seq_len: usize,
+    /// Median seconds per step (forward, loss, backward, optimizer step).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
 /// One DPO step of the reward workload, median seconds of the step and its phases.
 #[derive(Debug, Clone, Serialize)]
 pub struct DpoBench {
@@ -284,7 +313,10 @@ pub struct BenchReport {
     /// The device's peak TFLOP/s in this dtype (`--peak-tflops`), against
     /// which model FLOPs utilisation (MFU) is reported.
     pub peak_tflops: Option<f64>,
+    /// Layers recomputed in the backward (`--activation-checkpointing`).
+    pub activation_checkpointing: bool,
     pub reward: Option<RewardBench>,
+    pub sft: Option<SftBench>,
     pub generate: Vec<GenerateBench>,
     pub ppo: Option<PpoBench>,
     /// The GRPO and RLOO iterations, in the order asked.
@@ -315,7 +347,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         iters: opts.iters,
         lora_r: cfg.lora.as_ref().map(|l| l.r),
         peak_tflops: opts.peak_tflops,
+        activation_checkpointing: cfg.train.activation_checkpointing,
         reward: None,
+        sft: None,
         generate: Vec::new(),
         ppo: None,
         online: Vec::new(),
@@ -388,10 +422,24 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     peak_rss_mb: peak_rss_mb(),
                 });
             }
+            Part::Sft => {
+                let (rows, seq_len) = w.sft();
+                let shape = (rows, seq_len);
+                let step_s = super::bench_steps::sft_steps(
+                    opts, &model_dir, shape, vocab, &device, &mut rng,
+                )?;
+                report.sft = Some(SftBench {
+                    rows,
+                    seq_len,
+                    step_s,
+                    tokens_per_s: (rows * seq_len) as f64 / step_s,
+                    peak_rss_mb: peak_rss_mb(),
+                });
+            }
             Part::Dpo => {
                 for precomputed in [true, false] {
                     reset_peak_rss();
-                    report.dpo.push(dpo_steps(
+                    report.dpo.push(super::bench_steps::dpo_steps(
                         opts,
                         &model_dir,
                         vocab,
@@ -545,7 +593,12 @@ fn load_causal(dir: &Path, dtype: DType, device: &Device) -> Result<CausalLm> {
     CausalLm::load(vb, &arch, true)
 }
 
-fn random_rows(rows: usize, len: usize, vocab: usize, rng: &mut HostRng) -> Vec<Vec<u32>> {
+pub(super) fn random_rows(
+    rows: usize,
+    len: usize,
+    vocab: usize,
+    rng: &mut HostRng,
+) -> Vec<Vec<u32>> {
     (0..rows)
         .map(|_| {
             (0..len)
@@ -555,7 +608,7 @@ fn random_rows(rows: usize, len: usize, vocab: usize, rng: &mut HostRng) -> Vec<
         .collect()
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(super) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
@@ -590,6 +643,8 @@ fn reward_steps(
             (model, params.varmap().clone())
         }
     };
+    let mut model = model;
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing);
     let train = TrainConfig {
         per_device_train_batch_size: w.reward_batch_size,
         ..cfg.train.clone()
@@ -622,107 +677,6 @@ fn reward_steps(
         }
     }
     Ok(median(times))
-}
-
-/// A DPO step as the trainer runs it (sigmoid loss, beta 0.1), each phase
-/// timed after a device sync: the reference's summed log-probs (or random
-/// stand-ins for precomputed ones), the policy's loss and backward, AdamW.
-fn dpo_steps(
-    opts: &BenchOptions,
-    model_dir: &Path,
-    vocab: usize,
-    device: &Device,
-    rng: &mut HostRng,
-    precomputed: bool,
-) -> Result<DpoBench> {
-    use crate::trainers::dpo::{policy_loss, reference_logps, DpoBatch, Settings};
-    let (cfg, w) = (&opts.config, &opts.shape.workload);
-    let dtype = cfg.run.dtype.dtype();
-    let (arch, vb, mut params) = Trained::load(
-        model_dir,
-        "model",
-        cfg.lora.as_ref(),
-        "CAUSAL_LM",
-        ModelInit::Pretrained,
-        dtype,
-        device,
-        cfg.run.seed,
-    )?;
-    let mut lm = CausalLm::load(vb, &arch, true)?;
-    params.attach(&mut lm)?;
-    let reference = match precomputed {
-        true => None,
-        false => Some(params.reference(&arch, None, model_dir, None, dtype, device)?),
-    };
-    let train = TrainConfig {
-        per_device_train_batch_size: w.reward_batch_size,
-        ..cfg.train.clone()
-    };
-    let steps = (opts.warmup + opts.iters) as u64;
-    let mut core = TrainCore::new(
-        AdamW::from_varmap(params.varmap(), AdamWParams::from_config(&train))?,
-        &train,
-        steps,
-    );
-    let settings = Settings::of(cfg);
-    let (b, half) = (w.reward_batch_size, w.reward_seq_len / 2);
-    let mut phases: [Vec<f64>; 4] = Default::default();
-    for step in 0..steps {
-        let rows = random_rows(3 * b, half, vocab, rng);
-        let pairs: Vec<crate::data::dpo::DpoPair> = (0..b)
-            .map(|i| crate::data::dpo::DpoPair {
-                prompt: rows[3 * i].clone(),
-                chosen: rows[3 * i + 1].clone(),
-                rejected: rows[3 * i + 2].clone(),
-            })
-            .collect();
-        let refs: Vec<_> = pairs.iter().collect();
-        let lap = |t: &mut Instant| -> Result<f64> {
-            device.synchronize()?;
-            let s = t.elapsed().as_secs_f64();
-            *t = Instant::now();
-            Ok(s)
-        };
-        let mut t = Instant::now();
-        let batch = DpoBatch::new(&refs, &settings, 0, device)?;
-        let batch_s = lap(&mut t)?;
-        let r = match &reference {
-            Some(lm) => reference_logps(lm, &batch)?,
-            None => {
-                let stand_in = || candle_core::Tensor::randn(-40f32, 5.0, b, device);
-                (stand_in()?, stand_in()?)
-            }
-        };
-        let reference_s = lap(&mut t)?;
-        {
-            let (loss, _) = policy_loss(&lm, &batch, &settings, r)?;
-            core.backward(&loss)?;
-        } // the graph is freed before the optimizer step, as in the trainer
-        let policy_s = batch_s + lap(&mut t)?;
-        core.step(step)?;
-        let optimizer_s = lap(&mut t)?;
-        if step >= opts.warmup as u64 {
-            for (v, x) in phases.iter_mut().zip([
-                reference_s,
-                policy_s,
-                optimizer_s,
-                reference_s + policy_s + optimizer_s,
-            ]) {
-                v.push(x);
-            }
-        }
-    }
-    let [reference_s, policy_s, optimizer_s, step_s] = phases.map(median);
-    Ok(DpoBench {
-        pairs: b,
-        seq_len: w.reward_seq_len,
-        precomputed,
-        step_s,
-        policy_s,
-        reference_s,
-        optimizer_s,
-        peak_rss_mb: peak_rss_mb(),
-    })
 }
 
 /// Median seconds to sample `response_length` tokens for `batch` prompts.
@@ -940,6 +894,13 @@ impl std::fmt::Display for BenchReport {
                 f,
                 "| reward step, {} pairs x {} tokens | {:.3} s/step, {:.0} tokens/s, {} | {:.0} MB |",
                 r.pairs, r.seq_len, r.step_s, r.tokens_per_s, model_flops(r.model_tflops), r.peak_rss_mb
+            )?;
+        }
+        if let Some(s) = &self.sft {
+            writeln!(
+                f,
+                "| SFT step, {} rows x {} tokens | {:.3} s/step, {:.0} tokens/s | {:.0} MB |",
+                s.rows, s.seq_len, s.step_s, s.tokens_per_s, s.peak_rss_mb
             )?;
         }
         for g in &self.generate {

@@ -81,12 +81,16 @@ pub struct BenchArgs {
         default_value = "configs/models/tiny.toml"
     )]
     pub model: PathBuf,
-    /// Which parts to run, comma-separated: reward, generate, ppo, grpo, rloo, dpo.
+    /// Which parts to run, comma-separated: reward, sft, generate, ppo, grpo, rloo, dpo.
     #[arg(long, default_value = "reward,generate,ppo")]
     pub parts: String,
     /// Timed repetitions of each part.
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    /// Recompute each layer in the backward (train.activation_checkpointing) in every
+    /// trained model: on or off (off by default, so earlier tables stay comparable).
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    pub activation_checkpointing: String,
     /// Untimed repetitions first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -279,6 +283,7 @@ pub fn render(a: RenderArgs) -> Result<()> {
 
 pub fn bench(b: BenchArgs) -> Result<()> {
     let mut config = resolve_config(&b.common)?;
+    config.train.activation_checkpointing = b.activation_checkpointing == "on";
     if let Some(r) = b.lora {
         config = config.with_overrides(&[
             format!("lora.r={r}"),

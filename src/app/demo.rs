@@ -255,6 +255,8 @@ pub(crate) fn base_config(seed: u64, model: &Path, out: &Path) -> Config {
     c.train.logging_steps = 5;
     c.train.save_total_limit = Some(1);
     c.train.warmup_ratio = 0.0;
+    // The demo's models are small: recomputing activations only costs time.
+    c.train.activation_checkpointing = false;
     c
 }
 

@@ -6,6 +6,7 @@
 
 pub mod arith;
 pub mod bench;
+mod bench_steps;
 pub mod cli;
 pub mod commands;
 pub mod demo;

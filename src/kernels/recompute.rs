@@ -33,6 +33,13 @@ struct Sink {
 
 thread_local! {
     static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+    static RECOMPUTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many recomputations backwards on this thread have run (a test's
+/// evidence that checkpointing was on).
+pub fn recomputed_on_this_thread() -> u64 {
+    RECOMPUTED.with(|c| c.get())
 }
 
 /// Backpropagates `loss` and returns the gradients of `vars`, detached, in
@@ -105,6 +112,7 @@ pub fn checkpoint(
         false => leaf(x)?.into_inner(),
     };
     let backward = move |arg: &Tensor, grad: &Tensor| -> CResult<Option<Tensor>> {
+        RECOMPUTED.with(|c| c.set(c.get() + 1));
         replay(true);
         let input = leaf(arg)?;
         let y = f(input.as_tensor());
@@ -193,9 +201,12 @@ macro_rules! forwards {
     };
 }
 
+/// The backward of [`checkpoint`]: the input's gradient from it and the output's gradient.
+type Backward1 = Box<dyn Fn(&Tensor, &Tensor) -> CResult<Option<Tensor>> + Send + Sync>;
+
 struct Attached1 {
     value: Mutex<Option<Tensor>>,
-    backward: Box<dyn Fn(&Tensor, &Tensor) -> CResult<Option<Tensor>> + Send + Sync>,
+    backward: Backward1,
 }
 
 impl CustomOp1 for Attached1 {

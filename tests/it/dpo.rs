@@ -221,7 +221,7 @@ fn rows_are_prepared_and_cut_as_trls_dpo_trainer_prepares_them() {
 }
 
 /// A config of the tiny-llama fixture on its preference pairs.
-fn tiny_config(out_sets: &[String]) -> Config {
+pub fn tiny_config(out_sets: &[String]) -> Config {
     let mut sets = vec![
         format!(
             "model.name_or_path={:?}",

@@ -13,7 +13,7 @@ use candle_rlhf::trainers::online::{train, train_with_rewards, Algo, OnlineRun, 
 use crate::models::{fixtures_root, model_dir};
 use crate::ppo::low_half;
 
-fn config(algo: Algo, run: &Path, extra: &[&str]) -> Config {
+pub fn config(algo: Algo, run: &Path, extra: &[&str]) -> Config {
     let quoted = |p: &Path| format!("{:?}", p.to_string_lossy());
     let s = algo.name();
     let mut sets = vec![
@@ -33,6 +33,8 @@ fn config(algo: Algo, run: &Path, extra: &[&str]) -> Config {
         format!("{s}.num_generations=4"),
         format!("{s}.max_completion_length=8"),
         format!("{s}.max_prompt_length=64"),
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()

@@ -221,6 +221,8 @@ fn sft_lora_config(run: &std::path::Path, data: &std::path::Path) -> candle_rlhf
         // The fixture's embeddings are random and frozen: the final norm's
         // scale must train for the logits to sharpen.
         "lora.modules_to_save=[\"ln_f\"]".into(),
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     candle_rlhf::config::Config::load(None, &sets).unwrap()
 }

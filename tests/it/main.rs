@@ -10,6 +10,7 @@ mod grpo;
 mod hub;
 mod layout;
 mod lora;
+mod memory;
 mod mixed_precision;
 mod models;
 mod online;

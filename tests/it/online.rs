@@ -33,6 +33,8 @@ fn config(
         crate::device_setting(),
         "train.per_device_train_batch_size=8".into(),
         "train.save_steps=100".into(),
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     match t {
         Trainer::Ppo => sets.extend([

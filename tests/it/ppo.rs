@@ -56,6 +56,8 @@ pub fn ppo_config(run: &Path, extra: &[&str]) -> Config {
         "ppo.response_length=8".into(),
         "ppo.total_episodes=640".into(),
         "ppo.stop_token_id=100000".into(), // never sampled: fixed-length responses
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()

@@ -128,6 +128,8 @@ pub fn config(run: &Path, extra: &[&str]) -> Config {
         "train.logging_steps=5".into(),
         "reward.eval_ratio=0.2".into(),
         "reward.max_length=64".into(),
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()

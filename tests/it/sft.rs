@@ -98,7 +98,7 @@ fn packed_rows_give_the_same_loss_as_separate_ones() {
     assert!((a - b).abs() < 1e-3 * a.abs(), "{a} vs {b}");
 }
 
-fn sft_config(run: &Path, data: &Path, extra: &[&str]) -> Config {
+pub fn sft_config(run: &Path, data: &Path, extra: &[&str]) -> Config {
     let q = |p: &Path| format!("{:?}", p.to_string_lossy());
     let mut sets = vec![
         format!("model.name_or_path={}", q(&model_dir("tiny-gpt2"))),
@@ -112,6 +112,8 @@ fn sft_config(run: &Path, data: &Path, extra: &[&str]) -> Config {
         "train.save_steps=10".into(),
         "train.warmup_ratio=0.0".into(),
         "train.logging_steps=1".into(),
+        // Checkpointing only costs time on the tiny fixtures (tests/it/memory.rs tests it).
+        "train.activation_checkpointing=false".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &sets).unwrap()

@@ -1,0 +1,170 @@
+//! The offline steps of `bench`: a DPO step and an SFT step, each as its
+//! trainer runs it, on the shape's random weights.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use super::bench::{median, peak_rss_mb, random_rows, BenchOptions, DpoBench};
+use crate::config::{ModelInit, TrainConfig};
+use crate::models::{CausalLm, Linears};
+use crate::optim::adamw::{AdamW, AdamWParams};
+use crate::optim::TrainCore;
+use crate::trainers::trained::Trained;
+use crate::{HostRng, Result};
+
+/// The policy of a step bench: the shape's model, trained in full or with
+/// the config's LoRA, checkpointing as the config says; and its trainer core.
+fn policy(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    device: &Device,
+    batch: usize,
+) -> Result<(CausalLm, Trained, TrainCore)> {
+    let cfg = &opts.config;
+    let (arch, vb, mut params) = Trained::load(
+        model_dir,
+        "model",
+        cfg.lora.as_ref(),
+        "CAUSAL_LM",
+        ModelInit::Pretrained,
+        cfg.run.dtype.dtype(),
+        device,
+        cfg.run.seed,
+    )?;
+    let mut lm = CausalLm::load(vb, &arch, true)?;
+    params.attach(&mut lm)?;
+    lm.set_activation_checkpointing(cfg.train.activation_checkpointing);
+    let train = TrainConfig {
+        per_device_train_batch_size: batch,
+        ..cfg.train.clone()
+    };
+    let steps = (opts.warmup + opts.iters) as u64;
+    let core = TrainCore::new(
+        AdamW::from_varmap(params.varmap(), AdamWParams::from_config(&train))?,
+        &train,
+        steps,
+    );
+    Ok((lm, params, core))
+}
+
+/// Median seconds of an SFT step as the trainer runs it: `batch` rows of
+/// `len` tokens, every token trained, forward, loss, backward, clipping, AdamW.
+pub(super) fn sft_steps(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    (batch, len): (usize, usize),
+    vocab: usize,
+    device: &Device,
+    rng: &mut HostRng,
+) -> Result<f64> {
+    let (lm, _params, mut core) = policy(opts, model_dir, device, batch)?;
+    let mut times = Vec::new();
+    for step in 0..(opts.warmup + opts.iters) as u64 {
+        let rows: Vec<crate::data::sft::SftRow> = random_rows(batch, len, vocab, rng)
+            .into_iter()
+            .map(|ids| crate::data::sft::SftRow {
+                trained: vec![1; ids.len()],
+                segments: vec![1; ids.len()],
+                ids,
+            })
+            .collect();
+        let refs: Vec<_> = rows.iter().collect();
+        let started = Instant::now();
+        {
+            let (loss, _, _) = crate::trainers::sft::batch_loss(&lm, &refs, 0, device)?;
+            core.backward(&loss)?;
+        } // the graph is freed before the optimizer step, as in the trainer
+        core.step(step)?;
+        device.synchronize()?;
+        if step >= opts.warmup as u64 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// A DPO step as the trainer runs it (sigmoid loss, beta 0.1), each phase
+/// timed after a device sync: the reference's summed log-probs (or random
+/// stand-ins for precomputed ones), the policy's loss and backward, AdamW.
+pub(super) fn dpo_steps(
+    opts: &BenchOptions,
+    model_dir: &Path,
+    vocab: usize,
+    device: &Device,
+    rng: &mut HostRng,
+    precomputed: bool,
+) -> Result<DpoBench> {
+    use crate::trainers::dpo::{policy_loss, reference_logps, DpoBatch, Settings};
+    let (cfg, w) = (&opts.config, &opts.shape.workload);
+    let (lm, params, mut core) = policy(opts, model_dir, device, w.reward_batch_size)?;
+    let (dtype, arch) = (
+        cfg.run.dtype.dtype(),
+        crate::models::ArchConfig::load(&model_dir.join("config.json"))?,
+    );
+    let reference = match precomputed {
+        true => None,
+        false => Some(params.reference(&arch, None, model_dir, None, dtype, device)?),
+    };
+    let steps = (opts.warmup + opts.iters) as u64;
+    let settings = Settings::of(cfg);
+    let (b, half) = (w.reward_batch_size, w.reward_seq_len / 2);
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for step in 0..steps {
+        let rows = random_rows(3 * b, half, vocab, rng);
+        let pairs: Vec<crate::data::dpo::DpoPair> = (0..b)
+            .map(|i| crate::data::dpo::DpoPair {
+                prompt: rows[3 * i].clone(),
+                chosen: rows[3 * i + 1].clone(),
+                rejected: rows[3 * i + 2].clone(),
+            })
+            .collect();
+        let refs: Vec<_> = pairs.iter().collect();
+        let lap = |t: &mut Instant| -> Result<f64> {
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            *t = Instant::now();
+            Ok(s)
+        };
+        let mut t = Instant::now();
+        let batch = DpoBatch::new(&refs, &settings, 0, device)?;
+        let batch_s = lap(&mut t)?;
+        let r = match &reference {
+            Some(lm) => reference_logps(lm, &batch)?,
+            None => {
+                let stand_in = || candle_core::Tensor::randn(-40f32, 5.0, b, device);
+                (stand_in()?, stand_in()?)
+            }
+        };
+        let reference_s = lap(&mut t)?;
+        {
+            let (loss, _) = policy_loss(&lm, &batch, &settings, r)?;
+            core.backward(&loss)?;
+        } // the graph is freed before the optimizer step, as in the trainer
+        let policy_s = batch_s + lap(&mut t)?;
+        core.step(step)?;
+        let optimizer_s = lap(&mut t)?;
+        if step >= opts.warmup as u64 {
+            for (v, x) in phases.iter_mut().zip([
+                reference_s,
+                policy_s,
+                optimizer_s,
+                reference_s + policy_s + optimizer_s,
+            ]) {
+                v.push(x);
+            }
+        }
+    }
+    let [reference_s, policy_s, optimizer_s, step_s] = phases.map(median);
+    Ok(DpoBench {
+        pairs: b,
+        seq_len: w.reward_seq_len,
+        precomputed,
+        step_s,
+        policy_s,
+        reference_s,
+        optimizer_s,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
