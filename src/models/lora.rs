@@ -591,7 +591,8 @@ pub fn adapter_base(adapter_dir: &Path) -> Result<String> {
 pub struct LoraWeights {
     pub spec: LoraSpec,
     pub arch: ArchConfig,
-    base: HashMap<String, Tensor>,
+    /// Shared with every other holder of the directory's frozen tensors ([`super::weights::shared_frozen`]).
+    base: std::sync::Arc<HashMap<String, Tensor>>,
     /// The trainable Vars, by name less peft's prefix.
     pub varmap: VarMap,
     /// Dropout of the trained model's adapters (None at lora_dropout 0).
@@ -613,10 +614,7 @@ impl LoraWeights {
     ) -> Result<Self> {
         let arch = ArchConfig::load(&dir.join("config.json"))?;
         let spec = LoraSpec::from_config(cfg, arch.model_type())?;
-        let base = super::weights::read_safetensors_dir(dir, device, |n| arch.canonical_name(n))?
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
+        let base = super::weights::shared_frozen(dir, dtype, device)?;
         let dropout = (spec.lora_dropout > 0.0).then(|| Dropout::new(spec.lora_dropout, seed));
         Ok(Self {
             spec,
@@ -636,7 +634,7 @@ impl LoraWeights {
     pub fn builder(&self) -> VarBuilder<'static> {
         let spec = self.spec.clone();
         super::weights::selective_builder(
-            self.base.clone(),
+            (*self.base).clone(),
             &self.source,
             self.dtype,
             &self.device,
@@ -661,7 +659,7 @@ impl LoraWeights {
     /// The builder of a rollout copy: base tensors and detached views of
     /// the Vars (see [`super::frozen_builder`]); attach with [`Self::attach_frozen`].
     pub fn frozen_builder(&self) -> VarBuilder<'static> {
-        let mut tensors = self.base.clone();
+        let mut tensors = (*self.base).clone();
         for (name, t) in named_tensors(&self.varmap) {
             tensors.insert(name, t.detach());
         }
@@ -676,7 +674,7 @@ impl LoraWeights {
     /// The base model alone (the adapters disabled): the PPO/GRPO reference,
     /// over the same tensors as the trained model.
     pub fn base_builder(&self) -> VarBuilder<'static> {
-        VarBuilder::from_tensors(self.base.clone(), self.dtype, &self.device)
+        VarBuilder::from_tensors((*self.base).clone(), self.dtype, &self.device)
     }
 
     /// Whether `fan_in_fan_out` holds for this architecture's linear layers (GPT-2's Conv1D).
@@ -704,7 +702,7 @@ impl LoraWeights {
             fan_in_fan_out: self.fan_in_fan_out(),
             tensors: named_tensors(&self.varmap).into_iter().collect(),
         };
-        let mut weights = self.base.clone();
+        let mut weights = (*self.base).clone();
         adapter.merge_into(&mut weights)?;
         let mut out: Vec<(String, Tensor)> = weights.into_iter().collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));

@@ -18,7 +18,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
 use super::layers::Linear;
-use super::{load_dir, ArchConfig, Backbone};
+use super::{ArchConfig, Backbone};
 use crate::{HostRng, Result};
 
 /// The key of config.json holding the normalization offset (transformers ignores it).
@@ -275,6 +275,8 @@ impl RewardModel {
 /// ```
 pub struct RewardScorer {
     pub model: RewardModel,
+    /// Its frozen weights, shared with a LoRA critic started from it.
+    _weights: std::sync::Arc<std::collections::HashMap<String, Tensor>>,
     pub tokenizer: crate::tokenizer::Tokenizer,
     device: Device,
 }
@@ -289,19 +291,24 @@ impl RewardScorer {
     pub fn load_in(model: &str, dtype: DType, device: &Device) -> Result<Self> {
         let dir = super::resolve_model(model, &crate::hub::HubSettings::from_env())?;
         let tokenizer = crate::tokenizer::Tokenizer::from_dir(&dir)?;
-        let (cfg, vb, varmap) = load_dir(&dir, dtype, device)?;
-        // Build on detached weights: scoring records no graph.
-        RewardModel::load(vb, &varmap, &cfg, 0)?;
-        let mut model = RewardModel::load(
-            super::frozen_builder(&varmap, dtype, device),
+        // Frozen weights, shared with any other holder (a LoRA critic's base).
+        let weights = super::weights::shared_frozen(&dir, dtype, device)?;
+        let cfg = ArchConfig::load(&dir.join("config.json"))?;
+        let varmap = VarMap::new();
+        let vb = super::weights::selective_builder(
+            (*weights).clone(),
+            &dir,
+            dtype,
+            device,
             &varmap,
-            &cfg,
-            0,
-        )?;
+            |_| false,
+        );
+        let mut model = RewardModel::load(vb, &varmap, &cfg, 0)?;
         let raw: Value = crate::io::read_json(&dir.join("config.json"))?;
         model.offset = raw[OFFSET_KEY].as_f64().unwrap_or(0.0);
         Ok(Self {
             model,
+            _weights: weights,
             tokenizer,
             device: device.clone(),
         })

@@ -174,6 +174,42 @@ pub fn read_safetensors_dir(
     Ok(out)
 }
 
+/// The frozen tensors of a model directory, in `dtype` on `device`, under
+/// their canonical names: shared by every holder while one holds them. A
+/// LoRA critic's base and the reward model it starts from (the scorer) are
+/// one copy this way, as are two LoRA runs' bases over one directory.
+pub fn shared_frozen(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::sync::Arc<HashMap<String, Tensor>>> {
+    use std::sync::{Arc, Mutex, Weak};
+    type Key = (PathBuf, DType, candle_core::DeviceLocation);
+    static LIVE: Mutex<Vec<(Key, Weak<HashMap<String, Tensor>>)>> = Mutex::new(Vec::new());
+    let key = (
+        dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+        dtype,
+        device.location(),
+    );
+    let mut live = LIVE.lock().expect("not poisoned");
+    live.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(held) = live
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(held);
+    }
+    let arch = super::ArchConfig::load(&dir.join("config.json"))?;
+    let tensors = read_safetensors_dir(dir, device, |n| arch.canonical_name(n))?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    let shared = Arc::new(tensors);
+    live.push((key, Arc::downgrade(&shared)));
+    Ok(shared)
+}
+
 /// A VarBuilder over checkpoint tensors; when `trainable`, each requested
 /// tensor becomes a Var in the returned map (else the map stays empty).
 pub fn checkpoint_builder(

@@ -589,3 +589,42 @@ fn the_chunked_head_gives_adapters_the_composed_heads_gradients() {
         }
     }
 }
+
+#[test]
+fn a_lora_critic_and_the_reward_model_it_starts_from_hold_one_copy_of_the_base() {
+    use candle_rlhf::models::weights::shared_frozen;
+    use std::sync::Arc;
+    let dev = crate::dev();
+    // A private copy of the fixture reward model: no other test holds it.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = crate::models::fixtures_root().join("reward/tiny-gpt2");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let dir = tmp.path();
+    let scorer =
+        candle_rlhf::models::reward_model::RewardScorer::load(&dir.to_string_lossy(), &dev)
+            .unwrap();
+    let probe = shared_frozen(dir, DType::F32, &dev).unwrap();
+    assert_eq!(
+        Arc::strong_count(&probe),
+        2,
+        "the scorer holds the shared tensors"
+    );
+    let cfg = lora_config("r = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"");
+    let critic_base = LoraWeights::read(dir, DType::F32, &dev, &cfg, 0).unwrap();
+    assert_eq!(
+        Arc::strong_count(&probe),
+        3,
+        "the LoRA weights read the same copy"
+    );
+    // In another dtype the base is a copy of its own.
+    let bf16 = LoraWeights::read(dir, DType::BF16, &dev, &cfg, 0).unwrap();
+    assert_eq!(Arc::strong_count(&probe), 3);
+    drop((scorer, critic_base, bf16));
+    assert_eq!(Arc::strong_count(&probe), 1);
+    drop(probe);
+    let fresh = shared_frozen(dir, DType::F32, &dev).unwrap();
+    assert_eq!(Arc::strong_count(&fresh), 1, "nothing outlives its holders");
+}
