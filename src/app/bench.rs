@@ -23,6 +23,8 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::bench_steps::{median, peak_rss_mb, random_rows, StepPlan};
+pub use super::bench_steps::{DpoBench, SftBench};
 use crate::config::{Config, ModelInit, TrainConfig};
 use crate::error::IoContext;
 use crate::generate::{generate, Draw, Sampling};
@@ -265,34 +267,6 @@ pub struct OnlineBench {
     pub peak_rss_mb: f64,
 }
 
-/// One SFT step: every token of every row trained.
-#[derive(Debug, Clone, Serialize)]
-pub struct SftBench {
-    pub rows: usize,
-    pub seq_len: usize,
-    /// Median seconds per step (forward, loss, backward, optimizer step).
-    pub step_s: f64,
-    pub tokens_per_s: f64,
-    pub peak_rss_mb: f64,
-}
-
-/// One DPO step of the reward workload, median seconds of the step and its phases.
-#[derive(Debug, Clone, Serialize)]
-pub struct DpoBench {
-    pub pairs: usize,
-    pub seq_len: usize,
-    /// The reference's log-probs precomputed: no reference model in memory.
-    pub precomputed: bool,
-    pub step_s: f64,
-    /// The policy's forward and backward over chosen and rejected, with the
-    /// loss and the batch's assembly (TRL's policy phase includes its collation).
-    pub policy_s: f64,
-    pub reference_s: f64,
-    /// Gradient clipping and AdamW.
-    pub optimizer_s: f64,
-    pub peak_rss_mb: f64,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub shape: String,
@@ -367,6 +341,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         )));
     }
     let mut rng = HostRng::new(cfg.run.seed);
+    let plan = StepPlan {
+        config: cfg,
+        pairs: (w.reward_batch_size, w.reward_seq_len),
+        warmup: opts.warmup,
+        iters: opts.iters,
+    };
     for part in &opts.parts {
         reset_peak_rss();
         match part {
@@ -426,7 +406,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 let (rows, seq_len) = w.sft();
                 let shape = (rows, seq_len);
                 let step_s = super::bench_steps::sft_steps(
-                    opts, &model_dir, shape, vocab, &device, &mut rng,
+                    &plan, &model_dir, shape, vocab, &device, &mut rng,
                 )?;
                 report.sft = Some(SftBench {
                     rows,
@@ -440,7 +420,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 for precomputed in [true, false] {
                     reset_peak_rss();
                     report.dpo.push(super::bench_steps::dpo_steps(
-                        opts,
+                        &plan,
                         &model_dir,
                         vocab,
                         &device,
@@ -591,26 +571,6 @@ impl ModelFlops {
 fn load_causal(dir: &Path, dtype: DType, device: &Device) -> Result<CausalLm> {
     let (arch, vb, _) = load_dir_frozen(dir, dtype, device)?;
     CausalLm::load(vb, &arch, true)
-}
-
-pub(super) fn random_rows(
-    rows: usize,
-    len: usize,
-    vocab: usize,
-    rng: &mut HostRng,
-) -> Vec<Vec<u32>> {
-    (0..rows)
-        .map(|_| {
-            (0..len)
-                .map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32)
-                .collect()
-        })
-        .collect()
-}
-
-pub(super) fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// Median seconds of a reward-model step: chosen and rejected in one batch,
@@ -952,18 +912,6 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Peak resident set size since the last reset, in MB (0 where unknown).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// The checkout's commit, or `CANDLE_RLHF_COMMIT` away from one (the GPU
 /// pack's runner sets it from the pack's PACK_INFO).
 fn git_commit() -> String {
@@ -998,10 +946,11 @@ mod tests {
     #[test]
     fn unknown_parts_are_refused() {
         assert!(Part::parse("ppo").is_ok());
+        assert_eq!(Part::parse("sft").unwrap(), Part::Sft);
         assert!(Part::parse("train")
             .unwrap_err()
             .to_string()
-            .contains("reward, generate, ppo"));
+            .contains("reward, sft, generate, ppo"));
     }
 
     #[test]

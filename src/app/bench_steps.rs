@@ -6,23 +6,92 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::bench::{median, peak_rss_mb, random_rows, BenchOptions, DpoBench};
 use crate::config::{ModelInit, TrainConfig};
 use crate::models::{CausalLm, Linears};
 use crate::optim::adamw::{AdamW, AdamWParams};
 use crate::optim::TrainCore;
 use crate::trainers::trained::Trained;
 use crate::{HostRng, Result};
+use serde::Serialize;
+
+/// What a step bench needs of `bench`'s options.
+pub(super) struct StepPlan<'a> {
+    pub config: &'a crate::config::Config,
+    /// The DPO step's pairs and tokens per sequence (half prompt, half completion).
+    pub pairs: (usize, usize),
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+/// One SFT step: every token of every row trained.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftBench {
+    pub rows: usize,
+    pub seq_len: usize,
+    /// Median seconds per step (forward, loss, backward, optimizer step).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// One DPO step of the reward workload, median seconds of the step and its phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpoBench {
+    pub pairs: usize,
+    pub seq_len: usize,
+    /// The reference's log-probs precomputed: no reference model in memory.
+    pub precomputed: bool,
+    pub step_s: f64,
+    /// The policy's forward and backward over chosen and rejected, with the
+    /// loss and the batch's assembly (TRL's policy phase includes its collation).
+    pub policy_s: f64,
+    pub reference_s: f64,
+    /// Gradient clipping and AdamW.
+    pub optimizer_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+pub(crate) fn random_rows(
+    rows: usize,
+    len: usize,
+    vocab: usize,
+    rng: &mut HostRng,
+) -> Vec<Vec<u32>> {
+    (0..rows)
+        .map(|_| {
+            (0..len)
+                .map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32)
+                .collect()
+        })
+        .collect()
+}
+
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Peak resident set size since the last reset, in MB (0 where unknown).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
 
 /// The policy of a step bench: the shape's model, trained in full or with
 /// the config's LoRA, checkpointing as the config says; and its trainer core.
 fn policy(
-    opts: &BenchOptions,
+    opts: &StepPlan,
     model_dir: &Path,
     device: &Device,
     batch: usize,
 ) -> Result<(CausalLm, Trained, TrainCore)> {
-    let cfg = &opts.config;
+    let cfg = opts.config;
     let (arch, vb, mut params) = Trained::load(
         model_dir,
         "model",
@@ -52,7 +121,7 @@ fn policy(
 /// Median seconds of an SFT step as the trainer runs it: `batch` rows of
 /// `len` tokens, every token trained, forward, loss, backward, clipping, AdamW.
 pub(super) fn sft_steps(
-    opts: &BenchOptions,
+    opts: &StepPlan,
     model_dir: &Path,
     (batch, len): (usize, usize),
     vocab: usize,
@@ -89,7 +158,7 @@ pub(super) fn sft_steps(
 /// timed after a device sync: the reference's summed log-probs (or random
 /// stand-ins for precomputed ones), the policy's loss and backward, AdamW.
 pub(super) fn dpo_steps(
-    opts: &BenchOptions,
+    opts: &StepPlan,
     model_dir: &Path,
     vocab: usize,
     device: &Device,
@@ -97,8 +166,8 @@ pub(super) fn dpo_steps(
     precomputed: bool,
 ) -> Result<DpoBench> {
     use crate::trainers::dpo::{policy_loss, reference_logps, DpoBatch, Settings};
-    let (cfg, w) = (&opts.config, &opts.shape.workload);
-    let (lm, params, mut core) = policy(opts, model_dir, device, w.reward_batch_size)?;
+    let (cfg, (b, seq_len)) = (opts.config, opts.pairs);
+    let (lm, params, mut core) = policy(opts, model_dir, device, b)?;
     let (dtype, arch) = (
         cfg.run.dtype.dtype(),
         crate::models::ArchConfig::load(&model_dir.join("config.json"))?,
@@ -109,7 +178,7 @@ pub(super) fn dpo_steps(
     };
     let steps = (opts.warmup + opts.iters) as u64;
     let settings = Settings::of(cfg);
-    let (b, half) = (w.reward_batch_size, w.reward_seq_len / 2);
+    let half = seq_len / 2;
     let mut phases: [Vec<f64>; 4] = Default::default();
     for step in 0..steps {
         let rows = random_rows(3 * b, half, vocab, rng);
@@ -159,7 +228,7 @@ pub(super) fn dpo_steps(
     let [reference_s, policy_s, optimizer_s, step_s] = phases.map(median);
     Ok(DpoBench {
         pairs: b,
-        seq_len: w.reward_seq_len,
+        seq_len,
         precomputed,
         step_s,
         policy_s,

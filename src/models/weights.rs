@@ -185,7 +185,8 @@ pub fn shared_frozen(
 ) -> Result<std::sync::Arc<HashMap<String, Tensor>>> {
     use std::sync::{Arc, Mutex, Weak};
     type Key = (PathBuf, DType, candle_core::DeviceLocation);
-    static LIVE: Mutex<Vec<(Key, Weak<HashMap<String, Tensor>>)>> = Mutex::new(Vec::new());
+    type Held = Weak<HashMap<String, Tensor>>;
+    static LIVE: Mutex<Vec<(Key, Held)>> = Mutex::new(Vec::new());
     let key = (
         dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         dtype,

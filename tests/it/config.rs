@@ -162,7 +162,15 @@ fn every_bench_shape_is_a_valid_model_config() {
     names.sort();
     assert_eq!(
         names,
-        ["gpt2", "minilm", "qwen2.5-0.5b", "smollm2-135m", "tiny"]
+        [
+            "gpt2",
+            "minilm",
+            "qwen2.5-0.5b",
+            "qwen2.5-1.5b",
+            "qwen2.5-3b",
+            "smollm2-135m",
+            "tiny"
+        ]
     );
 }
 
