@@ -151,6 +151,11 @@ class StepTimer(TrainerCallback):
         now = time.perf_counter()
         if self._start is not None:
             self.times.append(now - self._start)
+        if len(self.times) == ARGS.warmup:
+            # Peak memory over the timed steps, after the warm-up allocated
+            # what is allocated late (the optimizer's moments).
+            reset_peak_rss()
+            reset_peak_device()
         self._start = now  # PPOTrainer has no on_step_begin: time end to end
 
 

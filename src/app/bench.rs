@@ -23,7 +23,9 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::bench_steps::{median, peak_rss_mb, random_rows, StepPlan};
+use super::bench_steps::{
+    after_warmup, median, peak_rss_mb, random_rows, reset_peak_rss, StepPlan,
+};
 pub use super::bench_steps::{DpoBench, SftBench};
 use crate::config::{Config, ModelInit, TrainConfig};
 use crate::error::IoContext;
@@ -635,6 +637,7 @@ fn reward_steps(
         if step >= opts.warmup as u64 {
             times.push(started.elapsed().as_secs_f64());
         }
+        after_warmup(step, opts.warmup);
     }
     Ok(median(times))
 }
@@ -905,11 +908,6 @@ impl std::fmt::Display for BenchReport {
         }
         Ok(())
     }
-}
-
-/// Resets the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// The checkout's commit, or `CANDLE_RLHF_COMMIT` away from one (the GPU

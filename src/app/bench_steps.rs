@@ -83,6 +83,19 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Resets the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op).
+pub(crate) fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// After the last warm-up step: the peak RSS from here on counts (the
+/// timed steps, with the optimizer's moments already allocated).
+pub(crate) fn after_warmup(step: u64, warmup: usize) {
+    if step + 1 == warmup as u64 {
+        reset_peak_rss();
+    }
+}
+
 /// The policy of a step bench: the shape's model, trained in full or with
 /// the config's LoRA, checkpointing as the config says; and its trainer core.
 fn policy(
@@ -150,6 +163,7 @@ pub(super) fn sft_steps(
         if step >= opts.warmup as u64 {
             times.push(started.elapsed().as_secs_f64());
         }
+        after_warmup(step, opts.warmup);
     }
     Ok(median(times))
 }
@@ -224,6 +238,7 @@ pub(super) fn dpo_steps(
                 v.push(x);
             }
         }
+        after_warmup(step, opts.warmup);
     }
     let [reference_s, policy_s, optimizer_s, step_s] = phases.map(median);
     Ok(DpoBench {

@@ -106,21 +106,31 @@ pub fn checkpoint(
     f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
     replay: impl Fn(bool) + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let value = f(&x.detach())?.detach();
-    let arg = match x.track_op() {
+    // The layer runs on an input that records a graph exactly when `x`
+    // does, forward and recomputed: kernels that pick their path by that
+    // (the CUDA path's no-grad fused ops) then compute the same values.
+    let tracked = x.track_op();
+    let input = move |t: &Tensor| -> CResult<Tensor> {
+        match tracked {
+            true => Ok(leaf(t)?.into_inner()),
+            false => Ok(t.detach()),
+        }
+    };
+    let value = f(&input(x)?)?.detach();
+    let arg = match tracked {
         true => x.clone(),
         false => leaf(x)?.into_inner(),
     };
     let backward = move |arg: &Tensor, grad: &Tensor| -> CResult<Option<Tensor>> {
         RECOMPUTED.with(|c| c.set(c.get() + 1));
         replay(true);
-        let input = leaf(arg)?;
-        let y = f(input.as_tensor());
+        let x = input(arg)?;
+        let y = f(&x);
         replay(false);
         let y = y.map_err(candle_core::Error::wrap)?;
         let store = (y * grad.detach())?.sum_all()?.backward()?;
-        sink(&store, input.id())?;
-        Ok(store.get(input.as_tensor()).map(Tensor::detach))
+        sink(&store, x.id())?;
+        Ok(store.get(&x).map(Tensor::detach).filter(|_| tracked))
     };
     Ok(arg.apply_op1(Attached1 {
         value: Mutex::new(Some(contiguous(value)?)),

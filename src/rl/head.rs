@@ -83,8 +83,10 @@ pub fn head_figures_in_chunks(
         .step_by(chunk.max(1))
         .map(|s| (s, chunk.min(n - s)))
         .collect();
-    // Forward: no graph; each chunk's logits dropped before the next.
-    let (h, w) = (hidden.detach(), weight.detach());
+    // Forward: each chunk's logits and graph dropped before the next. The
+    // inputs keep whether they record a graph, so that the kernels take
+    // the paths the backward's recomputation takes.
+    let (h, w) = (hidden.clone(), weight.clone());
     let mut parts: Vec<[Tensor; 5]> = Vec::with_capacity(spans.len());
     for &(start, len) in &spans {
         let z = chunk_logits(&h.narrow(0, start, len)?, &w)?;
