@@ -10,7 +10,8 @@
 # (reward,generate,ppo,grpo,rloo,dpo), OUT (runs/bench-compare, or runs/bench-compare-loraR),
 # VENV (.venv-bench), LORA (a rank R: LoRA on every linear layer, lora_alpha
 # 2R, on both sides; peft on PyTorch's), AC (on|off, default off: activation
-# checkpointing on both sides).
+# checkpointing on both sides), WORK (where the random weights are written,
+# default OUT: a shared WORK keeps model generation out of later runs' memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
@@ -20,6 +21,7 @@ PARTS=${PARTS:-reward,generate,ppo,grpo,rloo,dpo}
 LORA=${LORA:-}
 AC=${AC:-off}
 OUT=${OUT:-runs/bench-compare${LORA:+-lora$LORA}-ac-$AC}
+WORK=${WORK:-$OUT}
 LORA_FLAG=()
 [ -z "$LORA" ] || LORA_FLAG=(--lora "$LORA")
 VENV=${VENV:-.venv-bench}
@@ -37,12 +39,12 @@ for shape in "${SHAPES[@]}"; do
         echo "== $shape, $t thread(s): candle-rlhf" >&2
         target/release/candle-rlhf bench --model "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-candle-t$t.json" "${LORA_FLAG[@]}" \
+            --work-dir "$WORK/$shape" --json "$OUT/$shape-candle-t$t.json" "${LORA_FLAG[@]}" \
             --activation-checkpointing "$AC" >&2
         echo "== $shape, $t thread(s): PyTorch/TRL" >&2
         "$VENV/bin/python" scripts/bench_trl.py --shape "configs/models/$shape.toml" \
             --threads "$t" --iters "$ITERS" --warmup "$WARMUP" --parts "$PARTS" \
-            --work-dir "$OUT/$shape" --json "$OUT/$shape-torch-t$t.json" "${LORA_FLAG[@]}" \
+            --work-dir "$WORK/$shape" --json "$OUT/$shape-torch-t$t.json" "${LORA_FLAG[@]}" \
             --activation-checkpointing "$AC" > /dev/null
     done
 done

@@ -23,11 +23,26 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
 }
 
 /// Reads every tensor of a safetensors file onto `device`.
+///
+/// The file is mapped, not read: its bytes are never a second copy of the
+/// weights on the heap (which, with the allocator keeping freed memory,
+/// `device::tune_allocator`, would stay resident for the whole run).
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+    let fail = |e: candle_core::Error| Error::Checkpoint {
         path: path.to_path_buf(),
         message: format!("cannot read safetensors: {}", Error::from(e)),
-    })
+    };
+    // SAFETY: the mapping is read while this function runs; a file changed
+    // underneath by another process could give wrong values, not unsafety
+    // in Rust's sense beyond what memmap2 documents.
+    let map = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(fail)?;
+    map.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            use candle_core::safetensors::Load;
+            Ok((name, view.load(device).map_err(fail)?))
+        })
+        .collect()
 }
 
 /// Writes a file atomically: to a temporary name beside it, synced, then renamed.
