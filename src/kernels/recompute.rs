@@ -78,6 +78,8 @@ fn sink(store: &GradStore, exclude: TensorId) -> CResult<()> {
                 continue;
             }
             let g = store.get_id(*id).expect("listed").detach();
+            // A weight in several recomputed layers (none in the models here):
+            // a new sum, since a store's gradients may share storage.
             let sum = match sink.grads.remove(id) {
                 Some(before) => (before + g)?.detach(),
                 None => g,
@@ -86,6 +88,60 @@ fn sink(store: &GradStore, exclude: TensorId) -> CResult<()> {
         }
         Ok(())
     })
+}
+
+/// `sum + g`, written into `sum`'s own storage where both are contiguous
+/// f32 CPU tensors of one shape (no third tensor of their size: a
+/// 151,936-word head's gradient is 544 MB at Qwen2.5-0.5B's width), else a
+/// new tensor. `sum` must own its storage (a gradient no one else holds).
+pub(crate) fn accumulate(sum: Option<Tensor>, g: Tensor) -> CResult<Tensor> {
+    let Some(sum) = sum else { return Ok(g) };
+    let fits = super::fused_path(&[&sum, &g])
+        && sum.shape() == g.shape()
+        && sum.is_contiguous()
+        && g.is_contiguous();
+    match fits {
+        true => {
+            sum.inplace_op2(&g, &AddInto)?;
+            Ok(sum)
+        }
+        false => Ok((sum + g)?.detach()),
+    }
+}
+
+struct AddInto;
+
+impl candle_core::InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "add-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<()> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            bail!("add-into: f32 tensors only")
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("add-into: contiguous tensors only")
+        };
+        if a1 - a0 != b1 - b0 {
+            bail!("add-into: {} and {} elements", a1 - a0, b1 - b0)
+        }
+        let b = &b[b0..b1];
+        let width = super::CHUNK;
+        super::for_pieces(&mut a[a0..a1], width, |i, piece| {
+            for (x, y) in piece.iter_mut().zip(&b[i * width..]) {
+                *x += *y;
+            }
+        });
+        Ok(())
+    }
 }
 
 /// `x` as a leaf variable of its own (a copy), so that a backward reaches it.

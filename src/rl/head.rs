@@ -127,10 +127,8 @@ pub fn head_figures_in_chunks(
             });
             if want_w {
                 if let Some(g) = store.get(w) {
-                    dw = Some(match dw {
-                        Some(sum) => (sum + g)?.detach(),
-                        None => g.detach(),
-                    });
+                    // The first chunk's gradient is the sum, added into in place after.
+                    dw = Some(crate::kernels::recompute::accumulate(dw, g.detach())?);
                 }
             }
         }

@@ -32,6 +32,15 @@ pub fn lora_config(toml_lines: &str) -> LoraConfig {
     toml::from_str(toml_lines).unwrap()
 }
 
+/// One fixture of each architecture family LoRA adapts.
+const ARCHS: [&str; 5] = [
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-pythia",
+    "tiny-qwen3",
+    "tiny-bert",
+];
+
 fn rows() -> Vec<Vec<u32>> {
     vec![vec![5, 9, 2, 7, 3], vec![11, 4, 8]]
 }
@@ -54,13 +63,7 @@ fn step(model: &Backbone, optimizer: &mut AdamW) {
 #[test]
 fn adapters_start_at_the_base_train_alone_and_merge_to_the_adapted_model() {
     let dev = crate::dev();
-    for name in [
-        "tiny-gpt2",
-        "tiny-llama",
-        "tiny-pythia",
-        "tiny-qwen3",
-        "tiny-bert",
-    ] {
+    for name in ARCHS {
         let dir = model_dir(name);
         let cfg = lora_config("r = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"");
         let w = LoraWeights::read(&dir, DType::F32, &dev, &cfg, 0).unwrap();
@@ -507,13 +510,7 @@ fn activation_checkpointing_trains_adapters_with_dropout_bit_identically() {
     // micro-batch the masks after them.
     use candle_rlhf::models::Linears;
     let dev = crate::dev();
-    for name in [
-        "tiny-gpt2",
-        "tiny-llama",
-        "tiny-pythia",
-        "tiny-qwen3",
-        "tiny-bert",
-    ] {
+    for name in ARCHS {
         let train = |on: bool| {
             let cfg = lora_config(
                 "r = 4\nlora_alpha = 8\nlora_dropout = 0.2\ntarget_modules = \"all-linear\"",
