@@ -29,6 +29,9 @@ use crate::Result;
 struct Sink {
     wanted: HashSet<TensorId>,
     grads: HashMap<TensorId, Tensor>,
+    /// Gradients handed over whole by their op ([`hand_over`]): no one else
+    /// holds their storage, so the plain gradient is added into them in place.
+    owned: HashSet<TensorId>,
 }
 
 thread_local! {
@@ -49,6 +52,7 @@ pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>>
     let sink = Sink {
         wanted: vars.iter().map(|v| v.id()).collect(),
         grads: HashMap::new(),
+        owned: HashSet::new(),
     };
     let outer = SINK.with(|s| s.replace(Some(sink)));
     let store = loss.backward();
@@ -58,6 +62,9 @@ pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>>
         .map(|v| {
             let plain = store.get(v).map(Tensor::detach);
             Ok(match (plain, sink.grads.remove(&v.id())) {
+                // A tied head: its gradient from the chunked head (owned) and
+                // from the embedding, without a third tensor of their size.
+                (Some(a), Some(b)) if sink.owned.contains(&v.id()) => Some(accumulate(Some(b), a)?),
                 (Some(a), Some(b)) => Some((a + b)?.detach()),
                 (a, b) => a.or(b),
             })
@@ -84,6 +91,7 @@ fn sink(store: &GradStore, exclude: TensorId) -> CResult<()> {
                 Some(before) => (before + g)?.detach(),
                 None => g,
             };
+            sink.owned.remove(id);
             sink.grads.insert(*id, sum);
         }
         Ok(())
@@ -142,6 +150,27 @@ impl candle_core::InplaceOp2 for AddInto {
         });
         Ok(())
     }
+}
+
+/// Hands `grad`, the whole gradient of variable `var` from one op that
+/// alone holds it, to the running [`gradients`] (None), or gives it back
+/// where no backward wants it that way (Some: the op returns it as usual).
+pub(crate) fn hand_over(var: &Tensor, grad: Tensor) -> Option<Tensor> {
+    SINK.with(|s| {
+        let mut s = s.borrow_mut();
+        match s.as_mut() {
+            Some(sink)
+                if var.is_variable()
+                    && sink.wanted.contains(&var.id())
+                    && !sink.grads.contains_key(&var.id()) =>
+            {
+                sink.grads.insert(var.id(), grad);
+                sink.owned.insert(var.id());
+                None
+            }
+            _ => Some(grad),
+        }
+    })
 }
 
 /// `x` as a leaf variable of its own (a copy), so that a backward reaches it.

@@ -33,15 +33,31 @@ impl ParamGrads {
         Ok(ParamGrads(crate::kernels::gradients(loss, &vars)?))
     }
 
-    /// Adds `other` element-wise (gradient accumulation).
+    /// Adds `other` element-wise (gradient accumulation), into this
+    /// micro-batch sum's own tensors where no two of them share storage (a
+    /// backward may give two variables one gradient tensor): no third copy
+    /// of every gradient while the two are added.
     pub fn add(&mut self, other: ParamGrads) -> Result<()> {
+        let exclusive = self.storage_is_exclusive();
         for (mine, theirs) in self.0.iter_mut().zip(other.0) {
             *mine = match (mine.take(), theirs) {
+                (Some(a), Some(b)) if exclusive => {
+                    Some(crate::kernels::recompute::accumulate(Some(a), b)?)
+                }
                 (Some(a), Some(b)) => Some((a + b)?),
                 (a, b) => a.or(b),
             };
         }
         Ok(())
+    }
+
+    /// Whether every gradient here has a storage of its own.
+    fn storage_is_exclusive(&self) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        self.0.iter().flatten().all(|g| {
+            let (storage, _) = g.storage_and_layout();
+            seen.insert(&*storage as *const candle_core::Storage as usize)
+        })
     }
 
     pub fn scale(&mut self, factor: f64) -> Result<()> {
