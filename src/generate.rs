@@ -275,18 +275,25 @@ impl DeviceSampler {
     }
 }
 
-/// Completes each prompt; returns the generated ids without the stop token.
-/// Build `model` from [`crate::models::frozen_builder`] so that no step
-/// records an autograd graph.
+/// Completes each prompt, drawing row i's tokens from `rngs[i]` (so a
+/// completion does not depend on the other rows of its batch); returns the
+/// generated ids without the stop token. Build `model` from
+/// [`crate::models::frozen_builder`] so that no step records an autograd graph.
 pub fn generate(
     model: &CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     s: &Sampling,
-    rng: &mut HostRng,
+    rngs: &mut [HostRng],
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
+    if rngs.len() != b {
+        return Err(Error::Msg(format!(
+            "{b} prompts but {} random streams",
+            rngs.len()
+        )));
+    }
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if b == 0 || prompts.iter().any(Vec::is_empty) {
         return Err(Error::Msg("every prompt needs at least one token".into()));
@@ -334,9 +341,8 @@ pub fn generate(
                 Some(sampler) => sampler,
                 empty => empty.insert(DeviceSampler::new(logits.dim(1)?, device)?),
             };
-            let uniforms: Vec<f32> = done
-                .iter()
-                .map(|&d| {
+            let uniforms: Vec<f32> = (done.iter().zip(rngs.iter_mut()))
+                .map(|(&d, rng)| {
                     if d || s.temperature == 0.0 {
                         0.0
                     } else {
@@ -348,10 +354,8 @@ pub fn generate(
             (drawn.to_vec1::<u32>()?, Some(drawn)) // host sync
         } else {
             let rows = logits.to_vec2::<f32>()?; // host sync
-            let next: Vec<u32> = rows
-                .iter()
-                .zip(&done)
-                .map(|(l, &d)| if d { pad_id } else { sample_token(l, s, rng) })
+            let next: Vec<u32> = (rows.iter().zip(&done).zip(rngs.iter_mut()))
+                .map(|((l, &d), rng)| if d { pad_id } else { sample_token(l, s, rng) })
                 .collect();
             (next, None)
         };

@@ -50,6 +50,18 @@ impl HostRng {
         Self::new(seed ^ tag.rotate_left(17))
     }
 
+    /// The stream of one item of a purpose, keyed by numbers (an
+    /// iteration, a completion's row in the global batch): the same item
+    /// draws the same numbers whichever process or batch draws it.
+    pub fn keyed(seed: u64, purpose: &str, keys: &[u64]) -> Self {
+        let mut h = Self::stream(seed, purpose).state[0];
+        for &k in keys {
+            let mut x = h ^ k.rotate_left(29);
+            h = splitmix64(&mut x) ^ x;
+        }
+        Self::new(h)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.state;
         let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
@@ -166,6 +178,27 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_ne!(HostRng::new(8).next_u64(), HostRng::new(7).next_u64());
+    }
+
+    #[test]
+    fn keyed_streams_depend_on_every_key_and_its_place() {
+        let first = |keys: &[u64]| HostRng::keyed(1, "sample", keys).next_u64();
+        assert_eq!(first(&[3, 4]), first(&[3, 4]));
+        let others = [
+            first(&[3, 5]),
+            first(&[4, 3]),
+            first(&[3]),
+            first(&[3, 4, 0]),
+        ];
+        assert!(others.iter().all(|&o| o != first(&[3, 4])), "{others:?}");
+        assert_ne!(
+            first(&[3, 4]),
+            HostRng::keyed(2, "sample", &[3, 4]).next_u64()
+        );
+        assert_ne!(
+            first(&[3, 4]),
+            HostRng::keyed(1, "eval", &[3, 4]).next_u64()
+        );
     }
 
     #[test]

@@ -657,7 +657,10 @@ fn generation(
     for i in 0..opts.warmup + opts.iters {
         let prompts = random_rows(batch, w.prompt_length, vocab, rng);
         let started = Instant::now();
-        let out = generate(model, &prompts, 0, sampling, rng, device)?;
+        let mut rngs: Vec<HostRng> = (0..batch)
+            .map(|r| HostRng::keyed(i as u64, "bench", &[r as u64]))
+            .collect();
+        let out = generate(model, &prompts, 0, sampling, &mut rngs, device)?;
         debug_assert!(out.iter().all(|r| r.len() == w.response_length));
         if i >= opts.warmup {
             times.push(started.elapsed().as_secs_f64());

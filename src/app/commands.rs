@@ -183,8 +183,17 @@ pub fn generate(cfg: &Config, o: &GenerateOptions) -> Result<String> {
         .map(|p| tokenizer.encode(p))
         .collect::<Result<Vec<_>>>()?;
     let sampling = Sampling::from_config(&cfg.generate, tokenizer.stop_ids.clone());
-    let mut rng = crate::HostRng::stream(cfg.run.seed, "sample");
-    let outputs = sample(&model, &ids, tokenizer.pad_id, &sampling, &mut rng, &device)?;
+    let mut rngs: Vec<crate::HostRng> = (0..ids.len())
+        .map(|row| crate::HostRng::keyed(cfg.run.seed, "sample", &[row as u64]))
+        .collect();
+    let outputs = sample(
+        &model,
+        &ids,
+        tokenizer.pad_id,
+        &sampling,
+        &mut rngs,
+        &device,
+    )?;
     let mut s = String::new();
     for (prompt, out) in prompts.iter().zip(outputs) {
         let completion = tokenizer.decode(&out)?;

@@ -382,15 +382,10 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
                     keep_stop_token: false,
                     draw,
                 };
-                generate(
-                    &model,
-                    prompts,
-                    tok.pad_id,
-                    &s,
-                    &mut HostRng::new(seed),
-                    &dev,
-                )
-                .unwrap()
+                let mut rngs: Vec<HostRng> = (0..prompts.len())
+                    .map(|row| HostRng::keyed(seed, "test", &[row as u64]))
+                    .collect();
+                generate(&model, prompts, tok.pad_id, &s, &mut rngs, &dev).unwrap()
             };
         let sample = |prompts: &[Vec<u32>], temperature: f64, seed: u64, stop: &[u32]| {
             sample_with(prompts, temperature, seed, stop, Draw::Auto)
@@ -422,6 +417,38 @@ fn generation_is_seeded_greedy_is_deterministic_and_stops() {
         assert_eq!(cut2[0], g1[0][..first2].to_vec(), "{name}");
         // Each row equals its own greedy run alone (padding is invisible).
         assert_eq!(sample(&prompts[1..], 0.0, 0, &[])[0], g1[1], "{name}");
+        // Each row draws from its own stream: sampled alone with its
+        // stream, a row gets what it got in the batch (so data-parallel
+        // ranks sample what one process samples).
+        let s = Sampling {
+            max_new_tokens: 12,
+            temperature: 1.0,
+            top_k: None,
+            top_p: 1.0,
+            stop_token_ids: vec![],
+            keep_stop_token: false,
+            draw: Draw::Auto,
+        };
+        let stream = |row: u64| HostRng::keyed(5, "test", &[row]);
+        let both = generate(
+            &model,
+            &prompts,
+            tok.pad_id,
+            &s,
+            &mut [stream(0), stream(1)],
+            &dev,
+        )
+        .unwrap();
+        let alone = generate(
+            &model,
+            &prompts[1..],
+            tok.pad_id,
+            &s,
+            &mut [stream(1)],
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(alone[0], both[1], "{name}");
         // Tokens drawn on the device are those drawn on the host from the
         // same uniforms, a row that stopped early included.
         for temperature in [0.0, 1.0] {

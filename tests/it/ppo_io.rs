@@ -562,13 +562,13 @@ fn a_ppo_trained_llama_loads_into_candle_transformers_and_generates_the_same_tok
         keep_stop_token: true,
         draw: Default::default(),
     };
-    let mut rng = candle_rlhf::HostRng::stream(0, "sample");
+    let mut rngs = [candle_rlhf::HostRng::stream(0, "sample")];
     let ours_out = candle_rlhf::generate::generate(
         &ours,
         &[prompt],
         tok.pad_id,
         &sampling,
-        &mut rng,
+        &mut rngs,
         &crate::dev(),
     )
     .unwrap()

@@ -43,7 +43,7 @@ use crate::run::{checkpoint_if_due, RunDir};
 use crate::signal::StopSignal;
 use crate::tokenizer::Tokenizer;
 use crate::trainers::trained::{ModelFiles, Trained};
-use crate::{io, Error, Result};
+use crate::{io, Error, HostRng, Result};
 
 /// What an online run did.
 #[derive(Debug, Clone)]
@@ -270,7 +270,7 @@ pub fn train_with_rewards(
     // Setup: state, fresh or the newest checkpoint's (the critic's too).
     let fresh = TrainerState::fresh(
         seed,
-        &["data", "sample", algo.command()],
+        &["data", algo.command()],
         serde_json::to_value(OnlineState::default()).expect("plain numbers serialize"),
     );
     let mut state = fresh;
@@ -342,14 +342,16 @@ pub fn train_with_rewards(
         let iteration_started = Instant::now();
         // 1. Sample: a seeded shuffle of the prompts, reshuffled each pass
         //    (position checkpointed); each prompt `group` times in a row.
+        //    Each completion draws from its own stream, keyed by the seed,
+        //    the iteration and its row in the batch.
         let rows: Vec<&PromptRow> = state
             .next_items(prompts.len(), s.batch / s.group())
             .into_iter()
             .flat_map(|i| std::iter::repeat_n(&prompts[i], s.group()))
             .collect();
         let (chunk, fixed) = (s.sample_chunk, s.fixed_width);
-        let ro = Rollout::sample(&m, rows, &s.sampling, chunk, fixed, state.rng("sample"))
-            .map_err(no_update)?;
+        let stream = |row: usize| HostRng::keyed(seed, "sample", &[iteration, row as u64]);
+        let ro = Rollout::sample(&m, rows, &s.sampling, chunk, fixed, stream).map_err(no_update)?;
         let generate_s = iteration_started.elapsed().as_secs_f64();
         // 2. Log-probs (old, reference) and values: once per rollout,
         //    reused by every pass.

@@ -87,13 +87,13 @@ pub(crate) fn evaluate(
     prompts: &[PromptRow],
     seed: u64,
 ) -> Result<EvalReport> {
-    let mut rng = HostRng::stream(seed, "eval");
     let rows: Vec<&PromptRow> = prompts
         .iter()
         .flat_map(|r| std::iter::repeat_n(r, s.eval_group))
         .collect();
     let (chunk, fixed) = (s.eval_sample_chunk, s.fixed_width);
-    let ro = Rollout::sample(m, rows, &s.sampling, chunk, fixed, &mut rng)?;
+    let stream = |row: usize| HostRng::keyed(seed, "eval", &[row as u64]);
+    let ro = Rollout::sample(m, rows, &s.sampling, chunk, fixed, stream)?;
     let stop = &s.sampling.stop_token_ids;
     let Scored { total, each, texts } = rollout::score(m, &ro, stop, None)?;
     let total64: Vec<f64> = total.iter().map(|&x| x as f64).collect();

@@ -28,24 +28,29 @@ pub(crate) struct Rollout<'p> {
 
 impl<'p> Rollout<'p> {
     /// Samples one completion per row (`rows` repeats a prompt for a
-    /// group), `chunk` rows at a time, with the KV cache and no graph.
+    /// group), `chunk` rows at a time, with the KV cache and no graph; row
+    /// i draws from `stream(i)`, so its completion does not depend on how
+    /// the rows are batched.
     pub fn sample(
         m: &Models,
         rows: Vec<&'p PromptRow>,
         sampling: &Sampling,
         chunk: usize,
         fixed_width: bool,
-        rng: &mut HostRng,
+        stream: impl Fn(usize) -> HostRng,
     ) -> Result<Self> {
         let queries: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
         let mut responses = Vec::with_capacity(queries.len());
-        for part in queries.chunks(chunk.max(1)) {
+        let all: Vec<usize> = (0..queries.len()).collect();
+        for part in all.chunks(chunk.max(1)) {
+            let prompts: Vec<Vec<u32>> = part.iter().map(|&i| queries[i].clone()).collect();
+            let mut rngs: Vec<HostRng> = part.iter().map(|&i| stream(i)).collect();
             responses.extend(generate(
                 m.sampler,
-                part,
+                &prompts,
                 m.tok.pad_id,
                 sampling,
-                rng,
+                &mut rngs,
                 m.device,
             )?);
         }
