@@ -90,6 +90,13 @@ impl TrainerState {
         picked
     }
 
+    /// This rank's part of the next global batch: [`Self::next_batch`] of
+    /// `batch` x ranks items (the same on every rank), split in rank order.
+    pub fn next_shard(&mut self, n: usize, batch: usize) -> Vec<usize> {
+        let world = crate::dist::world();
+        world.shard(&self.next_batch(n, batch * world.size))
+    }
+
     /// The next `count` of `n` items in a stream of seeded permutations
     /// (stream "data"), crossing epoch boundaries item by item.
     pub fn next_items(&mut self, n: usize, count: usize) -> Vec<usize> {
@@ -154,7 +161,15 @@ pub struct Manifest {
     pub dtype: String,
     /// Seconds since the Unix epoch when the run (or this resumption) started.
     pub started_unix: u64,
+    /// Data-parallel ranks the run trains on (1 without MPI); a run
+    /// resumes on as many.
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub config: Config,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Manifest {
@@ -170,6 +185,7 @@ impl Manifest {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            world_size: crate::dist::world().size,
             config: config.clone(),
         }
     }
@@ -206,6 +222,19 @@ pub struct LoraParts {
 /// Writes `ckpt` as `run_dir/checkpoints/<step>/` and keeps the newest
 /// `keep_last` checkpoints. Returns the checkpoint directory.
 pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Result<PathBuf> {
+    // Data parallelism: every rank holds the same weights (checked here, at
+    // every checkpoint, by a checksum), and rank 0 alone writes them.
+    let world = crate::dist::world();
+    if !world.is_single() {
+        let extra = ckpt.extra_weights.iter().flat_map(|(_, t)| t.iter());
+        let sum = crate::dist::checksum(ckpt.weights.iter().chain(extra).map(|(_, t)| t))?;
+        world.check_same(&format!("the weights at step {}", ckpt.state.step), sum)?;
+        if !world.is_main() {
+            return Ok(run_dir
+                .join(CHECKPOINTS_DIR)
+                .join(ckpt.state.step.to_string()));
+        }
+    }
     let dir = write_atomically(run_dir, ckpt.state.step, |tmp| {
         let (weights_file, config_file) = match ckpt.lora {
             None => (WEIGHTS_FILE, MODEL_CONFIG_FILE),

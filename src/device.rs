@@ -9,6 +9,16 @@ use crate::{Error, Result};
 /// on every call and rayon's pool reads it when first used, so call this
 /// before any tensor work.
 pub fn set_threads(n: usize) {
+    // Several ranks on one node share its cores: 0 means the node's cores
+    // divided by its ranks (unless RAYON_NUM_THREADS says otherwise).
+    let world = crate::dist::world();
+    let n = match (n, world.local_size, std::env::var("RAYON_NUM_THREADS")) {
+        (0, ranks, Err(_)) if ranks > 1 => {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            (cores / ranks).max(1)
+        }
+        _ => n,
+    };
     if n > 0 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         #[cfg(feature = "mkl")]
@@ -53,8 +63,14 @@ pub fn tune_allocator() {
 pub fn resolve_device(spec: &str) -> Result<(Device, String)> {
     let spec = spec.trim();
     let (kind, ordinal) = parse_spec(spec)?;
+    // Data parallelism: each rank of a node takes the GPU of its local rank
+    // unless the spec names one.
+    let ordinal = match spec.contains(':') {
+        true => ordinal,
+        false => crate::dist::world().local_rank,
+    };
     match kind {
-        "auto" => Ok(auto_device()),
+        "auto" => Ok(auto_device(ordinal)),
         "cpu" => Ok((Device::Cpu, "cpu".into())),
         "cuda" => open_gpu(
             spec,
@@ -132,14 +148,14 @@ pub fn parse_spec(spec: &str) -> Result<(&str, usize)> {
     }
 }
 
-fn auto_device() -> (Device, String) {
+fn auto_device(cuda_ordinal: usize) -> (Device, String) {
     if candle_core::utils::cuda_is_available() {
-        if let Ok(dev) = Device::new_cuda(0) {
-            return (dev, "cuda:0 (auto: CUDA found)".into());
+        if let Ok(dev) = Device::new_cuda(cuda_ordinal) {
+            return (dev, format!("cuda:{cuda_ordinal} (auto: CUDA found)"));
         }
     }
     if candle_core::utils::metal_is_available() {
-        if let Ok(dev) = Device::new_metal(0) {
+        if let Ok(dev) = Device::new_metal(cuda_ordinal) {
             return (dev, "metal:0 (auto: Metal found)".into());
         }
     }

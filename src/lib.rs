@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod rng;

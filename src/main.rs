@@ -118,21 +118,46 @@ enum Command {
 
 fn main() -> ExitCode {
     candle_rlhf::device::tune_allocator();
-    init_tracing();
+    // One of several MPI ranks when launched by mpirun or srun (the `mpi` feature).
+    let session = match candle_rlhf::dist::init() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let world = *candle_rlhf::dist::world();
+    init_tracing(world.is_main());
     let cli = Cli::parse();
-    match run(cli) {
+    let code = match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
             let code = err.downcast_ref::<Error>().map_or(1, Error::exit_code);
-            ExitCode::from(code as u8)
+            let interrupted =
+                matches!(err.downcast_ref::<Error>(), Some(Error::Interrupted { .. }));
+            if world.is_single() || interrupted {
+                // A stop is agreed by every rank at the same step: each exits cleanly.
+                if world.is_main() {
+                    eprintln!("error: {err:#}");
+                }
+                drop(session);
+                return ExitCode::from(code as u8);
+            }
+            // One rank's error stops the whole job (MPI_Abort): no rank
+            // is left waiting for it in a collective.
+            eprintln!("error (rank {} of {}): {err:#}", world.rank, world.size);
+            world.abort(code);
         }
-    }
+    };
+    drop(session); // MPI_Finalize
+    code
 }
 
-fn init_tracing() {
+/// Logs at `info` (RUST_LOG overrides); ranks other than 0 only warn.
+fn init_tracing(main_rank: bool) {
+    let level = if main_rank { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

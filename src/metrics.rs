@@ -19,10 +19,11 @@ pub struct Record {
     pub values: BTreeMap<String, f64>,
 }
 
-/// Appends records to `RUN_DIR/metrics.jsonl`, flushing each.
+/// Appends records to `RUN_DIR/metrics.jsonl`, flushing each (on rank 0
+/// of a data-parallel job; the other ranks' logs write nothing).
 pub struct MetricsLog {
     path: PathBuf,
-    file: fs::File,
+    file: Option<fs::File>,
 }
 
 impl MetricsLog {
@@ -30,6 +31,9 @@ impl MetricsLog {
     /// resumed run) lines for later steps are first removed.
     pub fn open(run_dir: &Path, keep_through: Option<u64>) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
+        if !crate::dist::world().is_main() {
+            return Ok(Self { path, file: None });
+        }
         if let (Some(limit), true) = (keep_through, path.exists()) {
             let text = fs::read_to_string(&path).with_path(&path)?;
             let kept: String = text
@@ -44,7 +48,10 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_path(&path)?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file: Some(file),
+        })
     }
 
     /// Appends `{"step": step, "timestamp": unix seconds, name: value, ...}`.
@@ -62,9 +69,12 @@ impl MetricsLog {
                 serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into),
             );
         }
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let line = serde_json::Value::Object(obj).to_string();
-        writeln!(self.file, "{line}").with_path(&self.path)?;
-        self.file.flush().with_path(&self.path)
+        writeln!(file, "{line}").with_path(&self.path)?;
+        file.flush().with_path(&self.path)
     }
 
     pub fn path(&self) -> &Path {
@@ -116,7 +126,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(total: u64, label: &str) -> Self {
-        if !std::io::stderr().is_terminal() {
+        if !std::io::stderr().is_terminal() || !crate::dist::world().is_main() {
             return Self { bar: None };
         }
         let bar = ProgressBar::new(total);

@@ -62,6 +62,9 @@ impl RunDir {
                 .map(|(_, p)| p)
                 .ok_or_else(|| crate::Error::Msg("no checkpoint written".into()))?,
         };
+        if !crate::dist::world().is_main() {
+            return Ok(checkpoint);
+        }
         if let Err(e) = crate::plot::plot_run(&self.path) {
             tracing::warn!("plots not drawn: {e}");
         }
@@ -87,8 +90,10 @@ impl RunDir {
                 path.display()
             )));
         }
-        std::fs::create_dir_all(path).with_path(path)?;
-        write_run_files(path, &manifest)?;
+        if crate::dist::world().is_main() {
+            std::fs::create_dir_all(path).with_path(path)?;
+            write_run_files(path, &manifest)?;
+        }
         let metrics = MetricsLog::open(path, None)?;
         Ok(RunDir {
             path: path.to_path_buf(),
@@ -132,7 +137,18 @@ impl RunDir {
                 message: format!("trainer_state.json says step {}", state.step),
             });
         }
-        write_run_files(path, &manifest)?;
+        if saved.world_size != manifest.world_size {
+            return Err(Error::Msg(format!(
+                "--resume {}: that run ran on {} rank(s), this one on {}: resume it with as many (mpirun -np {})",
+                path.display(),
+                saved.world_size,
+                manifest.world_size,
+                saved.world_size
+            )));
+        }
+        if crate::dist::world().is_main() {
+            write_run_files(path, &manifest)?;
+        }
         // Metrics logged after the checkpoint by the interrupted run are dropped:
         // the resumed run logs those steps again.
         let metrics = MetricsLog::open(path, Some(step))?;
@@ -161,6 +177,8 @@ pub fn checkpoint_if_due(
     last: &mut Option<PathBuf>,
     save: impl FnOnce() -> Result<PathBuf>,
 ) -> Result<()> {
+    // A stop requested on any rank stops every rank at this step.
+    let stopping = crate::dist::world().any(stopping);
     if !(step.is_multiple_of(save_steps) || stopping || step == total) {
         return Ok(());
     }

@@ -244,12 +244,19 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 /// runs/<command>-<time>.
 pub fn train(t: TrainArgs, command: TrainCommand) -> Result<()> {
     let cfg = resolve_config(&t.common)?;
+    // Data parallelism: every rank must run the same config as rank 0.
+    let world = crate::dist::world();
+    let hash = crate::dist::fingerprint(cfg.to_toml_string()?.as_bytes());
+    world.check_same("the config (--config and --set)", hash)?;
     let stop = crate::signal::install()?;
     let dir = (t.resume.clone())
         .or_else(|| cfg.run.out.clone())
         .unwrap_or_else(|| crate::run::default_run_dir(command.name()));
     let resume = t.resume.is_some();
-    println!("{}", commands::train(&cfg, command, &dir, resume, &stop)?);
+    let report = commands::train(&cfg, command, &dir, resume, &stop)?;
+    if world.is_main() {
+        println!("{report}");
+    }
     Ok(())
 }
 

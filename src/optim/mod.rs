@@ -118,11 +118,13 @@ pub enum StepOutcome {
 }
 
 /// How many optimizer steps a run over `items` examples takes: the
-/// micro-batch (capped at the data), steps per epoch, and the total
-/// (`max_steps`, else `num_train_epochs` epochs, at least 1).
+/// micro-batch of each rank (capped at the data), steps per epoch, and the
+/// total (`max_steps`, else `num_train_epochs` epochs, at least 1). A step
+/// takes micro-batch x accumulation x ranks examples (TRL's global batch).
 pub fn step_plan(t: &TrainConfig, items: usize) -> (usize, u64, u64) {
-    let batch = t.per_device_train_batch_size.min(items);
-    let per_epoch = items.div_ceil(batch * t.gradient_accumulation_steps) as u64;
+    let ranks = crate::dist::world().size;
+    let batch = t.per_device_train_batch_size.min(items / ranks).max(1);
+    let per_epoch = items.div_ceil(batch * t.gradient_accumulation_steps * ranks) as u64;
     let total = t
         .max_steps
         .unwrap_or_else(|| ((per_epoch as f64) * t.num_train_epochs).ceil() as u64)
@@ -245,9 +247,22 @@ impl TrainCore {
         let micro_batches = std::mem::take(&mut self.micro_batches).max(1);
         let pending = self.pending.take();
         let mut what = self.nonfinite_loss.take();
+        // Data parallelism: a non-finite loss on any rank skips the step on every rank.
+        let world = crate::dist::world();
+        if world.any(what.is_some()) && what.is_none() {
+            what = Some("a non-finite loss on another rank".into());
+        }
         let mut applied = None;
         if what.is_none() {
             let mut grads = pending.unwrap_or_else(|| ParamGrads(vec![None; self.optimizer.len()]));
+            // Summed over the ranks before clipping: each rank's loss is its
+            // share of the global batch's (dist::World::share).
+            if !world.is_single() {
+                let like: Vec<Tensor> = (self.optimizer.vars())
+                    .map(|(_, v)| v.as_tensor().clone())
+                    .collect();
+                world.sum_gradients(&mut grads.0, &like)?;
+            }
             grads.scale(1.0 / micro_batches as f64)?;
             let norm = grads.global_norm()?;
             if norm.is_finite() {

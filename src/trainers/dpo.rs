@@ -518,9 +518,12 @@ fn evaluate(
     num_tokens: u64,
     dev: &Device,
 ) -> Result<Vec<(String, f64)>> {
+    // Each rank evaluates its part of the pairs: the loss is all-reduced,
+    // the other figures are means over every rank's batches.
+    let world = crate::dist::world();
     let mut stats = Stats::default();
     let (mut loss_sum, mut n) = (0.0, 0usize);
-    let idx: Vec<usize> = (0..pairs.len()).collect();
+    let idx: Vec<usize> = world.split(pairs.len()).collect();
     for which in idx.chunks(batch.max(1)) {
         let chunk: Vec<&DpoPair> = which.iter().map(|&i| &pairs[i]).collect();
         let b = DpoBatch::new(&chunk, s, pad, dev)?;
@@ -532,13 +535,27 @@ fn evaluate(
             stats.add(k, v);
         }
     }
-    let mut out = vec![("eval_loss".to_string(), loss_sum / n.max(1) as f64)];
-    out.extend(
-        stats
-            .figures()
-            .into_iter()
-            .map(|(k, v)| (format!("eval_{k}"), v)),
-    );
+    let mut sums = [loss_sum, n as f64];
+    world.sum(&mut sums);
+    let mut out = vec![("eval_loss".to_string(), sums[0] / sums[1].max(1.0))];
+    let figures = match world.is_single() {
+        true => stats.figures(),
+        false => {
+            // Every rank's batch means, averaged.
+            let mine: Vec<(String, Vec<f64>)> = (stats.figures().into_iter())
+                .map(|(k, _)| (k.clone(), stats.values(&k).to_vec()))
+                .collect();
+            let all = world.gather(mine)?;
+            let mut merged = Stats::default();
+            for (k, values) in all.into_iter().flatten() {
+                for v in values {
+                    merged.add(&k, v);
+                }
+            }
+            merged.figures()
+        }
+    };
+    out.extend(figures.into_iter().map(|(k, v)| (format!("eval_{k}"), v)));
     out.push(("eval_num_tokens".into(), num_tokens as f64));
     Ok(out)
 }
@@ -671,7 +688,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
                 );
                 let train = precompute(&model, &train_pairs, &s, b_train, tok.pad_id, &device)?;
                 let eval = precompute(&model, &eval_pairs, &s, b_eval, tok.pad_id, &device)?;
-                write_precomputed(&ref_path, &train, &eval)?;
+                if crate::dist::world().is_main() {
+                    write_precomputed(&ref_path, &train, &eval)?;
+                }
                 Reference::Precomputed { train, eval } // the model is freed here
             }
         }
@@ -724,6 +743,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let first_step = state.step;
     let mut last_checkpoint = None;
     let mut window = Stats::default();
+    let world = crate::dist::world();
     let mut tokens_this_run = 0usize;
     while state.step < total {
         let step = state.step;
@@ -732,17 +752,25 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         let mut step_tokens = 0;
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
-            let which = state.next_batch(train_pairs.len(), batch);
+            let which = state.next_shard(train_pairs.len(), batch);
             let chunk: Vec<&DpoPair> = which.iter().map(|&i| &train_pairs[i]).collect();
             let b = DpoBatch::new(&chunk, &s, tok.pad_id, &device)?;
             let r = reference.of(&b, &which, false, &device)?;
             let (loss, figures) = policy_loss(&lm, &b, &s, r)?;
+            // The mean over every rank's pairs of this micro-batch.
+            let loss = (loss * world.share(chunk.len() as f64))?;
             step_loss += core.backward(&loss)?;
             step_tokens += b.tokens;
-            for (k, v) in figures {
-                window.add(k, v);
+            // Each figure a mean over the pairs: the ranks' mean of theirs.
+            let mut values: Vec<f64> = figures.iter().map(|(_, v)| *v).collect();
+            world.sum(&mut values);
+            for ((k, _), v) in figures.iter().zip(values) {
+                window.add(k, v / world.size as f64);
             }
         }
+        let mut sums = [step_loss, step_tokens as f64];
+        world.sum(&mut sums);
+        let (step_loss, step_tokens) = (sums[0], sums[1] as usize);
         let outcome = core.step(step)?;
         state.step += 1;
         state.optimizer_steps = core.optimizer.steps();

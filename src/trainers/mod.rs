@@ -42,6 +42,12 @@ pub(crate) fn offline_start(
     seed: u64,
     device: &Device,
 ) -> Result<OfflineStart> {
+    let ranks = crate::dist::world().size;
+    if items < ranks {
+        return Err(crate::Error::Msg(format!(
+            "{items} training example(s) cannot be shared by {ranks} ranks"
+        )));
+    }
     let (batch, per_epoch, total) = step_plan(t, items);
     let mut core = TrainCore::new(
         AdamW::from_varmap(varmap, AdamWParams::from_config(t))?,

@@ -42,7 +42,9 @@ pub struct RewardRun {
 #[derive(Debug, Clone, Default)]
 struct PairStats {
     loss_sum: f64,
-    batches: usize,
+    /// What loss_sum is divided by: micro-batches (training: a mean of
+    /// their means, as TRL logs it) or pairs (evaluation: per pair).
+    loss_weight: f64,
     correct: usize,
     pairs: usize,
     margin_sum: f64,
@@ -51,9 +53,9 @@ struct PairStats {
 }
 
 impl PairStats {
-    fn add(&mut self, loss: f64, chosen: &[f32], rejected: &[f32], tokens: usize) {
-        self.loss_sum += loss;
-        self.batches += 1;
+    fn add(&mut self, loss: f64, weight: f64, chosen: &[f32], rejected: &[f32], tokens: usize) {
+        self.loss_sum += loss * weight;
+        self.loss_weight += weight;
         for (c, r) in chosen.iter().zip(rejected) {
             self.correct += usize::from(c > r); // ties count as wrong, as in TRL
             self.margin_sum += (c - r) as f64;
@@ -61,6 +63,40 @@ impl PairStats {
         self.pairs += chosen.len();
         self.rewards.extend(chosen.iter().chain(rejected));
         self.tokens += tokens;
+    }
+
+    /// The figures of every rank's pairs (data parallelism): the sums
+    /// all-reduced, the rewards gathered. A training step's micro-batch
+    /// count is the same on every rank: its loss terms, each rank's share
+    /// of a micro-batch's mean, add up and it is not summed.
+    fn all_ranks(mut self, weight_is_per_rank: bool) -> Result<Self> {
+        let world = crate::dist::world();
+        if world.is_single() {
+            return Ok(self);
+        }
+        let mut sums = [
+            self.loss_sum,
+            self.loss_weight,
+            self.correct as f64,
+            self.pairs as f64,
+            self.margin_sum,
+            self.tokens as f64,
+        ];
+        world.sum(&mut sums);
+        self.loss_sum = sums[0];
+        if !weight_is_per_rank {
+            self.loss_weight = sums[1];
+        }
+        self.correct = sums[2] as usize;
+        self.pairs = sums[3] as usize;
+        self.margin_sum = sums[4];
+        self.tokens = sums[5] as usize;
+        self.rewards = world.concat(std::mem::take(&mut self.rewards))?;
+        Ok(self)
+    }
+
+    fn loss(&self) -> f64 {
+        self.loss_sum / self.loss_weight.max(1e-300)
     }
 
     fn accuracy(&self) -> f64 {
@@ -71,10 +107,7 @@ impl PairStats {
         let n = self.rewards.len().max(1) as f64;
         let fold = |f: fn(f32, f32) -> f32, init| self.rewards.iter().copied().fold(init, f) as f64;
         vec![
-            (
-                format!("{prefix}loss"),
-                self.loss_sum / self.batches.max(1) as f64,
-            ),
+            (format!("{prefix}loss"), self.loss()),
             (format!("{prefix}accuracy"), self.accuracy()),
             (
                 format!("{prefix}margin"),
@@ -134,13 +167,16 @@ fn eval_stats(
     pad_id: u32,
     device: &Device,
 ) -> Result<PairStats> {
+    // Each rank scores its part of the pairs; the figures are all-reduced.
     let mut stats = PairStats::default();
-    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let mine = &pairs[crate::dist::world().split(pairs.len())];
+    let refs: Vec<&TokenizedPair> = mine.iter().collect();
     for chunk in refs.chunks(cfg.train.per_device_eval_batch_size) {
         let (loss, c, r, tokens) = pair_loss(model, chunk, cfg, pad_id, device)?;
-        stats.add(loss.to_scalar::<f32>()? as f64, &c, &r, tokens);
+        let b = chunk.len() as f64;
+        stats.add(loss.to_scalar::<f32>()? as f64, b, &c, &r, tokens);
     }
-    Ok(stats)
+    stats.all_ranks(false)
 }
 
 /// Trains (or resumes) a reward model in `run_dir` as `cfg` says.
@@ -239,14 +275,17 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
             let chunk: Vec<&TokenizedPair> = state
-                .next_batch(train_pairs.len(), batch)
+                .next_shard(train_pairs.len(), batch)
                 .into_iter()
                 .map(|i| &train_pairs[i])
                 .collect();
             let (loss, c, r, tokens) = pair_loss(&model, &chunk, cfg, tok.pad_id, &device)?;
+            // The mean over every rank's pairs of this micro-batch.
+            let loss = (loss * crate::dist::world().share(chunk.len() as f64))?;
             let value = core.backward(&loss)?;
-            stats.add(value, &c, &r, tokens);
+            stats.add(value, 1.0, &c, &r, tokens);
         }
+        let stats = stats.all_ranks(true)?;
         let outcome = core.step(step)?;
         state.step += 1;
         state.optimizer_steps = core.optimizer.steps();
@@ -272,10 +311,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         }
         progress.update(
             state.step,
-            &[
-                ("loss", stats.loss_sum / stats.batches.max(1) as f64),
-                ("accuracy", stats.accuracy()),
-            ],
+            &[("loss", stats.loss()), ("accuracy", stats.accuracy())],
         );
         let eval_now =
             t.eval_steps.is_some_and(|n| state.step.is_multiple_of(n)) || state.step == total;
@@ -290,12 +326,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
             // Reward normalization: the chosen training responses score 0 on average.
             model.offset = 0.0;
             let mut sum = 0.0;
-            for chunk in train_pairs.chunks(t.per_device_eval_batch_size) {
+            let mine = &train_pairs[crate::dist::world().split(train_pairs.len())];
+            for chunk in mine.chunks(t.per_device_eval_batch_size) {
                 let seqs: Vec<Vec<u32>> = chunk.iter().map(|p| p.chosen.clone()).collect();
                 let r: Vec<f32> = model.rewards_of(&seqs, tok.pad_id, &device)?.to_vec1()?;
                 sum += r.iter().map(|&v| v as f64).sum::<f64>();
             }
-            model.offset = sum / train_pairs.len() as f64;
+            model.offset = crate::dist::world().sum_of(sum) / train_pairs.len() as f64;
             tracing::info!("reward offset (mean chosen score): {:.4}", model.offset);
         }
         checkpoint_if_due(
@@ -451,7 +488,7 @@ mod tests {
     #[test]
     fn accuracy_counts_ties_as_wrong() {
         let mut s = PairStats::default();
-        s.add(0.5, &[1.0, 2.0, 0.0], &[0.0, 2.0, 1.0], 10);
+        s.add(0.5, 1.0, &[1.0, 2.0, 0.0], &[0.0, 2.0, 1.0], 10);
         assert!((s.accuracy() - 1.0 / 3.0).abs() < 1e-12);
         let f = s.figures("");
         assert_eq!(f[2].1, 0.0); // mean margin (1 + 0 - 1) / 3

@@ -81,16 +81,19 @@ fn eval_loss(
     pad: u32,
     dev: &Device,
 ) -> Result<(f64, f64)> {
-    let (mut nll, mut correct, mut trained) = (0.0, 0, 0);
-    let refs: Vec<&SftRow> = rows.iter().collect();
+    // Each rank scores its part of the rows; the sums are all-reduced.
+    let world = crate::dist::world();
+    let mut sums = [0.0; 3]; // nll, correct, trained
+    let refs: Vec<&SftRow> = rows[world.split(rows.len())].iter().collect();
     for chunk in refs.chunks(batch.max(1)) {
         let (loss, c, t) = batch_loss(lm, chunk, pad, dev)?;
-        nll += loss.to_scalar::<f32>()? as f64 * t as f64;
-        correct += c;
-        trained += t;
+        sums[0] += loss.to_scalar::<f32>()? as f64 * t as f64;
+        sums[1] += c as f64;
+        sums[2] += t as f64;
     }
-    let n = trained.max(1) as f64;
-    Ok((nll / n, correct as f64 / n))
+    world.sum(&mut sums);
+    let n = sums[2].max(1.0);
+    Ok((sums[0] / n, sums[1] / n))
 }
 
 /// What a finished SFT run reports.
@@ -199,6 +202,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
     let first_step = state.step;
     let mut last_checkpoint = None;
     let mut tokens_this_run = 0usize;
+    let world = crate::dist::world();
     while state.step < total {
         let step = state.step;
         let (mut loss_sum, mut correct, mut trained) = (0.0, 0, 0);
@@ -206,16 +210,28 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool, stop: &StopSignal) -> R
         for _ in 0..t.gradient_accumulation_steps {
             // Seeded shuffling, reshuffled each epoch; the position is checkpointed.
             let chunk: Vec<&SftRow> = state
-                .next_batch(train_rows.len(), batch)
+                .next_shard(train_rows.len(), batch)
                 .into_iter()
                 .map(|i| &train_rows[i])
                 .collect();
             tokens_this_run += chunk.iter().map(|r| r.ids.len()).sum::<usize>();
             let (loss, c, n) = batch_loss(&lm, &chunk, tok.pad_id, &device)?;
+            // The mean over the trained tokens of every rank's micro-batch.
+            let loss = (loss * world.share(n as f64))?;
             loss_sum += core.backward(&loss)?;
             correct += c;
             trained += n;
         }
+        // Figures over the global batch: every rank's sums.
+        let mut sums = [
+            loss_sum,
+            correct as f64,
+            trained as f64,
+            tokens_this_run as f64,
+        ];
+        world.sum(&mut sums);
+        let (loss_sum, correct, trained) = (sums[0], sums[1] as usize, sums[2] as usize);
+        let tokens_this_run = sums[3] as usize;
         let outcome = core.step(step)?;
         state.step += 1;
         state.optimizer_steps = core.optimizer.steps();

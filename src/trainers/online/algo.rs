@@ -159,10 +159,13 @@ pub(crate) struct Settings<'a> {
     pub sample_chunk: usize,
     pub eval_sample_chunk: usize,
     pub forward_chunk: usize,
-    /// Completions per iteration, per optimizer step, per micro-batch.
+    /// Completions per iteration and per optimizer step (over every
+    /// rank), per micro-batch (of one rank).
     pub batch: usize,
     pub step_rows: usize,
     pub micro: usize,
+    /// Data-parallel ranks.
+    pub ranks: usize,
 }
 
 impl<'a> Settings<'a> {
@@ -212,6 +215,7 @@ impl<'a> Settings<'a> {
         // PPO chunks its rollouts by local_rollout_forward_batch_size; GRPO
         // and RLOO sample a generation batch at once and forward micro-batches.
         let chunk = p.local_rollout_forward_batch_size;
+        let ranks = crate::dist::world().size;
         Settings {
             algo,
             cfg,
@@ -232,9 +236,12 @@ impl<'a> Settings<'a> {
             sample_chunk: if ppo { chunk } else { micro * spg },
             eval_sample_chunk: if ppo { chunk } else { micro.max(16) },
             forward_chunk: if ppo { chunk } else { micro },
-            batch: micro * spg,
-            step_rows: micro * ga,
+            // Global counts, as TRL's: each of the job's ranks samples and
+            // trains on micro x ... of them.
+            batch: micro * spg * ranks,
+            step_rows: micro * ga * ranks,
             micro,
+            ranks,
         }
     }
 
@@ -248,9 +255,9 @@ impl<'a> Settings<'a> {
         self.o.num_iterations
     }
 
-    /// Micro-batches per rollout.
+    /// Micro-batches per rollout (of each rank).
     pub fn steps_per_generation(&self) -> usize {
-        self.batch / self.micro
+        self.batch / (self.micro * self.ranks)
     }
 
     /// The prompt rows of `spec` (a file or a dataset read at `split`), cut
@@ -649,14 +656,15 @@ pub(crate) fn backward(
     step_tokens: f64,
     stats: &mut Stats,
 ) -> Result<()> {
+    let sh = Shares::of(mb)?;
     if !s.algo.ppo_family() {
-        let loss = group_loss(s, policy, mb, step_tokens, stats)?;
+        let loss = group_loss(s, policy, mb, step_tokens, &sh, stats)?;
         core.backward(&loss)?;
         return Ok(());
     }
     let Some(critic) = m.critic else {
         // REINFORCE++: the policy's loss alone.
-        let (loss, _) = ppo_policy_loss(s, policy, mb, stats)?;
+        let (loss, _) = ppo_policy_loss(s, policy, mb, sh.tokens, stats)?;
         core.backward(&loss)?;
         return Ok(());
     };
@@ -670,11 +678,11 @@ pub(crate) fn backward(
         let parts: Vec<LossPart<Stats>> = vec![
             Box::new(move || {
                 let mut st = Stats::default();
-                ppo_policy_loss(s, policy, mb, &mut st).map(|(loss, _)| (loss, st))
+                ppo_policy_loss(s, policy, mb, sh.tokens, &mut st).map(|(loss, _)| (loss, st))
             }),
             Box::new(move || {
                 let mut st = Stats::default();
-                ppo_value_loss(s, critic, mb, None, &mut st).map(|loss| (loss, st))
+                ppo_value_loss(s, critic, mb, None, sh.tokens, &mut st).map(|loss| (loss, st))
             }),
         ];
         for part in core.backward_concurrently(parts)?.1 {
@@ -682,18 +690,51 @@ pub(crate) fn backward(
         }
         return Ok(());
     }
-    let (policy_loss, h) = ppo_policy_loss(s, policy, mb, stats)?;
-    let critic_loss = ppo_value_loss(s, critic, mb, Some(&h), stats)?;
+    let (policy_loss, h) = ppo_policy_loss(s, policy, mb, sh.tokens, stats)?;
+    let critic_loss = ppo_value_loss(s, critic, mb, Some(&h), sh.tokens, stats)?;
     core.backward(&(policy_loss + critic_loss)?)?;
     Ok(())
 }
 
+/// This rank's shares of micro-batch k's real tokens and rows among every
+/// rank's micro-batch k (1 and 1 with one rank). A loss that is a mean
+/// over this rank's tokens (rows), times the share, is its part of the
+/// mean over every rank's; so are the diagnostics, summed over the ranks
+/// after the passes ([`Stats::over_ranks`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shares {
+    pub tokens: f64,
+    pub rows: f64,
+}
+
+impl Shares {
+    fn of(mb: &MicroBatch) -> Result<Self> {
+        let world = crate::dist::world();
+        if world.is_single() {
+            return Ok(Shares {
+                tokens: 1.0,
+                rows: 1.0,
+            });
+        }
+        let mine = [scalar(&mb.mask.sum_all()?)?, mb.rows.len() as f64];
+        let mut all = mine;
+        world.sum(&mut all);
+        let part = |m: f64, a: f64| if a > 0.0 { m / a } else { 0.0 };
+        Ok(Shares {
+            tokens: part(mine[0], all[0]),
+            rows: part(mine[1], all[1]),
+        })
+    }
+}
+
 /// PPO's policy loss, pg_loss - entropy_coef * entropy, and the hidden
 /// states (for a value head).
+/// Every term is a mean over the micro-batch's tokens: times `share`.
 fn ppo_policy_loss(
     s: &Settings,
     policy: &CausalLm,
     mb: &MicroBatch,
+    share: f64,
     stats: &mut Stats,
 ) -> Result<(Tensor, Tensor)> {
     let p = &s.cfg.ppo;
@@ -708,12 +749,13 @@ fn ppo_policy_loss(
     if p.entropy_coef > 0.0 {
         loss = (loss - (&entropy * p.entropy_coef)?)?;
     }
-    stats.add("policy/approxkl_avg", scalar(&pl.approxkl)?);
-    stats.add("policy/clipfrac_avg", scalar(&pl.clipfrac)?);
-    stats.add("loss/policy_avg", scalar(&pl.loss)?);
-    stats.add("policy/entropy_avg", scalar(&entropy)?);
-    stats.add("val/ratio", scalar(&rl::masked_mean(&pl.ratio, &mb.mask)?)?);
-    Ok((loss, h))
+    stats.add("policy/approxkl_avg", share * scalar(&pl.approxkl)?);
+    stats.add("policy/clipfrac_avg", share * scalar(&pl.clipfrac)?);
+    stats.add("loss/policy_avg", share * scalar(&pl.loss)?);
+    stats.add("policy/entropy_avg", share * scalar(&entropy)?);
+    let ratio = rl::masked_mean(&pl.ratio, &mb.mask)?;
+    stats.add("val/ratio", share * scalar(&ratio)?);
+    Ok((scaled(loss, share)?, h))
 }
 
 /// PPO's value loss, vf_coef * vf_loss; `h` as [`Critic::values`] takes it.
@@ -722,6 +764,7 @@ fn ppo_value_loss(
     critic: &Critic,
     mb: &MicroBatch,
     h: Option<&Tensor>,
+    share: f64,
     stats: &mut Stats,
 ) -> Result<Tensor> {
     let p = &s.cfg.ppo;
@@ -732,9 +775,9 @@ fn ppo_value_loss(
     };
     let values = critic.values(&mb.batch, h, true)?;
     let vl = rl::value_loss(&values, old_values, returns, &mb.mask, p.cliprange_value)?;
-    stats.add("loss/value_avg", scalar(&vl.loss)?);
-    stats.add("val/clipfrac_avg", scalar(&vl.clipfrac)?);
-    Ok((&vl.loss * p.vf_coef)?)
+    stats.add("loss/value_avg", share * scalar(&vl.loss)?);
+    stats.add("val/clipfrac_avg", share * scalar(&vl.clipfrac)?);
+    Ok((&vl.loss * (p.vf_coef * share))?)
 }
 
 /// GRPO's and RLOO's loss: the clipped surrogate (per token, or per
@@ -745,6 +788,7 @@ fn group_loss(
     policy: &CausalLm,
     mb: &MicroBatch,
     step_tokens: f64,
+    sh: &Shares,
     stats: &mut Stats,
 ) -> Result<Tensor> {
     let (logprobs, entropy, _) = policy_outputs(policy, &mb.batch, s.o.temperature)?;
@@ -758,7 +802,10 @@ fn group_loss(
     let (g, o) = (&s.cfg.grpo, &s.o);
     let (eps_low, eps_high) = (o.epsilon, o.epsilon_high.unwrap_or(o.epsilon));
     let log_ratio = (&logprobs - &old)?;
-    stats.add("entropy", scalar(&rl::masked_mean(&entropy, mask)?)?);
+    stats.add(
+        "entropy",
+        sh.tokens * scalar(&rl::masked_mean(&entropy, mask)?)?,
+    );
     let mut kl_mean = None;
     let (loss, clip) = match s.algo {
         Algo::Grpo => {
@@ -771,7 +818,7 @@ fn group_loss(
             if let (Some(reference), true) = (&mb.reference, o.beta > 0.0) {
                 // GRPO's KL term: beta x k3 per token (TRL's per_token_kl).
                 let kl = rl::kl_per_token(&logprobs, reference, KlEstimator::K3)?;
-                kl_mean = Some(scalar(&rl::masked_mean(&kl.detach(), mask)?)?);
+                kl_mean = Some(sh.tokens * scalar(&rl::masked_mean(&kl.detach(), mask)?)?);
                 per_token = (per_token + (kl * o.beta)?)?;
             }
             let loss = rl::reduce_token_loss(
@@ -782,10 +829,14 @@ fn group_loss(
                 step_tokens,
             )?;
             // The optimizer step averages its micro-batches' gradients; DAPO's
-            // normalizer already spans the whole step, so undo that mean.
+            // normalizer already spans the whole step (every rank's tokens),
+            // so undo that mean. The others divide by the micro-batch's
+            // sequences or (bnpo) tokens: every rank's, where TRL's bnpo
+            // divides by each process's own.
             let loss = match g.loss_type {
                 GrpoLossType::Dapo => (loss * ga)?,
-                _ => loss,
+                GrpoLossType::Bnpo => scaled(loss, sh.tokens)?,
+                GrpoLossType::Grpo | GrpoLossType::DrGrpo => scaled(loss, sh.rows)?,
             };
             (loss, clip)
         }
@@ -793,7 +844,7 @@ fn group_loss(
             // RLOO: one ratio per sequence, from the summed log-probs.
             let seq = (log_ratio * mask)?.sum_keepdim(1)?;
             let clip = rl::clipped_surrogate(&seq, adv, eps_low, eps_high)?;
-            (clip.loss.mean_all()?, clip)
+            (scaled(clip.loss.mean_all()?, sh.rows)?, clip)
         }
     };
     // Clip fractions: over real tokens for token ratios; over sequences for
@@ -801,10 +852,10 @@ fn group_loss(
     let rows = mb.rows.len();
     let frac = |x: &Tensor| -> Result<f64> {
         if x.dims().iter().product::<usize>() == rows {
-            return scalar(&x.mean_all()?);
+            return Ok(sh.rows * scalar(&x.mean_all()?)?);
         }
         let x = x.broadcast_as(mask.shape())?.contiguous()?;
-        scalar(&rl::masked_mean(&x, mask)?)
+        Ok(sh.tokens * scalar(&rl::masked_mean(&x, mask)?)?)
     };
     stats.add("clip_ratio/low_mean", frac(&clip.low)?);
     stats.add("clip_ratio/high_mean", frac(&clip.high)?);
@@ -840,6 +891,14 @@ pub(crate) fn adapt_kl(s: &Settings, kl_coef: f64, kl_per_sequence: f64) -> f64 
     };
     ctl.update(kl_per_sequence, s.batch);
     ctl.value
+}
+
+/// `loss` times this rank's `share` of it (no op for 1).
+fn scaled(loss: Tensor, share: f64) -> Result<Tensor> {
+    Ok(match share == 1.0 {
+        true => loss,
+        false => (loss * share)?,
+    })
 }
 
 /// Rows of `mask` that are real tokens.

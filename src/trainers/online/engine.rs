@@ -161,11 +161,13 @@ pub fn train_with_rewards(
     let policy_dir = resolve_model(&cfg.model.resolved_name()?, &hub)?;
     let tok = Tokenizer::from_dir(&policy_dir)?;
     let s = Settings::of(cfg, algo, &tok);
-    if !s.batch.is_multiple_of(s.group()) {
+    // A group never spans ranks: each rank's part of the batch holds whole groups.
+    let local_batch = s.batch / s.ranks;
+    if !local_batch.is_multiple_of(s.group()) {
         return Err(Error::InvalidConfig {
             field: s.key("num_generations"),
             value: s.group().to_string(),
-            reason: format!("must divide the generation batch of {} completions (train.per_device_train_batch_size x steps_per_generation)", s.batch),
+            reason: format!("must divide each rank's generation batch of {local_batch} completions (train.per_device_train_batch_size x {})", s.key("steps_per_generation")),
         });
     }
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
@@ -351,7 +353,10 @@ pub fn train_with_rewards(
             .collect();
         let (chunk, fixed) = (s.sample_chunk, s.fixed_width);
         let stream = |row: usize| HostRng::keyed(seed, "sample", &[iteration, row as u64]);
-        let ro = Rollout::sample(&m, rows, &s.sampling, chunk, fixed, stream).map_err(no_update)?;
+        let world = crate::dist::world();
+        let mine = world.rank * local_batch..(world.rank + 1) * local_batch;
+        let ro = Rollout::sample(&m, rows, mine, &s.sampling, chunk, fixed, stream)
+            .map_err(no_update)?;
         let generate_s = iteration_started.elapsed().as_secs_f64();
         // 2. Log-probs (old, reference) and values: once per rollout,
         //    reused by every pass.
@@ -383,8 +388,10 @@ pub fn train_with_rewards(
                     _ => 0.0,
                 };
                 params.begin_step(state.optimizer_steps);
-                for rows in step_rows.chunks(s.micro) {
-                    let mb = MicroBatch::new(&m, &policy, &ro, &fwd, &tg, rows)?;
+                // Micro-batch k of the step: rows of every rank, this rank's part.
+                for rows in step_rows.chunks(s.micro * s.ranks) {
+                    let rows = world.shard(rows);
+                    let mb = MicroBatch::new(&m, &policy, &ro, &fwd, &tg, &rows)?;
                     algo::backward(&s, &mut core, &m, &policy, &mb, step_tokens, &mut stats)?;
                 }
                 if let StepOutcome::Applied {
@@ -397,6 +404,8 @@ pub fn train_with_rewards(
                 state.optimizer_steps += 1;
             }
         }
+        // Each micro-batch's diagnostics: every rank's share of them, summed.
+        stats.over_ranks(1.0);
         device.synchronize()?;
         let update_s = phase.elapsed().as_secs_f64();
         state.step += 1;
@@ -440,7 +449,8 @@ pub fn train_with_rewards(
             ]);
             run.metrics.log(state.step, &f)?;
         }
-        if state.step.is_multiple_of(sample_every) || state.step == total {
+        let due = state.step.is_multiple_of(sample_every) || state.step == total;
+        if due && world.is_main() {
             // A few completions with their rewards (GRPO, RLOO: and advantages).
             let rows = (0..scored.total.len().min(8)).map(|i| {
                 let (p, c) = &scored.texts[i];

@@ -80,7 +80,8 @@ impl std::fmt::Display for EvalReport {
 /// Samples `s.eval_group` completions of each prompt (seeded: the same
 /// draws every call, apart from the training's streams), scores them with
 /// every reward function and measures the KL to the reference when there
-/// is one.
+/// is one. With several ranks each answers its part of the prompts and
+/// the figures are those of one rank answering all.
 pub(crate) fn evaluate(
     m: &Models,
     s: &Settings,
@@ -93,7 +94,11 @@ pub(crate) fn evaluate(
         .collect();
     let (chunk, fixed) = (s.eval_sample_chunk, s.fixed_width);
     let stream = |row: usize| HostRng::keyed(seed, "eval", &[row as u64]);
-    let ro = Rollout::sample(m, rows, &s.sampling, chunk, fixed, stream)?;
+    // Each rank answers its part of the prompts; the figures below are
+    // taken over every rank's completions, gathered.
+    let part = crate::dist::world().split(prompts.len());
+    let mine = part.start * s.eval_group..part.end * s.eval_group;
+    let ro = Rollout::sample(m, rows, mine, &s.sampling, chunk, fixed, stream)?;
     let stop = &s.sampling.stop_token_ids;
     let Scored { total, each, texts } = rollout::score(m, &ro, stop, None)?;
     let total64: Vec<f64> = total.iter().map(|&x| x as f64).collect();
@@ -148,6 +153,9 @@ pub(crate) fn evaluate(
 /// RUN_DIR/eval-<step>.jsonl.
 pub(crate) fn log_eval(run: &mut RunDir, step: u64, e: &EvalReport) -> Result<()> {
     run.metrics.log(step, &e.figures)?;
+    if !crate::dist::world().is_main() {
+        return Ok(());
+    }
     let text: String = e.completions.iter().map(|c| format!("{c}\n")).collect();
     io::atomic_write(
         &run.path.join(format!("eval-{step}.jsonl")),

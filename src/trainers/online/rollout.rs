@@ -3,6 +3,8 @@
 //! ids), the log-probs and values of one padded batch, and the scores of
 //! the reward functions.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 pub(crate) use super::batch::{policy_outputs, Batch};
@@ -11,7 +13,7 @@ use super::Models;
 use crate::data::prompts::PromptRow;
 use crate::generate::{generate, Sampling};
 use crate::rewards::Completion;
-use crate::{HostRng, Result};
+use crate::{Error, HostRng, Result};
 
 /// One batch of sampled completions: each with the prompt row it answers.
 pub(crate) struct Rollout<'p> {
@@ -24,24 +26,30 @@ pub(crate) struct Rollout<'p> {
     /// The padded width of the completions in every later batch: the
     /// sampling budget (PPO) or the longest completion (GRPO, RLOO).
     pub width: usize,
+    /// The rows this rank samples, forwards and scores (data parallelism:
+    /// its part of the batch; every row with one rank). Every rank holds
+    /// every row's tokens and, after steps 2-3, their figures.
+    pub mine: Range<usize>,
 }
 
 impl<'p> Rollout<'p> {
-    /// Samples one completion per row (`rows` repeats a prompt for a
-    /// group), `chunk` rows at a time, with the KV cache and no graph; row
-    /// i draws from `stream(i)`, so its completion does not depend on how
-    /// the rows are batched.
+    /// Samples one completion per row of `mine` (`rows` repeats a prompt
+    /// for a group), `chunk` rows at a time, with the KV cache and no
+    /// graph; row i draws from `stream(i)`, so its completion does not
+    /// depend on how the rows are batched or which rank samples it. The
+    /// ranks' completions are then gathered: every rank holds every row.
     pub fn sample(
         m: &Models,
         rows: Vec<&'p PromptRow>,
+        mine: Range<usize>,
         sampling: &Sampling,
         chunk: usize,
         fixed_width: bool,
         stream: impl Fn(usize) -> HostRng,
     ) -> Result<Self> {
         let queries: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
-        let mut responses = Vec::with_capacity(queries.len());
-        let all: Vec<usize> = (0..queries.len()).collect();
+        let mut responses = Vec::with_capacity(mine.len());
+        let all: Vec<usize> = mine.clone().collect();
         for part in all.chunks(chunk.max(1)) {
             let prompts: Vec<Vec<u32>> = part.iter().map(|&i| queries[i].clone()).collect();
             let mut rngs: Vec<HostRng> = part.iter().map(|&i| stream(i)).collect();
@@ -54,6 +62,7 @@ impl<'p> Rollout<'p> {
                 m.device,
             )?);
         }
+        let responses = crate::dist::world().concat(responses)?;
         let width = match fixed_width {
             true => sampling.max_new_tokens,
             false => responses.iter().map(Vec::len).max().unwrap_or(0).max(1),
@@ -63,6 +72,7 @@ impl<'p> Rollout<'p> {
             queries,
             responses,
             width,
+            mine,
         })
     }
 
@@ -120,7 +130,8 @@ pub(crate) struct Forward {
 
 /// Step 2: the log-probs of the sampled tokens under the sampler (the
 /// policy as it sampled) and the reference, and the critic's values,
-/// `chunk` rows at a time; no graph is recorded.
+/// `chunk` rows at a time; no graph is recorded. Each rank forwards its
+/// rows; every rank gets every row's.
 pub(crate) fn forward(
     m: &Models,
     ro: &Rollout,
@@ -129,7 +140,7 @@ pub(crate) fn forward(
     chunk: usize,
 ) -> Result<Forward> {
     let (mut old, mut refs, mut vals) = (vec![], vec![], vec![]);
-    let all: Vec<usize> = (0..ro.len()).collect();
+    let all: Vec<usize> = ro.mine.clone().collect();
     for rows in all.chunks(chunk.max(1)) {
         let b = ro.batch(rows, m.tok.pad_id, m.sampler.dtype(), m.device)?;
         // A value head reads the sampler's hidden states.
@@ -156,16 +167,23 @@ pub(crate) fn forward(
             vals.push(c.values(&b, h.as_ref(), false)?);
         }
     }
+    let world = crate::dist::world();
     let cat = |v: Vec<Tensor>, needed: bool| -> Result<Option<Tensor>> {
-        Ok(match needed && !v.is_empty() {
-            true => Some(Tensor::cat(&v, 0)?),
-            false => None,
-        })
+        if !needed {
+            return Ok(None);
+        }
+        let mine = match v.is_empty() {
+            true if world.is_single() => return Ok(None),
+            // A rank with no rows (an evaluation set smaller than the job).
+            true => Tensor::zeros((0, ro.width), candle_core::DType::F32, m.device)?,
+            false => Tensor::cat(&v, 0)?,
+        };
+        Ok(Some(world.concat_rows(&mine)?))
     };
     Ok(Forward {
         old: cat(old, needs.old)?,
-        reference: cat(refs, true)?,
-        values: cat(vals, true)?,
+        reference: cat(refs, needs.reference && m.reference.is_some())?,
+        values: cat(vals, needs.values && m.critic.is_some())?,
     })
 }
 
@@ -179,7 +197,7 @@ pub(crate) struct Scored {
 
 /// Step 3: every reward function's scores of a rollout, their weighted sum
 /// (less `missing_eos_penalty` for a completion without a stop token), and
-/// the texts.
+/// the texts. Each rank scores its rows; every rank gets every row's.
 pub(crate) fn score(
     m: &Models,
     ro: &Rollout,
@@ -187,30 +205,55 @@ pub(crate) fn score(
     missing_eos_penalty: Option<f64>,
 ) -> Result<Scored> {
     let stopped = ro.stopped(stop);
-    let texts = (ro.queries.iter().zip(&ro.responses).zip(&stopped))
-        .map(|((q, r), &s)| {
-            let shown = &r[..r.len() - s as usize];
+    let texts = (ro.mine.clone())
+        .map(|i| {
+            let (q, r) = (&ro.queries[i], &ro.responses[i]);
+            let shown = &r[..r.len() - stopped[i] as usize];
             Ok((m.tok.decode(q)?, m.tok.decode(shown)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let batch: Vec<Completion> = (0..ro.len())
-        .map(|i| Completion {
+    let batch: Vec<Completion> = (ro.mine.clone().zip(&texts))
+        .map(|(i, text)| Completion {
             prompt_messages: ro.rows[i].messages.as_deref(),
             columns: Some(&ro.rows[i].columns),
-            prompt: &texts[i].0,
-            response: &texts[i].1,
+            prompt: &text.0,
+            response: &text.1,
             query_ids: &ro.queries[i],
             response_ids: &ro.responses[i],
         })
         .collect();
-    let each = m.rewards.score_each(&batch)?;
+    let each = match batch.is_empty() {
+        // A rank with no rows (an evaluation set smaller than the job).
+        true => vec![Vec::new(); m.rewards.names().len()],
+        false => m.rewards.score_each(&batch).map_err(|e| {
+            let (a, b) = (ro.mine.start, ro.mine.end);
+            Error::Msg(format!("scoring completions {a}..{b} of {}: {e}", ro.len()))
+        })?,
+    };
     let mut total = m.rewards.combine(&each);
     if let Some(pen) = missing_eos_penalty {
-        for (s, stopped) in total.iter_mut().zip(&stopped) {
+        for (s, stopped) in total.iter_mut().zip(&stopped[ro.mine.clone()]) {
             if !stopped {
                 *s -= pen as f32;
             }
         }
+    }
+    // Every rank's rows, in rank order (the identity with one rank).
+    let world = crate::dist::world();
+    if !world.is_single() {
+        let (total, each, texts) = (world.gather((total, each, texts))?.into_iter()).fold(
+            (vec![], vec![], vec![]),
+            |(mut t, mut e, mut x), (ti, ei, xi)| {
+                t.extend(ti);
+                e.resize(ei.len(), vec![]);
+                for (all, part) in e.iter_mut().zip(ei) {
+                    all.extend(part);
+                }
+                x.extend(xi);
+                (t, e, x)
+            },
+        );
+        return Ok(Scored { total, each, texts });
     }
     Ok(Scored { total, each, texts })
 }

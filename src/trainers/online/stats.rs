@@ -61,6 +61,24 @@ impl Stats {
         }
     }
 
+    /// Each value summed element-wise over the ranks, times `scale` (the
+    /// ranks report the same names as often: one per micro-batch). With
+    /// `scale` 1/ranks, the ranks' mean.
+    pub(crate) fn over_ranks(&mut self, scale: f64) {
+        let world = crate::dist::world();
+        if world.is_single() {
+            return;
+        }
+        let mut flat: Vec<f64> = self.0.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        world.sum(&mut flat);
+        let mut it = flat.into_iter();
+        for (_, values) in self.0.iter_mut() {
+            for v in values.iter_mut() {
+                *v = it.next().expect("as many values as before") * scale;
+            }
+        }
+    }
+
     /// Every value of `name` so far.
     pub(crate) fn values(&self, name: &str) -> &[f64] {
         self.0
