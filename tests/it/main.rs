@@ -5,6 +5,8 @@ mod chat;
 mod checkpoint;
 mod cli;
 mod config;
+#[cfg(feature = "mpi")]
+mod dist;
 mod dpo;
 mod grpo;
 mod hub;
