@@ -1,5 +1,5 @@
 # Thin wrappers over the cargo commands in README.md.
-.PHONY: run test fixtures golden fmt clippy cuda ci-times
+.PHONY: run test test-mpi fixtures golden fmt clippy cuda ci-times
 
 # The main job: the whole pipeline offline on the embedded task.
 run:
@@ -38,3 +38,7 @@ cuda:
 # Clean build and test times, as reported in closing notes.
 ci-times:
 	scripts/ci-times.sh
+
+# The data-parallel tests (needs OpenMPI: README, "Several processes, GPUs or machines").
+test-mpi:
+	cargo test --features mpi --test it dist::

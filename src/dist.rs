@@ -29,6 +29,18 @@ pub struct World {
 
 static WORLD: OnceLock<World> = OnceLock::new();
 
+/// Bytes this rank has sent into collectives (all-reduces and gathers).
+static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes this rank has sent into collectives so far (0 with one rank).
+pub fn bytes_sent() -> u64 {
+    SENT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(bytes: usize) {
+    SENT.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The job this process is in: one rank unless [`init`] joined an MPI job.
 pub fn world() -> &'static World {
     WORLD.get_or_init(World::single)
@@ -170,6 +182,7 @@ impl World {
             use mpi::collective::{CommunicatorCollectives, SystemOperation};
             let mine = values.to_vec();
             comm().all_reduce_into(&mine[..], values, SystemOperation::sum());
+            count(8 * values.len());
         }
     }
 
@@ -206,6 +219,7 @@ impl World {
             use mpi::collective::{CommunicatorCollectives, SystemOperation};
             let mut out = 0u64;
             comm().all_reduce_into(&(local as u64), &mut out, SystemOperation::max());
+            count(8);
             out as usize
         }
         #[cfg(not(feature = "mpi"))]
@@ -231,6 +245,7 @@ impl World {
             let len =
                 i32::try_from(local.len()).expect("a rank's gathered bytes fit MPI's count (2^31)");
             c.all_gather_into(&len, &mut counts[..]);
+            count(4 + local.len());
             let displs: Vec<i32> = counts
                 .iter()
                 .scan(0i32, |at, &n| {
@@ -394,6 +409,7 @@ impl World {
             use mpi::collective::{CommunicatorCollectives, SystemOperation};
             let mine = values.to_vec();
             comm().all_reduce_into(&mine[..], values, SystemOperation::sum());
+            count(4 * values.len());
         }
         #[cfg(not(feature = "mpi"))]
         let _ = values;
@@ -452,7 +468,6 @@ mod nccl {
 
     use std::sync::OnceLock;
 
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
     use candle_core::{Storage, Tensor};
 
@@ -505,6 +520,7 @@ mod nccl {
                 let src = s.as_cuda_slice::<f32>()?;
                 let src = src.slice(layout.start_offset()..layout.start_offset() + t.elem_count());
                 let mut dst = device.alloc_zeros::<f32>(t.elem_count())?;
+                super::count(4 * t.elem_count());
                 c.all_reduce(&src, &mut dst, &ReduceOp::Sum)
                     .map_err(|e| Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
                 let storage = candle_core::CudaStorage::wrap_cuda_slice(dst, device.clone());
@@ -515,7 +531,6 @@ mod nccl {
                     false,
                 )
             };
-            let _ = BackendStorage::dtype;
             *g = out.to_dtype(g.dtype())?;
         }
         Ok(())

@@ -149,6 +149,13 @@ fn main() -> ExitCode {
             world.abort(code);
         }
     };
+    if !world.is_single() && world.is_main() {
+        let mb = candle_rlhf::dist::bytes_sent() as f64 / 1e6;
+        eprintln!(
+            "data parallelism: rank 0 of {} sent {mb:.1} MB into collectives",
+            world.size
+        );
+    }
     drop(session); // MPI_Finalize
     code
 }
