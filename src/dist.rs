@@ -37,6 +37,7 @@ pub fn bytes_sent() -> u64 {
     SENT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 fn count(bytes: usize) {
     SENT.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
 }
