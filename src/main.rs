@@ -114,6 +114,12 @@ enum Command {
     },
     /// Measure reward-step, generation, PPO/GRPO/RLOO-iteration and DPO-step speed on a model shape.
     Bench(BenchArgs),
+    /// Print every config key's default as TOML, or with --markdown the
+    /// config reference (docs/config.md: keys, types, defaults, docs).
+    Config {
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -140,7 +146,7 @@ fn main() -> ExitCode {
                 if world.is_main() {
                     eprintln!("error: {err:#}");
                 }
-                drop(session);
+                session.finish();
                 return ExitCode::from(code as u8);
             }
             // One rank's error stops the whole job (MPI_Abort): no rank
@@ -156,7 +162,7 @@ fn main() -> ExitCode {
             world.size
         );
     }
-    drop(session); // MPI_Finalize
+    session.finish(); // MPI_Finalize
     code
 }
 
@@ -245,6 +251,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", demo::run(&o)?);
         }
         Command::Bench(b) => cli::bench(b)?,
+        Command::Config { markdown } => match markdown {
+            true => print!("{}", candle_rlhf::config::reference::markdown()),
+            false => print!("{}", candle_rlhf::Config::default().to_toml_string()?),
+        },
         Command::Render(r) => cli::render(r)?,
     }
     Ok(())

@@ -9,9 +9,11 @@
 //!
 //! - sections.rs: the sections, one line per key with its doc and default;
 //! - validate.rs: the rules values must meet, a table per section;
-//! - parse.rs: overrides and error messages.
+//! - parse.rs: overrides and error messages;
+//! - reference.rs: docs/config.md, made from the sections.
 
 mod parse;
+pub mod reference;
 mod sections;
 mod validate;
 

@@ -37,6 +37,18 @@ macro_rules! section {
                 Self { $( $field: $default, )* }
             }
         }
+
+        impl $name {
+            /// Every key as written here: name, Rust type and attributes
+            /// (its doc lines, serde aliases), for docs/config.md.
+            pub const KEYS: &'static [super::reference::KeySheet] = &[
+                $( super::reference::KeySheet {
+                    name: stringify!($field),
+                    ty: stringify!($ty),
+                    attrs: stringify!($(#[$fmeta])*),
+                }, )*
+            ];
+        }
     };
 }
 
@@ -112,7 +124,7 @@ section! {
         pub dtype: DTypeName = DTypeName::F32,
         /// Run directory for checkpoints, metrics and plots (default: runs/<command>-<time>).
         pub out: Option<PathBuf> = None,
-        /// CPU threads for the tensor ops; 0 uses every core (or RAYON_NUM_THREADS).
+        /// CPU threads for the tensor ops; 0 uses every core (or RAYON_NUM_THREADS), under mpirun the node's cores divided by its ranks.
         pub threads: usize = 0,
     }
 }

@@ -24,6 +24,7 @@ mod sft;
 mod tokenizer;
 mod toy;
 mod training;
+mod vendor;
 
 use std::path::{Path, PathBuf};
 
