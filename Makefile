@@ -39,6 +39,6 @@ cuda:
 ci-times:
 	scripts/ci-times.sh
 
-# The data-parallel tests (needs OpenMPI: README, "Several processes, GPUs or machines").
+# The data-parallel tests (needs OpenMPI: docs/distributed.md).
 test-mpi:
 	cargo test --features mpi --test it dist::

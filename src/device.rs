@@ -46,7 +46,7 @@ pub fn threads() -> usize {
 /// Training allocates and frees tensors of many megabytes at every op. glibc
 /// serves those with fresh mmap()s and unmaps them on free, so every new
 /// tensor is page-faulted in and zeroed by the kernel again (a third of a
-/// GPT-2-small reward step; BENCHMARKS.md, "Design measurements").
+/// GPT-2-small reward step; docs/benchmarks-history.md, "Design measurements").
 /// Elsewhere a no-op.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -100,7 +100,7 @@ fn open_gpu(
     if !built_with_it {
         return Err(Error::Device {
             spec: spec.into(),
-            message: format!("this binary was built without {kind}; rebuild with `cargo build --release --features {kind}` (see README)"),
+            message: format!("this binary was built without {kind}; rebuild with `cargo build --release --features {kind}` (see docs/gpu.md)"),
         });
     }
     let dev = open(ordinal).map_err(|e| Error::Device {

@@ -107,7 +107,7 @@ pub fn init() -> Result<Session> {
     if size > 1 {
         return Err(Error::Msg(format!(
             "launched as one of {size} MPI ranks, but this binary was built without MPI: \
-             build it with `cargo build --release --features mpi` (README, \"Several processes, GPUs or machines\")"
+             build it with `cargo build --release --features mpi` (docs/distributed.md)"
         )));
     }
     Ok(Session {

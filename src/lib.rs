@@ -45,3 +45,8 @@ pub mod app;
 pub use config::Config;
 pub use error::{Error, IoContext, Result};
 pub use rng::HostRng;
+
+/// docs/library.md, whose examples `cargo test --doc` runs.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/library.md")]
+pub struct LibraryGuide;

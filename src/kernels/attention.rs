@@ -276,7 +276,7 @@ impl Middle {
     /// Whether the forward keeps the probabilities for the backward: below
     /// 2^19 (B, H, T, T) scores (2 MB) per layer, where recomputing them
     /// (a product and a softmax per head) costs more time than the memory is
-    /// worth (BENCHMARKS.md, "Design measurements"). GPT-2's reward step
+    /// worth (docs/benchmarks-history.md, "Design measurements"). GPT-2's reward step
     /// (3.1M scores per layer) and SmolLM2's PPO micro-batch (0.99M) recompute.
     fn keeps_probabilities(&self) -> bool {
         self.batch * self.heads * self.len * self.len < 1 << 19

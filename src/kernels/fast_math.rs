@@ -3,7 +3,7 @@
 //! parallel lanes, inlined into the fused kernels' loops.
 //!
 //! glibc's scalar `tanhf` (through `expm1f`) was a large share of the fused
-//! GELU's time (BENCHMARKS.md, "Design measurements"); the GELU now takes
+//! GELU's time (docs/benchmarks-history.md, "Design measurements"); the GELU now takes
 //! one of these exps. It stays within a few f32 ulps (the
 //! tests bound the error over a dense grid).
 

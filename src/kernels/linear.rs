@@ -17,11 +17,11 @@ pub const FEW_ROWS: usize = 256;
 /// x (N, in) times W^T, W stored (out, in) as torch's nn.Linear keeps it.
 /// On the CPU with few rows (every decoding step), the gemm crate reads the
 /// transposed view W^T column by column and is several times slower than
-/// computing (W x^T)^T, whose transpose is a small copy (BENCHMARKS.md,
+/// computing (W x^T)^T, whose transpose is a small copy (docs/benchmarks-history.md,
 /// "Design measurements"). With many rows (training, prefill) the plain
 /// product is as fast and needs no copy. So is it when the product records
 /// a graph (a training micro-batch of few rows): there the transposes cost
-/// copies forward and backward (BENCHMARKS.md, "Candle's backward store"). GPUs
+/// copies forward and backward (docs/benchmarks-history.md, "Candle's backward store"). GPUs
 /// take W^T as it is.
 pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if frozen(x, w) {

@@ -71,7 +71,7 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&
 /// Runs `f(i, piece_i)` over the pieces of `out` of `width` elements (the
 /// last may be shorter), on Candle's own worker pool when `out` is large.
 /// Candle's pool spins while it waits, so a second pool (rayon's) beside it
-/// halves the speed (BENCHMARKS.md, "Design measurements").
+/// halves the speed (docs/benchmarks-history.md, "Design measurements").
 pub(crate) fn for_pieces(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     for_pieces_costing(out, width, out.len(), f)
 }

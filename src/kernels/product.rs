@@ -5,7 +5,7 @@
 //! elementwise ops and these kernels run on its barrier pool, whose workers
 //! spin between ops. Two pools on the same cores take turns: the barrier
 //! pool's spinning worker holds a core the product's rayon workers need
-//! (BENCHMARKS.md, "One pool for the products"). Here every product of the
+//! (docs/benchmarks-history.md, "One pool for the products"). Here every product of the
 //! fused layers runs on the barrier pool, so one set of threads does all the
 //! work. With a BLAS feature (`mkl`, `accelerate`) the products go to
 //! Candle's matmul, which calls the BLAS.
@@ -170,7 +170,7 @@ unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f
     // A row times a matrix stored (k, n) row by row (a Conv1D weight, as in
     // batch-1 decoding), or a matrix stored column by column times a column:
     // cut along k instead, so each thread streams one contiguous block of the
-    // matrix (BENCHMARKS.md, "Batch-1 decoding on an Intel Xeon").
+    // matrix (docs/benchmarks-history.md, "Batch-1 decoding on an Intel Xeon").
     if m * n * k >= POOL_MIN {
         if m == 1 && b.cs == 1 {
             return vector_product_split_k(n, k, a, b, dst, threads);

@@ -8,8 +8,8 @@
 //! - DistilBERT: `pre_classifier` + ReLU on [CLS], then `classifier`.
 //!
 //! "Last real token" and "[CLS]" are read from the attention mask (last /
-//! first position with mask 1), for left and right padding alike; see README
-//! for how this relates to transformers' pad-id rule.
+//! first position with mask 1), for left and right padding alike; see docs/models.md
+//! ("Pad and EOS policy") for how this relates to transformers' pad-id rule.
 
 use std::path::Path;
 

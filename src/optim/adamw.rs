@@ -327,7 +327,7 @@ impl AdamW {
 /// written in place: on the CPU the composed update below costs fourteen
 /// tensor ops, each a pass over the parameter and a new allocation, and even
 /// one pass into new buffers costs three zeroed allocations and a copy into
-/// the var (measured in BENCHMARKS.md, "The gradient path and a BLAS
+/// the var (measured in docs/benchmarks-history.md, "The gradient path and a BLAS
 /// build"). Same arithmetic, in f32, as the composed update.
 struct FusedStep {
     beta1: f32,

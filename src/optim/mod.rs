@@ -25,7 +25,7 @@ impl ParamGrads {
     /// They are detached: Candle records the ops that computed them (a weight's
     /// gradient is x^T g, x an activation), so each would otherwise keep the
     /// whole forward graph, every activation, alive until the optimizer step
-    /// (the memory this keeps: BENCHMARKS.md, "Design measurements").
+    /// (the memory this keeps: docs/benchmarks-history.md, "Design measurements").
     /// Layers recomputed in the backward (activation checkpointing) hand
     /// theirs over on the way ([`crate::kernels::gradients`]).
     pub fn backward(loss: &Tensor, optimizer: &AdamW) -> Result<Self> {
@@ -73,7 +73,7 @@ impl ParamGrads {
     /// The L2 norm of all gradients together, computed in f32 (one host sync).
     /// (Summing in f64 instead changes the clipping coefficient in its last
     /// bits, which is enough to send a sampled RL run down another path; see
-    /// BENCHMARKS.md, "Design measurements".)
+    /// docs/benchmarks-history.md, "Design measurements".)
     pub fn global_norm(&self) -> Result<f64> {
         let mut total: Option<Tensor> = None;
         for g in self.0.iter().flatten() {

@@ -7,6 +7,7 @@ mod cli;
 mod config;
 #[cfg(feature = "mpi")]
 mod dist;
+mod docs;
 mod dpo;
 mod grpo;
 mod hub;
