@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 VERSION=0.11.1
 SHA256=d11c8be87cfbaef9ebb62fb3f850d1fc8e00cc1d11d393fdbe55a4d5c2cdb325
 # The candle crates in Cargo.toml must be pinned to the version patched here
-# (tests/it/layout.rs checks it too): another would bring its own candle-core.
+# (tests/it/vendor.rs checks it too): another would bring its own candle-core.
 for crate in candle-core candle-nn candle-transformers; do
     if ! grep -q "^$crate = \"=$VERSION\"" Cargo.toml; then
         echo "Cargo.toml: $crate is not pinned to \"=$VERSION\", the version this script vendors" >&2

@@ -10,12 +10,17 @@ use crate::{Error, Result};
 /// before any tensor work.
 pub fn set_threads(n: usize) {
     // Several ranks on one node share its cores: 0 means the node's cores
-    // divided by its ranks (unless RAYON_NUM_THREADS says otherwise).
+    // divided by its ranks (unless RAYON_NUM_THREADS says otherwise), or,
+    // when the launcher bound this rank to fewer cores (mpirun's default
+    // binding), those cores.
     let world = crate::dist::world();
     let n = match (n, world.local_size, std::env::var("RAYON_NUM_THREADS")) {
         (0, ranks, Err(_)) if ranks > 1 => {
-            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-            (cores / ranks).max(1)
+            let mine = std::thread::available_parallelism().map_or(1, |c| c.get());
+            match online_cpus() {
+                Some(node) if mine >= node => (node / ranks).max(1),
+                _ => mine,
+            }
         }
         _ => n,
     };
@@ -27,6 +32,18 @@ pub fn set_threads(n: usize) {
             MKL_Set_Num_Threads(n as std::ffi::c_int)
         };
     }
+}
+
+/// The node's online CPUs, whatever this process's affinity.
+fn online_cpus() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        (n > 0).then_some(n as usize)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }
 
 #[cfg(feature = "mkl")]

@@ -292,6 +292,29 @@ impl World {
         Ok(self.gather(local)?.into_iter().flatten().collect())
     }
 
+    /// The ranks' f32 values concatenated in rank order, sent as their
+    /// bits (NaN and infinities pass, which JSON would refuse).
+    pub fn concat_f32(&self, local: Vec<f32>) -> Vec<f32> {
+        if self.is_single() {
+            return local;
+        }
+        let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (self.gather_bytes(&bytes).concat().chunks_exact(4))
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    /// [`Self::concat_f32`] for f64 values.
+    pub fn concat_f64(&self, local: Vec<f64>) -> Vec<f64> {
+        if self.is_single() {
+            return local;
+        }
+        let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (self.gather_bytes(&bytes).concat().chunks_exact(8))
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect()
+    }
+
     /// The ranks' (rows, ...) tensors concatenated along the rows, in rank
     /// order, as f32 on `local`'s device (identity with one rank).
     pub fn concat_rows(&self, local: &Tensor) -> Result<Tensor> {
@@ -300,13 +323,7 @@ impl World {
         }
         let dims = local.dims().to_vec();
         let values: Vec<f32> = local.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all: Vec<f32> = self
-            .gather_bytes(&bytes)
-            .concat()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let all = self.concat_f32(values);
         let row: usize = dims[1..].iter().product();
         let mut shape = dims;
         shape[0] = all.len() / row.max(1);
@@ -348,7 +365,7 @@ impl World {
         self.sum(&mut present);
         for ((g, n), like) in grads.iter_mut().zip(&present).zip(shapes) {
             if *n > 0.0 && g.is_none() {
-                *g = Some(like.zeros_like()?.to_dtype(DType::F32)?);
+                *g = Some(like.zeros_like()?);
             }
         }
         #[cfg(feature = "nccl")]

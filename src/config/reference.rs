@@ -28,6 +28,14 @@ impl KeySheet {
     pub fn aliases(&self) -> Vec<String> {
         string_args(self.attrs, "alias")
     }
+
+    /// The key as a config file spells it (`#[serde(rename = "...")]`, else the field).
+    pub fn key(&self) -> String {
+        string_args(self.attrs, "rename")
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.name.to_string())
+    }
 }
 
 /// The string literals that follow `prefix` in `attrs` (escapes undone).
@@ -176,11 +184,12 @@ pub fn markdown() -> String {
             if !aliases.is_empty() {
                 doc.push_str(&format!(" Also read as `{}`.", aliases.join("`, `")));
             }
+            let key = k.key();
             out.push_str(&format!(
                 "| `{}` | {} | `{}` | {} |\n",
-                k.name,
+                key,
                 type_name(k.ty),
-                shown(s.defaults.get(k.name)).replace('|', "\\|"),
+                shown(s.defaults.get(&key)).replace('|', "\\|"),
                 doc
             ));
         }
@@ -211,5 +220,10 @@ mod tests {
             assert!(!k.doc().is_empty(), "train.{} has no doc line", k.name);
         }
         assert!(md.contains("Also read as `gradient_checkpointing`"));
+        // A renamed field shows the key a file uses, with its default.
+        assert!(
+            md.contains("| `type` | RewardFuncType (a name) | `\"regex\"` |"),
+            "{md}"
+        );
     }
 }

@@ -523,8 +523,10 @@ fn evaluate(
     let world = crate::dist::world();
     let mut stats = Stats::default();
     let (mut loss_sum, mut n) = (0.0, 0usize);
-    let idx: Vec<usize> = world.split(pairs.len()).collect();
-    for which in idx.chunks(batch.max(1)) {
+    // Whole batches per rank, so the batches are those of one rank.
+    let idx: Vec<usize> = (0..pairs.len()).collect();
+    let batches: Vec<&[usize]> = idx.chunks(batch.max(1)).collect();
+    for &which in &batches[world.split(batches.len())] {
         let chunk: Vec<&DpoPair> = which.iter().map(|&i| &pairs[i]).collect();
         let b = DpoBatch::new(&chunk, s, pad, dev)?;
         let r = reference.of(&b, which, true, dev)?;
@@ -542,13 +544,15 @@ fn evaluate(
         true => stats.figures(),
         false => {
             // Every rank's batch means, averaged.
-            let mine: Vec<(String, Vec<f64>)> = (stats.figures().into_iter())
-                .map(|(k, _)| (k.clone(), stats.values(&k).to_vec()))
-                .collect();
-            let all = world.gather(mine)?;
+            // Every rank's batch means (as bits: a NaN figure passes).
+            // The names from a rank that had batches (one may have none).
+            let mine: Vec<String> = stats.figures().into_iter().map(|(k, _)| k).collect();
+            let names = (world.gather(mine)?.into_iter())
+                .find(|n| !n.is_empty())
+                .unwrap_or_default();
             let mut merged = Stats::default();
-            for (k, values) in all.into_iter().flatten() {
-                for v in values {
+            for k in names {
+                for v in world.concat_f64(stats.values(&k).to_vec()) {
                     merged.add(&k, v);
                 }
             }

@@ -91,7 +91,7 @@ impl PairStats {
         self.pairs = sums[3] as usize;
         self.margin_sum = sums[4];
         self.tokens = sums[5] as usize;
-        self.rewards = world.concat(std::mem::take(&mut self.rewards))?;
+        self.rewards = world.concat_f32(std::mem::take(&mut self.rewards));
         Ok(self)
     }
 

@@ -280,8 +280,10 @@ fn two_ranks_sample_score_and_train_what_one_rank_does_in_grpo() {
             })
             .collect()
     };
+    // samples.jsonl spreads its rows over the batch: rank 1's part too.
     let (a1, a2) = (advantages(&one), advantages(&two));
     assert_eq!(a1.len(), a2.len());
+    assert_eq!(a1.len(), 4 * 8, "8 rows of each of the 4 batches");
     assert!(a1.iter().any(|a| a.abs() > 0.1), "{a1:?}");
     for (x, y) in a1.iter().zip(&a2) {
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} {y}");
@@ -434,7 +436,8 @@ fn a_scorer_failing_on_rank_1_stops_both_ranks_with_its_message() {
         "scoring completions 8..16 of 16",
         "cannot score {",
         "\"prompt\":",
-        "iteration 1",
+        "iteration 1 (prompts of ",
+        fixtures::PREFERENCES,
     ] {
         assert!(err.contains(want), "no {want:?} in:\n{err}");
     }

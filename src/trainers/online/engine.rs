@@ -164,10 +164,17 @@ pub fn train_with_rewards(
     // A group never spans ranks: each rank's part of the batch holds whole groups.
     let local_batch = s.batch / s.ranks;
     if !local_batch.is_multiple_of(s.group()) {
+        let (group, steps) = match algo.trainer() {
+            Trainer::Ppo => (
+                "ppo.n_samples_per_prompt".to_string(),
+                "train.gradient_accumulation_steps x ppo.num_mini_batches".to_string(),
+            ),
+            _ => (s.key("num_generations"), s.key("steps_per_generation")),
+        };
         return Err(Error::InvalidConfig {
-            field: s.key("num_generations"),
+            field: group,
             value: s.group().to_string(),
-            reason: format!("must divide each rank's generation batch of {local_batch} completions (train.per_device_train_batch_size x {})", s.key("steps_per_generation")),
+            reason: format!("must divide each rank's generation batch of {local_batch} completions (train.per_device_train_batch_size x {steps})"),
         });
     }
     let base_config: Value = io::read_json(&policy_dir.join("config.json"))?;
@@ -338,7 +345,8 @@ pub fn train_with_rewards(
         let iteration = state.step + 1;
         let no_update = |e: Error| {
             Error::Msg(format!(
-                "iteration {iteration}: {e} (no update was applied; the last checkpoint is intact)"
+                "iteration {iteration} (prompts of {}): {e} (no update was applied; the last checkpoint is intact)",
+                s.o.data.dataset
             ))
         };
         let iteration_started = Instant::now();
@@ -452,7 +460,9 @@ pub fn train_with_rewards(
         let due = state.step.is_multiple_of(sample_every) || state.step == total;
         if due && world.is_main() {
             // A few completions with their rewards (GRPO, RLOO: and advantages).
-            let rows = (0..scored.total.len().min(8)).map(|i| {
+            // Up to 8 rows spread over the batch (every rank's part).
+            let n = scored.total.len();
+            let rows = (0..n).step_by((n / 8).max(1)).take(8).map(|i| {
                 let (p, c) = &scored.texts[i];
                 let r = scored.total[i];
                 let mut row =
