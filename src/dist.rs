@@ -461,18 +461,9 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 pub fn checksum<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for t in tensors {
-        let bits: Vec<u32> = match t.dtype() {
-            DType::F32 => t
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-            _ => (t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-        };
+        // f32 already: to_dtype is a cheap clone.
+        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bits = values.iter().map(|v| v.to_bits());
         // A word at a time (a byte-wise FNV over gigabytes would take seconds).
         for w in bits {
             h = (h ^ w as u64)

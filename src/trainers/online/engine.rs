@@ -413,7 +413,7 @@ pub fn train_with_rewards(
             }
         }
         // Each micro-batch's diagnostics: every rank's share of them, summed.
-        stats.over_ranks(1.0);
+        stats.over_ranks();
         device.synchronize()?;
         let update_s = phase.elapsed().as_secs_f64();
         state.step += 1;

@@ -61,10 +61,10 @@ impl Stats {
         }
     }
 
-    /// Each value summed element-wise over the ranks, times `scale` (the
-    /// ranks report the same names as often: one per micro-batch). With
-    /// `scale` 1/ranks, the ranks' mean.
-    pub(crate) fn over_ranks(&mut self, scale: f64) {
+    /// Each value summed element-wise over the ranks (the ranks report the
+    /// same names as often: one per micro-batch; each value is already its
+    /// rank's share).
+    pub(crate) fn over_ranks(&mut self) {
         let world = crate::dist::world();
         if world.is_single() {
             return;
@@ -74,7 +74,7 @@ impl Stats {
         let mut it = flat.into_iter();
         for (_, values) in self.0.iter_mut() {
             for v in values.iter_mut() {
-                *v = it.next().expect("as many values as before") * scale;
+                *v = it.next().expect("as many values as before");
             }
         }
     }
