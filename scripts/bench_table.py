@@ -91,8 +91,19 @@ def rows(candle, torch):
                 return "/".join(f"{x[k]:.3f}" for k in ("policy_s", "reference_s", "optimizer_s"))
         return None
 
+    def reward_split(r):
+        x = r.get("reward") or {}
+        if "forward_s" not in x:  # runs before the phases were recorded
+            return "-"
+        return "/".join(f"{x[k]:.3f}" for k in ("forward_s", "backward_s", "optimizer_s"))
+
     any_run = next(iter(candle.values()), {}) or next(iter(torch.values()), {})
-    yield "reward step (s)", best(candle, reward), best(torch, reward), None
+    c, t = best(candle, reward), best(torch, reward)
+    yield "reward step (s)", c, t, None
+    if c or t:
+        cs = reward_split(candle[c[1]]) if c else "-"
+        ts = reward_split(torch[t[1]]) if t else "-"
+        PHASES.append(f"reward step: candle-rlhf {cs}; TRL {ts} (forward/backward/optimizer, s, at each side's best thread count)")
     if best(candle, sft) or best(torch, sft):
         yield "SFT step (s)", best(candle, sft), best(torch, sft), None
     for g in any_run.get("generate") or []:

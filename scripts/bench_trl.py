@@ -159,6 +159,35 @@ class StepTimer(TrainerCallback):
         self._start = now  # PPOTrainer has no on_step_begin: time end to end
 
 
+class OptimizerTimer(TrainerCallback):
+    """Seconds of each optimizer step (clipping and AdamW), into phases["optimizer_s"]."""
+
+    def __init__(self, phases):
+        self.phases = phases
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        sync()
+        self.start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        sync()
+        self.phases["optimizer_s"].append(time.perf_counter() - self.start)
+
+
+def timed(fn, into):
+    """`fn`, appending the seconds of each call to the list `into`."""
+
+    def wrapper(*a, **k):
+        sync()
+        start = time.perf_counter()
+        out = fn(*a, **k)
+        sync()
+        into.append(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
 def common_args(out_dir):
     return dict(
         output_dir=str(out_dir),
@@ -201,6 +230,7 @@ def bench_reward(work, w, vocab, rng):
         work / "reward", num_labels=1, dtype=torch.float32
     )
     timer = StepTimer()
+    phases = {"forward_s": [], "optimizer_s": []}
     args = RewardConfig(
         per_device_train_batch_size=b,
         max_steps=n,
@@ -212,17 +242,26 @@ def bench_reward(work, w, vocab, rng):
         args=args,
         train_dataset=ds,
         processing_class=tok,
-        callbacks=[timer],
+        callbacks=[timer, OptimizerTimer(phases)],
         peft_config=lora_config("SEQ_CLS"),
     )
+    # The forward and loss (compute_loss); the backward is the rest of the
+    # step less the optimizer's part.
+    trainer.compute_loss = timed(trainer.compute_loss, phases["forward_s"])
     reset_peak_rss()
     reset_peak_device()
     trainer.train()
-    step_s = statistics.median(timer.times[ARGS.warmup :])
+    skip = ARGS.warmup
+    step_s = statistics.median(timer.times[skip:])
+    forward_s = statistics.median(phases["forward_s"][skip:])
+    optimizer_s = statistics.median(phases["optimizer_s"][skip:])
     return {
         "pairs": b,
         "seq_len": w["reward_seq_len"],
         "step_s": step_s,
+        "forward_s": forward_s,
+        "backward_s": step_s - forward_s - optimizer_s,
+        "optimizer_s": optimizer_s,
         "tokens_per_s": 2 * b * w["reward_seq_len"] / step_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_device_mb": peak_device_mb(),
@@ -331,15 +370,7 @@ def bench_ppo(work, w, variant):
     gen_times = []
     original = ppo_module.batch_generation
 
-    def timed_generation(*a, **k):
-        sync()
-        start = time.perf_counter()
-        result = original(*a, **k)
-        sync()
-        gen_times.append(time.perf_counter() - start)
-        return result
-
-    ppo_module.batch_generation = timed_generation
+    ppo_module.batch_generation = timed(original, gen_times)
 
     n = ARGS.warmup + ARGS.iters
     prompts = [json.loads(l)["input_ids"] for l in (work / "prompts.jsonl").read_text().splitlines()]
@@ -436,17 +467,6 @@ def bench_online(work, w, algo):
     )
     phases = {"generate_s": [], "score_s": [], "prepare_s": []}
 
-    def timed(fn, key):
-        def wrapper(*a, **k):
-            sync()
-            start = time.perf_counter()
-            result = fn(*a, **k)
-            sync()
-            phases[key].append(time.perf_counter() - start)
-            return result
-
-        return wrapper
-
     timer = StepTimer()
     trainer = Trainer(
         model=str(work / "model"),
@@ -457,10 +477,10 @@ def bench_online(work, w, algo):
         callbacks=[timer],
         peft_config=lora_config("CAUSAL_LM"),
     )
-    trainer._generate = timed(trainer._generate, "generate_s")
-    trainer._calculate_rewards = timed(trainer._calculate_rewards, "score_s")
+    trainer._generate = timed(trainer._generate, phases["generate_s"])
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, phases["score_s"])
     trainer._generate_and_score_completions = timed(
-        trainer._generate_and_score_completions, "prepare_s"
+        trainer._generate_and_score_completions, phases["prepare_s"]
     )
     reset_peak_rss()
     reset_peak_device()
@@ -507,16 +527,6 @@ def bench_dpo(work, w, vocab, rng):
         **common_args(work / "trl-dpo"),
     )
     phases = {"reference_s": [], "optimizer_s": []}
-
-    class OptimizerTimer(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            sync()
-            phases["optimizer_s"].append(time.perf_counter() - self.start)
-
     timer = StepTimer()
     text = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
     trainer = DPOTrainer(
@@ -524,23 +534,13 @@ def bench_dpo(work, w, vocab, rng):
         args=args,
         train_dataset=text,
         processing_class=tok,
-        callbacks=[timer, OptimizerTimer()],
+        callbacks=[timer, OptimizerTimer(phases)],
         peft_config=lora_config("CAUSAL_LM"),
     )
     trainer.train_dataset = tokenized  # exact lengths: the collator reads these columns
     ref = trainer.ref_model
     if ref is not None:
-        forward = ref.forward
-
-        def timed_forward(*a, **k):
-            sync()
-            start = time.perf_counter()
-            out = forward(*a, **k)
-            sync()
-            phases["reference_s"].append(time.perf_counter() - start)
-            return out
-
-        ref.forward = timed_forward
+        ref.forward = timed(ref.forward, phases["reference_s"])
     reset_peak_rss()
     reset_peak_device()
     trainer.train()

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::bench_steps::{
-    after_warmup, median, peak_rss_mb, random_rows, reset_peak_rss, StepPlan,
+    after_warmup, median, peak_rss_mb, random_rows, reset_peak_rss, PeakAfterWarmup, StepPlan,
 };
 pub use super::bench_steps::{DpoBench, SftBench};
 use crate::config::{Config, ModelInit, TrainConfig};
@@ -218,6 +218,11 @@ pub struct RewardBench {
     pub seq_len: usize,
     /// Median seconds per step (forward, backward, optimizer step).
     pub step_s: f64,
+    /// Median seconds of its phases: the forward and loss, the backward (with
+    /// checkpointing, the layers' recomputation in it), the optimizer step.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
     pub tokens_per_s: f64,
     /// Model FLOPs per second of the step ([`ModelFlops`]), in TFLOP/s.
     pub model_tflops: f64,
@@ -354,7 +359,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         match part {
             Part::Reward => {
                 ensure_reward_model(opts, &model_dir)?;
-                let step_s = reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
+                let [forward_s, backward_s, optimizer_s, step_s] =
+                    reward_steps(opts, &model_dir, vocab, &device, &mut rng)?;
                 let tokens = 2 * w.reward_batch_size * w.reward_seq_len;
                 // A reward model has no LM head (its one-output head is negligible).
                 let step_flops = 3.0 * tokens as f64 * flops.trunk_per_token(w.reward_seq_len);
@@ -362,6 +368,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     pairs: w.reward_batch_size,
                     seq_len: w.reward_seq_len,
                     step_s,
+                    forward_s,
+                    backward_s,
+                    optimizer_s,
                     tokens_per_s: tokens as f64 / step_s,
                     model_tflops: step_flops / step_s / 1e12,
                     peak_rss_mb: peak_rss_mb(),
@@ -471,6 +480,7 @@ fn prepare_model(shape: &Shape, dir: &Path, seed: u64) -> Result<()> {
             std::fs::remove_dir_all(dir).with_path(dir)?;
         }
         crate::app::fixtures::write_random_model(dir, shape.config.clone(), seed)?;
+        crate::device::release_freed_memory();
     }
     Ok(())
 }
@@ -583,7 +593,7 @@ fn reward_steps(
     vocab: usize,
     device: &Device,
     rng: &mut HostRng,
-) -> Result<f64> {
+) -> Result<[f64; 4]> {
     let cfg = &opts.config;
     let w = &opts.shape.workload;
     let dtype = cfg.run.dtype.dtype();
@@ -618,11 +628,18 @@ fn reward_steps(
         steps,
     );
     let b = w.reward_batch_size;
-    let mut times = Vec::new();
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for step in 0..steps {
         let seqs = random_rows(2 * b, w.reward_seq_len, vocab, rng);
-        let started = Instant::now();
-        {
+        // GPU work is queued: wait for it before reading the clock.
+        let lap = |t: &mut Instant| -> Result<f64> {
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            *t = Instant::now();
+            Ok(s)
+        };
+        let mut t = Instant::now();
+        let (forward_s, backward_s) = {
             let rewards = model.rewards_of(&seqs, 0, device)?;
             let loss = crate::rl::bradley_terry(
                 &rewards.narrow(0, 0, b)?,
@@ -630,16 +647,27 @@ fn reward_steps(
                 None,
                 None,
             )?;
+            let forward_s = lap(&mut t)?;
             core.backward(&loss)?;
-        } // the graph (every activation) is freed before the optimizer step, as in the trainer
+            (forward_s, lap(&mut t)?)
+        }; // the graph (every activation) is freed before the optimizer step, as in the trainer
+        t = Instant::now();
         core.step(step)?;
-        device.synchronize()?; // GPU work is queued: wait for it before reading the clock
+        let optimizer_s = lap(&mut t)?;
         if step >= opts.warmup as u64 {
-            times.push(started.elapsed().as_secs_f64());
+            let all = [
+                forward_s,
+                backward_s,
+                optimizer_s,
+                forward_s + backward_s + optimizer_s,
+            ];
+            for (v, x) in phases.iter_mut().zip(all) {
+                v.push(x);
+            }
         }
         after_warmup(step, opts.warmup);
     }
-    Ok(median(times))
+    Ok(phases.map(median))
 }
 
 /// Median seconds to sample `response_length` tokens for `batch` prompts.
@@ -679,6 +707,7 @@ fn ensure_reward_model(opts: &BenchOptions, model_dir: &Path) -> Result<PathBuf>
             .map_or(true, |c| c["vocab_size"] != opts.shape.config["vocab_size"])
     {
         crate::app::fixtures::write_reward_model(model_dir, &reward_dir, opts.config.run.seed)?;
+        crate::device::release_freed_memory();
     }
     Ok(reward_dir)
 }
@@ -729,7 +758,10 @@ fn ppo_iterations(
     ];
     let cfg = opts.config.with_overrides(&sets)?;
     let stop = crate::signal::StopSignal::new();
-    let run = online::train(&cfg, Trainer::Ppo, &run_dir, false, &stop)?;
+    let run = {
+        let _peak = PeakAfterWarmup::watch(&run_dir, opts.warmup);
+        online::train(&cfg, Trainer::Ppo, &run_dir, false, &stop)?
+    };
     mean_times(&run.times, opts.warmup)
 }
 
@@ -806,7 +838,10 @@ fn online_iterations(
         ..Default::default()
     }];
     let stop = crate::signal::StopSignal::new();
-    let run = online::train(&cfg, trainer, &run_dir, false, &stop)?;
+    let run = {
+        let _peak = PeakAfterWarmup::watch(&run_dir, opts.warmup);
+        online::train(&cfg, trainer, &run_dir, false, &stop)?
+    };
     mean_times(&run.times, opts.warmup)
 }
 
@@ -858,8 +893,9 @@ impl std::fmt::Display for BenchReport {
         if let Some(r) = &self.reward {
             writeln!(
                 f,
-                "| reward step, {} pairs x {} tokens | {:.3} s/step, {:.0} tokens/s, {} | {:.0} MB |",
-                r.pairs, r.seq_len, r.step_s, r.tokens_per_s, model_flops(r.model_tflops), r.peak_rss_mb
+                "| reward step, {} pairs x {} tokens | {:.3} s/step (forward {:.3}, backward {:.3}, optimizer {:.3}), {:.0} tokens/s, {} | {:.0} MB |",
+                r.pairs, r.seq_len, r.step_s, r.forward_s, r.backward_s, r.optimizer_s,
+                r.tokens_per_s, model_flops(r.model_tflops), r.peak_rss_mb
             )?;
         }
         if let Some(s) = &self.sft {

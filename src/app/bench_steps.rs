@@ -88,6 +88,48 @@ pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// While alive, resets the peak RSS once the run directory's metrics.jsonl
+/// holds `warmup` lines (the warm-up iterations logged: `logging_steps = 1`),
+/// so that an online run's peak covers its timed iterations only, as
+/// scripts/bench_trl.py's does after TRL's warm-up steps. A thread polls the
+/// file every 20 ms; the next iteration starts with generation, which holds
+/// little, so the poll's lag loses nothing.
+pub(crate) struct PeakAfterWarmup {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakAfterWarmup {
+    pub(crate) fn watch(run_dir: &Path, warmup: usize) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, metrics) = (done.clone(), run_dir.join("metrics.jsonl"));
+        let thread = std::thread::spawn(move || {
+            let logged = || std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count());
+            while !flag.load(SeqCst) {
+                if logged() >= warmup {
+                    reset_peak_rss();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        Self {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeakAfterWarmup {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// After the last warm-up step: the peak RSS from here on counts (the
 /// timed steps, with the optimizer's moments already allocated).
 pub(crate) fn after_warmup(step: u64, warmup: usize) {
@@ -188,7 +230,11 @@ pub(super) fn dpo_steps(
     );
     let reference = match precomputed {
         true => None,
-        false => Some(params.reference(&arch, None, model_dir, None, dtype, device)?),
+        // In `dpo.ref_dtype` where set (`--set dpo.ref_dtype="bf16"`), as the trainer.
+        false => {
+            let ref_dtype = cfg.dpo.ref_dtype.map(|x| x.dtype());
+            Some(params.reference(&arch, None, model_dir, ref_dtype, dtype, device)?)
+        }
     };
     let steps = (opts.warmup + opts.iters) as u64;
     let settings = Settings::of(cfg);

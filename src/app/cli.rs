@@ -111,7 +111,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
     /// Train LoRA adapters of rank R on every linear layer (lora_alpha 2R)
-    /// in the reward step and the PPO iteration, instead of every weight.
+    /// in every part that trains (reward, sft, dpo, ppo, grpo, rloo), instead
+    /// of every weight.
     #[arg(long, value_name = "R")]
     pub lora: Option<usize>,
 }

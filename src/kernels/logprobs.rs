@@ -35,6 +35,7 @@ pub fn token_logprobs_and_entropy_fused(
         &tokens.flatten_all()?.contiguous()?,
         LogprobEntropy {
             scale: scale as f32,
+            figures: false,
         },
     )?;
     let shape = tokens.shape();
@@ -44,8 +45,45 @@ pub fn token_logprobs_and_entropy_fused(
     )))
 }
 
+/// [`token_logprobs_and_entropy_fused`] and, from the same reads of each
+/// row, what the metrics take from the unscaled logits: whether the row's
+/// argmax is its token (1 or 0) and the row's mean logit, both without a
+/// graph. None where the kernel does not apply, as there. Composing
+/// `argmax` and `mean` over a 151,936-word row costs twice the fused
+/// log-probs themselves.
+pub fn token_figures_fused(
+    logits: &Tensor,
+    tokens: &Tensor,
+    scale: f64,
+) -> Result<Option<[Tensor; 4]>> {
+    let fused = fused_path(&[logits]) && scale > 0.0;
+    if !(fused && tokens.dtype() == DType::U32 && tokens.device().is_cpu()) {
+        return Ok(None);
+    }
+    let v = logits.dim(D::Minus1)?;
+    let rows = logits.contiguous()?.reshape(((), v))?;
+    let all = rows.apply_op2(
+        &tokens.flatten_all()?.contiguous()?,
+        LogprobEntropy {
+            scale: scale as f32,
+            figures: true,
+        },
+    )?;
+    let shape = tokens.shape();
+    let column = |i: usize| all.narrow(1, i, 1)?.reshape(shape);
+    Ok(Some([
+        column(0)?,
+        column(1)?,
+        column(2)?.detach(),
+        column(3)?.detach(),
+    ]))
+}
+
+/// Per row: log-prob and entropy, and with `figures` whether the argmax is
+/// the token and the mean logit (columns 2 and 3, which take no gradient).
 struct LogprobEntropy {
     scale: f32,
+    figures: bool,
 }
 
 /// The (N, V) logits and N tokens of the op, checked.
@@ -80,14 +118,27 @@ impl CustomOp2 for LogprobEntropy {
     ) -> CResult<(CpuStorage, Shape)> {
         let (x, tokens, v) = logits_and_tokens(self.name(), (s1, l1), (s2, l2))?;
         let n = tokens.len();
-        let mut out = vec![0f32; 2 * n];
-        for_pieces_costing(&mut out, 2, n * v, |i, o| {
+        let width = if self.figures { 4 } else { 2 };
+        let mut out = vec![0f32; width * n];
+        for_pieces_costing(&mut out, width, n * v, |i, o| {
             let row = &x[i * v..(i + 1) * v];
-            let st = row_softmax_stats(row, self.scale);
-            o[0] = self.scale * row[tokens[i] as usize] - st.lse;
+            let token = tokens[i] as usize;
+            let st = match self.figures {
+                false => row_softmax_stats(row, self.scale, None),
+                true => {
+                    let (max, sum) = row_max_and_sum(row);
+                    // The first position of the maximum, as `argmax`; none
+                    // where the row holds a NaN.
+                    let argmax = row.iter().position(|&l| l == max);
+                    o[2] = (argmax == Some(token)) as u8 as f32;
+                    o[3] = sum / v as f32;
+                    row_softmax_stats(row, self.scale, Some(max))
+                }
+            };
+            o[0] = self.scale * row[token] - st.lse;
             o[1] = st.entropy;
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
+        Ok((CpuStorage::F32(out), Shape::from((n, width))))
     }
 
     fn bwd(
@@ -97,7 +148,8 @@ impl CustomOp2 for LogprobEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        // The figures' columns take no gradient.
+        let grad = grad.narrow(1, 0, 2)?.contiguous()?;
         let dx =
             logits.apply_op3_no_bwd(tokens, &grad, &LogprobEntropyGrad { scale: self.scale })?;
         Ok((Some(dx), None))
@@ -131,7 +183,7 @@ impl CustomOp3 for LogprobEntropyGrad {
         let mut out = vec![0f32; n * v];
         for_pieces_costing(&mut out, v, 3 * n * v, |i, o| {
             let row = &x[i * v..(i + 1) * v];
-            let st = row_softmax_stats(row, self.scale);
+            let st = row_softmax_stats(row, self.scale, None);
             let (g_logp, g_entropy) = (g[2 * i], g[2 * i + 1]);
             logprob_entropy_grad_row(row, self.scale, st, g_logp, g_entropy, o);
             o[tokens[i] as usize] += self.scale * g_logp;
@@ -148,11 +200,29 @@ struct SoftmaxStats {
 }
 
 wide_simd_fn! {
-    /// Two passes over the row: its maximum, then sum(e) and sum(e z) with
-    /// z = s l - max and e = exp(z); lse = max + ln sum(e), H = ln sum(e) - sum(e z) / sum(e).
-    fn row_softmax_stats(row: &[f32], scale: f32) -> SoftmaxStats {
+    /// The row's maximum and sum in one pass.
+    fn row_max_and_sum(row: &[f32]) -> (f32, f32) {
+        let (mut max, mut sum) = ([f32::NEG_INFINITY; LANES], [0f32; LANES]);
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for k in 0..LANES {
+                max[k] = max[k].max(c[k]);
+                sum[k] += c[k];
+            }
+        }
+        let m = tail.iter().chain(&max).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        (m, sum.iter().sum::<f32>() + tail.iter().sum::<f32>())
+    }
+}
+
+wide_simd_fn! {
+    /// Two passes over the row: its maximum (unless given), then sum(e) and
+    /// sum(e z) with z = s l - max and e = exp(z); lse = max + ln sum(e),
+    /// H = ln sum(e) - sum(e z) / sum(e).
+    fn row_softmax_stats(row: &[f32], scale: f32, max: Option<f32>) -> SoftmaxStats {
         // scale > 0 (checked by the caller), so the maximum of s l is s max(l).
-        let m = scale * fast_math::max(row);
+        let m = scale * max.unwrap_or_else(|| fast_math::max(row));
         let (mut sum, mut sum_ez) = ([0f32; LANES], [0f32; LANES]);
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -202,7 +272,42 @@ wide_simd_fn! {
 mod tests {
     use super::*;
     use crate::kernels::testing::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn token_figures_equal_the_fused_log_probs_and_the_composed_argmax_and_mean() {
+        // 3 x 40 logits (lanes and a tail); row 1's token is its argmax.
+        let logits = Var::from_tensor(&seeded(&[3, 40], 7, 3.0)).unwrap();
+        let row1: Vec<f32> = logits.as_tensor().get(1).unwrap().to_vec1().unwrap();
+        let best = (0..40).fold(0, |b, j| if row1[j] > row1[b] { j } else { b }) as u32;
+        let tokens = Tensor::new(&[5u32, best, 39], &Device::Cpu).unwrap();
+        let x = logits.as_tensor();
+        let [lp, ent, correct, mean] = token_figures_fused(x, &tokens, 0.5).unwrap().unwrap();
+        let (lp0, ent0) = token_logprobs_and_entropy_fused(x, &tokens, 0.5)
+            .unwrap()
+            .unwrap();
+        // The same log-probs and entropies, bit for bit.
+        assert_eq!(max_diff(&lp, &lp0), 0.0);
+        assert_eq!(max_diff(&ent, &ent0), 0.0);
+        let composed = x.argmax(D::Minus1).unwrap().eq(&tokens).unwrap();
+        let composed = composed.to_dtype(DType::F32).unwrap();
+        assert_eq!(correct.to_vec1::<f32>().unwrap(), vec![0.0, 1.0, 0.0]);
+        assert_eq!(max_diff(&correct, &composed), 0.0);
+        let m = x.mean(D::Minus1).unwrap();
+        assert!(
+            max_diff(&mean, &m) <= 1e-6 * max_abs(&m).max(1e-3),
+            "{}",
+            max_diff(&mean, &m)
+        );
+        assert!(!correct.track_op() && !mean.track_op());
+        // Gradients through the log-probs and entropies only, as the pair's.
+        let probe = seeded(&[3], 11, 1.0);
+        let grad = |a: &Tensor, b: &Tensor| {
+            let s = ((a * &probe).unwrap().sum_all().unwrap() + b.sum_all().unwrap()).unwrap();
+            s.backward().unwrap().get(x).unwrap().clone()
+        };
+        assert_eq!(max_diff(&grad(&lp, &ent), &grad(&lp0, &ent0)), 0.0);
+    }
 
     #[test]
     fn token_logprobs_and_entropy_reject_a_token_outside_the_vocabulary() {

@@ -33,7 +33,7 @@ pub use attention::{packed_attention, split_attention, Packing};
 pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_tanh};
 pub use linear::{linear, matmul_weight_t, FEW_ROWS};
-pub use logprobs::token_logprobs_and_entropy_fused;
+pub use logprobs::{token_figures_fused, token_logprobs_and_entropy_fused};
 pub use lora::{lora_linear, LoraLinearParts};
 pub use norm::{layer_norm, rms_norm};
 pub use product::matmul;

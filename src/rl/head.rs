@@ -34,13 +34,25 @@ pub fn token_figures(
     weighting: bool,
 ) -> Result<TokenFigures> {
     let logits = logits.to_dtype(DType::F32)?;
-    let (logps, entropy) = super::token_logprobs_and_entropy(&logits, labels, scale)?;
     let plain = logits.detach();
+    let [logps, entropy, correct, mean_logit] =
+        match crate::kernels::token_figures_fused(&logits, labels, scale)? {
+            Some(all) => all,
+            None => {
+                let (logps, entropy) = super::token_logprobs_and_entropy(&logits, labels, scale)?;
+                [
+                    logps,
+                    entropy,
+                    plain.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?,
+                    plain.mean(D::Minus1)?,
+                ]
+            }
+        };
     Ok(TokenFigures {
         logps,
         entropy,
-        correct: plain.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?,
-        mean_logit: plain.mean(D::Minus1)?,
+        correct,
+        mean_logit,
         log_denom: match weighting {
             true => {
                 let lse = plain.log_sum_exp(D::Minus1)?;
