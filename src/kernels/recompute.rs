@@ -49,11 +49,31 @@ pub fn recomputed_on_this_thread() -> u64 {
 /// their order (None: no gradient), including those found inside
 /// recomputing ops. Every training backward goes through here.
 pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>> {
-    let sink = Sink {
+    gradients_into(loss, vars, vec![None; vars.len()])
+}
+
+/// [`gradients`] added to `sums`, one per variable (gradient accumulation:
+/// the micro-batches so far), each with a storage no one else holds. The
+/// weights of a recomputed layer get theirs added into their sums in place
+/// as the layer's backward produces them, so a step of several
+/// micro-batches holds one set of gradients and one layer's, not two sets
+/// (torch adds into `.grad` the same way).
+pub fn gradients_into(
+    loss: &Tensor,
+    vars: &[&Tensor],
+    sums: Vec<Option<Tensor>>,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut sink = Sink {
         wanted: vars.iter().map(|v| v.id()).collect(),
         grads: HashMap::new(),
         owned: HashSet::new(),
     };
+    for (v, sum) in vars.iter().zip(sums) {
+        if let Some(sum) = sum {
+            sink.grads.insert(v.id(), sum);
+            sink.owned.insert(v.id());
+        }
+    }
     let outer = SINK.with(|s| s.replace(Some(sink)));
     let store = loss.backward();
     let mut sink = SINK.with(|s| s.replace(outer)).expect("the sink set above");
@@ -85,13 +105,18 @@ fn sink(store: &GradStore, exclude: TensorId) -> CResult<()> {
                 continue;
             }
             let g = store.get_id(*id).expect("listed").detach();
-            // A weight in several recomputed layers (none in the models here):
-            // a new sum, since a store's gradients may share storage.
             let sum = match sink.grads.remove(id) {
+                // The micro-batches' sum (or a gradient handed over whole):
+                // added into in place, and still its holder's alone.
+                Some(before) if sink.owned.contains(id) => accumulate(Some(before), g)?,
+                // A weight in several recomputed layers (none in the models
+                // here): a new sum, since a store's gradients may share storage.
                 Some(before) => (before + g)?.detach(),
-                None => g,
+                None => {
+                    sink.owned.remove(id);
+                    g
+                }
             };
-            sink.owned.remove(id);
             sink.grads.insert(*id, sum);
         }
         Ok(())
@@ -153,22 +178,33 @@ impl candle_core::InplaceOp2 for AddInto {
 }
 
 /// Hands `grad`, the whole gradient of variable `var` from one op that
-/// alone holds it, to the running [`gradients`] (None), or gives it back
-/// where no backward wants it that way (Some: the op returns it as usual).
-pub(crate) fn hand_over(var: &Tensor, grad: Tensor) -> Option<Tensor> {
+/// alone holds it, to the running [`gradients`] (None: taken, or added into
+/// the micro-batches' sum in place), or gives it back where no backward
+/// wants it that way (Some: the op returns it as usual).
+pub(crate) fn hand_over(var: &Tensor, grad: Tensor) -> CResult<Option<Tensor>> {
     SINK.with(|s| {
         let mut s = s.borrow_mut();
-        match s.as_mut() {
-            Some(sink)
-                if var.is_variable()
-                    && sink.wanted.contains(&var.id())
-                    && !sink.grads.contains_key(&var.id()) =>
-            {
-                sink.grads.insert(var.id(), grad);
-                sink.owned.insert(var.id());
-                None
+        let Some(sink) = s.as_mut() else {
+            return Ok(Some(grad));
+        };
+        let id = var.id();
+        if !(var.is_variable() && sink.wanted.contains(&id)) {
+            return Ok(Some(grad));
+        }
+        match sink.grads.remove(&id) {
+            None => {
+                sink.grads.insert(id, grad);
+                sink.owned.insert(id);
+                Ok(None)
             }
-            _ => Some(grad),
+            Some(sum) if sink.owned.contains(&id) => {
+                sink.grads.insert(id, accumulate(Some(sum), grad)?);
+                Ok(None)
+            }
+            Some(other) => {
+                sink.grads.insert(id, other);
+                Ok(Some(grad))
+            }
         }
     })
 }

@@ -33,6 +33,20 @@ impl ParamGrads {
         Ok(ParamGrads(crate::kernels::gradients(loss, &vars)?))
     }
 
+    /// [`Self::backward`] added to `self` (the micro-batches so far): in
+    /// place as the backward goes where every sum has a storage of its own
+    /// ([`crate::kernels::recompute::gradients_into`]), else with [`Self::add`].
+    pub fn add_backward(self, loss: &Tensor, optimizer: &AdamW) -> Result<Self> {
+        if !self.storage_is_exclusive() {
+            let mut sum = self;
+            sum.add(Self::backward(loss, optimizer)?)?;
+            return Ok(sum);
+        }
+        let vars: Vec<&Tensor> = optimizer.vars().map(|(_, v)| v.as_tensor()).collect();
+        let into = crate::kernels::recompute::gradients_into(loss, &vars, self.0)?;
+        Ok(ParamGrads(into))
+    }
+
     /// Adds `other` element-wise (gradient accumulation), into this
     /// micro-batch sum's own tensors where no two of them share storage (a
     /// backward may give two variables one gradient tensor): no third copy
@@ -174,11 +188,10 @@ impl TrainCore {
                 .get_or_insert_with(|| format!("loss = {value}"));
             return Ok(value);
         }
-        let grads = ParamGrads::backward(loss, &self.optimizer)?;
-        match &mut self.pending {
-            Some(p) => p.add(grads)?,
-            None => self.pending = Some(grads),
-        }
+        self.pending = Some(match self.pending.take() {
+            Some(sum) => sum.add_backward(loss, &self.optimizer)?,
+            None => ParamGrads::backward(loss, &self.optimizer)?,
+        });
         Ok(value)
     }
 
@@ -433,6 +446,64 @@ mod tests {
             vec![5.0]
         );
         assert!(a.0.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn accumulating_through_a_recomputed_layer_adds_in_place_the_same_sums() {
+        // A layer x -> tanh(x w) under checkpointing, and v after it: w's
+        // gradient comes from inside the recomputation, v's from the plain graph.
+        let dev = Device::Cpu;
+        let w = Var::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap();
+        let v = Var::new(&[[1.5f32], [-0.5]], &dev).unwrap();
+        let opt = AdamW::new(
+            vec![("w".into(), w.clone()), ("v".into(), v.clone())],
+            AdamWParams::default(),
+        )
+        .unwrap();
+        let loss = |x: &[[f32; 2]; 2]| {
+            let x = Var::new(x, &dev).unwrap();
+            let wt = w.as_tensor().clone();
+            let layer = move |x: &Tensor| Ok(x.matmul(&wt)?.tanh()?);
+            let h = crate::kernels::checkpoint(x.as_tensor(), layer, |_| {}).unwrap();
+            h.matmul(v.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let (a, b) = ([[1.0f32, 2.0], [-0.5, 0.3]], [[0.7f32, -1.2], [2.5, 0.1]]);
+        let mut plain = ParamGrads::backward(&loss(&a), &opt).unwrap();
+        plain
+            .add(ParamGrads::backward(&loss(&b), &opt).unwrap())
+            .unwrap();
+        let first = ParamGrads::backward(&loss(&a), &opt).unwrap();
+        let w_sum = first.0[0].as_ref().unwrap().clone();
+        let summed = first.add_backward(&loss(&b), &opt).unwrap();
+        for (x, y) in plain.0.iter().zip(&summed.0) {
+            let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(x), bits(y));
+        }
+        // w's sum was added into in place: the first micro-batch's tensor holds it.
+        assert_eq!(
+            w_sum.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            summed.0[0]
+                .as_ref()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
     }
 
     #[test]

@@ -146,7 +146,10 @@ pub fn head_figures_in_chunks(
         }
         // A trained head's gradient goes to the training backward whole, where
         // a tied embedding's is added into it in place.
-        let dw = dw.and_then(|g| crate::kernels::recompute::hand_over(w, g));
+        let dw = match dw {
+            Some(g) => crate::kernels::recompute::hand_over(w, g)?,
+            None => None,
+        };
         Ok((Some(Tensor::cat(&dh, 0)?), dw))
     });
     let both = attach2(hidden, weight, value, backward)?;

@@ -49,8 +49,11 @@ fn offline_trainers_train_the_same_weights_with_checkpointing_on_and_off() {
     candle_rlhf::app::fixtures::write_jsonl(&data, &Task::new(0, "sft").sft_rows(64)).unwrap();
     let stop = StopSignal::new();
     let few = ["train.max_steps=3", "train.save_steps=3"];
+    // Two micro-batches per step: with checkpointing on, the layers'
+    // gradients are added into the step's sums in place during the backward.
     let sft_run = |dir: &Path, on: &str| {
-        let cfg = crate::sft::sft_config(dir, &data, &[few[0], few[1], on]);
+        let two = "train.gradient_accumulation_steps=2";
+        let cfg = crate::sft::sft_config(dir, &data, &[few[0], few[1], two, on]);
         sft::train(&cfg, dir, false, &stop).unwrap().checkpoint
     };
     assert_same("sft", sft_run, tmp.path(), &["model.safetensors"]);
