@@ -23,25 +23,12 @@ pub fn token_logprobs_and_entropy_fused(
     tokens: &Tensor,
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    // The kernel takes the row maximum before scaling, so it needs scale > 0
-    // (a temperature is positive; the composed path takes any scale).
-    let fused = fused_path(&[logits]) && scale > 0.0;
-    if !(fused && tokens.dtype() == DType::U32 && tokens.device().is_cpu()) {
+    let Some(columns) = per_row(logits, tokens, scale, false)? else {
         return Ok(None);
-    }
-    let v = logits.dim(D::Minus1)?;
-    let rows = logits.contiguous()?.reshape(((), v))?;
-    let both = rows.apply_op2(
-        &tokens.flatten_all()?.contiguous()?,
-        LogprobEntropy {
-            scale: scale as f32,
-            figures: false,
-        },
-    )?;
-    let shape = tokens.shape();
+    };
     Ok(Some((
-        both.narrow(1, 0, 1)?.reshape(shape)?,
-        both.narrow(1, 1, 1)?.reshape(shape)?,
+        column(&columns, 0, tokens)?,
+        column(&columns, 1, tokens)?,
     )))
 }
 
@@ -56,27 +43,40 @@ pub fn token_figures_fused(
     tokens: &Tensor,
     scale: f64,
 ) -> Result<Option<[Tensor; 4]>> {
+    let Some(columns) = per_row(logits, tokens, scale, true)? else {
+        return Ok(None);
+    };
+    Ok(Some([
+        column(&columns, 0, tokens)?,
+        column(&columns, 1, tokens)?,
+        column(&columns, 2, tokens)?.detach(),
+        column(&columns, 3, tokens)?.detach(),
+    ]))
+}
+
+/// The op's (N, 2 or 4) columns over the logits as (N, V) rows, or None
+/// where the kernel does not apply.
+fn per_row(logits: &Tensor, tokens: &Tensor, scale: f64, figures: bool) -> Result<Option<Tensor>> {
+    // The kernel takes the row maximum before scaling, so it needs scale > 0
+    // (a temperature is positive; the composed path takes any scale).
     let fused = fused_path(&[logits]) && scale > 0.0;
     if !(fused && tokens.dtype() == DType::U32 && tokens.device().is_cpu()) {
         return Ok(None);
     }
     let v = logits.dim(D::Minus1)?;
     let rows = logits.contiguous()?.reshape(((), v))?;
-    let all = rows.apply_op2(
-        &tokens.flatten_all()?.contiguous()?,
-        LogprobEntropy {
-            scale: scale as f32,
-            figures: true,
-        },
-    )?;
-    let shape = tokens.shape();
-    let column = |i: usize| all.narrow(1, i, 1)?.reshape(shape);
-    Ok(Some([
-        column(0)?,
-        column(1)?,
-        column(2)?.detach(),
-        column(3)?.detach(),
-    ]))
+    let op = LogprobEntropy {
+        scale: scale as f32,
+        figures,
+    };
+    Ok(Some(
+        rows.apply_op2(&tokens.flatten_all()?.contiguous()?, op)?,
+    ))
+}
+
+/// Column `i` of the op's output in the tokens' shape.
+fn column(columns: &Tensor, i: usize, tokens: &Tensor) -> Result<Tensor> {
+    Ok(columns.narrow(1, i, 1)?.reshape(tokens.shape())?)
 }
 
 /// Per row: log-prob and entropy, and with `figures` whether the argmax is
