@@ -127,10 +127,17 @@ impl CustomOp2 for LogprobEntropy {
                 false => row_softmax_stats(row, self.scale, None),
                 true => {
                     let (max, sum) = row_max_and_sum(row);
-                    // The first position of the maximum, as `argmax`; none
-                    // where the row holds a NaN.
-                    let argmax = row.iter().position(|&l| l == max);
-                    o[2] = (argmax == Some(token)) as u8 as f32;
+                    // The first position of the maximum, as Candle's
+                    // `argmax`; a row with a NaN (its sum is NaN) takes
+                    // Candle's scan itself, which a NaN stops moving.
+                    let argmax = match sum.is_nan() {
+                        false => row.iter().position(|&l| l == max).unwrap_or(0),
+                        true => (1..v).fold(0, |best, j| match row[best] < row[j] {
+                            true => j,
+                            false => best,
+                        }),
+                    };
+                    o[2] = (argmax == token) as u8 as f32;
                     o[3] = sum / v as f32;
                     row_softmax_stats(row, self.scale, Some(max))
                 }
@@ -300,6 +307,29 @@ mod tests {
             max_diff(&mean, &m)
         );
         assert!(!correct.track_op() && !mean.track_op());
+        // Rows with a NaN: whether the argmax is the token, as Candle's argmax.
+        let nan = f32::NAN;
+        let rows = Tensor::new(
+            &[
+                [nan, 1.0, 2.0],
+                [nan, 1.0, 2.0],
+                [0.5, nan, 2.0],
+                [nan, nan, nan],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tokens = Tensor::new(&[0u32, 2, 2, 0], &Device::Cpu).unwrap();
+        let [_, _, correct, _] = token_figures_fused(&rows, &tokens, 1.0).unwrap().unwrap();
+        let composed = rows.argmax(D::Minus1).unwrap().eq(&tokens).unwrap();
+        assert_eq!(
+            correct.to_vec1::<f32>().unwrap(),
+            composed
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
         // Gradients through the log-probs and entropies only, as the pair's.
         let probe = seeded(&[3], 11, 1.0);
         let grad = |a: &Tensor, b: &Tensor| {

@@ -57,7 +57,11 @@ pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>>
 /// weights of a recomputed layer get theirs added into their sums in place
 /// as the layer's backward produces them, so a step of several
 /// micro-batches holds one set of gradients and one layer's, not two sets
-/// (torch adds into `.grad` the same way).
+/// (torch adds into `.grad` the same way). A weight with one source of
+/// gradient gets the sum backward-then-add gives, bit for bit; a tied head
+/// and embedding get theirs added in turn, (sum + head) + embedding, which
+/// may differ from sum + (head + embedding) in the last bit. With
+/// checkpointing on and off both take this path.
 pub fn gradients_into(
     loss: &Tensor,
     vars: &[&Tensor],
