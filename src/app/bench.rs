@@ -651,6 +651,7 @@ fn reward_steps(
             core.backward(&loss)?;
             (forward_s, lap(&mut t)?)
         }; // the graph (every activation) is freed before the optimizer step, as in the trainer
+
         // Freeing it counts in the optimizer's phase: the phases sum to the step's wall time.
         core.step(step)?;
         let optimizer_s = lap(&mut t)?;
