@@ -261,7 +261,7 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep_last: Option<usize>) -> Resu
             save_safetensors(tensors, &tmp.join(file))?;
         }
         if let Some(opt) = ckpt.optimizer {
-            save_safetensors(&opt.state_tensors()?, &tmp.join(OPTIMIZER_FILE))?;
+            opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
         }
         write_json(&tmp.join(MANIFEST_FILE), ckpt.manifest)?;
         // Last: its presence marks the directory complete.

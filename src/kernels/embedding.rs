@@ -67,15 +67,63 @@ impl CustomOp2 for Rows {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut dense = vec![0f32; v * d];
-        for (row, &id) in grad.chunks_exact(d).zip(&ids) {
+        // Added into the training backward's running sum for the table
+        // where it holds one (a tied head's gradient, or the micro-batches'
+        // so far), else into one zeroed table: no second table-sized buffer.
+        let rows = AddRows {
+            ids: &ids,
+            grad: &grad,
+        };
+        let sum = match super::recompute::take_sum(table) {
+            Some(sum) if fused_path(&[&sum]) && sum.is_contiguous() && sum.dims() == [v, d] => {
+                sum.inplace_op1(&rows)?;
+                sum
+            }
+            other => {
+                let dense = Tensor::zeros((v, d), DType::F32, table.device())?;
+                dense.inplace_op1(&rows)?;
+                super::recompute::accumulate(other, dense)?
+            }
+        };
+        Ok((super::recompute::hand_over(table, sum)?, None))
+    }
+}
+
+/// Adds each row of `grad` (ids.len() rows) into the table's row of its id, in turn.
+struct AddRows<'a> {
+    ids: &'a [u32],
+    grad: &'a [f32],
+}
+
+impl candle_core::InplaceOp1 for AddRows<'_> {
+    fn name(&self) -> &'static str {
+        "embedding-rows-backward"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> CResult<()> {
+        let (v, d) = l.shape().dims2()?;
+        let (CpuStorage::F32(table), Some((start, end))) = (s, l.contiguous_offsets()) else {
+            bail!("{}: a contiguous f32 table only", self.name())
+        };
+        let table = &mut table[start..end];
+        if self.grad.len() != self.ids.len() * d {
+            bail!(
+                "{}: {} ids, {} values of width {d}",
+                self.name(),
+                self.ids.len(),
+                self.grad.len()
+            )
+        }
+        for (row, &id) in self.grad.chunks_exact(d.max(1)).zip(self.ids) {
             let id = id as usize;
-            for (acc, g) in dense[id * d..(id + 1) * d].iter_mut().zip(row) {
+            if id >= v {
+                bail!("embedding: token id {id} is outside the table of {v} rows");
+            }
+            for (acc, g) in table[id * d..(id + 1) * d].iter_mut().zip(row) {
                 *acc += g;
             }
         }
-        let dense = Tensor::from_vec(dense, (v, d), table.device())?;
-        Ok((Some(dense), None))
+        Ok(())
     }
 }
 

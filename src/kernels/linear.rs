@@ -42,7 +42,15 @@ pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// output gradient's rows (Candle's broadcast_add backward divides per element).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
     if fused_path(&[x, w, b]) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
-        return Ok(x.apply_op3(w, b, Linear { transposed })?);
+        let skip_value = super::recompute::output_unused();
+        return Ok(x.apply_op3(
+            w,
+            b,
+            Linear {
+                transposed,
+                skip_value,
+            },
+        )?);
     }
     let y = match (transposed, frozen(x, w)) {
         (true, _) => matmul_weight_t(x, w)?,
@@ -63,11 +71,21 @@ fn frozen(x: &Tensor, w: &Tensor) -> bool {
 /// x (N, in) times W^T (W (out, in), `transposed`) or W (W (in, out)), with
 /// a backward to x alone: the product with a frozen weight.
 pub fn frozen_product(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(w, FrozenProduct { transposed })?)
+    let skip_value = super::recompute::output_unused();
+    Ok(x.contiguous()?.apply_op2(
+        w,
+        FrozenProduct {
+            transposed,
+            skip_value,
+        },
+    )?)
 }
 
 struct FrozenProduct {
     transposed: bool,
+    /// Zeros instead of the value on the CPU (`recompute::output_product`):
+    /// the backward reads W alone.
+    skip_value: bool,
 }
 
 impl FrozenProduct {
@@ -102,8 +120,13 @@ impl CustomOp2 for FrozenProduct {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (bmnk, w_layout) = self.plan(l1, l2)?;
+        let (m, n) = (bmnk.1, bmnk.2);
+        if self.skip_value {
+            super::recompute::count_skipped();
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
+        }
         let y = storage_product(s1, l1, s2, &w_layout, self.name())?;
-        Ok((CpuStorage::F32(y), Shape::from((bmnk.1, bmnk.2))))
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -156,6 +179,9 @@ impl CustomOp2 for FrozenProduct {
 
 struct Linear {
     transposed: bool,
+    /// Zeros instead of the value (`recompute::output_product`): the
+    /// backward reads x and W alone.
+    skip_value: bool,
 }
 
 impl CustomOp3 for Linear {
@@ -186,6 +212,10 @@ impl CustomOp3 for Linear {
                 l2.dims(),
                 l3.dims()
             )
+        }
+        if self.skip_value {
+            super::recompute::count_skipped();
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
         }
         let out = if self.transposed && m <= FEW_ROWS {
             // (W x^T)^T, see matmul_weight_t: the product is (n, m), transposed

@@ -49,6 +49,7 @@ pub fn lora_linear(
         fan_in_fan_out: parts.fan_in_fan_out,
         scaling: parts.scaling,
         mask: parts.mask,
+        skip_value: super::recompute::output_unused(),
     };
     Ok(Some(x.contiguous()?.apply_op3(a, b, op)?))
 }
@@ -59,6 +60,8 @@ struct LoraLinear {
     fan_in_fan_out: bool,
     scaling: f64,
     mask: Option<Tensor>,
+    /// Zeros instead of the value (`recompute::output_product`): the backward reads inputs only.
+    skip_value: bool,
 }
 
 /// A tensor's f32 data on the CPU, contiguous (copied if it is not).
@@ -115,6 +118,10 @@ impl CustomOp3 for LoraLinear {
                 lb.dims(),
                 lw.dims()
             )
+        }
+        if self.skip_value {
+            super::recompute::count_skipped();
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
         }
         // y = x W^T (or x W).
         let w_layout = match self.fan_in_fan_out {

@@ -28,6 +28,7 @@ pub mod recompute;
 pub mod rotary;
 pub mod silu_mul;
 pub mod softmax;
+pub mod squares;
 
 pub use attention::{packed_attention, split_attention, Packing};
 pub use embedding::embedding;

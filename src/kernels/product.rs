@@ -149,29 +149,32 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Ve
         // initialised values; zeroing a vector costs little beside it.
         let mut dst = vec![0f32; m * n];
         if k > 0 {
-            product_into(m, n, k, a, b, dst.as_mut_ptr());
+            product_into(m, n, k, a, b, (dst.as_mut_ptr(), false));
         }
         return dst;
     }
     // gemm writes every element of dst without reading it (read_dst false),
     // so the buffer is not zeroed first; its length is set once written.
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    product_into(m, n, k, a, b, dst.as_mut_ptr());
+    product_into(m, n, k, a, b, (dst.as_mut_ptr(), false));
     dst.set_len(m * n);
     dst
 }
 
-/// [`product`] written into `dst`, row-major (m, n), k > 0.
+/// [`product`] written into `dst`, row-major (m, n), k > 0; with
+/// `accumulate`, added to the values `dst` holds.
 ///
 /// # Safety
-/// As for [`product`], and `dst` has room for m * n values.
-unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f32) {
+/// As for [`product`], and `dst` has room for m * n values (initialised
+/// ones with `accumulate`).
+unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: (*mut f32, bool)) {
+    let (dst, accumulate) = dst;
     let threads = candle_core::utils::barrier_pool().n_workers() + 1;
     // A row times a matrix stored (k, n) row by row (a Conv1D weight, as in
     // batch-1 decoding), or a matrix stored column by column times a column:
     // cut along k instead, so each thread streams one contiguous block of the
     // matrix (docs/benchmarks-history.md, "Batch-1 decoding on an Intel Xeon").
-    if m * n * k >= POOL_MIN {
+    if m * n * k >= POOL_MIN && !accumulate {
         if m == 1 && b.cs == 1 {
             return vector_product_split_k(n, k, a, b, dst, threads);
         }
@@ -184,7 +187,7 @@ unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f
     let long = if split_rows { m } else { n };
     let (pieces, piece) = split(long, threads);
     if pieces < 2 || m * n * k < POOL_MIN {
-        gemm(m, n, k, (dst, n), false, a, b);
+        gemm(m, n, k, (dst, n), accumulate, a, b);
         return;
     }
     let out = super::SharedOut(dst);
@@ -197,9 +200,18 @@ unsafe fn product_into(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: *mut f
             // vouched for the extents.
             unsafe {
                 if split_rows {
-                    gemm(len, n, k, (out.ptr(start * n), n), false, a.at(start, 0), b);
+                    let to = (out.ptr(start * n), n);
+                    gemm(len, n, k, to, accumulate, a.at(start, 0), b);
                 } else {
-                    gemm(m, len, k, (out.ptr(start), n), false, a, b.at(0, start));
+                    gemm(
+                        m,
+                        len,
+                        k,
+                        (out.ptr(start), n),
+                        accumulate,
+                        a,
+                        b.at(0, start),
+                    );
                 }
             }
         }
@@ -294,6 +306,68 @@ pub(crate) fn mm(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
         return a.apply_op2(b, Product);
     }
     a.matmul(b)
+}
+
+/// `sum + a b` for 2-D a (m, k) and b (k, n): with `sum` none, the product;
+/// on the CPU in f32 with `sum` contiguous, added into `sum`'s own storage
+/// by the product itself (no third (m, n) tensor: a 151,936-word head's
+/// gradient is 544 MB at Qwen2.5-0.5B's width); elsewhere a new tensor.
+/// `sum` must own its storage (a gradient no one else holds).
+pub(crate) fn add_product(sum: Option<Tensor>, a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    let Some(sum) = sum else { return mm(a, b) };
+    let fits = fused_path(&[&sum, a, b])
+        && (a.rank(), b.rank()) == (2, 2)
+        && sum.dims() == [a.dim(0)?, b.dim(1)?]
+        && sum.is_contiguous();
+    match fits {
+        true => {
+            sum.inplace_op3(a, b, &AddProduct)?;
+            Ok(sum)
+        }
+        false => Ok((sum + mm(a, b)?)?.detach()),
+    }
+}
+
+struct AddProduct;
+
+impl candle_core::InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "add-product-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<()> {
+        let ((m, k), (k3, n)) = (l2.shape().dims2()?, l3.shape().dims2()?);
+        let (a, b) = (Mat::of(s2, l2, self.name())?, Mat::of(s3, l3, self.name())?);
+        let CpuStorage::F32(sum) = s1 else {
+            bail!("{}: f32 only", self.name())
+        };
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            bail!("{}: a contiguous sum only", self.name())
+        };
+        if k != k3 || end - start != m * n || l1.dims() != [m, n] {
+            bail!(
+                "{}: {:?} + {:?} x {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        if k > 0 {
+            // SAFETY: Mat::of checked a's and b's layouts against their
+            // buffers, and the sum's m x n values lie at start..end.
+            unsafe { product_into(m, n, k, a, b, (sum[start..end].as_mut_ptr(), true)) };
+        }
+        Ok(())
+    }
 }
 
 struct Product;
@@ -413,9 +487,37 @@ mod tests {
                     Mat::of(b_s, b_l, "t").unwrap(),
                 );
                 let mut dst = vec![f32::NAN; m * n];
-                unsafe { product_into(m, n, k, am, bm, dst.as_mut_ptr()) };
+                unsafe { product_into(m, n, k, am, bm, (dst.as_mut_ptr(), false)) };
                 assert_close(&dst, &want, &what);
             }
+        }
+    }
+
+    #[test]
+    fn a_product_added_into_a_sum_writes_sum_plus_product_in_its_storage() {
+        // The head's gradient: (V, len) transposed view times (len, E), split
+        // by rows, by columns, unsplit, and a row or column alone.
+        for (m, n, k) in [
+            (300, 70, 50),
+            (40, 500, 30),
+            (5, 7, 3),
+            (1, 300, 40),
+            (300, 1, 40),
+        ] {
+            let a = seeded(&[k, m], 1, 1.0).t().unwrap();
+            let b = seeded(&[k, n], 2, 1.0);
+            let sum = seeded(&[m, n], 3, 1.0).copy().unwrap();
+            let want = (&sum + a.matmul(&b).unwrap()).unwrap();
+            let out = add_product(Some(sum.clone()), &a, &b).unwrap();
+            let what = format!("{m}x{n}x{k}");
+            let ours = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&ours, &want, &what);
+            // In place: the tensor passed in holds the sum now.
+            let held = sum.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(held, ours, "{what}");
+            // With no sum, the product alone.
+            let alone = add_product(None, &a, &b).unwrap();
+            assert!(max_diff(&alone, &a.matmul(&b).unwrap()) < 1e-4, "{what}");
         }
     }
 

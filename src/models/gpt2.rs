@@ -93,8 +93,9 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // gelu_new is the tanh approximation (candle's `gelu`, fused on the CPU).
+        // Its value only enters the residual sum (Block::forward).
         self.c_proj
-            .forward(&crate::kernels::gelu_tanh(&self.c_fc.forward(x)?)?)
+            .forward_into_residual(&crate::kernels::gelu_tanh(&self.c_fc.forward(x)?)?)
     }
 }
 

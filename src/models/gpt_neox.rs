@@ -106,7 +106,8 @@ impl Layer {
         let attn = self.attend(&self.input_layernorm.forward(x)?, cos_sin, bias, slot)?;
         let mlp = |h: &Tensor| -> Result<Tensor> {
             let h = self.act.forward(&self.dense_h_to_4h.forward(h)?)?;
-            self.dense_4h_to_h.forward(&h)
+            // Its value only enters the residual sum below.
+            self.dense_4h_to_h.forward_into_residual(&h)
         };
         Ok(if self.use_parallel_residual {
             let m = mlp(&self.post_attention_layernorm.forward(x)?)?;

@@ -173,6 +173,13 @@ impl Linear {
         self.lora = adapter;
     }
 
+    /// [`Self::forward`] for a layer's last product, whose value the layer
+    /// only adds to its residual stream: recomputed under checkpointing, it
+    /// skips that value (`kernels::recompute::output_product`).
+    pub fn forward_into_residual(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::recompute::output_product(|| self.forward(x))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x = x.reshape((b * t, d_in))?;

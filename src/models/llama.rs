@@ -215,7 +215,8 @@ impl Mlp {
             Activation::Silu => crate::kernels::silu_mul(&gate, &up)?,
             _ => (self.act.forward(&gate)? * up)?,
         };
-        self.down_proj.forward(&hidden)
+        // Its value only enters the residual sum (Layer::forward).
+        self.down_proj.forward_into_residual(&hidden)
     }
 }
 

@@ -266,15 +266,32 @@ impl AdamW {
     /// and the f32 master weights of bf16/f16 parameters (`master.<name>`),
     /// for checkpoints. Copies: the next step updates the originals in place.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::with_capacity(self.params.len() * 2);
-        for p in &self.params {
-            out.push((format!("exp_avg.{}", p.name), p.exp_avg.copy()?));
-            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.copy()?));
-            if let Some(m) = &p.master {
-                out.push((format!("master.{}", p.name), m.copy()?));
-            }
-        }
-        Ok(out)
+        self.named_state()
+            .map(|(n, t)| Ok((n, t.copy()?)))
+            .collect()
+    }
+
+    /// The moments and master weights by their names in the checkpoint.
+    fn named_state(&self) -> impl Iterator<Item = (String, &Tensor)> {
+        self.params.iter().flat_map(|p| {
+            [
+                Some((format!("exp_avg.{}", p.name), &p.exp_avg)),
+                Some((format!("exp_avg_sq.{}", p.name), &p.exp_avg_sq)),
+                p.master.as_ref().map(|m| (format!("master.{}", p.name), m)),
+            ]
+            .into_iter()
+            .flatten()
+        })
+    }
+
+    /// Writes [`AdamW::state_tensors`] to the safetensors file `path` from
+    /// the tensors themselves, not copies (the borrow keeps any step from
+    /// updating them meanwhile): saving a checkpoint holds no second copy of
+    /// the optimizer's state, twice the model's size in f32.
+    pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
+        let state: Vec<(String, Tensor)> =
+            self.named_state().map(|(n, t)| (n, t.clone())).collect();
+        crate::io::save_safetensors(&state, path)
     }
 
     /// Restores the moments and master weights written by

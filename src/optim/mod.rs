@@ -8,7 +8,7 @@
 pub mod adamw;
 pub mod schedule;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Result as CResult, Tensor};
 
 pub use adamw::{AdamW, AdamWParams};
 pub use schedule::LrSchedule;
@@ -78,8 +78,13 @@ impl ParamGrads {
         if factor == 1.0 {
             return Ok(()); // one micro-batch: no copy of every gradient
         }
+        // In place where no two gradients share a storage: no copy of each.
+        let exclusive = self.storage_is_exclusive();
         for g in self.0.iter_mut().flatten() {
-            *g = (&*g * factor)?;
+            match exclusive && crate::kernels::fused_path(&[g]) && g.is_contiguous() {
+                true => g.inplace_op1(&ScaleInto(factor))?,
+                false => *g = (&*g * factor)?,
+            }
         }
         Ok(())
     }
@@ -87,8 +92,17 @@ impl ParamGrads {
     /// The L2 norm of all gradients together, computed in f32 (one host sync).
     /// (Summing in f64 instead changes the clipping coefficient in its last
     /// bits, which is enough to send a sampled RL run down another path; see
-    /// docs/benchmarks-history.md, "Design measurements".)
+    /// docs/benchmarks-history.md, "Design measurements".) On the CPU each
+    /// gradient's sum of squares is taken without a tensor of its squares,
+    /// in the same order and so to the same bits.
     pub fn global_norm(&self) -> Result<f64> {
+        let on_host: Option<Vec<f32>> = (self.0.iter().flatten())
+            .map(crate::kernels::squares::sum_of_squares)
+            .collect();
+        if let Some(sums) = on_host {
+            let total = sums.into_iter().reduce(|t, sq| t + sq);
+            return Ok(total.map_or(0.0, |t| (t as f64).sqrt()));
+        }
         let mut total: Option<Tensor> = None;
         for g in self.0.iter().flatten() {
             let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
@@ -109,6 +123,28 @@ impl ParamGrads {
         let norm = self.global_norm()?;
         self.scale(clip_coefficient(norm, max_norm))?;
         Ok(norm)
+    }
+}
+
+/// x * factor in place, as Candle's `x * factor` computes it (its affine
+/// op: x * factor + 0, in f32).
+struct ScaleInto(f64);
+
+impl candle_core::InplaceOp1 for ScaleInto {
+    fn name(&self) -> &'static str {
+        "scale-into"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> CResult<()> {
+        let (candle_core::CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets())
+        else {
+            candle_core::bail!("scale-into: a contiguous f32 tensor only")
+        };
+        let (mul, add) = (self.0 as f32, 0f32);
+        crate::kernels::for_pieces(&mut v[start..end], crate::kernels::CHUNK, |_, piece| {
+            piece.iter_mut().for_each(|x| *x = *x * mul + add)
+        });
+        Ok(())
     }
 }
 

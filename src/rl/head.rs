@@ -117,37 +117,48 @@ pub fn head_figures_in_chunks(
         })
     };
     let value = Tensor::stack(&[column(0)?, column(1)?], 1)?;
-    // Backward: each chunk's logits again, with a graph for as long as the chunk takes.
+    // Backward: each chunk's logits again, with a graph from the logits on
+    // for as long as the chunk takes. The products of the chunk's logit
+    // gradient dz are written out: dh = dz W, the same product the logits'
+    // own backward takes, and dz^T h added straight into the head's
+    // gradient, which with several micro-batches (or a tied embedding's
+    // part before it) is the training backward's running sum: one
+    // vocabulary-sized tensor, where the composed backward held three (the
+    // sum, the chunk's product and their sum).
     let labels_b = labels.clone();
     let backward: crate::kernels::recompute::Backward2 = Box::new(move |h, w, grad| {
-        let want_w = w.track_op();
+        use crate::kernels::{product, recompute};
         let grad = grad.detach();
-        let (mut dh, mut dw) = (Vec::with_capacity(spans.len()), None::<Tensor>);
+        let (h, w_plain) = (h.detach(), w.detach());
+        let mut dw = match w.track_op() {
+            true => Some(recompute::take_sum(w)),
+            false => None,
+        };
+        let mut dh = Vec::with_capacity(spans.len());
         for &(start, len) in &spans {
-            let rows = leaf(&h.narrow(0, start, len)?)?;
-            let z = chunk_logits(rows.as_tensor(), w).map_err(candle_core::Error::wrap)?;
+            let rows = h.narrow(0, start, len)?;
+            // The product the forward took for a hidden state that records a graph.
+            let z = product::mm(&rows, &w_plain.t()?)?;
+            let z = leaf(&z.to_dtype(DType::F32)?)?;
             let tokens = labels_b.narrow(0, start, len)?;
-            let (lp, ent) = super::token_logprobs_and_entropy(&z, &tokens, scale)
+            let (lp, ent) = super::token_logprobs_and_entropy(z.as_tensor(), &tokens, scale)
                 .map_err(candle_core::Error::wrap)?;
             let g = grad.narrow(0, start, len)?;
             let s = ((lp * g.narrow(1, 0, 1)?.squeeze(1)?)?.sum_all()?
                 + (ent * g.narrow(1, 1, 1)?.squeeze(1)?)?.sum_all()?)?;
-            let store = s.backward()?;
-            dh.push(match store.get(rows.as_tensor()) {
-                Some(g) => g.detach(),
-                None => rows.as_tensor().zeros_like()?,
-            });
-            if want_w {
-                if let Some(g) = store.get(w) {
-                    // The first chunk's gradient is the sum, added into in place after.
-                    dw = Some(crate::kernels::recompute::accumulate(dw, g.detach())?);
-                }
+            let dz = match s.backward()?.get(z.as_tensor()) {
+                Some(g) => g.detach().to_dtype(w_plain.dtype())?,
+                None => z.zeros_like()?.to_dtype(w_plain.dtype())?,
+            };
+            dh.push(product::mm(&dz, &w_plain)?);
+            if let Some(sum) = dw.as_mut() {
+                *sum = Some(product::add_product(sum.take(), &dz.t()?, &rows)?);
             }
         }
         // A trained head's gradient goes to the training backward whole, where
         // a tied embedding's is added into it in place.
-        let dw = match dw {
-            Some(g) => crate::kernels::recompute::hand_over(w, g)?,
+        let dw = match dw.flatten() {
+            Some(g) => recompute::hand_over(w, g)?,
             None => None,
         };
         Ok((Some(Tensor::cat(&dh, 0)?), dw))
@@ -248,5 +259,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A tied table, the embedding's and the chunked head's: the gradient of
+    /// each backward equals the composed ops', and with a step's sum handed
+    /// in (gradient accumulation) both parts are added into that sum's own
+    /// storage.
+    #[test]
+    fn a_tied_table_adds_its_head_and_embedding_gradients_into_the_step_sum_in_place() {
+        let dev = Device::Cpu;
+        let (v, e) = (11, 4);
+        let mut rng = crate::HostRng::new(9);
+        let table =
+            Var::from_tensor(&rng.normal_tensor((v, e), 1.0, DType::F32, &dev).unwrap()).unwrap();
+        let t = table.as_tensor();
+        let batch = |ids: &[u32], labels: &[u32]| {
+            (
+                Tensor::new(ids, &dev).unwrap(),
+                Tensor::new(labels, &dev).unwrap(),
+            )
+        };
+        let chunked = |(ids, labels): &(Tensor, Tensor)| -> Tensor {
+            let h = crate::kernels::embedding(t, ids).unwrap().tanh().unwrap();
+            let f = head_figures_in_chunks(&h, t, labels, (1.0, false), 2).unwrap();
+            (f.logps.sum_all().unwrap() + (f.entropy * 0.3).unwrap().sum_all().unwrap()).unwrap()
+        };
+        let composed = |(ids, labels): &(Tensor, Tensor)| -> Tensor {
+            let h = t.index_select(ids, 0).unwrap().tanh().unwrap();
+            let logits = h.matmul(&t.t().unwrap()).unwrap();
+            let (lp, ent) = crate::rl::token_logprobs_and_entropy(&logits, labels, 1.0).unwrap();
+            (lp.sum_all().unwrap() + (ent * 0.3).unwrap().sum_all().unwrap()).unwrap()
+        };
+        // A repeated id, and ids that are labels too.
+        let a = batch(&[3, 0, 3, 9, 4], &[0, 3, 9, 4, 10]);
+        let b = batch(&[7, 7, 1, 2, 5], &[7, 1, 2, 5, 6]);
+        let one = |loss: Tensor| gradients(&loss, &[t]).unwrap()[0].clone().unwrap();
+        for x in [&a, &b] {
+            close("one backward", &one(chunked(x)), &one(composed(x)));
+        }
+        let want = (one(composed(&a)) + one(composed(&b))).unwrap();
+        let first = one(chunked(&a));
+        let held = first.clone();
+        let sums = crate::kernels::recompute::gradients_into(&chunked(&b), &[t], vec![Some(first)]);
+        let sum = sums.unwrap()[0].clone().unwrap();
+        close("the step's sum", &sum, &want);
+        assert_eq!(
+            held.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            sum.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "the sum was not added into in place"
+        );
     }
 }
