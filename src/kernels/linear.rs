@@ -420,4 +420,79 @@ mod tests {
             }
         }
     }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// A layer x + P(tanh(x W1 + b1)) whose last product P (a trained layer
+    /// with a bias, a LoRA layer over a frozen weight, a frozen weight's
+    /// product) skips its value when recomputed: the same output, and the
+    /// same gradients bit for bit as without checkpointing.
+    #[test]
+    fn a_last_product_recomputed_without_its_value_gives_the_same_gradients() {
+        let (n, e, r) = (6, 5, 2);
+        let w1 = Var::from_tensor(&seeded(&[e, e], 1, 1.0)).unwrap();
+        let b1 = Var::from_tensor(&seeded(&[e], 2, 1.0)).unwrap();
+        let w2 = Var::from_tensor(&seeded(&[e, e], 3, 1.0)).unwrap();
+        let b2 = Var::from_tensor(&seeded(&[e], 4, 1.0)).unwrap();
+        let frozen = seeded(&[e, e], 5, 1.0);
+        let a = Var::from_tensor(&seeded(&[r, e], 6, 1.0)).unwrap();
+        let b = Var::from_tensor(&seeded(&[e, r], 7, 1.0)).unwrap();
+        let weights = [&w1, &b1, &w2, &b2, &a, &b].map(|v| v.as_tensor().clone());
+        for kind in ["trained, bias", "lora", "frozen"] {
+            let [w1, b1, w2, b2, a, b] = weights.clone();
+            let frozen = frozen.clone();
+            let layer = move |x: &Tensor| -> crate::Result<Tensor> {
+                let h = linear(x, &w1, &b1, true)?.tanh()?;
+                let y = crate::kernels::recompute::output_product(|| -> crate::Result<Tensor> {
+                    Ok(match kind {
+                        "trained, bias" => linear(&h, &w2, &b2, true)?,
+                        "lora" => {
+                            let parts = crate::kernels::LoraLinearParts {
+                                weight: &frozen,
+                                bias: None,
+                                fan_in_fan_out: false,
+                                scaling: 0.5,
+                                mask: None,
+                            };
+                            crate::kernels::lora_linear(&h, &a, &b, parts)?.expect("the fused op")
+                        }
+                        _ => crate::kernels::matmul_weight_t(&h, &frozen)?,
+                    })
+                })?;
+                Ok((x + y)?)
+            };
+            let x = Var::from_tensor(&seeded(&[n, e], 8, 1.0)).unwrap();
+            let up = seeded(&[n, e], 9, 1.0);
+            let vars: Vec<&Tensor> = [x.as_tensor()].into_iter().chain(&weights).collect();
+            let plain_out = layer(x.as_tensor()).unwrap();
+            let plain =
+                crate::kernels::gradients(&(&plain_out * &up).unwrap().sum_all().unwrap(), &vars)
+                    .unwrap();
+            let skipped = crate::kernels::recompute::skipped_on_this_thread();
+            let ours = crate::kernels::checkpoint(x.as_tensor(), layer, |_| {}).unwrap();
+            assert_eq!(bits(&ours), bits(&plain_out), "{kind}: the output");
+            assert_eq!(
+                crate::kernels::recompute::skipped_on_this_thread(),
+                skipped,
+                "{kind}: skipped in the forward"
+            );
+            let ours = crate::kernels::gradients(&(&ours * &up).unwrap().sum_all().unwrap(), &vars)
+                .unwrap();
+            assert_eq!(
+                crate::kernels::recompute::skipped_on_this_thread(),
+                skipped + 1,
+                "{kind}: recomputed without the value"
+            );
+            for (i, (p, o)) in plain.iter().zip(&ours).enumerate() {
+                match (p, o) {
+                    (Some(p), Some(o)) => assert_eq!(bits(p), bits(o), "{kind}: gradient {i}"),
+                    (None, None) => {}
+                    _ => panic!("{kind}: gradient {i} on one side only"),
+                }
+            }
+        }
+    }
 }
