@@ -24,6 +24,21 @@ pub const FEW_ROWS: usize = 256;
 /// copies forward and backward (docs/benchmarks-history.md, "Candle's backward store"). GPUs
 /// take W^T as it is.
 pub fn matmul_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    weight_t_product(x, w, mm)
+}
+
+/// [`matmul_weight_t`] as a whole linear layer's output (no bias, no
+/// adapter): inside `recompute::output_product` during a recomputation
+/// the product skips its value.
+pub fn layer_output_weight_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    weight_t_product(x, w, super::product::mm_layer_output)
+}
+
+fn weight_t_product(
+    x: &Tensor,
+    w: &Tensor,
+    mm: fn(&Tensor, &Tensor) -> CResult<Tensor>,
+) -> Result<Tensor> {
     if frozen(x, w) {
         return frozen_product(x, w, true);
     }
@@ -427,7 +442,7 @@ mod tests {
     }
 
     /// A layer x + P(tanh(x W1 + b1)) whose last product P (a trained layer
-    /// with a bias, a LoRA layer over a frozen weight, a frozen weight's
+    /// with a bias or without, a LoRA layer over a frozen weight, a frozen weight's
     /// product) skips its value when recomputed: the same output, and the
     /// same gradients bit for bit as without checkpointing.
     #[test]
@@ -441,7 +456,7 @@ mod tests {
         let a = Var::from_tensor(&seeded(&[r, e], 6, 1.0)).unwrap();
         let b = Var::from_tensor(&seeded(&[e, r], 7, 1.0)).unwrap();
         let weights = [&w1, &b1, &w2, &b2, &a, &b].map(|v| v.as_tensor().clone());
-        for kind in ["trained, bias", "lora", "frozen"] {
+        for kind in ["trained, bias", "trained", "lora", "frozen"] {
             let [w1, b1, w2, b2, a, b] = weights.clone();
             let frozen = frozen.clone();
             let layer = move |x: &Tensor| -> crate::Result<Tensor> {
@@ -449,6 +464,7 @@ mod tests {
                 let y = crate::kernels::recompute::output_product(|| -> crate::Result<Tensor> {
                     Ok(match kind {
                         "trained, bias" => linear(&h, &w2, &b2, true)?,
+                        "trained" => layer_output_weight_t(&h, &w2)?,
                         "lora" => {
                             let parts = crate::kernels::LoraLinearParts {
                                 weight: &frozen,
@@ -459,7 +475,7 @@ mod tests {
                             };
                             crate::kernels::lora_linear(&h, &a, &b, parts)?.expect("the fused op")
                         }
-                        _ => crate::kernels::matmul_weight_t(&h, &frozen)?,
+                        _ => layer_output_weight_t(&h, &frozen)?,
                     })
                 })?;
                 Ok((x + y)?)

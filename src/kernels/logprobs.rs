@@ -191,12 +191,101 @@ impl CustomOp3 for LogprobEntropyGrad {
         for_pieces_costing(&mut out, v, 3 * n * v, |i, o| {
             let row = &x[i * v..(i + 1) * v];
             let st = row_softmax_stats(row, self.scale, None);
-            let (g_logp, g_entropy) = (g[2 * i], g[2 * i + 1]);
-            logprob_entropy_grad_row(row, self.scale, st, g_logp, g_entropy, o);
-            o[tokens[i] as usize] += self.scale * g_logp;
+            o.copy_from_slice(row);
+            grad_row(o, self.scale, st, (g[2 * i], g[2 * i + 1]), tokens[i]);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// Whether [`logprob_entropy_grad_in_place`] applies: f32 logits (N, V) on
+/// the CPU, contiguous, a positive scale, u32 tokens.
+pub(crate) fn grad_in_place_applies(logits: &Tensor, tokens: &Tensor, scale: f64) -> bool {
+    fused_path(&[logits])
+        && scale > 0.0
+        && logits.rank() == 2
+        && logits.is_contiguous()
+        && tokens.dtype() == DType::U32
+        && tokens.device().is_cpu()
+}
+
+/// [`token_logprobs_and_entropy_fused`]'s backward written over the
+/// logits, where [`grad_in_place_applies`]: `logits` (N, V), held by the
+/// caller alone, become d[logp, entropy] / d logits for the upstream
+/// gradient `grad` (N, 2), the same values as the op's backward. The
+/// chunked LM head's backward then holds one chunk of logits, not the
+/// logits and their gradient.
+pub(crate) fn logprob_entropy_grad_in_place(
+    logits: Tensor,
+    tokens: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if !(grad_in_place_applies(&logits, tokens, scale) && fused_path(&[grad])) {
+        return Err(crate::Error::Msg(
+            "the in-place log-prob gradient takes f32 CPU logits, u32 tokens and a positive scale"
+                .into(),
+        ));
+    }
+    let op = LogprobEntropyGradInPlace {
+        scale: scale as f32,
+    };
+    logits.inplace_op3(&tokens.contiguous()?, &grad.contiguous()?, &op)?;
+    Ok(logits)
+}
+
+struct LogprobEntropyGradInPlace {
+    scale: f32,
+}
+
+impl candle_core::InplaceOp3 for LogprobEntropyGradInPlace {
+    fn name(&self) -> &'static str {
+        "fused-logprob-entropy-grad-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<()> {
+        let name = self.name();
+        let (n, v) = l1.shape().dims2()?;
+        let (CpuStorage::F32(x), Some((start, end))) = (s1, l1.contiguous_offsets()) else {
+            bail!("{name}: contiguous f32 logits only")
+        };
+        let (tokens, g) = (u32_data(s2, l2, name)?, f32_data(s3, l3, name)?);
+        if tokens.len() != n || g.len() != 2 * n || v == 0 {
+            bail!(
+                "{name}: {n} rows of logits, {} tokens, {} gradients",
+                tokens.len(),
+                g.len()
+            )
+        }
+        if let Some(&bad) = tokens.iter().find(|&&tok| tok as usize >= v) {
+            bail!("{name}: token {bad} is outside the vocabulary of {v}")
+        }
+        for_pieces_costing(&mut x[start..end], v, 3 * n * v, |i, row| {
+            let st = row_softmax_stats(row, self.scale, None);
+            grad_row(row, self.scale, st, (g[2 * i], g[2 * i + 1]), tokens[i]);
+        });
+        Ok(())
+    }
+}
+
+/// One row's logits, replaced by their gradient.
+fn grad_row(
+    row: &mut [f32],
+    scale: f32,
+    st: SoftmaxStats,
+    (g_logp, g_entropy): (f32, f32),
+    token: u32,
+) {
+    logprob_entropy_grad_row(row, scale, st, g_logp, g_entropy);
+    row[token as usize] += scale * g_logp;
 }
 
 /// Of the softmax of s * row: log-sum-exp and entropy.
@@ -257,18 +346,17 @@ wide_simd_fn! {
 }
 
 wide_simd_fn! {
-    /// out_j = s (-g_logp p_j - g_entropy p_j (log p_j + H)); the caller adds
-    /// s g_logp at the token.
+    /// l_j -> s (-g_logp p_j - g_entropy p_j (log p_j + H)), in place; the
+    /// caller adds s g_logp at the token.
     fn logprob_entropy_grad_row(
-        row: &[f32],
+        row: &mut [f32],
         scale: f32,
         st: SoftmaxStats,
         g_logp: f32,
         g_entropy: f32,
-        out: &mut [f32],
     ) {
-        for (o, &l) in out.iter_mut().zip(row) {
-            let logp = scale * l - st.lse;
+        for o in row.iter_mut() {
+            let logp = scale * *o - st.lse;
             let p = fast_math::exp(logp);
             *o = -scale * p * (g_logp + g_entropy * (logp + st.entropy));
         }
@@ -347,6 +435,47 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("token 5 is outside the vocabulary of 5"),
+            "{err}"
+        );
+    }
+
+    /// The gradient written over the logits equals the op's backward bit
+    /// for bit; a token outside the vocabulary is an error.
+    #[test]
+    fn the_gradient_written_over_the_logits_equals_the_ops_backward() {
+        let (n, v) = (5, 300);
+        let logits = Var::from_tensor(&seeded(&[n, v], 31, 3.0)).unwrap();
+        let tokens = Tensor::new(&[0u32, 299, 7, 7, 150], &Device::Cpu).unwrap();
+        let up = seeded(&[n, 2], 32, 1.0);
+        for scale in [1.0, 1.0 / 0.7] {
+            let (lp, ent) = token_logprobs_and_entropy_fused(logits.as_tensor(), &tokens, scale)
+                .unwrap()
+                .unwrap();
+            let loss = ((lp * up.narrow(1, 0, 1).unwrap().squeeze(1).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + (ent * up.narrow(1, 1, 1).unwrap().squeeze(1).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let want = loss.backward().unwrap().get(&logits).unwrap().clone();
+            let z = logits.as_tensor().copy().unwrap();
+            assert!(grad_in_place_applies(&z, &tokens, scale));
+            let got = logprob_entropy_grad_in_place(z, &tokens, &up, scale).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "scale {scale}");
+        }
+        let bad = Tensor::new(&[0u32, 300, 1, 2, 3], &Device::Cpu).unwrap();
+        let z = logits.as_tensor().copy().unwrap();
+        let err = logprob_entropy_grad_in_place(z, &bad, &up, 1.0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("token 300 is outside the vocabulary of 300"),
             "{err}"
         );
     }

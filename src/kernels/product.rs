@@ -303,7 +303,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// [`matmul`] with Candle's error type, for the kernels' backward passes.
 pub(crate) fn mm(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
     if fused_path(&[a, b]) && a.rank() == 2 && b.rank() == 2 {
-        return a.apply_op2(b, Product);
+        return a.apply_op2(b, Product { skip_value: false });
+    }
+    a.matmul(b)
+}
+
+/// [`mm`] for a product that is a whole linear layer's output: inside
+/// `recompute::output_product` during a recomputation it gives zeros
+/// instead of its value (its backward reads only a and b).
+pub(crate) fn mm_layer_output(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    if fused_path(&[a, b]) && a.rank() == 2 && b.rank() == 2 {
+        let skip_value = super::recompute::output_unused();
+        return a.apply_op2(b, Product { skip_value });
     }
     a.matmul(b)
 }
@@ -370,7 +381,10 @@ impl candle_core::InplaceOp3 for AddProduct {
     }
 }
 
-struct Product;
+struct Product {
+    /// Zeros instead of the value (see [`mm_layer_output`]).
+    skip_value: bool,
+}
 
 impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
@@ -384,8 +398,12 @@ impl CustomOp2 for Product {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let y = storage_product(s1, l1, s2, l2, self.name())?;
         let (m, n) = (l1.dims()[0], l2.dims()[1]);
+        if self.skip_value {
+            super::recompute::count_skipped();
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
+        }
+        let y = storage_product(s1, l1, s2, l2, self.name())?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 

@@ -48,11 +48,12 @@ thread_local! {
 /// residual sum that is the layer's output. While [`checkpoint`]'s backward
 /// runs the layer again, no backward reads that value: the sum's backward
 /// and the output gradient's product pass the gradient through unread. So
-/// there the fused products that compute a whole linear layer's output
-/// (the LoRA layer, the layer with a bias, a frozen weight's product) give
-/// zeros instead of computing it: their backward reads only their inputs.
-/// The recomputation then costs one product less per layer (Llama's
-/// down_proj: a third of its MLP), and the gradients are the same bits.
+/// there the CPU's products that compute a whole linear layer's output (a
+/// LoRA layer, a layer with a bias, a trained or frozen weight's product;
+/// `models::layers::Linear::forward` picks them) give zeros instead of
+/// computing it: their backward reads only their inputs. The recomputation
+/// then costs one product less per layer (Llama's down_proj: a third of
+/// its MLP), and the gradients are the same bits.
 /// Elsewhere (the forward, checkpointing off) `f` runs as it is.
 pub fn output_product<T>(f: impl FnOnce() -> T) -> T {
     let unused = RECOMPUTING.with(|r| r.get());

@@ -188,6 +188,10 @@ impl Linear {
                 (Some(bias), fan_in_fan_out) => {
                     crate::kernels::linear(&x, &self.weight, bias, !fan_in_fan_out)?
                 }
+                // The whole output where no adapter adds to it.
+                (None, false) if self.lora.is_none() => {
+                    crate::kernels::linear::layer_output_weight_t(&x, &self.weight)?
+                }
                 (None, false) => matmul_weight_t(&x, &self.weight)?,
                 (None, true) => crate::kernels::matmul(&x, &self.weight)?,
             })

@@ -127,7 +127,7 @@ pub fn head_figures_in_chunks(
     // sum, the chunk's product and their sum).
     let labels_b = labels.clone();
     let backward: crate::kernels::recompute::Backward2 = Box::new(move |h, w, grad| {
-        use crate::kernels::{product, recompute};
+        use crate::kernels::{logprobs, product, recompute};
         let grad = grad.detach();
         let (h, w_plain) = (h.detach(), w.detach());
         let mut dw = match w.track_op() {
@@ -138,18 +138,28 @@ pub fn head_figures_in_chunks(
         for &(start, len) in &spans {
             let rows = h.narrow(0, start, len)?;
             // The product the forward took for a hidden state that records a graph.
-            let z = product::mm(&rows, &w_plain.t()?)?;
-            let z = leaf(&z.to_dtype(DType::F32)?)?;
+            let z = product::mm(&rows, &w_plain.t()?)?.to_dtype(DType::F32)?;
             let tokens = labels_b.narrow(0, start, len)?;
-            let (lp, ent) = super::token_logprobs_and_entropy(z.as_tensor(), &tokens, scale)
-                .map_err(candle_core::Error::wrap)?;
             let g = grad.narrow(0, start, len)?;
-            let s = ((lp * g.narrow(1, 0, 1)?.squeeze(1)?)?.sum_all()?
-                + (ent * g.narrow(1, 1, 1)?.squeeze(1)?)?.sum_all()?)?;
-            let dz = match s.backward()?.get(z.as_tensor()) {
-                Some(g) => g.detach().to_dtype(w_plain.dtype())?,
-                None => z.zeros_like()?.to_dtype(w_plain.dtype())?,
+            // The logits' gradient, written over the logits on the CPU (one
+            // chunk-sized tensor), else through the composed ops' backward.
+            let dz = match logprobs::grad_in_place_applies(&z, &tokens, scale) {
+                true => logprobs::logprob_entropy_grad_in_place(z, &tokens, &g, scale)
+                    .map_err(candle_core::Error::wrap)?,
+                false => {
+                    let z = leaf(&z)?;
+                    let (lp, ent) =
+                        super::token_logprobs_and_entropy(z.as_tensor(), &tokens, scale)
+                            .map_err(candle_core::Error::wrap)?;
+                    let s = ((lp * g.narrow(1, 0, 1)?.squeeze(1)?)?.sum_all()?
+                        + (ent * g.narrow(1, 1, 1)?.squeeze(1)?)?.sum_all()?)?;
+                    match s.backward()?.get(z.as_tensor()) {
+                        Some(g) => g.detach(),
+                        None => z.zeros_like()?,
+                    }
+                }
             };
+            let dz = dz.to_dtype(w_plain.dtype())?;
             dh.push(product::mm(&dz, &w_plain)?);
             if let Some(sum) = dw.as_mut() {
                 *sum = Some(product::add_product(sum.take(), &dz.t()?, &rows)?);
