@@ -27,7 +27,12 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()>
 }
 
 /// A tensor as the safetensors writer reads it: a contiguous CPU tensor's
-/// storage held for reading while the file is written.
+/// storage held for reading while the file is written (the writer takes
+/// every tensor before writing any). No op may write to these tensors on
+/// another thread meanwhile: it would wait for the file, and a storage
+/// listed twice would then wait for it too (Candle's lock is not
+/// reentrant while a writer waits). The checkpoints write from the one
+/// thread that trains, each storage once.
 struct Lent<'a> {
     t: &'a Tensor,
     held: Option<(candle_core::StorageRef<'a>, (usize, usize))>,

@@ -10,8 +10,10 @@
 //! are handed to [`gradients`], the one entry point for a training backward,
 //! through a per-thread sink. The gradients themselves are those of the
 //! plain graph, bit for bit: the recomputation runs the same ops on the same
-//! inputs, and the layer's output gradient enters it unchanged (as the
-//! factor of sum(y * g), whose backward gives g * 1 = g exactly).
+//! inputs (except that a layer's last product may skip its value, which no
+//! backward reads: [`output_product`]), and the layer's output gradient
+//! enters it unchanged (as the factor of sum(y * g), whose backward gives
+//! g * 1 = g exactly).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -57,10 +59,36 @@ thread_local! {
 /// Elsewhere (the forward, checkpointing off) `f` runs as it is.
 pub fn output_product<T>(f: impl FnOnce() -> T) -> T {
     let unused = RECOMPUTING.with(|r| r.get());
-    let before = OUTPUT_UNUSED.with(|o| o.replace(unused));
-    let out = f();
-    OUTPUT_UNUSED.with(|o| o.set(before));
-    out
+    let _restore = Setting::set(&OUTPUT_UNUSED, unused);
+    f()
+}
+
+/// Runs `f`, products whose values other ops read (a composed LoRA
+/// update's), with no value skipped even inside [`output_product`].
+pub(crate) fn values_needed<T>(f: impl FnOnce() -> T) -> T {
+    let _restore = Setting::set(&OUTPUT_UNUSED, false);
+    f()
+}
+
+/// A per-thread flag set for a scope, restored when dropped (also when the
+/// scope unwinds).
+struct Setting {
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    before: bool,
+}
+
+impl Setting {
+    fn set(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>, value: bool) -> Self {
+        let before = flag.with(|f| f.replace(value));
+        Self { flag, before }
+    }
+}
+
+impl Drop for Setting {
+    fn drop(&mut self) {
+        let before = self.before;
+        self.flag.with(|f| f.set(before));
+    }
 }
 
 /// Whether a whole-output product made now may skip its value (see [`output_product`]).
@@ -96,11 +124,11 @@ pub fn gradients(loss: &Tensor, vars: &[&Tensor]) -> Result<Vec<Option<Tensor>>>
 /// weights of a recomputed layer get theirs added into their sums in place
 /// as the layer's backward produces them, so a step of several
 /// micro-batches holds one set of gradients and one layer's, not two sets
-/// (torch adds into `.grad` the same way). A weight with one source of
-/// gradient gets the sum backward-then-add gives, bit for bit; a tied head
-/// and embedding get theirs added in turn, (sum + head) + embedding, which
-/// may differ from sum + (head + embedding) in the last bit. With
-/// checkpointing on and off both take this path.
+/// (torch adds into `.grad` the same way). A recomputed layer's weight gets
+/// the sum backward-then-add gives, bit for bit. The chunked head adds each
+/// chunk's product into the sum in turn, and an embedding each row (a tied
+/// table gets both), which may differ in the last bit from adding their
+/// whole gradients to it. With checkpointing on and off both take this path.
 pub fn gradients_into(
     loss: &Tensor,
     vars: &[&Tensor],
@@ -308,9 +336,10 @@ pub fn checkpoint(
         RECOMPUTED.with(|c| c.set(c.get() + 1));
         replay(true);
         let x = input(arg)?;
-        let outer = RECOMPUTING.with(|r| r.replace(true));
-        let y = f(&x);
-        RECOMPUTING.with(|r| r.set(outer));
+        let y = {
+            let _restore = Setting::set(&RECOMPUTING, true);
+            f(&x)
+        };
         replay(false);
         let y = y.map_err(candle_core::Error::wrap)?;
         let store = (y * grad.detach())?.sum_all()?.backward()?;

@@ -136,8 +136,13 @@ impl Adapter {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
-        let h = (matmul_weight_t(&xd, &self.a)? * self.scaling)?;
-        Ok((base_product()? + matmul_weight_t(&h, &self.b)?)?)
+        // The update's products are read by their backward (h by B's
+        // gradient): none skips its value, even as a layer's last product.
+        let update = crate::kernels::recompute::values_needed(|| -> Result<Tensor> {
+            let h = (matmul_weight_t(&xd, &self.a)? * self.scaling)?;
+            matmul_weight_t(&h, &self.b)
+        })?;
+        Ok((base_product()? + update)?)
     }
 }
 

@@ -263,8 +263,9 @@ impl AdamW {
     }
 
     /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`),
-    /// and the f32 master weights of bf16/f16 parameters (`master.<name>`),
-    /// for checkpoints. Copies: the next step updates the originals in place.
+    /// and the f32 master weights of bf16/f16 parameters (`master.<name>`).
+    /// Copies: the next step updates the originals in place. Checkpoints
+    /// write them without copies ([`AdamW::save_state`]).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         self.named_state()
             .map(|(n, t)| Ok((n, t.copy()?)))
