@@ -187,11 +187,11 @@ impl CustomOp3 for LogprobEntropyGrad {
         let (x, tokens, v) = logits_and_tokens(self.name(), (s1, l1), (s2, l2))?;
         let g = f32_data(s3, l3, self.name())?;
         let n = tokens.len();
-        let mut out = vec![0f32; n * v];
+        // A copy of the logits (instead of a zeroed buffer), each row then
+        // replaced by its gradient.
+        let mut out = x.to_vec();
         for_pieces_costing(&mut out, v, 3 * n * v, |i, o| {
-            let row = &x[i * v..(i + 1) * v];
-            let st = row_softmax_stats(row, self.scale, None);
-            o.copy_from_slice(row);
+            let st = row_softmax_stats(o, self.scale, None);
             grad_row(o, self.scale, st, (g[2 * i], g[2 * i + 1]), tokens[i]);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
